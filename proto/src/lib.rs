@@ -1,0 +1,26 @@
+//! goim's client wire codec and the gRPC types shared by every role.
+
+pub mod op;
+pub mod packet;
+
+/// `goim.protocol`: the packet in protobuf form, used inside gRPC.
+pub mod protocol {
+    tonic::include_proto!("goim.protocol");
+}
+
+/// `goim.comet`: job -> comet.
+pub mod comet {
+    tonic::include_proto!("goim.comet");
+}
+
+/// `goim.logic`: comet -> logic, and the `PushMsg` logic hands to job.
+pub mod logic {
+    tonic::include_proto!("goim.logic");
+}
+
+/// `goim.job`: logic -> job (our replacement for goim's Kafka topic).
+pub mod job {
+    tonic::include_proto!("goim.job");
+}
+
+pub use packet::{DecodeError, Header, Packet};
