@@ -1,0 +1,16 @@
+//! goim comet: holds client connections (goim's protocol over TCP and WebSocket), authenticates
+//! them through logic and pushes to them.
+
+pub mod bucket;
+pub mod channel;
+pub mod config;
+mod conn;
+pub mod metrics;
+pub mod rooms;
+pub mod server;
+pub mod ws;
+
+pub use config::CometConfig;
+pub use conn::Transport;
+pub use metrics::CometMetrics;
+pub use server::{Comet, Load};

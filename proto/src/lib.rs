@@ -2,6 +2,7 @@
 
 pub mod op;
 pub mod packet;
+pub mod service;
 
 /// `goim.protocol`: the packet in protobuf form, used inside gRPC.
 pub mod protocol {

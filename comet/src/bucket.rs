@@ -1,0 +1,245 @@
+//! A shard of the comet's connections: key -> channel, room -> members, IP counts. Connections
+//! are spread by `CityHash32(key) % buckets`, as goim does, so pushes to different keys and the
+//! shards of one room fan-out take different locks.
+//!
+//! Lock order: bucket, then a channel's state, then the comet-wide room registry.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::channel::{Channel, Offer, Outgoing};
+use crate::rooms::Rooms;
+
+/// goim's bucket index: CityHash32 v1.1 of the key, modulo the bucket count.
+pub fn bucket_index(key: &str, buckets: usize) -> usize {
+    cityhasher::hash::<u32>(key.as_bytes()) as usize % buckets.max(1)
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    chans: HashMap<Arc<str>, Arc<Channel>>,
+    rooms: HashMap<Arc<str>, Vec<Arc<Channel>>>,
+    ips: HashMap<IpAddr, u32>,
+}
+
+/// Totals of one fan-out over a bucket.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub queued: u64,
+    pub dropped: u64,
+}
+
+impl Delivery {
+    pub fn add(&mut self, o: Offer) {
+        match o {
+            Offer::Queued => self.queued += 1,
+            Offer::Full => self.dropped += 1,
+            Offer::Filtered | Offer::Closed => {}
+        }
+    }
+
+    pub fn merge(&mut self, o: Delivery) {
+        self.queued += o.queued;
+        self.dropped += o.dropped;
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Bucket {
+    inner: RwLock<Inner>,
+}
+
+impl Bucket {
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers an authenticated channel and joins `room` (empty: none). An older channel with
+    /// the same key is kicked and unregistered, as goim does.
+    pub fn put(&self, ch: &Arc<Channel>, room: &str, rooms: &Rooms) {
+        let mut inner = self.write();
+        if let Some(old) = inner.chans.insert(ch.key.clone(), ch.clone()) {
+            if !Arc::ptr_eq(&old, ch) {
+                unregister(&mut inner, &old, rooms);
+                old.close(true);
+            }
+        }
+        *inner.ips.entry(ch.ip).or_insert(0) += 1;
+        ch.state().registered = true;
+        if !room.is_empty() {
+            join(&mut inner, ch, room, rooms);
+        }
+    }
+
+    /// Removes a channel on close; a no-op if it was already replaced.
+    pub fn del(&self, ch: &Arc<Channel>, rooms: &Rooms) {
+        let mut inner = self.write();
+        if inner.chans.get(&ch.key).is_some_and(|c| Arc::ptr_eq(c, ch)) {
+            inner.chans.remove(&ch.key);
+        }
+        unregister(&mut inner, ch, rooms);
+    }
+
+    /// Moves a channel to another room; an empty `room` leaves the current one.
+    pub fn change_room(&self, ch: &Arc<Channel>, room: &str, rooms: &Rooms) {
+        let mut inner = self.write();
+        if !ch.state().registered {
+            return;
+        }
+        if ch.state().room.as_ref().is_some_and(|r| &*r.id == room) {
+            return;
+        }
+        leave(&mut inner, ch, rooms);
+        if !room.is_empty() {
+            join(&mut inner, ch, room, rooms);
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Channel>> {
+        self.read().chans.get(key).cloned()
+    }
+
+    /// Pushes to every member of `room`, ignoring watched ops (goim's `BroadcastRoom`).
+    pub fn push_room(&self, room: &str, out: &Outgoing, cap: usize) -> Delivery {
+        let mut d = Delivery::default();
+        if let Some(members) = self.read().rooms.get(room) {
+            for ch in members {
+                d.add(ch.offer(None, out.clone(), cap));
+            }
+        }
+        d
+    }
+
+    /// Pushes to every channel that watches `op`.
+    pub fn push_all(&self, op: i32, out: &Outgoing, cap: usize) -> Delivery {
+        let mut d = Delivery::default();
+        for ch in self.read().chans.values() {
+            d.add(ch.offer(Some(op), out.clone(), cap));
+        }
+        d
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.read().chans.len()
+    }
+
+    /// Distinct client IPs in this bucket.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        self.read().ips.keys().copied().collect()
+    }
+
+    pub fn channels(&self) -> Vec<Arc<Channel>> {
+        self.read().chans.values().cloned().collect()
+    }
+
+    pub fn room_members(&self, room: &str) -> usize {
+        self.read().rooms.get(room).map_or(0, Vec::len)
+    }
+}
+
+fn unregister(inner: &mut Inner, ch: &Arc<Channel>, rooms: &Rooms) {
+    leave(inner, ch, rooms);
+    let mut st = ch.state();
+    if !std::mem::take(&mut st.registered) {
+        return;
+    }
+    drop(st);
+    if let Some(n) = inner.ips.get_mut(&ch.ip) {
+        *n -= 1;
+        if *n == 0 {
+            inner.ips.remove(&ch.ip);
+        }
+    }
+}
+
+fn join(inner: &mut Inner, ch: &Arc<Channel>, room: &str, rooms: &Rooms) {
+    let info = rooms.join(room);
+    let members = inner.rooms.entry(info.id.clone()).or_default();
+    let mut st = ch.state();
+    st.room_slot = members.len();
+    st.room = Some(info);
+    members.push(ch.clone());
+}
+
+fn leave(inner: &mut Inner, ch: &Arc<Channel>, rooms: &Rooms) {
+    let mut st = ch.state();
+    let Some(info) = st.room.take() else {
+        return;
+    };
+    let slot = st.room_slot;
+    drop(st);
+    if let Some(members) = inner.rooms.get_mut(&info.id) {
+        if members.get(slot).is_some_and(|m| Arc::ptr_eq(m, ch)) {
+            members.swap_remove(slot);
+            if let Some(moved) = members.get(slot) {
+                moved.state().room_slot = slot;
+            }
+        }
+        if members.is_empty() {
+            inner.rooms.remove(&info.id);
+        }
+    }
+    rooms.leave(&info);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn ch(key: &str) -> Arc<Channel> {
+        Arc::new(Channel::new(key.into(), 0, IpAddr::from([127, 0, 0, 1]), &[1]))
+    }
+
+    #[test]
+    fn cityhash_matches_goim() {
+        // Reference values of Google's CityHash32 v1.1 (as in the Go port goim uses).
+        assert_eq!(cityhasher::hash::<u32>(b""), 0xdc56d17a);
+        assert_eq!(cityhasher::hash::<u32>(b"a"), 0x3c973d4d);
+        assert!(bucket_index("some-key", 32) < 32);
+    }
+
+    #[test]
+    fn rooms_membership_survives_swap_remove() {
+        let (b, rooms) = (Bucket::default(), Rooms::default());
+        let chans: Vec<_> = (0..5).map(|i| ch(&format!("k{i}"))).collect();
+        for c in &chans {
+            b.put(c, "r", &rooms);
+        }
+        b.del(&chans[1], &rooms);
+        b.change_room(&chans[0], "s", &rooms);
+        assert_eq!(b.room_members("r"), 3);
+        assert_eq!(b.room_members("s"), 1);
+        assert_eq!(rooms.get("r").unwrap().local(), 3);
+        let out = Outgoing::Raw(Bytes::from_static(b"x"));
+        assert_eq!(b.push_room("r", &out, 8).queued, 3);
+        for c in &chans[2..] {
+            b.change_room(c, "", &rooms);
+        }
+        assert_eq!(b.room_members("r"), 0);
+        assert!(rooms.get("r").is_none());
+        assert_eq!(b.channel_count(), 4);
+    }
+
+    #[test]
+    fn duplicate_key_kicks_older() {
+        let (b, rooms) = (Bucket::default(), Rooms::default());
+        let (old, new) = (ch("same"), ch("same"));
+        b.put(&old, "r", &rooms);
+        b.put(&new, "r", &rooms);
+        assert!(old.is_closed() && old.was_kicked());
+        assert_eq!(rooms.get("r").unwrap().local(), 1);
+        assert_eq!(b.ips().len(), 1);
+        // The kicked one's own teardown must not remove the new one.
+        b.del(&old, &rooms);
+        assert!(Arc::ptr_eq(&b.get("same").unwrap(), &new));
+        b.del(&new, &rooms);
+        assert!(b.ips().is_empty());
+        assert!(rooms.is_empty());
+    }
+}

@@ -1,0 +1,192 @@
+//! One authenticated connection as the push paths see it: identity, watched ops, room, and a
+//! bounded queue of pre-encoded pushes that the connection's own task drains.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use goim_proto::packet::HEADER_LEN;
+use tokio::sync::Notify;
+
+use crate::rooms::RoomInfo;
+
+/// Most distinct ops a connection may watch; a sub beyond it is ignored, so a client cannot
+/// grow its watch set without bound.
+pub const MAX_ACCEPTS: usize = 1024;
+
+/// A queued push, shared across all its recipients.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// Already-encoded packets (an `OpRaw` body): bare on TCP, wrapped in an op-9 packet on
+    /// WebSocket.
+    Raw(Bytes),
+    /// One packet, header and body.
+    Packet {
+        header: [u8; HEADER_LEN],
+        body: Bytes,
+    },
+}
+
+/// Result of offering a push to a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// The connection does not watch this op.
+    Filtered,
+    /// The queue was full: the push is dropped for this connection.
+    Full,
+    /// The connection is closing.
+    Closed,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub queue: VecDeque<Outgoing>,
+    pub accepts: Vec<i32>,
+    pub room: Option<Arc<RoomInfo>>,
+    /// Index in the bucket's member list of `room`; valid while `room` is set.
+    pub room_slot: usize,
+    /// Whether the bucket still counts this channel (its map entry and IP count).
+    pub registered: bool,
+    pub closed: bool,
+    pub kicked: bool,
+}
+
+#[derive(Debug)]
+pub struct Channel {
+    pub key: Arc<str>,
+    pub mid: i64,
+    pub ip: IpAddr,
+    state: Mutex<State>,
+    pub(crate) notify: Notify,
+}
+
+impl Channel {
+    pub fn new(key: Arc<str>, mid: i64, ip: IpAddr, accepts: &[i32]) -> Self {
+        let ch = Channel {
+            key,
+            mid,
+            ip,
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+        };
+        ch.watch(accepts);
+        ch
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state inconsistent in a way that
+        // matters more than losing the connection, so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds ops to the watch set, up to [`MAX_ACCEPTS`].
+    pub fn watch(&self, ops: &[i32]) {
+        let mut st = self.state();
+        for &op in ops {
+            if !st.accepts.contains(&op) && st.accepts.len() < MAX_ACCEPTS {
+                st.accepts.push(op);
+            }
+        }
+    }
+
+    pub fn unwatch(&self, ops: &[i32]) {
+        self.state().accepts.retain(|op| !ops.contains(op));
+    }
+
+    pub fn accepts(&self, op: i32) -> bool {
+        self.state().accepts.contains(&op)
+    }
+
+    /// Queues a push if the connection watches `op` (`None`: no filter, as for rooms).
+    pub fn offer(&self, op: Option<i32>, out: Outgoing, cap: usize) -> Offer {
+        let mut st = self.state();
+        if st.closed {
+            return Offer::Closed;
+        }
+        if let Some(op) = op {
+            if !st.accepts.contains(&op) {
+                return Offer::Filtered;
+            }
+        }
+        if st.queue.len() >= cap {
+            return Offer::Full;
+        }
+        let wake = st.queue.is_empty();
+        st.queue.push_back(out);
+        drop(st);
+        // The task drains everything queued at once, so one wake per empty->non-empty edge.
+        if wake {
+            self.notify.notify_one();
+        }
+        Offer::Queued
+    }
+
+    /// Takes everything queued, for one batched write.
+    pub(crate) fn take_queue(&self) -> VecDeque<Outgoing> {
+        std::mem::take(&mut self.state().queue)
+    }
+
+    /// Asks the connection's task to close (duplicate key, drain or shutdown).
+    pub fn close(&self, kicked: bool) {
+        let mut st = self.state();
+        st.closed = true;
+        st.kicked |= kicked;
+        st.queue.clear();
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state().closed
+    }
+
+    pub fn was_kicked(&self) -> bool {
+        self.state().kicked
+    }
+
+    pub fn room(&self) -> Option<Arc<RoomInfo>> {
+        self.state().room.clone()
+    }
+
+    /// The heartbeat reply body: the room's cluster-wide count when logic has one, else the
+    /// local count; 0 without a room.
+    pub fn online(&self) -> i32 {
+        self.state().room.as_ref().map_or(0, |r| r.online())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch() -> Channel {
+        Channel::new("k".into(), 1, IpAddr::from([127, 0, 0, 1]), &[1000, 1000, 1001])
+    }
+
+    #[test]
+    fn filter_queue_bound_and_close() {
+        let c = ch();
+        let out = Outgoing::Raw(Bytes::from_static(b"x"));
+        assert_eq!(c.offer(Some(5), out.clone(), 2), Offer::Filtered);
+        assert_eq!(c.offer(Some(1000), out.clone(), 2), Offer::Queued);
+        assert_eq!(c.offer(None, out.clone(), 2), Offer::Queued);
+        assert_eq!(c.offer(None, out.clone(), 2), Offer::Full);
+        assert_eq!(c.take_queue().len(), 2);
+        c.unwatch(&[1000]);
+        assert_eq!(c.offer(Some(1000), out.clone(), 2), Offer::Filtered);
+        assert!(c.accepts(1001));
+        c.close(true);
+        assert_eq!(c.offer(None, out, 2), Offer::Closed);
+        assert!(c.was_kicked());
+    }
+
+    #[test]
+    fn watch_set_is_bounded() {
+        let c = ch();
+        let many: Vec<i32> = (0..5000).collect();
+        c.watch(&many);
+        assert_eq!(c.state().accepts.len(), MAX_ACCEPTS);
+    }
+}

@@ -1,0 +1,86 @@
+//! Comet settings, with goim's defaults where goim has one.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CometConfig {
+    /// Server id sent to logic and used for routing; must be unique and stable (a StatefulSet
+    /// pod name). Empty: the host name.
+    pub name: String,
+    /// TCP listen address (goim 3101).
+    pub tcp: String,
+    /// WebSocket listen address (goim 3102); the upgrade path is `/sub`.
+    pub ws: String,
+    /// From accept to auth reply, including the WebSocket upgrade (goim's example: 8s).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How long one write to a client may stall before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Connection shards (goim 32).
+    pub buckets: usize,
+    /// Pushes queued per connection before further ones are dropped for it (goim 10; larger so
+    /// a burst of single pushes is not lost, and memory is only used while queued).
+    pub push_queue: usize,
+    /// Room and broadcast jobs queued per bucket before job calls wait.
+    pub bucket_queue: usize,
+    /// How often room counts go to logic (goim 10s).
+    #[serde(with = "humantime_serde")]
+    pub renew_interval: Duration,
+    /// A connection renews its presence in logic on a heartbeat at most this often; each
+    /// connection draws its interval in [min, 3*min) as goim draws [10m, 30m).
+    #[serde(with = "humantime_serde")]
+    pub presence_renew: Duration,
+    /// Largest WebSocket frame payload (goim's read buffer, 8 KiB).
+    pub ws_max_frame: usize,
+    /// Most continuation frames in one message (goim 100).
+    pub ws_max_fragments: usize,
+    /// Connections held at once; beyond it new ones are closed at accept.
+    pub max_connections: usize,
+}
+
+impl Default for CometConfig {
+    fn default() -> Self {
+        CometConfig {
+            name: String::new(),
+            tcp: "0.0.0.0:3101".into(),
+            ws: "0.0.0.0:3102".into(),
+            handshake_timeout: Duration::from_secs(8),
+            write_timeout: Duration::from_secs(20),
+            buckets: 32,
+            push_queue: 64,
+            bucket_queue: 1024,
+            renew_interval: Duration::from_secs(10),
+            presence_renew: Duration::from_secs(600),
+            ws_max_frame: 8192,
+            ws_max_fragments: 100,
+            max_connections: 1_000_000,
+        }
+    }
+}
+
+impl CometConfig {
+    /// Fixes values that would break the server (zero sizes) and fills the name.
+    pub fn normalized(mut self) -> Self {
+        self.buckets = self.buckets.max(1);
+        self.push_queue = self.push_queue.max(1);
+        self.bucket_queue = self.bucket_queue.max(1);
+        self.ws_max_frame = self.ws_max_frame.max(goim_proto::packet::MAX_PACK);
+        if self.name.is_empty() {
+            self.name = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_string())
+                })
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "comet".into());
+        }
+        self
+    }
+}

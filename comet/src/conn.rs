@@ -1,0 +1,529 @@
+//! One client connection, from accept to close, in one task: the handshake (WebSocket upgrade
+//! and auth through logic), then a loop that reads client packets, answers them and writes
+//! queued pushes in one vectored write. An idle connection holds no read or write buffer.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use goim_proto::logic::{ConnectReq, DisconnectReq, HeartbeatReq, ReceiveReq};
+use goim_proto::packet::{DecodeError, Header, Packet, HEADER_LEN, SERVER_VER};
+use goim_proto::protocol::Proto;
+use goim_proto::op;
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant};
+
+use crate::channel::{Channel, Outgoing};
+use crate::server::Comet;
+use crate::ws;
+
+/// Bytes read per readiness event before the loop yields to other work.
+const READ_BUDGET: usize = 64 * 1024;
+const READ_CHUNK: usize = 4096;
+/// Pushes per vectored write (each takes up to two slices; Linux allows 1024).
+const WRITE_BATCH: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    WebSocket,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    #[error("client closed")]
+    Eof,
+    #[error("bad packet: {0}")]
+    Packet(#[from] DecodeError),
+    #[error("websocket: {0}")]
+    Ws(#[from] ws::WsError),
+    #[error("write timed out")]
+    WriteTimeout,
+}
+
+impl ConnError {
+    fn reason(&self) -> &'static str {
+        match self {
+            ConnError::Io(_) => "io_error",
+            ConnError::Eof => "client_closed",
+            ConnError::Packet(_) => "bad_packet",
+            ConnError::Ws(ws::WsError::Closed) => "client_closed",
+            ConnError::Ws(_) => "bad_websocket",
+            ConnError::WriteTimeout => "write_timeout",
+        }
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    transport: Transport,
+    upgraded: bool,
+    eof: bool,
+    rbuf: BytesMut,
+    asm: ws::Assembler,
+    /// Replies waiting for the next write.
+    out: BytesMut,
+    max_frame: usize,
+    max_fragments: usize,
+    write_timeout: Duration,
+}
+
+impl Conn {
+    /// Waits until the socket is readable, reads what is there and appends the complete
+    /// packets to `packets`. Cancel-safe: the only await is the readiness wait.
+    async fn read(&mut self, packets: &mut VecDeque<Packet>) -> Result<(), ConnError> {
+        if self.eof {
+            return Err(ConnError::Eof);
+        }
+        self.stream.readable().await?;
+        let mut got = 0;
+        while got < READ_BUDGET {
+            self.rbuf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.decode(packets)?;
+        if self.rbuf.is_empty() {
+            // Give the buffer back while idle.
+            self.rbuf = BytesMut::new();
+        }
+        if self.eof && packets.is_empty() {
+            return Err(ConnError::Eof);
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, packets: &mut VecDeque<Packet>) -> Result<(), ConnError> {
+        match self.transport {
+            Transport::Tcp => {
+                while let Some(p) = Packet::decode_stream(&mut self.rbuf)? {
+                    packets.push_back(p);
+                }
+            }
+            Transport::WebSocket => {
+                if !self.upgraded {
+                    return Ok(());
+                }
+                while let Some(frame) = ws::decode_frame(&mut self.rbuf, self.max_frame)? {
+                    match self.asm.feed(frame, self.max_frame, self.max_fragments)? {
+                        ws::Event::Message(m) => packets.push_back(Packet::decode_frame(m)?),
+                        ws::Event::Ping(p) => {
+                            let (h, n) = ws::frame_header(ws::OP_PONG, p.len());
+                            self.out.put_slice(&h[..n]);
+                            self.out.put_slice(&p);
+                        }
+                        ws::Event::None => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the HTTP upgrade request and answers 101. A bad request closes the socket without
+    /// an HTTP error, as goim does.
+    async fn upgrade(&mut self) -> Result<ws::Upgrade, ConnError> {
+        loop {
+            if let Some(up) = ws::parse_upgrade(&mut self.rbuf)? {
+                self.out.put_slice(ws::upgrade_response(&up.key).as_bytes());
+                self.upgraded = true;
+                self.flush(VecDeque::new()).await?;
+                return Ok(up);
+            }
+            if self.eof {
+                return Err(ConnError::Eof);
+            }
+            let mut none = VecDeque::new();
+            self.read(&mut none).await?;
+        }
+    }
+
+    /// Queues a reply packet.
+    fn reply(&mut self, ver: i16, op: i32, seq: i32, body: &[u8]) {
+        let header = Header::new(body.len(), ver, op, seq).encode();
+        if self.transport == Transport::WebSocket {
+            let (h, n) = ws::frame_header(ws::OP_BINARY, HEADER_LEN + body.len());
+            self.out.put_slice(&h[..n]);
+        }
+        self.out.put_slice(&header);
+        self.out.put_slice(body);
+    }
+
+    /// Writes pending replies and `pushes` with as few syscalls as the kernel allows.
+    async fn flush(&mut self, mut pushes: VecDeque<Outgoing>) -> Result<(), ConnError> {
+        loop {
+            let n = pushes.len().min(WRITE_BATCH);
+            let batch = pushes.drain(..n);
+            let mut prefixes: Vec<([u8; 26], usize)> = Vec::with_capacity(n);
+            let mut bodies: Vec<&Bytes> = Vec::with_capacity(n);
+            let items: Vec<Outgoing> = batch.collect();
+            for item in &items {
+                prefixes.push(prefix(self.transport, item));
+                bodies.push(match item {
+                    Outgoing::Raw(b) | Outgoing::Packet { body: b, .. } => b,
+                });
+            }
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * n);
+            if !self.out.is_empty() {
+                slices.push(IoSlice::new(&self.out));
+            }
+            for ((p, len), body) in prefixes.iter().zip(&bodies) {
+                if *len > 0 {
+                    slices.push(IoSlice::new(&p[..*len]));
+                }
+                if !body.is_empty() {
+                    slices.push(IoSlice::new(body));
+                }
+            }
+            if !slices.is_empty() {
+                write_all(&self.stream, &mut slices, self.write_timeout).await?;
+            }
+            drop(slices);
+            self.out = BytesMut::new();
+            if pushes.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What goes before a push's body on this transport: nothing for a raw batch on TCP, the
+/// packet header for a single packet, plus the frame header (and for raw, goim's op-9 wrapper)
+/// on WebSocket.
+fn prefix(transport: Transport, item: &Outgoing) -> ([u8; 26], usize) {
+    let mut p = [0u8; 26];
+    let (packet_header, body_len) = match item {
+        Outgoing::Raw(b) => (
+            (transport == Transport::WebSocket)
+                .then(|| Header::new(b.len(), SERVER_VER, op::RAW, 0).encode()),
+            b.len(),
+        ),
+        Outgoing::Packet { header, body } => (Some(*header), body.len()),
+    };
+    let mut n = 0;
+    if transport == Transport::WebSocket {
+        let total = body_len + packet_header.map_or(0, |_| HEADER_LEN);
+        let (h, hn) = ws::frame_header(ws::OP_BINARY, total);
+        p[..hn].copy_from_slice(&h[..hn]);
+        n = hn;
+    }
+    if let Some(h) = packet_header {
+        p[n..n + HEADER_LEN].copy_from_slice(&h);
+        n += HEADER_LEN;
+    }
+    (p, n)
+}
+
+/// Writes every slice. The common case completes in one non-blocking call with no timer; only
+/// a stalled client pays for the timeout.
+async fn write_all(
+    stream: &TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+    timeout: Duration,
+) -> Result<(), ConnError> {
+    let deadline = Instant::now() + timeout;
+    while !bufs.is_empty() {
+        match stream.try_write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::timeout_at(deadline, stream.writable())
+                    .await
+                    .map_err(|_| ConnError::WriteTimeout)??;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// How a connection ended.
+enum Exit {
+    Error(ConnError),
+    Timeout,
+    Kicked,
+    Shutdown,
+}
+
+/// Serves one accepted socket to the end.
+pub(crate) async fn serve(comet: &Arc<Comet>, stream: TcpStream, peer: SocketAddr, transport: Transport) {
+    let cfg = &comet.cfg;
+    let mut conn = Conn {
+        stream,
+        transport,
+        upgraded: false,
+        eof: false,
+        rbuf: BytesMut::new(),
+        asm: ws::Assembler::default(),
+        out: BytesMut::new(),
+        max_frame: cfg.ws_max_frame,
+        max_fragments: cfg.ws_max_fragments,
+        write_timeout: cfg.write_timeout,
+    };
+    let mut pending = VecDeque::new();
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    let handshake = tokio::select! {
+        _ = comet.shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(deadline, handshake(comet, &mut conn, &mut pending)) => r,
+    };
+    let (ch, heartbeat) = match handshake {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "handshake failed");
+            comet.metrics.closed(e.reason());
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "handshake timeout");
+            comet.metrics.closed("handshake_timeout");
+            return;
+        }
+    };
+    comet.metrics.connections.inc();
+    let exit = run(comet, &mut conn, &ch, heartbeat, pending).await;
+    comet.metrics.connections.dec();
+    comet.unregister(&ch);
+    match &exit {
+        Exit::Error(e) => {
+            tracing::debug!(%peer, key = %ch.key, error = %e, "connection closed");
+            if !matches!(e, ConnError::Eof | ConnError::Ws(ws::WsError::Closed)) {
+                comet.metrics.closed(e.reason());
+            }
+        }
+        Exit::Timeout => comet.metrics.closed("heartbeat_timeout"),
+        Exit::Kicked => comet.metrics.closed("duplicate_key"),
+        Exit::Shutdown => comet.metrics.closed("shutdown"),
+    }
+    // A kicked connection's key lives on in the newer connection on this comet.
+    if !matches!(exit, Exit::Kicked) {
+        let req = DisconnectReq {
+            mid: ch.mid,
+            key: ch.key.to_string(),
+            server: cfg.name.clone(),
+        };
+        if let Err(e) = comet.logic.disconnect(req).await {
+            tracing::warn!(key = %ch.key, error = %e, "disconnect failed");
+        }
+    }
+}
+
+/// Upgrade (WebSocket), then read until `OpAuth`, ignoring anything before it; authenticate
+/// through logic and register. `Ok(None)`: logic refused (closed without a reply, as goim does).
+async fn handshake(
+    comet: &Arc<Comet>,
+    conn: &mut Conn,
+    pending: &mut VecDeque<Packet>,
+) -> Result<Option<(Arc<Channel>, Duration)>, ConnError> {
+    let cookie = if conn.transport == Transport::WebSocket {
+        conn.upgrade().await?.cookie
+    } else {
+        String::new()
+    };
+    conn.decode(pending)?;
+    let auth = loop {
+        if let Some(i) = pending.iter().position(|p| p.op == op::AUTH) {
+            pending.drain(..i);
+            break pending.pop_front().expect("position found");
+        }
+        pending.clear();
+        conn.read(pending).await?;
+    };
+    let peer_ip = conn.stream.peer_addr()?.ip();
+    let req = ConnectReq {
+        server: comet.cfg.name.clone(),
+        cookie,
+        token: auth.body.clone(),
+    };
+    let reply = match comet.logic.connect(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(ip = %peer_ip, error = %e.message(), "auth refused");
+            comet.metrics.closed("auth_failed");
+            return Ok(None);
+        }
+    };
+    let ch = Arc::new(Channel::new(
+        reply.key.into(),
+        reply.mid,
+        peer_ip,
+        &reply.accepts,
+    ));
+    comet.register(&ch, &reply.room_id);
+    conn.reply(auth.ver, op::AUTH_REPLY, auth.seq, &[]);
+    if let Err(e) = conn.flush(VecDeque::new()).await {
+        comet.unregister(&ch);
+        return Err(e);
+    }
+    // goim sends nanoseconds; a zero or negative value would close at once, so fall back.
+    let hb = u64::try_from(reply.heartbeat)
+        .ok()
+        .filter(|&n| n > 0)
+        .map_or(Duration::from_secs(480), Duration::from_nanos);
+    Ok(Some((ch, hb)))
+}
+
+async fn run(
+    comet: &Arc<Comet>,
+    conn: &mut Conn,
+    ch: &Arc<Channel>,
+    heartbeat: Duration,
+    mut pending: VecDeque<Packet>,
+) -> Exit {
+    let timer = sleep_until(Instant::now() + heartbeat);
+    tokio::pin!(timer);
+    let renew_every = {
+        let base = comet.cfg.presence_renew;
+        base + base.mul_f64(2.0 * fastrand::f64())
+    };
+    let mut last_renew = Instant::now();
+    loop {
+        if !pending.is_empty() {
+            for p in pending.drain(..) {
+                if p.op == op::HEARTBEAT {
+                    timer.as_mut().reset(Instant::now() + heartbeat);
+                    if last_renew.elapsed() >= renew_every {
+                        last_renew = Instant::now();
+                        renew_presence(comet, ch);
+                    }
+                }
+                handle(comet, conn, ch, p).await;
+            }
+            if let Err(e) = conn.flush(VecDeque::new()).await {
+                return Exit::Error(e);
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = comet.shutdown.cancelled() => return Exit::Shutdown,
+            _ = ch.notify.notified() => {
+                if ch.is_closed() {
+                    return if ch.was_kicked() { Exit::Kicked } else { Exit::Shutdown };
+                }
+                let items = ch.take_queue();
+                if !items.is_empty() {
+                    if let Err(e) = conn.flush(items).await {
+                        return Exit::Error(e);
+                    }
+                    comet.metrics.writes.inc();
+                }
+            }
+            r = conn.read(&mut pending) => {
+                if let Err(e) = r {
+                    return Exit::Error(e);
+                }
+            }
+            () = &mut timer => return Exit::Timeout,
+        }
+    }
+}
+
+fn renew_presence(comet: &Arc<Comet>, ch: &Arc<Channel>) {
+    let logic = comet.logic.clone();
+    let req = HeartbeatReq {
+        mid: ch.mid,
+        key: ch.key.to_string(),
+        server: comet.cfg.name.clone(),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = logic.heartbeat(req).await {
+            tracing::debug!(error = %e, "presence renewal failed");
+        }
+    });
+}
+
+/// Answers one client packet after auth (GOIM.md §2.4, §2.8).
+async fn handle(comet: &Arc<Comet>, conn: &mut Conn, ch: &Arc<Channel>, p: Packet) {
+    match p.op {
+        op::HEARTBEAT => {
+            let online = ch.online().to_be_bytes();
+            conn.reply(p.ver, op::HEARTBEAT_REPLY, p.seq, &online);
+        }
+        op::CHANGE_ROOM => {
+            match std::str::from_utf8(&p.body) {
+                Ok(room) => comet.change_room(ch, room),
+                Err(_) => tracing::debug!(key = %ch.key, "change room: room id is not utf-8"),
+            }
+            // goim echoes the body whether or not the change happened.
+            conn.reply(p.ver, op::CHANGE_ROOM_REPLY, p.seq, &p.body);
+        }
+        op::SUB | op::UNSUB => {
+            if let Some(ops) = parse_ops(&p.body) {
+                if p.op == op::SUB {
+                    ch.watch(&ops);
+                } else {
+                    ch.unwatch(&ops);
+                }
+            }
+            conn.reply(p.ver, p.op + 1, p.seq, &p.body);
+        }
+        other => {
+            let req = ReceiveReq {
+                mid: ch.mid,
+                proto: Some(Proto {
+                    ver: p.ver as i32,
+                    op: other,
+                    seq: p.seq,
+                    body: p.body,
+                }),
+            };
+            if let Err(e) = comet.logic.receive(req).await {
+                tracing::debug!(key = %ch.key, error = %e, "receive failed");
+            }
+            conn.reply(p.ver, other, p.seq, &[]);
+        }
+    }
+}
+
+/// goim's `SplitInt32s(body, ",")`: all or nothing; an empty body is an empty list.
+fn parse_ops(body: &[u8]) -> Option<Vec<i32>> {
+    let s = std::str::from_utf8(body).ok()?;
+    if s.is_empty() {
+        return Some(Vec::new());
+    }
+    s.split(',').map(|t| t.parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_csv() {
+        assert_eq!(parse_ops(b"1000,1001"), Some(vec![1000, 1001]));
+        assert_eq!(parse_ops(b""), Some(vec![]));
+        assert_eq!(parse_ops(b"1000,x"), None);
+        assert_eq!(parse_ops(b"99999999999"), None);
+        assert_eq!(parse_ops(&[0xff]), None);
+    }
+
+    #[test]
+    fn prefixes_per_transport() {
+        let raw = Outgoing::Raw(Bytes::from_static(&[0u8; 26]));
+        assert_eq!(prefix(Transport::Tcp, &raw).1, 0);
+        let (p, n) = prefix(Transport::WebSocket, &raw);
+        // Frame header 82 2a, then goim's outer packet header with op 9 (GOIM.md §2.2).
+        assert_eq!(
+            &p[..n],
+            &[0x82, 0x2a, 0, 0, 0, 0x2a, 0, 0x10, 0, 1, 0, 0, 0, 9, 0, 0, 0, 0]
+        );
+        let pkt = Outgoing::Packet {
+            header: Header::new(2, 1, 5, 0).encode(),
+            body: Bytes::from_static(b"hi"),
+        };
+        assert_eq!(prefix(Transport::Tcp, &pkt).1, 16);
+        assert_eq!(prefix(Transport::WebSocket, &pkt).1, 18);
+    }
+}

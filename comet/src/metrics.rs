@@ -1,0 +1,60 @@
+//! Comet metrics (Prometheus).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Default)]
+pub struct CometMetrics {
+    pub connections: Gauge,
+    pub accepted: Counter,
+    /// Pushes queued to a connection (one per recipient).
+    pub pushes_queued: Counter,
+    /// Pushes not delivered, by reason (`queue_full`, ...).
+    pub pushes_dropped: Family<Reason, Counter>,
+    /// Connections closed for bad input or timeouts, by reason.
+    pub closed: Family<Reason, Counter>,
+    /// Writes to client sockets (each may carry many pushes).
+    pub writes: Counter,
+    last_drop_log: AtomicU64,
+}
+
+impl CometMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("goim_comet");
+        r.register("connections", "Open authenticated connections", self.connections.clone());
+        r.register("accepted", "Accepted sockets", self.accepted.clone());
+        r.register("pushes_queued", "Pushes queued to connections", self.pushes_queued.clone());
+        r.register("pushes_dropped", "Pushes dropped per connection", self.pushes_dropped.clone());
+        r.register("closed", "Connections closed by the server", self.closed.clone());
+        r.register("writes", "Socket writes", self.writes.clone());
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts dropped pushes and logs them at most once a second.
+    pub fn dropped(&self, reason: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.pushes_dropped.get_or_create(&Reason { reason }).inc_by(n);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.last_drop_log.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(reason, n, "pushes dropped");
+        }
+    }
+}

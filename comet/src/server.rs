@@ -1,0 +1,308 @@
+//! The comet: buckets of connections, the push paths job calls, listeners and the background
+//! loops (room counts to logic).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use goim_proto::comet::{
+    BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
+    RoomsReply, RoomsReq,
+};
+use goim_proto::logic::OnlineReq;
+use goim_proto::op;
+use goim_proto::packet::Header;
+use goim_proto::protocol::Proto;
+use goim_proto::service::{CometService, LogicService};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Status;
+
+use crate::bucket::{bucket_index, Bucket, Delivery};
+use crate::channel::{Channel, Outgoing};
+use crate::config::CometConfig;
+use crate::conn::{self, Transport};
+use crate::metrics::CometMetrics;
+use crate::rooms::Rooms;
+
+/// Fan-out work handed to a bucket's worker, so one room's or broadcast's messages reach each
+/// connection in the order job sent them, and the shards of a big room run in parallel.
+enum BucketJob {
+    Room(Arc<str>, Outgoing),
+    All(i32, Outgoing),
+}
+
+/// Connection and IP totals, as comets report their load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    pub conn_count: u64,
+    pub ip_count: u64,
+}
+
+pub struct Comet {
+    pub(crate) cfg: CometConfig,
+    pub(crate) buckets: Arc<[Bucket]>,
+    pub(crate) rooms: Rooms,
+    pub(crate) logic: Arc<dyn LogicService>,
+    pub(crate) metrics: Arc<CometMetrics>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    workers: Vec<mpsc::Sender<BucketJob>>,
+    limit: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Comet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Comet").field("name", &self.cfg.name).finish()
+    }
+}
+
+/// Turns a job's `Proto` into what is queued: `OpRaw` bodies go out as they are.
+pub fn outgoing(p: Proto) -> Outgoing {
+    if p.op == op::RAW {
+        Outgoing::Raw(p.body)
+    } else {
+        let header = Header::new(p.body.len(), p.ver as i16, p.op, p.seq).encode();
+        Outgoing::Packet {
+            header,
+            body: p.body,
+        }
+    }
+}
+
+impl Comet {
+    /// Builds a comet and starts its bucket workers. Needs a Tokio runtime.
+    pub fn new(
+        cfg: CometConfig,
+        logic: Arc<dyn LogicService>,
+        metrics: Arc<CometMetrics>,
+    ) -> Arc<Comet> {
+        let cfg = cfg.normalized();
+        let buckets: Arc<[Bucket]> = (0..cfg.buckets).map(|_| Bucket::default()).collect();
+        let mut workers = Vec::with_capacity(cfg.buckets);
+        for i in 0..cfg.buckets {
+            let (tx, mut rx) = mpsc::channel::<BucketJob>(cfg.bucket_queue);
+            let (buckets, metrics, cap) = (buckets.clone(), metrics.clone(), cfg.push_queue);
+            tokio::spawn(async move {
+                while let Some(job) = rx.recv().await {
+                    let d = match &job {
+                        BucketJob::Room(room, out) => buckets[i].push_room(room, out, cap),
+                        BucketJob::All(op, out) => buckets[i].push_all(*op, out, cap),
+                    };
+                    record(&metrics, d);
+                }
+            });
+            workers.push(tx);
+        }
+        Arc::new(Comet {
+            limit: Arc::new(Semaphore::new(cfg.max_connections.min(Semaphore::MAX_PERMITS))),
+            cfg,
+            buckets,
+            rooms: Rooms::default(),
+            logic,
+            metrics,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            workers,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn config(&self) -> &CometConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn bucket(&self, key: &str) -> &Bucket {
+        &self.buckets[bucket_index(key, self.buckets.len())]
+    }
+
+    pub(crate) fn register(&self, ch: &Arc<Channel>, room: &str) {
+        self.bucket(&ch.key).put(ch, room, &self.rooms);
+    }
+
+    pub(crate) fn unregister(&self, ch: &Arc<Channel>) {
+        self.bucket(&ch.key).del(ch, &self.rooms);
+    }
+
+    pub(crate) fn change_room(&self, ch: &Arc<Channel>, room: &str) {
+        self.bucket(&ch.key).change_room(ch, room, &self.rooms);
+    }
+
+    /// Current connection and distinct-IP counts.
+    pub fn load(&self) -> Load {
+        let mut ips = HashSet::new();
+        let mut conns = 0;
+        for b in self.buckets.iter() {
+            conns += b.channel_count() as u64;
+            ips.extend(b.ips());
+        }
+        Load {
+            conn_count: conns,
+            ip_count: ips.len() as u64,
+        }
+    }
+
+    /// Local member count per room.
+    pub fn room_counts(&self) -> HashMap<String, i32> {
+        self.rooms.counts()
+    }
+
+    /// Accepts connections until shutdown. Each connection is its own task.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, transport: Transport) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(5);
+                    a
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, ?backoff, "accept failed");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            self.metrics.accepted.inc();
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                self.metrics.closed("connection_limit");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let comet = self.clone();
+            self.tasks.spawn(async move {
+                conn::serve(&comet, stream, peer, transport).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Sends room counts to logic every `renew_interval` and applies the cluster-wide counts
+    /// it returns; retries after 1 s on error, as goim does.
+    pub async fn renew_online_loop(self: Arc<Self>) {
+        loop {
+            let req = OnlineReq {
+                server: self.cfg.name.clone(),
+                room_count: self.rooms.counts(),
+            };
+            let wait = match self.logic.renew_online(req).await {
+                Ok(reply) => {
+                    self.rooms.set_all(&reply.all_room_count);
+                    self.cfg.renew_interval
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "renew online failed");
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Stops accepting, closes every client (each tells logic it is gone) and waits for them.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    async fn to_buckets(&self, job: impl Fn() -> BucketJob) -> Result<(), Status> {
+        for w in &self.workers {
+            w.send(job())
+                .await
+                .map_err(|_| Status::unavailable("comet is shutting down"))?;
+        }
+        Ok(())
+    }
+}
+
+fn record(metrics: &CometMetrics, d: Delivery) {
+    metrics.pushes_queued.inc_by(d.queued);
+    metrics.dropped("queue_full", d.dropped);
+}
+
+#[async_trait]
+impl CometService for Comet {
+    async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, Status> {
+        let Some(proto) = req.proto.filter(|_| !req.keys.is_empty()) else {
+            return Err(Status::invalid_argument("rpc pushmsg arg error"));
+        };
+        let out = outgoing(proto);
+        let mut d = Delivery::default();
+        // Unlike goim, a full queue on one key does not skip the remaining keys.
+        for key in &req.keys {
+            if let Some(ch) = self.bucket(key).get(key) {
+                d.add(ch.offer(Some(req.proto_op), out.clone(), self.cfg.push_queue));
+            }
+        }
+        record(&self.metrics, d);
+        Ok(PushMsgReply {})
+    }
+
+    async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, Status> {
+        let Some(proto) = req.proto else {
+            return Err(Status::invalid_argument("rpc broadcast arg error"));
+        };
+        let out = outgoing(proto);
+        let op = req.proto_op;
+        if req.speed <= 0 {
+            self.to_buckets(|| BucketJob::All(op, out.clone())).await?;
+            return Ok(BroadcastReply {});
+        }
+        // Paced: about `speed` connections a second, one bucket at a time. goim sleeps whole
+        // seconds per bucket; this keeps the fraction.
+        let speed = req.speed as f64;
+        let (buckets, metrics, cap) = (self.buckets.clone(), self.metrics.clone(), self.cfg.push_queue);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            for b in buckets.iter() {
+                let d = b.push_all(op, &out, cap);
+                record(&metrics, d);
+                let pause = Duration::from_secs_f64(b.channel_count() as f64 / speed);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        });
+        Ok(BroadcastReply {})
+    }
+
+    async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status> {
+        let Some(proto) = req.proto.filter(|_| !req.room_id.is_empty()) else {
+            return Err(Status::invalid_argument("rpc broadcast room arg error"));
+        };
+        let out = outgoing(proto);
+        let room: Arc<str> = req.room_id.into();
+        self.to_buckets(|| BucketJob::Room(room.clone(), out.clone()))
+            .await?;
+        Ok(BroadcastRoomReply {})
+    }
+
+    async fn rooms(&self, _req: RoomsReq) -> Result<RoomsReply, Status> {
+        Ok(RoomsReply {
+            rooms: self.rooms.counts().into_keys().map(|r| (r, true)).collect(),
+        })
+    }
+}

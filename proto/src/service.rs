@@ -1,0 +1,43 @@
+//! One trait per boundary between roles. Standalone mode calls the implementations directly;
+//! distributed mode puts a gRPC client behind the same trait, so the role logic is written once.
+//!
+//! Errors are `tonic::Status`, the type the gRPC boundary carries anyway.
+
+use async_trait::async_trait;
+use tonic::Status;
+
+use crate::comet::{
+    BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
+    RoomsReply, RoomsReq,
+};
+use crate::job::PushReply;
+use crate::logic::{
+    ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
+    OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
+};
+
+/// comet -> logic (`goim.logic.Logic`).
+#[async_trait]
+pub trait LogicService: Send + Sync + 'static {
+    async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, Status>;
+    async fn disconnect(&self, req: DisconnectReq) -> Result<DisconnectReply, Status>;
+    async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status>;
+    async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, Status>;
+    async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status>;
+}
+
+/// job -> comet (`goim.comet.Comet`).
+#[async_trait]
+pub trait CometService: Send + Sync + 'static {
+    async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, Status>;
+    async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, Status>;
+    async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status>;
+    async fn rooms(&self, req: RoomsReq) -> Result<RoomsReply, Status>;
+}
+
+/// logic -> job (`goim.job.Job`, our replacement for goim's Kafka topic). A successful reply
+/// means job has taken the message; ordering per room holds from that point on.
+#[async_trait]
+pub trait JobService: Send + Sync + 'static {
+    async fn push(&self, msg: PushMsg) -> Result<PushReply, Status>;
+}
