@@ -1,0 +1,11 @@
+//! goim logic: auth, online state, node selection and the HTTP push API.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod logic;
+pub mod nodes;
+pub mod online;
+
+pub use config::LogicConfig;
+pub use logic::{Logic, LogicMetrics};

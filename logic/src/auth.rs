@@ -1,0 +1,103 @@
+//! Authentication of the `OpAuth` token. The default is goim's: a JSON token taken at its word.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub mid: i64,
+    /// Empty: logic assigns a UUID.
+    pub key: String,
+    pub room_id: String,
+    pub accepts: Vec<i32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("token is not valid JSON for goim's AuthToken: {0}")]
+    Malformed(String),
+    #[error("token refused: {0}")]
+    Refused(String),
+}
+
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(&self, token: &[u8], cookie: &str) -> Result<Identity, AuthError>;
+}
+
+/// goim's development auth: `{"mid","key","room_id","platform","accepts"}`, not verified.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JsonTokenAuth;
+
+#[derive(Deserialize)]
+struct AuthToken {
+    #[serde(default)]
+    mid: i64,
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    room_id: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    platform: String,
+    #[serde(default)]
+    accepts: Vec<i32>,
+}
+
+impl Authenticator for JsonTokenAuth {
+    fn authenticate(&self, token: &[u8], _cookie: &str) -> Result<Identity, AuthError> {
+        // serde would also read a struct from a JSON array; goim's decoder (and ours) wants an
+        // object.
+        if token.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(AuthError::Malformed("expected a JSON object".into()));
+        }
+        let t: AuthToken =
+            serde_json::from_slice(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        Ok(Identity {
+            mid: t.mid,
+            key: t.key,
+            room_id: t.room_id,
+            accepts: t.accepts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goim_token() {
+        let id = JsonTokenAuth
+            .authenticate(
+                br#"{"mid":123, "room_id":"live://1000", "platform":"web", "accepts":[1000,1001,1002]}"#,
+                "",
+            )
+            .unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                mid: 123,
+                key: String::new(),
+                room_id: "live://1000".into(),
+                accepts: vec![1000, 1001, 1002]
+            }
+        );
+    }
+
+    #[test]
+    fn bad_tokens() {
+        for bad in [
+            &b"not json"[..],
+            br#"{"mid":"123"}"#,
+            br#"{"accepts":[1.5]}"#,
+            br#"{"accepts":[99999999999]}"#,
+            br#"[]"#,
+            b"",
+        ] {
+            assert!(
+                matches!(JsonTokenAuth.authenticate(bad, ""), Err(AuthError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Logic settings, with goim's example defaults.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogicConfig {
+    /// HTTP listen address (goim 3111).
+    pub http: String,
+    /// Client heartbeat interval advertised to clients (goim `node.heartbeat`, 4m).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Missed heartbeats before comet closes a connection (goim `node.heartbeatMax`, 2).
+    pub heartbeat_max: u32,
+    /// Largest push body accepted by the HTTP API. goim clients refuse packets over 4112
+    /// bytes, so a larger body would break every recipient; it is refused with -400 instead.
+    pub max_message: usize,
+    pub node: NodeConfig,
+    pub backoff: BackoffConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub default_domain: String,
+    pub host_domain: String,
+    pub tcp_port: i32,
+    pub ws_port: i32,
+    pub wss_port: i32,
+    pub region_weight: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackoffConfig {
+    pub max_delay: i32,
+    pub base_delay: i32,
+    pub factor: f32,
+    pub jitter: f32,
+}
+
+impl Default for LogicConfig {
+    fn default() -> Self {
+        LogicConfig {
+            http: "0.0.0.0:3111".into(),
+            heartbeat: Duration::from_secs(240),
+            heartbeat_max: 2,
+            max_message: goim_proto::packet::MAX_BODY,
+            node: NodeConfig::default(),
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            default_domain: "conn.goim.io".into(),
+            host_domain: ".goim.io".into(),
+            tcp_port: 3101,
+            ws_port: 3102,
+            wss_port: 3103,
+            region_weight: 1.6,
+        }
+    }
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        // goim's example values (its code default jitter of 1.3 is a typo for 0.3).
+        BackoffConfig {
+            max_delay: 300,
+            base_delay: 3,
+            factor: 1.8,
+            jitter: 0.3,
+        }
+    }
+}
+
+impl LogicConfig {
+    /// The idle timeout comet applies: heartbeat x heartbeat_max.
+    pub fn idle_timeout(&self) -> Duration {
+        self.heartbeat * self.heartbeat_max.max(1)
+    }
+}

@@ -1,0 +1,307 @@
+//! The logic role: auth and presence for comets, push requests for the HTTP API, room counts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use goim_proto::logic::push_msg::Type as PushType;
+use goim_proto::logic::{
+    Backoff, ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply,
+    HeartbeatReq, NodesReply, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
+};
+use goim_proto::service::{JobService, LogicService};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tonic::Status;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::config::LogicConfig;
+use crate::nodes::{Balancer, CometInstance, NodeSource};
+use crate::online::{KeysByServer, OnlineError, OnlineStore};
+
+/// Why a push request failed; the HTTP layer maps these to goim's codes.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("online store: {0}")]
+    Online(#[from] OnlineError),
+    #[error("job: {0}")]
+    Job(String),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Default)]
+pub struct LogicMetrics {
+    pub connects: Counter,
+    pub auth_failures: Counter,
+    pub disconnects: Counter,
+    /// Push requests accepted, by kind (keys, mids, room, all).
+    pub pushes: Family<Kind, Counter>,
+    /// Keys or mids a push named that are not online anywhere.
+    pub unknown_targets: Counter,
+}
+
+impl LogicMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("goim_logic");
+        r.register("connects", "Successful Connect calls", self.connects.clone());
+        r.register("auth_failures", "Refused Connect calls", self.auth_failures.clone());
+        r.register("disconnects", "Disconnect calls", self.disconnects.clone());
+        r.register("pushes", "Push requests handed to job", self.pushes.clone());
+        r.register("unknown_targets", "Pushed keys or mids with no connection", self.unknown_targets.clone());
+    }
+}
+
+pub struct Logic {
+    cfg: LogicConfig,
+    auth: Arc<dyn Authenticator>,
+    online: Arc<dyn OnlineStore>,
+    job: Arc<dyn JobService>,
+    nodes: Arc<dyn NodeSource>,
+    balancer: Mutex<Balancer>,
+    metrics: Arc<LogicMetrics>,
+}
+
+impl Logic {
+    pub fn new(
+        cfg: LogicConfig,
+        auth: Arc<dyn Authenticator>,
+        online: Arc<dyn OnlineStore>,
+        job: Arc<dyn JobService>,
+        nodes: Arc<dyn NodeSource>,
+        metrics: Arc<LogicMetrics>,
+    ) -> Self {
+        Logic {
+            cfg,
+            auth,
+            online,
+            job,
+            nodes,
+            balancer: Mutex::new(Balancer::default()),
+            metrics,
+        }
+    }
+
+    pub fn config(&self) -> &LogicConfig {
+        &self.cfg
+    }
+
+    fn check_body(&self, msg: &Bytes) -> Result<(), PushError> {
+        if msg.len() > self.cfg.max_message {
+            return Err(PushError::BadRequest(format!(
+                "message body is {} bytes, over the limit of {}",
+                msg.len(),
+                self.cfg.max_message
+            )));
+        }
+        Ok(())
+    }
+
+    async fn push_by_server(&self, op: i32, by: KeysByServer, msg: Bytes) -> Result<(), PushError> {
+        // One message per comet, as goim sends one Kafka message per server.
+        for (server, keys) in by {
+            let m = PushMsg {
+                r#type: PushType::Push as i32,
+                operation: op,
+                server,
+                keys,
+                msg: msg.clone(),
+                ..Default::default()
+            };
+            self.job.push(m).await.map_err(|e| PushError::Job(e.message().to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub async fn push_keys(&self, op: i32, keys: Vec<String>, msg: Bytes) -> Result<(), PushError> {
+        if keys.is_empty() {
+            return Err(PushError::BadRequest("keys: at least one key is required".into()));
+        }
+        self.check_body(&msg)?;
+        let by = self.online.servers_by_keys(&keys).await?;
+        let found: usize = by.values().map(Vec::len).sum();
+        self.metrics.unknown_targets.inc_by((keys.len().saturating_sub(found)) as u64);
+        self.metrics.pushes.get_or_create(&Kind { kind: "keys" }).inc();
+        self.push_by_server(op, by, msg).await
+    }
+
+    pub async fn push_mids(&self, op: i32, mids: Vec<i64>, msg: Bytes) -> Result<(), PushError> {
+        if mids.is_empty() {
+            return Err(PushError::BadRequest("mids: at least one mid is required".into()));
+        }
+        self.check_body(&msg)?;
+        let by = self.online.servers_by_mids(&mids).await?;
+        if by.is_empty() {
+            self.metrics.unknown_targets.inc_by(mids.len() as u64);
+        }
+        self.metrics.pushes.get_or_create(&Kind { kind: "mids" }).inc();
+        self.push_by_server(op, by, msg).await
+    }
+
+    pub async fn push_room(&self, op: i32, typ: &str, room: &str, msg: Bytes) -> Result<(), PushError> {
+        self.check_body(&msg)?;
+        let m = PushMsg {
+            r#type: PushType::Room as i32,
+            operation: op,
+            room: room_key(typ, room),
+            msg,
+            ..Default::default()
+        };
+        self.metrics.pushes.get_or_create(&Kind { kind: "room" }).inc();
+        self.job.push(m).await.map_err(|e| PushError::Job(e.message().to_string()))?;
+        Ok(())
+    }
+
+    pub async fn push_all(&self, op: i32, speed: i32, msg: Bytes) -> Result<(), PushError> {
+        self.check_body(&msg)?;
+        let m = PushMsg {
+            r#type: PushType::Broadcast as i32,
+            operation: op,
+            speed,
+            msg,
+            ..Default::default()
+        };
+        self.metrics.pushes.get_or_create(&Kind { kind: "all" }).inc();
+        self.job.push(m).await.map_err(|e| PushError::Job(e.message().to_string()))?;
+        Ok(())
+    }
+
+    pub async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {
+        self.online.room_counts().await
+    }
+
+    /// `(ip_count, conn_count)` summed over the comets, as goim does.
+    pub fn totals(&self) -> (i64, i64) {
+        self.nodes
+            .instances()
+            .iter()
+            .fold((0, 0), |(i, c), n| (i + n.ip_count, c + n.conn_count))
+    }
+
+    pub fn instances(&self) -> Vec<CometInstance> {
+        self.nodes.instances()
+    }
+
+    /// goim's `NodesReply` for a client (`web` gets domains, others public addresses).
+    pub fn nodes_weighted(&self, platform: &str) -> NodesReply {
+        let node = &self.cfg.node;
+        let instances = self.nodes.instances();
+        // goim has no IP geolocation (its `location()` is a stub), so the client region is "".
+        let ranked = self
+            .balancer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rank(&instances, "", node.region_weight)
+            .into_iter()
+            .cloned()
+            .collect::<Vec<_>>();
+        let mut nodes: Vec<String> = if platform == "web" {
+            ranked
+                .iter()
+                .map(|n| format!("{}{}", n.name, node.host_domain))
+                .collect()
+        } else {
+            ranked.iter().flat_map(|n| n.addrs.iter().cloned()).collect()
+        };
+        nodes.retain(|n| !n.is_empty());
+        if nodes.is_empty() {
+            nodes.push(node.default_domain.clone());
+        }
+        NodesReply {
+            domain: node.default_domain.clone(),
+            tcp_port: node.tcp_port,
+            ws_port: node.ws_port,
+            wss_port: node.wss_port,
+            heartbeat: self.cfg.heartbeat.as_secs() as i32,
+            nodes,
+            backoff: Some(Backoff {
+                max_delay: self.cfg.backoff.max_delay,
+                base_delay: self.cfg.backoff.base_delay,
+                factor: self.cfg.backoff.factor,
+                jitter: self.cfg.backoff.jitter,
+            }),
+            heartbeat_max: self.cfg.heartbeat_max as i32,
+        }
+    }
+}
+
+/// goim's room key: `type://room`.
+pub fn room_key(typ: &str, room: &str) -> String {
+    format!("{typ}://{room}")
+}
+
+fn online_status(e: OnlineError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+#[async_trait]
+impl LogicService for Logic {
+    async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, Status> {
+        let id = self.auth.authenticate(&req.token, &req.cookie).map_err(|e| {
+            self.metrics.auth_failures.inc();
+            match e {
+                AuthError::Malformed(_) => Status::invalid_argument(e.to_string()),
+                AuthError::Refused(_) => Status::unauthenticated(e.to_string()),
+            }
+        })?;
+        let key = if id.key.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            id.key
+        };
+        // Unlike goim, a connection whose presence could not be stored is refused: it could
+        // not be reached by key or mid anyway. Tokens are never logged.
+        self.online
+            .add(&req.server, id.mid, &key, &id.room_id)
+            .await
+            .map_err(online_status)?;
+        self.metrics.connects.inc();
+        tracing::debug!(%key, mid = id.mid, server = %req.server, "connected");
+        Ok(ConnectReply {
+            mid: id.mid,
+            key,
+            room_id: id.room_id,
+            accepts: id.accepts,
+            heartbeat: self.cfg.idle_timeout().as_nanos().min(i64::MAX as u128) as i64,
+        })
+    }
+
+    async fn disconnect(&self, req: DisconnectReq) -> Result<DisconnectReply, Status> {
+        self.metrics.disconnects.inc();
+        let has = self
+            .online
+            .del(&req.server, req.mid, &req.key)
+            .await
+            .map_err(online_status)?;
+        Ok(DisconnectReply { has })
+    }
+
+    async fn heartbeat(&self, _req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
+        // Presence hangs on the comet's lifetime (its etcd lease in distributed mode), so a
+        // heartbeat costs no write.
+        Ok(HeartbeatReply {})
+    }
+
+    async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, Status> {
+        self.online
+            .renew_rooms(&req.server, req.room_count)
+            .await
+            .map_err(online_status)?;
+        let all_room_count = self.online.room_counts().await.map_err(online_status)?;
+        Ok(OnlineReply { all_room_count })
+    }
+
+    async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
+        let op = req.proto.as_ref().map_or(0, |p| p.op);
+        tracing::debug!(mid = req.mid, op, "receive");
+        Ok(ReceiveReply {})
+    }
+}

@@ -1,0 +1,163 @@
+//! Online state: which comet holds a key, a user's keys, and room counts per comet. Behind a
+//! trait so the etcd store (distributed mode) and the in-memory one (standalone) are
+//! interchangeable.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnlineError {
+    #[error("online store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Keys grouped by the comet holding them.
+pub type KeysByServer = BTreeMap<String, Vec<String>>;
+
+#[async_trait]
+pub trait OnlineStore: Send + Sync + 'static {
+    /// Records key -> server (and mid -> key when mid > 0).
+    async fn add(&self, server: &str, mid: i64, key: &str, room: &str) -> Result<(), OnlineError>;
+    /// Removes the mapping, but only while it still points at `server` (goim deletes blindly,
+    /// so a late disconnect from one comet could erase a reconnect on another). Returns whether
+    /// anything was removed.
+    async fn del(&self, server: &str, mid: i64, key: &str) -> Result<bool, OnlineError>;
+    async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError>;
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<KeysByServer, OnlineError>;
+    /// Stores one comet's room counts (replacing its previous report).
+    async fn renew_rooms(&self, server: &str, counts: HashMap<String, i32>)
+        -> Result<(), OnlineError>;
+    /// Cluster-wide room counts.
+    async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError>;
+}
+
+#[derive(Debug, Default)]
+struct Mem {
+    keys: HashMap<String, (String, i64)>,
+    mids: HashMap<i64, HashSet<String>>,
+    rooms: HashMap<String, HashMap<String, i32>>,
+}
+
+/// Standalone's store: everything in one process.
+#[derive(Debug, Default)]
+pub struct MemoryOnline {
+    inner: Mutex<Mem>,
+}
+
+impl MemoryOnline {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mem> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl OnlineStore for MemoryOnline {
+    async fn add(&self, server: &str, mid: i64, key: &str, _room: &str) -> Result<(), OnlineError> {
+        let mut m = self.lock();
+        if let Some((_, old_mid)) = m.keys.insert(key.to_string(), (server.to_string(), mid)) {
+            if old_mid != mid {
+                if let Some(set) = m.mids.get_mut(&old_mid) {
+                    set.remove(key);
+                }
+            }
+        }
+        if mid > 0 {
+            m.mids.entry(mid).or_default().insert(key.to_string());
+        }
+        Ok(())
+    }
+
+    async fn del(&self, server: &str, mid: i64, key: &str) -> Result<bool, OnlineError> {
+        let mut m = self.lock();
+        if !m.keys.get(key).is_some_and(|(s, _)| s == server) {
+            return Ok(false);
+        }
+        m.keys.remove(key);
+        if let Some(set) = m.mids.get_mut(&mid) {
+            set.remove(key);
+            if set.is_empty() {
+                m.mids.remove(&mid);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError> {
+        let m = self.lock();
+        let mut out = KeysByServer::new();
+        for k in keys {
+            if let Some((server, _)) = m.keys.get(k) {
+                out.entry(server.clone()).or_default().push(k.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<KeysByServer, OnlineError> {
+        let m = self.lock();
+        let mut out = KeysByServer::new();
+        for mid in mids {
+            for k in m.mids.get(mid).into_iter().flatten() {
+                if let Some((server, _)) = m.keys.get(k) {
+                    out.entry(server.clone()).or_default().push(k.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn renew_rooms(
+        &self,
+        server: &str,
+        counts: HashMap<String, i32>,
+    ) -> Result<(), OnlineError> {
+        self.lock().rooms.insert(server.to_string(), counts);
+        Ok(())
+    }
+
+    async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {
+        let mut all: HashMap<String, i32> = HashMap::new();
+        for counts in self.lock().rooms.values() {
+            for (room, n) in counts {
+                *all.entry(room.clone()).or_default() += n;
+            }
+        }
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn mappings_and_guarded_delete() {
+        let s = MemoryOnline::default();
+        s.add("a", 1, "k1", "").await.unwrap();
+        s.add("a", 1, "k2", "").await.unwrap();
+        s.add("b", 2, "k3", "").await.unwrap();
+        let by = s.servers_by_mids(&[1, 2, 9]).await.unwrap();
+        assert_eq!(by["a"].len(), 2);
+        assert_eq!(by["b"], vec!["k3".to_string()]);
+        // k1 reconnects on comet b; a's late disconnect must not erase it.
+        s.add("b", 1, "k1", "").await.unwrap();
+        assert!(!s.del("a", 1, "k1").await.unwrap());
+        let by = s.servers_by_keys(&["k1".into(), "nope".into()]).await.unwrap();
+        assert_eq!(by.len(), 1);
+        assert_eq!(by["b"], vec!["k1".to_string()]);
+        assert!(s.del("b", 1, "k1").await.unwrap());
+        assert!(s.servers_by_keys(&["k1".into()]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn room_counts_sum_over_comets() {
+        let s = MemoryOnline::default();
+        s.renew_rooms("a", HashMap::from([("r".into(), 2)])).await.unwrap();
+        s.renew_rooms("b", HashMap::from([("r".into(), 3), ("q".into(), 1)])).await.unwrap();
+        s.renew_rooms("a", HashMap::new()).await.unwrap();
+        let c = s.room_counts().await.unwrap();
+        assert_eq!((c["r"], c["q"]), (3, 1));
+    }
+}
