@@ -40,6 +40,12 @@ pub struct CometConfig {
     pub ws_max_fragments: usize,
     /// Connections held at once; beyond it new ones are closed at accept.
     pub max_connections: usize,
+    /// Public addresses advertised to non-web clients by `/goim/nodes/weighted` (goim -addrs).
+    pub addrs: Vec<String>,
+    /// Node weight for client balancing (goim -weight).
+    pub weight: i64,
+    pub region: String,
+    pub zone: String,
 }
 
 impl Default for CometConfig {
@@ -58,6 +64,10 @@ impl Default for CometConfig {
             ws_max_frame: 8192,
             ws_max_fragments: 100,
             max_connections: 1_000_000,
+            addrs: Vec::new(),
+            weight: 10,
+            region: String::new(),
+            zone: String::new(),
         }
     }
 }

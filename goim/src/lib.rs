@@ -1,0 +1,5 @@
+//! The `goim` binary's pieces: configuration, the command line and each mode's wiring.
+
+pub mod cli;
+pub mod config;
+pub mod standalone;

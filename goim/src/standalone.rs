@@ -1,0 +1,152 @@
+//! Standalone mode: comet, logic and job in one process, talking through the same service
+//! traits distributed mode carries over gRPC, with in-memory presence and discovery.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use goim_comet::{Comet, CometMetrics, Transport};
+use goim_job::{CometDirectory, Job, JobMetrics};
+use goim_logic::auth::JsonTokenAuth;
+use goim_logic::nodes::{CometInstance, NodeSource};
+use goim_logic::online::MemoryOnline;
+use goim_logic::{Logic, LogicMetrics};
+use goim_proto::service::CometService;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// The one local comet, as job's directory and logic's node source.
+#[derive(Default)]
+struct LocalCluster {
+    comet: OnceLock<Arc<Comet>>,
+}
+
+impl CometDirectory for LocalCluster {
+    fn get(&self, name: &str) -> Option<Arc<dyn CometService>> {
+        self.comet
+            .get()
+            .filter(|c| c.name() == name)
+            .map(|c| c.clone() as Arc<dyn CometService>)
+    }
+
+    fn all(&self) -> Vec<(String, Arc<dyn CometService>)> {
+        self.comet
+            .get()
+            .map(|c| (c.name().to_string(), c.clone() as Arc<dyn CometService>))
+            .into_iter()
+            .collect()
+    }
+}
+
+impl NodeSource for LocalCluster {
+    fn instances(&self) -> Vec<CometInstance> {
+        let Some(c) = self.comet.get() else {
+            return Vec::new();
+        };
+        let cfg = c.config();
+        let load = c.load();
+        vec![CometInstance {
+            name: c.name().to_string(),
+            region: cfg.region.clone(),
+            zone: cfg.zone.clone(),
+            grpc_addr: String::new(),
+            addrs: cfg.addrs.clone(),
+            weight: cfg.weight,
+            draining: c.is_shutting_down(),
+            conn_count: load.conn_count as i64,
+            ip_count: load.ip_count as i64,
+            updated: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64),
+        }]
+    }
+}
+
+/// A running standalone server.
+pub struct Standalone {
+    pub tcp: SocketAddr,
+    pub ws: SocketAddr,
+    pub http: SocketAddr,
+    comet: Arc<Comet>,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {what} listener on {addr}"))
+}
+
+impl Standalone {
+    /// Binds every listener and starts serving.
+    pub async fn start(cfg: Config) -> anyhow::Result<Standalone> {
+        let mut registry = Registry::default();
+        let comet_metrics = Arc::new(CometMetrics::default());
+        let logic_metrics = Arc::new(LogicMetrics::default());
+        let job_metrics = Arc::new(JobMetrics::default());
+        comet_metrics.register(&mut registry);
+        logic_metrics.register(&mut registry);
+        job_metrics.register(&mut registry);
+
+        let tcp = bind(&cfg.comet.tcp, "TCP").await?;
+        let ws = bind(&cfg.comet.ws, "WebSocket").await?;
+        let http = bind(&cfg.logic.http, "HTTP").await?;
+
+        let cluster = Arc::new(LocalCluster::default());
+        let job = Arc::new(Job::new(cfg.job, cluster.clone(), job_metrics));
+        let logic = Arc::new(Logic::new(
+            cfg.logic,
+            Arc::new(JsonTokenAuth),
+            Arc::new(MemoryOnline::default()),
+            job,
+            cluster.clone(),
+            logic_metrics,
+        ));
+        let comet = Comet::new(cfg.comet, logic.clone(), comet_metrics);
+        let _ = cluster.comet.set(comet.clone());
+
+        let stop = CancellationToken::new();
+        let (tcp_addr, ws_addr, http_addr) = (tcp.local_addr()?, ws.local_addr()?, http.local_addr()?);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(comet.clone().serve(tcp, Transport::Tcp));
+        tasks.spawn(comet.clone().serve(ws, Transport::WebSocket));
+        tasks.spawn(comet.clone().renew_online_loop());
+        let router = goim_logic::http::router(logic, Arc::new(registry), Arc::new(|| true));
+        let http_stop = stop.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(http, router)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracing::info!(name = comet.name(), tcp = %tcp_addr, ws = %ws_addr, http = %http_addr, "goim standalone started");
+        Ok(Standalone {
+            tcp: tcp_addr,
+            ws: ws_addr,
+            http: http_addr,
+            comet,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn comet(&self) -> &Arc<Comet> {
+        &self.comet
+    }
+
+    /// Stops accepting, closes every client, stops the HTTP server and waits for all of it.
+    pub async fn shutdown(mut self) {
+        self.comet.shutdown().await;
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        tracing::info!("goim standalone stopped");
+    }
+}
