@@ -191,19 +191,23 @@ impl Comet {
         }
     }
 
-    /// Sends room counts to logic every `renew_interval` and applies the cluster-wide counts
-    /// it returns; retries after 1 s on error, as goim does.
+    /// Sends the local room counts to logic once and applies the cluster-wide counts it
+    /// returns to heartbeat replies.
+    pub async fn renew_online(&self) -> Result<(), Status> {
+        let req = OnlineReq {
+            server: self.cfg.name.clone(),
+            room_count: self.rooms.counts(),
+        };
+        let reply = self.logic.renew_online(req).await?;
+        self.rooms.set_all(&reply.all_room_count);
+        Ok(())
+    }
+
+    /// [`Comet::renew_online`] every `renew_interval`; after an error, again in 1 s as goim.
     pub async fn renew_online_loop(self: Arc<Self>) {
         loop {
-            let req = OnlineReq {
-                server: self.cfg.name.clone(),
-                room_count: self.rooms.counts(),
-            };
-            let wait = match self.logic.renew_online(req).await {
-                Ok(reply) => {
-                    self.rooms.set_all(&reply.all_room_count);
-                    self.cfg.renew_interval
-                }
+            let wait = match self.renew_online().await {
+                Ok(()) => self.cfg.renew_interval,
                 Err(e) => {
                     tracing::warn!(error = %e, "renew online failed");
                     Duration::from_secs(1)

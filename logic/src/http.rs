@@ -254,12 +254,17 @@ async fn nodes_weighted(State(s): State<AppState>, uri: Uri) -> Response {
     if let Some(b) = &r.backoff {
         put(
             "backoff",
-            json!({"max_delay": b.max_delay, "base_delay": b.base_delay, "factor": b.factor, "jitter": b.jitter}),
+            json!({"max_delay": b.max_delay, "base_delay": b.base_delay, "factor": f32_json(b.factor), "jitter": f32_json(b.jitter)}),
             false,
         );
     }
     put("heartbeat_max", r.heartbeat_max.into(), r.heartbeat_max == 0);
     ok(Some(Value::Object(m)))
+}
+
+/// A float32 as Go prints it (1.8, not 1.7999999523162842).
+fn f32_json(v: f32) -> Value {
+    v.to_string().parse::<f64>().map_or(Value::Null, Value::from)
 }
 
 async fn nodes_instances(State(s): State<AppState>) -> Response {
