@@ -401,6 +401,9 @@ async fn run(
                 }
                 handle(comet, conn, ch, p).await;
             }
+        }
+        // Replies, and pongs the WebSocket reader queued.
+        if !conn.out.is_empty() {
             if let Err(e) = conn.flush(VecDeque::new()).await {
                 return Exit::Error(e);
             }
