@@ -102,7 +102,11 @@ impl Client {
     ) -> io::Result<Client> {
         let stream = match local {
             Some(l) => {
-                let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                let s = if addr.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
                 s.bind(l)?;
                 s.connect(addr).await?
             }
@@ -136,7 +140,8 @@ impl Client {
 
     /// Sends a WebSocket upgrade request and checks the 101 response.
     pub async fn upgrade(&mut self, path: &str, cookie: &str) -> io::Result<()> {
-        let key = base64::engine::general_purpose::STANDARD.encode(fastrand::u128(..).to_be_bytes());
+        let key =
+            base64::engine::general_purpose::STANDARD.encode(fastrand::u128(..).to_be_bytes());
         let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: goim\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
         );
@@ -177,7 +182,13 @@ impl Client {
     }
 
     /// Writes one WebSocket frame.
-    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) -> io::Result<()> {
+    pub async fn send_frame(
+        &mut self,
+        fin: bool,
+        opcode: u8,
+        payload: &[u8],
+        masked: bool,
+    ) -> io::Result<()> {
         let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
         let m = if masked { 0x80 } else { 0 };
         match payload.len() {
@@ -218,7 +229,9 @@ impl Client {
                     return Err(bad("server frame is masked"));
                 }
                 let (len, off) = match b1 & 0x7f {
-                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
                     127 if self.buf.len() >= 10 => {
                         let mut l = [0u8; 8];
                         l.copy_from_slice(&self.buf[2..10]);
@@ -260,7 +273,8 @@ impl Client {
         match self.transport {
             Transport::Tcp => loop {
                 if self.buf.len() >= 16 {
-                    let len = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+                    let len =
+                        i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
                     if len < 16 {
                         return Err(bad("bad packLen"));
                     }
@@ -278,7 +292,9 @@ impl Client {
                     return Ok(p);
                 }
                 self.queued.extend(split_packets(&p.body)?);
-                self.queued.pop_front().ok_or_else(|| bad("empty raw batch"))
+                self.queued
+                    .pop_front()
+                    .ok_or_else(|| bad("empty raw batch"))
             }
         }
     }
@@ -299,7 +315,11 @@ impl Client {
         loop {
             let p = self.recv().await?;
             if p.op == OP_HEARTBEAT_REPLY && p.seq == seq {
-                let b: [u8; 4] = p.body.as_slice().try_into().map_err(|_| bad("heartbeat body is not 4 bytes"))?;
+                let b: [u8; 4] = p
+                    .body
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| bad("heartbeat body is not 4 bytes"))?;
                 return Ok(i32::from_be_bytes(b));
             }
         }

@@ -193,7 +193,12 @@ mod tests {
     use bytes::Bytes;
 
     fn ch(key: &str) -> Arc<Channel> {
-        Arc::new(Channel::new(key.into(), 0, IpAddr::from([127, 0, 0, 1]), &[1]))
+        Arc::new(Channel::new(
+            key.into(),
+            0,
+            IpAddr::from([127, 0, 0, 1]),
+            &[1],
+        ))
     }
 
     #[test]

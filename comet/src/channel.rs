@@ -162,7 +162,12 @@ mod tests {
     use super::*;
 
     fn ch() -> Channel {
-        Channel::new("k".into(), 1, IpAddr::from([127, 0, 0, 1]), &[1000, 1000, 1001])
+        Channel::new(
+            "k".into(),
+            1,
+            IpAddr::from([127, 0, 0, 1]),
+            &[1000, 1000, 1001],
+        )
     }
 
     #[test]

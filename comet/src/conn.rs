@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use goim_proto::logic::{ConnectReq, DisconnectReq, HeartbeatReq, ReceiveReq};
+use goim_proto::op;
 use goim_proto::packet::{DecodeError, Header, Packet, HEADER_LEN, SERVER_VER};
 use goim_proto::protocol::Proto;
-use goim_proto::op;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 
@@ -258,7 +258,12 @@ enum Exit {
 }
 
 /// Serves one accepted socket to the end.
-pub(crate) async fn serve(comet: &Arc<Comet>, stream: TcpStream, peer: SocketAddr, transport: Transport) {
+pub(crate) async fn serve(
+    comet: &Arc<Comet>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+) {
     let cfg = &comet.cfg;
     let mut conn = Conn {
         stream,

@@ -32,11 +32,27 @@ pub struct CometMetrics {
 impl CometMetrics {
     pub fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("goim_comet");
-        r.register("connections", "Open authenticated connections", self.connections.clone());
+        r.register(
+            "connections",
+            "Open authenticated connections",
+            self.connections.clone(),
+        );
         r.register("accepted", "Accepted sockets", self.accepted.clone());
-        r.register("pushes_queued", "Pushes queued to connections", self.pushes_queued.clone());
-        r.register("pushes_dropped", "Pushes dropped per connection", self.pushes_dropped.clone());
-        r.register("closed", "Connections closed by the server", self.closed.clone());
+        r.register(
+            "pushes_queued",
+            "Pushes queued to connections",
+            self.pushes_queued.clone(),
+        );
+        r.register(
+            "pushes_dropped",
+            "Pushes dropped per connection",
+            self.pushes_dropped.clone(),
+        );
+        r.register(
+            "closed",
+            "Connections closed by the server",
+            self.closed.clone(),
+        );
         r.register("writes", "Socket writes", self.writes.clone());
     }
 
@@ -49,7 +65,9 @@ impl CometMetrics {
         if n == 0 {
             return;
         }
-        self.pushes_dropped.get_or_create(&Reason { reason }).inc_by(n);
+        self.pushes_dropped
+            .get_or_create(&Reason { reason })
+            .inc_by(n);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

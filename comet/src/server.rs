@@ -56,7 +56,9 @@ pub struct Comet {
 
 impl std::fmt::Debug for Comet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Comet").field("name", &self.cfg.name).finish()
+        f.debug_struct("Comet")
+            .field("name", &self.cfg.name)
+            .finish()
     }
 }
 
@@ -98,7 +100,9 @@ impl Comet {
             workers.push(tx);
         }
         Arc::new(Comet {
-            limit: Arc::new(Semaphore::new(cfg.max_connections.min(Semaphore::MAX_PERMITS))),
+            limit: Arc::new(Semaphore::new(
+                cfg.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
             cfg,
             buckets,
             rooms: Rooms::default(),
@@ -277,7 +281,11 @@ impl CometService for Comet {
         // Paced: about `speed` connections a second, one bucket at a time. goim sleeps whole
         // seconds per bucket; this keeps the fraction.
         let speed = req.speed as f64;
-        let (buckets, metrics, cap) = (self.buckets.clone(), self.metrics.clone(), self.cfg.push_queue);
+        let (buckets, metrics, cap) = (
+            self.buckets.clone(),
+            self.metrics.clone(),
+            self.cfg.push_queue,
+        );
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             for b in buckets.iter() {

@@ -331,7 +331,10 @@ mod tests {
         assert_eq!(decode_frame(&mut buf, 8192), Ok(None));
         buf.extend_from_slice(&wire[wire.len() - 1..]);
         let f = decode_frame(&mut buf, 8192).unwrap().unwrap();
-        assert_eq!((f.fin, f.opcode, &f.payload[..]), (true, OP_BINARY, &payload[..]));
+        assert_eq!(
+            (f.fin, f.opcode, &f.payload[..]),
+            (true, OP_BINARY, &payload[..])
+        );
         let (h, n) = frame_header(OP_TEXT, 3);
         let mut buf = BytesMut::from(&h[..n]);
         buf.extend_from_slice(b"abc");
@@ -343,9 +346,16 @@ mod tests {
     #[test]
     fn frame_limits() {
         let mut buf = BytesMut::from(&masked(OP_BINARY, true, &[0u8; 8193])[..4]);
-        assert_eq!(decode_frame(&mut buf, 8192), Err(WsError::FrameTooLarge(8193)));
-        let mut buf = BytesMut::from(&[0x82u8, 127, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(decode_frame(&mut buf, 8192), Err(WsError::FrameTooLarge(_))));
+        assert_eq!(
+            decode_frame(&mut buf, 8192),
+            Err(WsError::FrameTooLarge(8193))
+        );
+        let mut buf =
+            BytesMut::from(&[0x82u8, 127, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            decode_frame(&mut buf, 8192),
+            Err(WsError::FrameTooLarge(_))
+        ));
         let mut buf = BytesMut::from(&[0xc2u8, 0][..]);
         assert_eq!(decode_frame(&mut buf, 8192), Err(WsError::Reserved));
     }
@@ -369,24 +379,45 @@ mod tests {
     #[test]
     fn assembly() {
         let mut a = Assembler::default();
-        assert_eq!(a.feed(frame(OP_TEXT, false, b"ab"), 10, 100), Ok(Event::None));
-        assert_eq!(a.feed(frame(OP_PING, true, b"p"), 10, 100), Ok(Event::Ping(Bytes::from_static(b"p"))));
+        assert_eq!(
+            a.feed(frame(OP_TEXT, false, b"ab"), 10, 100),
+            Ok(Event::None)
+        );
+        assert_eq!(
+            a.feed(frame(OP_PING, true, b"p"), 10, 100),
+            Ok(Event::Ping(Bytes::from_static(b"p")))
+        );
         assert_eq!(
             a.feed(frame(OP_CONTINUATION, true, b"cd"), 10, 100),
             Ok(Event::Message(Bytes::from_static(b"abcd")))
         );
-        assert_eq!(a.feed(frame(OP_CONTINUATION, true, b"x"), 10, 100), Err(WsError::Continuation));
-        assert_eq!(a.feed(frame(OP_CLOSE, true, b""), 10, 100), Err(WsError::Closed));
-        assert_eq!(a.feed(frame(3, true, b""), 10, 100), Err(WsError::Opcode(3)));
+        assert_eq!(
+            a.feed(frame(OP_CONTINUATION, true, b"x"), 10, 100),
+            Err(WsError::Continuation)
+        );
+        assert_eq!(
+            a.feed(frame(OP_CLOSE, true, b""), 10, 100),
+            Err(WsError::Closed)
+        );
+        assert_eq!(
+            a.feed(frame(3, true, b""), 10, 100),
+            Err(WsError::Opcode(3))
+        );
         // Fragment count and total size are bounded.
         let mut a = Assembler::default();
         a.feed(frame(OP_BINARY, false, b""), 10, 2).unwrap();
         a.feed(frame(OP_CONTINUATION, false, b""), 10, 2).unwrap();
         a.feed(frame(OP_CONTINUATION, false, b""), 10, 2).unwrap();
-        assert_eq!(a.feed(frame(OP_CONTINUATION, false, b""), 10, 2), Err(WsError::MessageTooLarge));
+        assert_eq!(
+            a.feed(frame(OP_CONTINUATION, false, b""), 10, 2),
+            Err(WsError::MessageTooLarge)
+        );
         let mut a = Assembler::default();
         a.feed(frame(OP_BINARY, false, b"123456"), 10, 100).unwrap();
-        assert_eq!(a.feed(frame(OP_CONTINUATION, true, b"123456"), 10, 100), Err(WsError::MessageTooLarge));
+        assert_eq!(
+            a.feed(frame(OP_CONTINUATION, true, b"123456"), 10, 100),
+            Err(WsError::MessageTooLarge)
+        );
     }
 
     proptest! {

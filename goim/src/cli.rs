@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "goim", version, about = "goim-rs: a Kubernetes-native goim push gateway")]
+#[command(
+    name = "goim",
+    version,
+    about = "goim-rs: a Kubernetes-native goim push gateway"
+)]
 pub struct Cli {
     /// TOML configuration file with [comet], [logic] and [job] sections.
     #[arg(long, short, env = "GOIM_CONFIG", global = true)]
@@ -62,7 +66,15 @@ mod tests {
 
     #[test]
     fn flags_override() {
-        let cli = Cli::try_parse_from(["goim", "standalone", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:9"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "goim",
+            "standalone",
+            "--tcp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:9",
+        ])
+        .unwrap();
         let mut cfg = Config::default();
         let Command::Standalone(args) = cli.command;
         args.apply(&mut cfg);

@@ -112,7 +112,8 @@ impl Standalone {
         let _ = cluster.comet.set(comet.clone());
 
         let stop = CancellationToken::new();
-        let (tcp_addr, ws_addr, http_addr) = (tcp.local_addr()?, ws.local_addr()?, http.local_addr()?);
+        let (tcp_addr, ws_addr, http_addr) =
+            (tcp.local_addr()?, ws.local_addr()?, http.local_addr()?);
         let mut tasks = JoinSet::new();
         tasks.spawn(comet.clone().serve(tcp, Transport::Tcp));
         tasks.spawn(comet.clone().serve(ws, Transport::WebSocket));

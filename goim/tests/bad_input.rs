@@ -20,7 +20,11 @@ fn header(pack_len: i32, header_len: i16, op: i32) -> Vec<u8> {
 }
 
 async fn closed_without_reply(c: &mut Client) {
-    assert_eq!(within(c.read_to_close()).await.unwrap(), 0, "server answered before closing");
+    assert_eq!(
+        within(c.read_to_close()).await.unwrap(),
+        0,
+        "server answered before closing"
+    );
 }
 
 #[tokio::test]
@@ -28,10 +32,10 @@ async fn bad_headers_close_the_connection_before_and_after_auth() {
     let s = start().await;
     let mut good = client(&s, Transport::Tcp, 1, "good", "live://1", &[1000]).await;
     let bad = [
-        header(16, 17, 2),    // headerLen != 16
-        header(4113, 16, 2),  // packLen over 4112
-        header(15, 16, 2),    // packLen under 16
-        header(-1, 16, 2),    // negative packLen (goim accepts it on TCP)
+        header(16, 17, 2),   // headerLen != 16
+        header(4113, 16, 2), // packLen over 4112
+        header(15, 16, 2),   // packLen under 16
+        header(-1, 16, 2),   // negative packLen (goim accepts it on TCP)
     ];
     for t in [Transport::Tcp, Transport::WebSocket] {
         for b in &bad {
@@ -44,7 +48,12 @@ async fn bad_headers_close_the_connection_before_and_after_auth() {
         }
     }
     // The well-behaved client is untouched.
-    push_ok(&s, "/goim/push/keys?operation=1000&keys=good", b"still here").await;
+    push_ok(
+        &s,
+        "/goim/push/keys?operation=1000&keys=good",
+        b"still here",
+    )
+    .await;
     assert_eq!(recv(&mut good).await.body, b"still here");
     assert_eq!(within(good.heartbeat()).await.unwrap(), 1);
     s.shutdown().await;
@@ -78,7 +87,9 @@ async fn websocket_frame_rules() {
 
     // Text frames, unmasked frames and fragments all carry packets.
     let mut c = client(&s, Transport::WebSocket, 1, "frames", "", &[]).await;
-    c.send_frame(true, 1, &encode(1, 4, 5, b""), false).await.unwrap();
+    c.send_frame(true, 1, &encode(1, 4, 5, b""), false)
+        .await
+        .unwrap();
     assert_eq!(recv(&mut c).await.seq, 5);
     let p = encode(1, 4, 6, b"fragmented body");
     c.send_frame(false, 2, &p[..5], true).await.unwrap();
@@ -89,7 +100,10 @@ async fn websocket_frame_rules() {
     // Ping is answered with the same payload.
     c.send_frame(true, 9, b"are you there", true).await.unwrap();
     let (fin, opcode, payload) = within(c.recv_frame()).await.unwrap();
-    assert_eq!((fin, opcode, payload.as_slice()), (true, 10, &b"are you there"[..]));
+    assert_eq!(
+        (fin, opcode, payload.as_slice()),
+        (true, 10, &b"are you there"[..])
+    );
 
     // Close ends the connection with no close frame back.
     c.send_frame(true, 8, b"", true).await.unwrap();
@@ -117,7 +131,9 @@ async fn websocket_frame_rules() {
 async fn websocket_upgrade_is_exact() {
     let s = start().await;
     for path in ["/sub?x=1", "/", "/subscribe"] {
-        let mut c = Client::connect_plain(Transport::WebSocket, s.ws).await.unwrap();
+        let mut c = Client::connect_plain(Transport::WebSocket, s.ws)
+            .await
+            .unwrap();
         assert!(within(c.upgrade(path, "")).await.is_err(), "{path}");
     }
     // Not HTTP at all: closed, no HTTP error response.
@@ -125,7 +141,9 @@ async fn websocket_upgrade_is_exact() {
     c.send_bytes(b"hello\r\n\r\n").await.unwrap();
     closed_without_reply(&mut c).await;
     // A cookie is accepted and the connection works.
-    let mut c = Client::connect_plain(Transport::WebSocket, s.ws).await.unwrap();
+    let mut c = Client::connect_plain(Transport::WebSocket, s.ws)
+        .await
+        .unwrap();
     within(c.upgrade("/sub", "sid=1")).await.unwrap();
     within(c.auth(&token(1, "cookie", "", &[]))).await.unwrap();
     s.shutdown().await;
@@ -135,7 +153,13 @@ async fn websocket_upgrade_is_exact() {
 async fn bad_tokens_close_without_reply() {
     let s = start().await;
     for t in [Transport::Tcp, Transport::WebSocket] {
-        for tok in [&b"not json"[..], br#"{"mid":"1"}"#, br#"{"accepts":"1000"}"#, b"[]", b""] {
+        for tok in [
+            &b"not json"[..],
+            br#"{"mid":"1"}"#,
+            br#"{"accepts":"1000"}"#,
+            b"[]",
+            b"",
+        ] {
             let mut c = Client::connect(t, addr(&s, t), None).await.unwrap();
             c.send(7, tok).await.unwrap();
             closed_without_reply(&mut c).await;
@@ -153,9 +177,13 @@ async fn handshake_and_heartbeat_timeouts() {
     cfg.logic.heartbeat_max = 2;
     let s = start_with(cfg).await;
     // Never finishes the handshake: no upgrade, or upgrade but no auth.
-    let mut c = Client::connect_plain(Transport::WebSocket, s.ws).await.unwrap();
+    let mut c = Client::connect_plain(Transport::WebSocket, s.ws)
+        .await
+        .unwrap();
     closed_without_reply(&mut c).await;
-    let mut c = Client::connect(Transport::WebSocket, s.ws, None).await.unwrap();
+    let mut c = Client::connect(Transport::WebSocket, s.ws, None)
+        .await
+        .unwrap();
     closed_without_reply(&mut c).await;
     let mut c = Client::connect(Transport::Tcp, s.tcp, None).await.unwrap();
     c.send(2, b"").await.unwrap();
@@ -184,9 +212,16 @@ async fn http_errors_are_clear() {
     for (path, field) in cases {
         let v = api(&s, "POST", path, b"x").await;
         assert_eq!(v["code"], -400, "{path}: {v}");
-        assert!(v["message"].as_str().unwrap().contains(field), "{path}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(field),
+            "{path}: {v}"
+        );
     }
-    for path in ["/goim/online/top?type=live", "/goim/online/top?limit=1", "/goim/online/room?type=live"] {
+    for path in [
+        "/goim/online/top?type=live",
+        "/goim/online/top?limit=1",
+        "/goim/online/room?type=live",
+    ] {
         let v = api(&s, "GET", path, b"").await;
         assert_eq!(v["code"], -400, "{path}: {v}");
     }
@@ -194,7 +229,13 @@ async fn http_errors_are_clear() {
     let v = api(&s, "POST", "/goim/push/keys?operation=1&keys=nobody", b"x").await;
     assert_eq!(v, serde_json::json!({"code": 0, "message": ""}));
     // A body goim clients could not read is refused.
-    let v = api(&s, "POST", "/goim/push/room?operation=1&type=live&room=1", &[b'a'; 4097]).await;
+    let v = api(
+        &s,
+        "POST",
+        "/goim/push/room?operation=1&type=live&room=1",
+        &[b'a'; 4097],
+    )
+    .await;
     assert_eq!(v["code"], -400);
     let (status, body) = http(s.http, "GET", "/nope", b"").await;
     assert_eq!((status, body.as_str()), (404, "404 page not found"));

@@ -15,7 +15,12 @@ async fn auth_heartbeat_and_key_push_on_both_transports() {
         let key = format!("k-{t:?}");
         let mut c = client(&s, t, 7, &key, "live://1", &[1000]).await;
         assert_eq!(within(c.heartbeat()).await.unwrap(), 1, "local room count");
-        push_ok(&s, &format!("/goim/push/keys?operation=1000&keys={key}"), b"{\"test\":1}").await;
+        push_ok(
+            &s,
+            &format!("/goim/push/keys?operation=1000&keys={key}"),
+            b"{\"test\":1}",
+        )
+        .await;
         let p = recv(&mut c).await;
         assert_eq!((p.ver, p.op, p.seq), (1, 1000, 0));
         assert_eq!(p.body, b"{\"test\":1}");
@@ -29,7 +34,9 @@ async fn auth_reply_echoes_ver_and_seq_and_key_defaults_to_uuid() {
     let mut keep = Vec::new();
     for t in BOTH {
         let mut c = Client::connect(t, addr(&s, t), None).await.unwrap();
-        c.send_bytes(&encode(3, 7, 41, &token(0, "", "", &[]))).await.unwrap();
+        c.send_bytes(&encode(3, 7, 41, &token(0, "", "", &[])))
+            .await
+            .unwrap();
         let p = recv(&mut c).await;
         assert_eq!((p.ver, p.op, p.seq, p.body.len()), (3, 8, 41, 0));
         keep.push(c);
@@ -45,10 +52,18 @@ async fn raw_batch_layout_per_transport() {
     let s = start().await;
     let mut tcp = client(&s, Transport::Tcp, 1, "tcp", "", &[1000]).await;
     let mut ws = client(&s, Transport::WebSocket, 1, "ws", "", &[1000]).await;
-    push_ok(&s, "/goim/push/keys?operation=1000&keys=tcp&keys=ws", b"{\"test\":1}").await;
+    push_ok(
+        &s,
+        "/goim/push/keys?operation=1000&keys=tcp&keys=ws",
+        b"{\"test\":1}",
+    )
+    .await;
     // TCP: the bare inner packet, exactly GOIM.md §2.2's 26 bytes.
     let p = recv(&mut tcp).await;
-    assert_eq!(encode(p.ver, p.op, p.seq, &p.body), encode(1, 1000, 0, b"{\"test\":1}"));
+    assert_eq!(
+        encode(p.ver, p.op, p.seq, &p.body),
+        encode(1, 1000, 0, b"{\"test\":1}")
+    );
     // WebSocket: one binary frame holding an op-9 packet that wraps the inner packet.
     let (fin, opcode, payload) = within(ws.recv_frame()).await.unwrap();
     assert!(fin);
@@ -66,9 +81,19 @@ async fn room_push_batches_keep_order_and_ignore_accepts() {
     let mut b = client(&s, Transport::WebSocket, 2, "b", "live://9", &[]).await;
     let mut other = client(&s, Transport::Tcp, 3, "o", "live://8", &[]).await;
     for i in 0..30 {
-        push_ok(&s, "/goim/push/room?operation=1001&type=live&room=9", format!("m{i}").as_bytes()).await;
+        push_ok(
+            &s,
+            "/goim/push/room?operation=1001&type=live&room=9",
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
-    push_ok(&s, "/goim/push/room?operation=1001&type=live&room=8", b"for-other").await;
+    push_ok(
+        &s,
+        "/goim/push/room?operation=1001&type=live&room=8",
+        b"for-other",
+    )
+    .await;
     for c in [&mut a, &mut b] {
         for i in 0..30 {
             let p = recv(c).await;
@@ -91,7 +116,12 @@ async fn mids_reach_every_connection_of_a_user() {
     let mut b = client(&s, Transport::WebSocket, 42, "web", "", &[1000]).await;
     let mut c = client(&s, Transport::Tcp, 43, "else", "", &[1000]).await;
     push_ok(&s, "/goim/push/mids?operation=1000&mids=42", b"to-42").await;
-    push_ok(&s, "/goim/push/mids?operation=1000&mids=43&mids=44", b"to-43").await;
+    push_ok(
+        &s,
+        "/goim/push/mids?operation=1000&mids=43&mids=44",
+        b"to-43",
+    )
+    .await;
     assert_eq!(recv(&mut a).await.body, b"to-42");
     assert_eq!(recv(&mut b).await.body, b"to-42");
     assert_eq!(recv(&mut c).await.body, b"to-43");
@@ -128,7 +158,10 @@ async fn sub_and_unsub_change_what_key_pushes_reach() {
         push(2000, "filtered").await;
         let seq = c.send(OP_SUB, b"2000,2001").await.unwrap();
         let p = recv(&mut c).await;
-        assert_eq!((p.op, p.seq, p.body.as_slice()), (15, seq, &b"2000,2001"[..]));
+        assert_eq!(
+            (p.op, p.seq, p.body.as_slice()),
+            (15, seq, &b"2000,2001"[..])
+        );
         push(2000, "watched").await;
         assert_eq!(recv(&mut c).await.body, b"watched");
         let seq = c.send(OP_UNSUB, b"2000").await.unwrap();
@@ -152,7 +185,10 @@ async fn change_room_moves_the_connection() {
         let mut c = client(&s, t, 1, &key, "live://1", &[]).await;
         let seq = c.send(OP_CHANGE_ROOM, b"live://2").await.unwrap();
         let p = recv(&mut c).await;
-        assert_eq!((p.op, p.seq, p.body.as_slice()), (13, seq, &b"live://2"[..]));
+        assert_eq!(
+            (p.op, p.seq, p.body.as_slice()),
+            (13, seq, &b"live://2"[..])
+        );
         push_ok(&s, "/goim/push/room?operation=5&type=live&room=1", b"old").await;
         push_ok(&s, "/goim/push/room?operation=5&type=live&room=2", b"new").await;
         assert_eq!(recv(&mut c).await.body, b"new");
@@ -187,19 +223,37 @@ async fn online_counts_over_http_and_heartbeat() {
     let _d = client(&s, Transport::Tcp, 4, "d", "chat://1", &[]).await;
     s.comet().renew_online().await.unwrap();
     assert_eq!(within(a.heartbeat()).await.unwrap(), 2);
-    let v = api(&s, "GET", "/goim/online/room?type=live&rooms=1000&rooms=2000&rooms=3000", b"").await;
-    assert_eq!(v["data"], serde_json::json!({"1000": 2, "2000": 1, "3000": 0}));
+    let v = api(
+        &s,
+        "GET",
+        "/goim/online/room?type=live&rooms=1000&rooms=2000&rooms=3000",
+        b"",
+    )
+    .await;
+    assert_eq!(
+        v["data"],
+        serde_json::json!({"1000": 2, "2000": 1, "3000": 0})
+    );
     let v = api(&s, "GET", "/goim/online/top?type=live&limit=1", b"").await;
-    assert_eq!(v["data"], serde_json::json!([{"room_id": "1000", "count": 2}]));
+    assert_eq!(
+        v["data"],
+        serde_json::json!([{"room_id": "1000", "count": 2}])
+    );
     let v = api(&s, "GET", "/goim/online/top?type=live&limit=5", b"").await;
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
     let v = api(&s, "GET", "/goim/online/total", b"").await;
-    assert_eq!(v["data"], serde_json::json!({"ip_count": 1, "conn_count": 4}));
+    assert_eq!(
+        v["data"],
+        serde_json::json!({"ip_count": 1, "conn_count": 4})
+    );
     let v = api(&s, "GET", "/goim/nodes/instances", b"").await;
     assert_eq!(v["data"][0]["hostname"], "comet-test");
     assert_eq!(v["data"][0]["metadata"]["conn_count"], "4");
     let v = api(&s, "GET", "/goim/nodes/weighted?platform=web", b"").await;
-    assert_eq!(v["data"]["nodes"], serde_json::json!(["comet-test.goim.io"]));
+    assert_eq!(
+        v["data"]["nodes"],
+        serde_json::json!(["comet-test.goim.io"])
+    );
     assert_eq!(v["data"]["heartbeat"], 240);
     assert_eq!(v["data"]["backoff"]["factor"], 1.8);
     s.shutdown().await;
@@ -225,7 +279,9 @@ async fn packets_before_auth_are_ignored() {
         c.send(2, b"").await.unwrap();
         c.send(4, b"hi").await.unwrap();
         // The first thing the server answers is the auth reply.
-        within(c.auth(&token(1, &format!("pre-{t:?}"), "", &[]))).await.unwrap();
+        within(c.auth(&token(1, &format!("pre-{t:?}"), "", &[])))
+            .await
+            .unwrap();
         assert_eq!(within(c.heartbeat()).await.unwrap(), 0);
     }
     s.shutdown().await;

@@ -76,9 +76,21 @@ impl JobMetrics {
     pub fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("goim_job");
         r.register("comet_calls", "Calls to comets", self.comet_calls.clone());
-        r.register("undeliverable", "Pushes or comet calls that failed", self.undeliverable.clone());
-        r.register("room_batches", "Room batches flushed", self.room_batches.clone());
-        r.register("room_messages", "Room messages flushed", self.room_messages.clone());
+        r.register(
+            "undeliverable",
+            "Pushes or comet calls that failed",
+            self.undeliverable.clone(),
+        );
+        r.register(
+            "room_batches",
+            "Room batches flushed",
+            self.room_batches.clone(),
+        );
+        r.register(
+            "room_messages",
+            "Room messages flushed",
+            self.room_messages.clone(),
+        );
     }
 
     fn undeliverable(&self, reason: &'static str) {
@@ -309,7 +321,9 @@ impl JobService for Job {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use goim_proto::comet::{BroadcastReply, BroadcastRoomReply, PushMsgReply, RoomsReply, RoomsReq};
+    use goim_proto::comet::{
+        BroadcastReply, BroadcastRoomReply, PushMsgReply, RoomsReply, RoomsReq,
+    };
     use goim_proto::packet::raw_packets;
 
     /// Records what job sends; unit tests may mock the comet.
@@ -331,7 +345,10 @@ mod tests {
             self.broadcasts.lock().unwrap().push(req);
             Ok(BroadcastReply {})
         }
-        async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status> {
+        async fn broadcast_room(
+            &self,
+            req: BroadcastRoomReq,
+        ) -> Result<BroadcastRoomReply, Status> {
             self.rooms.lock().unwrap().push(req);
             self.room_sent.notify_one();
             Ok(BroadcastRoomReply {})
@@ -344,18 +361,32 @@ mod tests {
     struct Dir(Vec<(String, Arc<Recorder>)>);
     impl CometDirectory for Dir {
         fn get(&self, name: &str) -> Option<Arc<dyn CometService>> {
-            self.0.iter().find(|(n, _)| n == name).map(|(_, c)| c.clone() as Arc<dyn CometService>)
+            self.0
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, c)| c.clone() as Arc<dyn CometService>)
         }
         fn all(&self) -> Vec<(String, Arc<dyn CometService>)> {
-            self.0.iter().map(|(n, c)| (n.clone(), c.clone() as Arc<dyn CometService>)).collect()
+            self.0
+                .iter()
+                .map(|(n, c)| (n.clone(), c.clone() as Arc<dyn CometService>))
+                .collect()
         }
     }
 
     fn job(comets: usize) -> (Job, Vec<Arc<Recorder>>, Arc<JobMetrics>) {
         let recs: Vec<_> = (0..comets).map(|_| Arc::new(Recorder::default())).collect();
-        let dir = Dir(recs.iter().enumerate().map(|(i, r)| (format!("c{i}"), r.clone())).collect());
+        let dir = Dir(recs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("c{i}"), r.clone()))
+            .collect());
         let metrics = Arc::new(JobMetrics::default());
-        (Job::new(JobConfig::default(), Arc::new(dir), metrics.clone()), recs, metrics)
+        (
+            Job::new(JobConfig::default(), Arc::new(dir), metrics.clone()),
+            recs,
+            metrics,
+        )
     }
 
     fn msg(t: PushType) -> PushMsg {
@@ -383,7 +414,15 @@ mod tests {
         assert_eq!(inner, vec![Packet::new(1, 1000, 0, &b"{\"test\":1}"[..])]);
         m.server = "gone".into();
         job.push(m).await.unwrap();
-        assert_eq!(metrics.undeliverable.get_or_create(&Reason { reason: "unknown_comet" }).get(), 1);
+        assert_eq!(
+            metrics
+                .undeliverable
+                .get_or_create(&Reason {
+                    reason: "unknown_comet"
+                })
+                .get(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -397,7 +436,15 @@ mod tests {
         }
         let (job, _, metrics) = self::job(0);
         job.push(m).await.unwrap();
-        assert_eq!(metrics.undeliverable.get_or_create(&Reason { reason: "no_comets" }).get(), 1);
+        assert_eq!(
+            metrics
+                .undeliverable
+                .get_or_create(&Reason {
+                    reason: "no_comets"
+                })
+                .get(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -417,7 +464,11 @@ mod tests {
                 assert_eq!(b.room_id, "live://1");
                 let packets: Vec<_> = raw_packets(b.proto.unwrap().body).collect();
                 assert!(!packets.is_empty() && packets.len() <= 20);
-                got.extend(packets.iter().map(|p| String::from_utf8(p.body.to_vec()).unwrap()));
+                got.extend(
+                    packets
+                        .iter()
+                        .map(|p| String::from_utf8(p.body.to_vec()).unwrap()),
+                );
             }
             if got.len() < 50 {
                 notified.await;
@@ -432,6 +483,9 @@ mod tests {
         let (job, _, _) = job(1);
         let mut m = msg(PushType::Push);
         m.r#type = 9;
-        assert_eq!(job.push(m).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            job.push(m).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

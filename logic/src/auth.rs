@@ -94,7 +94,10 @@ mod tests {
             b"",
         ] {
             assert!(
-                matches!(JsonTokenAuth.authenticate(bad, ""), Err(AuthError::Malformed(_))),
+                matches!(
+                    JsonTokenAuth.authenticate(bad, ""),
+                    Err(AuthError::Malformed(_))
+                ),
                 "{}",
                 String::from_utf8_lossy(bad)
             );

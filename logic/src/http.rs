@@ -116,7 +116,11 @@ impl Params {
     }
 
     /// A number; absent means `None`. goim's `binding:"required"` on a number means non-zero.
-    fn num<T: FromStr + Default + PartialEq>(&self, name: &str, required: bool) -> Result<Option<T>, String> {
+    fn num<T: FromStr + Default + PartialEq>(
+        &self,
+        name: &str,
+        required: bool,
+    ) -> Result<Option<T>, String> {
         let v = match self.str(name) {
             None | Some("") if required => return Err(format!("{name}: required")),
             None | Some("") => return Ok(None),
@@ -134,7 +138,10 @@ impl Params {
     fn nums<T: FromStr>(&self, name: &str) -> Result<Vec<T>, String> {
         self.all(name)
             .into_iter()
-            .map(|v| v.parse().map_err(|_| format!("{name}: {v:?} is not a valid number")))
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("{name}: {v:?} is not a valid number"))
+            })
             .collect()
     }
 }
@@ -223,7 +230,10 @@ async fn online_room(State(s): State<AppState>, uri: Uri) -> Response {
     let data: Map<String, Value> = rooms
         .into_iter()
         .map(|r| {
-            let n = counts.get(&crate::logic::room_key(typ, r)).copied().unwrap_or(0);
+            let n = counts
+                .get(&crate::logic::room_key(typ, r))
+                .copied()
+                .unwrap_or(0);
             (r.to_string(), n.into())
         })
         .collect();
@@ -258,13 +268,19 @@ async fn nodes_weighted(State(s): State<AppState>, uri: Uri) -> Response {
             false,
         );
     }
-    put("heartbeat_max", r.heartbeat_max.into(), r.heartbeat_max == 0);
+    put(
+        "heartbeat_max",
+        r.heartbeat_max.into(),
+        r.heartbeat_max == 0,
+    );
     ok(Some(Value::Object(m)))
 }
 
 /// A float32 as Go prints it (1.8, not 1.7999999523162842).
 fn f32_json(v: f32) -> Value {
-    v.to_string().parse::<f64>().map_or(Value::Null, Value::from)
+    v.to_string()
+        .parse::<f64>()
+        .map_or(Value::Null, Value::from)
 }
 
 async fn nodes_instances(State(s): State<AppState>) -> Response {
@@ -325,7 +341,9 @@ mod tests {
 
     #[test]
     fn params() {
-        let uri: Uri = "/x?keys=a&keys=b%20c&operation=12&mids=1&mids=x".parse().unwrap();
+        let uri: Uri = "/x?keys=a&keys=b%20c&operation=12&mids=1&mids=x"
+            .parse()
+            .unwrap();
         let p = Params::from_uri(&uri);
         assert_eq!(p.all("keys"), vec!["a", "b c"]);
         assert_eq!(p.num::<i32>("operation", true), Ok(Some(12)));

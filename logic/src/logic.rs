@@ -52,11 +52,23 @@ pub struct LogicMetrics {
 impl LogicMetrics {
     pub fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("goim_logic");
-        r.register("connects", "Successful Connect calls", self.connects.clone());
-        r.register("auth_failures", "Refused Connect calls", self.auth_failures.clone());
+        r.register(
+            "connects",
+            "Successful Connect calls",
+            self.connects.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Refused Connect calls",
+            self.auth_failures.clone(),
+        );
         r.register("disconnects", "Disconnect calls", self.disconnects.clone());
         r.register("pushes", "Push requests handed to job", self.pushes.clone());
-        r.register("unknown_targets", "Pushed keys or mids with no connection", self.unknown_targets.clone());
+        r.register(
+            "unknown_targets",
+            "Pushed keys or mids with no connection",
+            self.unknown_targets.clone(),
+        );
     }
 }
 
@@ -116,37 +128,58 @@ impl Logic {
                 msg: msg.clone(),
                 ..Default::default()
             };
-            self.job.push(m).await.map_err(|e| PushError::Job(e.message().to_string()))?;
+            self.job
+                .push(m)
+                .await
+                .map_err(|e| PushError::Job(e.message().to_string()))?;
         }
         Ok(())
     }
 
     pub async fn push_keys(&self, op: i32, keys: Vec<String>, msg: Bytes) -> Result<(), PushError> {
         if keys.is_empty() {
-            return Err(PushError::BadRequest("keys: at least one key is required".into()));
+            return Err(PushError::BadRequest(
+                "keys: at least one key is required".into(),
+            ));
         }
         self.check_body(&msg)?;
         let by = self.online.servers_by_keys(&keys).await?;
         let found: usize = by.values().map(Vec::len).sum();
-        self.metrics.unknown_targets.inc_by((keys.len().saturating_sub(found)) as u64);
-        self.metrics.pushes.get_or_create(&Kind { kind: "keys" }).inc();
+        self.metrics
+            .unknown_targets
+            .inc_by((keys.len().saturating_sub(found)) as u64);
+        self.metrics
+            .pushes
+            .get_or_create(&Kind { kind: "keys" })
+            .inc();
         self.push_by_server(op, by, msg).await
     }
 
     pub async fn push_mids(&self, op: i32, mids: Vec<i64>, msg: Bytes) -> Result<(), PushError> {
         if mids.is_empty() {
-            return Err(PushError::BadRequest("mids: at least one mid is required".into()));
+            return Err(PushError::BadRequest(
+                "mids: at least one mid is required".into(),
+            ));
         }
         self.check_body(&msg)?;
         let by = self.online.servers_by_mids(&mids).await?;
         if by.is_empty() {
             self.metrics.unknown_targets.inc_by(mids.len() as u64);
         }
-        self.metrics.pushes.get_or_create(&Kind { kind: "mids" }).inc();
+        self.metrics
+            .pushes
+            .get_or_create(&Kind { kind: "mids" })
+            .inc();
         self.push_by_server(op, by, msg).await
     }
 
-    pub async fn push_room(&self, op: i32, typ: &str, room: &str, msg: Bytes) -> Result<(), PushError> {
+    pub async fn push_room(
+        &self,
+        op: i32,
+        typ: &str,
+        room: &str,
+        msg: Bytes,
+    ) -> Result<(), PushError> {
         self.check_body(&msg)?;
         let m = PushMsg {
             r#type: PushType::Room as i32,
@@ -155,8 +188,14 @@ impl Logic {
             msg,
             ..Default::default()
         };
-        self.metrics.pushes.get_or_create(&Kind { kind: "room" }).inc();
-        self.job.push(m).await.map_err(|e| PushError::Job(e.message().to_string()))?;
+        self.metrics
+            .pushes
+            .get_or_create(&Kind { kind: "room" })
+            .inc();
+        self.job
+            .push(m)
+            .await
+            .map_err(|e| PushError::Job(e.message().to_string()))?;
         Ok(())
     }
 
@@ -169,8 +208,14 @@ impl Logic {
             msg,
             ..Default::default()
         };
-        self.metrics.pushes.get_or_create(&Kind { kind: "all" }).inc();
-        self.job.push(m).await.map_err(|e| PushError::Job(e.message().to_string()))?;
+        self.metrics
+            .pushes
+            .get_or_create(&Kind { kind: "all" })
+            .inc();
+        self.job
+            .push(m)
+            .await
+            .map_err(|e| PushError::Job(e.message().to_string()))?;
         Ok(())
     }
 
@@ -209,7 +254,10 @@ impl Logic {
                 .map(|n| format!("{}{}", n.name, node.host_domain))
                 .collect()
         } else {
-            ranked.iter().flat_map(|n| n.addrs.iter().cloned()).collect()
+            ranked
+                .iter()
+                .flat_map(|n| n.addrs.iter().cloned())
+                .collect()
         };
         nodes.retain(|n| !n.is_empty());
         if nodes.is_empty() {
@@ -245,13 +293,16 @@ fn online_status(e: OnlineError) -> Status {
 #[async_trait]
 impl LogicService for Logic {
     async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, Status> {
-        let id = self.auth.authenticate(&req.token, &req.cookie).map_err(|e| {
-            self.metrics.auth_failures.inc();
-            match e {
-                AuthError::Malformed(_) => Status::invalid_argument(e.to_string()),
-                AuthError::Refused(_) => Status::unauthenticated(e.to_string()),
-            }
-        })?;
+        let id = self
+            .auth
+            .authenticate(&req.token, &req.cookie)
+            .map_err(|e| {
+                self.metrics.auth_failures.inc();
+                match e {
+                    AuthError::Malformed(_) => Status::invalid_argument(e.to_string()),
+                    AuthError::Refused(_) => Status::unauthenticated(e.to_string()),
+                }
+            })?;
         let key = if id.key.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {

@@ -71,7 +71,11 @@ impl Balancer {
             .iter()
             .map(|n| {
                 let fixed = n.weight.max(0);
-                let gain = if n.region == region { region_weight } else { 1.0 };
+                let gain = if n.region == region {
+                    region_weight
+                } else {
+                    1.0
+                };
                 let fw = fixed as f64 * gain;
                 let tw = total_weight + fw as i64 - fixed;
                 let current = if total_conns > 0 && tw > 0 {
@@ -79,7 +83,11 @@ impl Balancer {
                     let conn_ratio = self.est[&n.name].conns as f64 / total_conns as f64 * 0.5;
                     let diff = weight_ratio - conn_ratio;
                     let m = diff * total_conns as f64;
-                    let rounded = if m.floor() - m >= -0.5 { m.floor() } else { m.ceil() };
+                    let rounded = if m.floor() - m >= -0.5 {
+                        m.floor()
+                    } else {
+                        m.ceil()
+                    };
                     let w = (fw + rounded) as i64;
                     if diff < 0.0 {
                         w.max(MIN_WEIGHT)
@@ -128,7 +136,10 @@ mod tests {
         let mut nodes = vec![node("a", 10, 100), node("b", 10, 10), node("c", 10, 0)];
         nodes[2].draining = true;
         let r = b.rank(&nodes, "", 1.6);
-        assert_eq!(r.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!(
+            r.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
     }
 
     #[test]
@@ -137,7 +148,9 @@ mod tests {
         let nodes = vec![node("a", 10, 1), node("b", 10, 1)];
         let mut firsts = HashMap::new();
         for _ in 0..100 {
-            *firsts.entry(b.rank(&nodes, "", 1.6)[0].name.clone()).or_insert(0) += 1;
+            *firsts
+                .entry(b.rank(&nodes, "", 1.6)[0].name.clone())
+                .or_insert(0) += 1;
         }
         assert!(firsts["a"] >= 40 && firsts["b"] >= 40, "{firsts:?}");
     }

@@ -27,8 +27,11 @@ pub trait OnlineStore: Send + Sync + 'static {
     async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError>;
     async fn servers_by_mids(&self, mids: &[i64]) -> Result<KeysByServer, OnlineError>;
     /// Stores one comet's room counts (replacing its previous report).
-    async fn renew_rooms(&self, server: &str, counts: HashMap<String, i32>)
-        -> Result<(), OnlineError>;
+    async fn renew_rooms(
+        &self,
+        server: &str,
+        counts: HashMap<String, i32>,
+    ) -> Result<(), OnlineError>;
     /// Cluster-wide room counts.
     async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError>;
 }
@@ -71,7 +74,7 @@ impl OnlineStore for MemoryOnline {
 
     async fn del(&self, server: &str, mid: i64, key: &str) -> Result<bool, OnlineError> {
         let mut m = self.lock();
-        if !m.keys.get(key).is_some_and(|(s, _)| s == server) {
+        if m.keys.get(key).is_none_or(|(s, _)| s != server) {
             return Ok(false);
         }
         m.keys.remove(key);
@@ -144,7 +147,10 @@ mod tests {
         // k1 reconnects on comet b; a's late disconnect must not erase it.
         s.add("b", 1, "k1", "").await.unwrap();
         assert!(!s.del("a", 1, "k1").await.unwrap());
-        let by = s.servers_by_keys(&["k1".into(), "nope".into()]).await.unwrap();
+        let by = s
+            .servers_by_keys(&["k1".into(), "nope".into()])
+            .await
+            .unwrap();
         assert_eq!(by.len(), 1);
         assert_eq!(by["b"], vec!["k1".to_string()]);
         assert!(s.del("b", 1, "k1").await.unwrap());
@@ -154,8 +160,12 @@ mod tests {
     #[tokio::test]
     async fn room_counts_sum_over_comets() {
         let s = MemoryOnline::default();
-        s.renew_rooms("a", HashMap::from([("r".into(), 2)])).await.unwrap();
-        s.renew_rooms("b", HashMap::from([("r".into(), 3), ("q".into(), 1)])).await.unwrap();
+        s.renew_rooms("a", HashMap::from([("r".into(), 2)]))
+            .await
+            .unwrap();
+        s.renew_rooms("b", HashMap::from([("r".into(), 3), ("q".into(), 1)]))
+            .await
+            .unwrap();
         s.renew_rooms("a", HashMap::new()).await.unwrap();
         let c = s.room_counts().await.unwrap();
         assert_eq!((c["r"], c["q"]), (3, 1));

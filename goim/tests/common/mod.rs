@@ -45,7 +45,14 @@ pub fn addr(s: &Standalone, t: Transport) -> SocketAddr {
 }
 
 /// Connects and authenticates.
-pub async fn client(s: &Standalone, t: Transport, mid: i64, key: &str, room: &str, accepts: &[i32]) -> Client {
+pub async fn client(
+    s: &Standalone,
+    t: Transport,
+    mid: i64,
+    key: &str,
+    room: &str,
+    accepts: &[i32],
+) -> Client {
     within(async {
         let mut c = Client::connect(t, addr(s, t), None).await.expect("connect");
         c.auth(&token(mid, key, room, accepts)).await.expect("auth");
