@@ -68,6 +68,28 @@ pub fn split_packets(mut b: &[u8]) -> io::Result<Vec<Packet>> {
     Ok(out)
 }
 
+/// Lets the kernel pick the source port at connect time, per destination, instead of at bind
+/// time: binding port 0 otherwise scans for a port free for every destination, slows down as
+/// sockets pile up and trips over TIME_WAIT.
+fn bind_address_no_port(s: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a pointer to a c_int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Tcp,
@@ -107,6 +129,7 @@ impl Client {
                 } else {
                     TcpSocket::new_v6()?
                 };
+                bind_address_no_port(&s)?;
                 s.bind(l)?;
                 s.connect(addr).await?
             }

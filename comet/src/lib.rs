@@ -13,4 +13,4 @@ pub mod ws;
 pub use config::CometConfig;
 pub use conn::Transport;
 pub use metrics::CometMetrics;
-pub use server::{Comet, Load};
+pub use server::{listen, Comet, Load};

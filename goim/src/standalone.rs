@@ -78,7 +78,7 @@ pub struct Standalone {
 }
 
 async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+    goim_comet::listen(addr)
         .await
         .with_context(|| format!("binding {what} listener on {addr}"))
 }
