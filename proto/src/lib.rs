@@ -1,5 +1,6 @@
 //! goim's client wire codec and the gRPC types shared by every role.
 
+pub mod grpc;
 pub mod op;
 pub mod packet;
 pub mod service;

@@ -13,7 +13,7 @@ use crate::comet::{
 use crate::job::PushReply;
 use crate::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
-    OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
+    NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
 };
 
 /// comet -> logic (`goim.logic.Logic`).
@@ -24,6 +24,10 @@ pub trait LogicService: Send + Sync + 'static {
     async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status>;
     async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, Status>;
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status>;
+    /// goim's `Nodes` RPC (unused by goim itself; the HTTP API is what clients call).
+    async fn nodes(&self, _req: NodesReq) -> Result<NodesReply, Status> {
+        Err(Status::unimplemented("nodes"))
+    }
 }
 
 /// job -> comet (`goim.comet.Comet`).

@@ -1,0 +1,210 @@
+//! gRPC glue: each service trait served over tonic, and a tonic client behind each trait, so a
+//! role calls a remote peer exactly as it calls an in-process one.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::comet::comet_client::CometClient;
+use crate::comet::comet_server::{Comet, CometServer};
+use crate::comet::*;
+use crate::job::job_client::JobClient;
+use crate::job::job_server::{Job, JobServer};
+use crate::job::PushReply;
+use crate::logic::logic_client::LogicClient;
+use crate::logic::logic_server::{Logic, LogicServer};
+use crate::logic::*;
+use crate::service::{CometService, JobService, LogicService};
+
+/// Largest gRPC message either side accepts (goim uses 16 MiB).
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// Serves a [`CometService`] as `goim.comet.Comet`.
+pub struct CometGrpc(pub Arc<dyn CometService>);
+
+#[async_trait]
+impl Comet for CometGrpc {
+    async fn push_msg(&self, r: Request<PushMsgReq>) -> Result<Response<PushMsgReply>, Status> {
+        self.0.push_msg(r.into_inner()).await.map(Response::new)
+    }
+    async fn broadcast(
+        &self,
+        r: Request<BroadcastReq>,
+    ) -> Result<Response<BroadcastReply>, Status> {
+        self.0.broadcast(r.into_inner()).await.map(Response::new)
+    }
+    async fn broadcast_room(
+        &self,
+        r: Request<BroadcastRoomReq>,
+    ) -> Result<Response<BroadcastRoomReply>, Status> {
+        self.0
+            .broadcast_room(r.into_inner())
+            .await
+            .map(Response::new)
+    }
+    async fn rooms(&self, r: Request<RoomsReq>) -> Result<Response<RoomsReply>, Status> {
+        self.0.rooms(r.into_inner()).await.map(Response::new)
+    }
+}
+
+pub fn comet_server(s: Arc<dyn CometService>) -> CometServer<CometGrpc> {
+    CometServer::new(CometGrpc(s))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .accept_compressed(CompressionEncoding::Gzip)
+}
+
+/// Serves a [`LogicService`] as `goim.logic.Logic`; accepts goim comets' gzip `RenewOnline`.
+pub struct LogicGrpc(pub Arc<dyn LogicService>);
+
+#[async_trait]
+impl Logic for LogicGrpc {
+    async fn connect(&self, r: Request<ConnectReq>) -> Result<Response<ConnectReply>, Status> {
+        self.0.connect(r.into_inner()).await.map(Response::new)
+    }
+    async fn disconnect(
+        &self,
+        r: Request<DisconnectReq>,
+    ) -> Result<Response<DisconnectReply>, Status> {
+        self.0.disconnect(r.into_inner()).await.map(Response::new)
+    }
+    async fn heartbeat(
+        &self,
+        r: Request<HeartbeatReq>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        self.0.heartbeat(r.into_inner()).await.map(Response::new)
+    }
+    async fn renew_online(&self, r: Request<OnlineReq>) -> Result<Response<OnlineReply>, Status> {
+        self.0.renew_online(r.into_inner()).await.map(Response::new)
+    }
+    async fn receive(&self, r: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
+        self.0.receive(r.into_inner()).await.map(Response::new)
+    }
+    async fn nodes(&self, r: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
+        self.0.nodes(r.into_inner()).await.map(Response::new)
+    }
+}
+
+pub fn logic_server(s: Arc<dyn LogicService>) -> LogicServer<LogicGrpc> {
+    LogicServer::new(LogicGrpc(s))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
+}
+
+/// Serves a [`JobService`] as `goim.job.Job`.
+pub struct JobGrpc(pub Arc<dyn JobService>);
+
+#[async_trait]
+impl Job for JobGrpc {
+    async fn push(&self, r: Request<PushMsg>) -> Result<Response<PushReply>, Status> {
+        self.0.push(r.into_inner()).await.map(Response::new)
+    }
+}
+
+pub fn job_server(s: Arc<dyn JobService>) -> JobServer<JobGrpc> {
+    JobServer::new(JobGrpc(s)).max_decoding_message_size(MAX_MESSAGE)
+}
+
+/// A remote comet behind [`CometService`].
+#[derive(Clone)]
+pub struct RemoteComet(CometClient<Channel>);
+
+impl RemoteComet {
+    pub fn new(ch: Channel) -> Self {
+        RemoteComet(
+            CometClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+    }
+}
+
+#[async_trait]
+impl CometService for RemoteComet {
+    async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, Status> {
+        Ok(self.0.clone().push_msg(req).await?.into_inner())
+    }
+    async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, Status> {
+        Ok(self.0.clone().broadcast(req).await?.into_inner())
+    }
+    async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status> {
+        Ok(self.0.clone().broadcast_room(req).await?.into_inner())
+    }
+    async fn rooms(&self, req: RoomsReq) -> Result<RoomsReply, Status> {
+        Ok(self.0.clone().rooms(req).await?.into_inner())
+    }
+}
+
+/// A remote logic behind [`LogicService`]. `RenewOnline` goes gzip-compressed, as goim's
+/// comet sends it.
+#[derive(Clone)]
+pub struct RemoteLogic(LogicClient<Channel>);
+
+impl RemoteLogic {
+    pub fn new(ch: Channel) -> Self {
+        RemoteLogic(
+            LogicClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
+                .accept_compressed(CompressionEncoding::Gzip),
+        )
+    }
+}
+
+#[async_trait]
+impl LogicService for RemoteLogic {
+    async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, Status> {
+        Ok(self.0.clone().connect(req).await?.into_inner())
+    }
+    async fn disconnect(&self, req: DisconnectReq) -> Result<DisconnectReply, Status> {
+        Ok(self.0.clone().disconnect(req).await?.into_inner())
+    }
+    async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
+        Ok(self.0.clone().heartbeat(req).await?.into_inner())
+    }
+    async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, Status> {
+        let mut c = self.0.clone().send_compressed(CompressionEncoding::Gzip);
+        Ok(c.renew_online(req).await?.into_inner())
+    }
+    async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
+        Ok(self.0.clone().receive(req).await?.into_inner())
+    }
+    async fn nodes(&self, req: NodesReq) -> Result<NodesReply, Status> {
+        Ok(self.0.clone().nodes(req).await?.into_inner())
+    }
+}
+
+/// A remote job behind [`JobService`].
+#[derive(Clone)]
+pub struct RemoteJob(JobClient<Channel>);
+
+impl RemoteJob {
+    pub fn new(ch: Channel) -> Self {
+        RemoteJob(JobClient::new(ch).max_encoding_message_size(MAX_MESSAGE))
+    }
+}
+
+#[async_trait]
+impl JobService for RemoteJob {
+    async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
+        Ok(self.0.clone().push(msg).await?.into_inner())
+    }
+}
+
+/// A lazily connecting channel to `host:port` (plain HTTP/2), with goim's client keepalive.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(tonic::transport::Endpoint::from_shared(uri)?
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
