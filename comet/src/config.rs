@@ -40,6 +40,9 @@ pub struct CometConfig {
     pub ws_max_fragments: usize,
     /// Connections held at once; beyond it new ones are closed at accept.
     pub max_connections: usize,
+    /// How long a drain spreads the closing of clients over.
+    #[serde(with = "humantime_serde")]
+    pub drain_period: Duration,
     /// Public addresses advertised to non-web clients by `/goim/nodes/weighted` (goim -addrs).
     pub addrs: Vec<String>,
     /// Node weight for client balancing (goim -weight).
@@ -64,6 +67,7 @@ impl Default for CometConfig {
             ws_max_frame: 8192,
             ws_max_fragments: 100,
             max_connections: 1_000_000,
+            drain_period: Duration::from_secs(30),
             addrs: Vec::new(),
             weight: 10,
             region: String::new(),

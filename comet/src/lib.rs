@@ -6,6 +6,7 @@ pub mod channel;
 pub mod config;
 mod conn;
 pub mod metrics;
+pub mod registry;
 pub mod rooms;
 pub mod server;
 pub mod ws;

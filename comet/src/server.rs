@@ -52,6 +52,7 @@ pub struct Comet {
     pub(crate) tasks: TaskTracker,
     workers: Vec<mpsc::Sender<BucketJob>>,
     limit: Arc<Semaphore>,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Comet {
@@ -111,6 +112,7 @@ impl Comet {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             workers,
+            draining: Default::default(),
         })
     }
 
@@ -182,6 +184,10 @@ impl Comet {
                 }
             };
             self.metrics.accepted.inc();
+            if self.is_draining() {
+                self.metrics.closed("draining");
+                continue;
+            }
             let Ok(permit) = self.limit.clone().try_acquire_owned() else {
                 self.metrics.closed("connection_limit");
                 continue;
@@ -229,6 +235,35 @@ impl Comet {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Draining: refuse new clients and close the current ones evenly over `drain_period`,
+    /// so they reconnect elsewhere without a thundering herd.
+    pub fn set_draining(self: &Arc<Self>, on: bool) {
+        let was = self.draining.swap(on, std::sync::atomic::Ordering::Relaxed);
+        if !on || was {
+            return;
+        }
+        let comet = self.clone();
+        tokio::spawn(async move {
+            let chans: Vec<Arc<Channel>> =
+                comet.buckets.iter().flat_map(|b| b.channels()).collect();
+            let steps = (comet.cfg.drain_period.as_millis() / 100).max(1) as usize;
+            let per_step = chans.len().div_ceil(steps).max(1);
+            for chunk in chans.chunks(per_step) {
+                if !comet.is_draining() || comet.shutdown.is_cancelled() {
+                    return;
+                }
+                for ch in chunk {
+                    ch.close(false);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
     }
 
     pub fn is_shutting_down(&self) -> bool {

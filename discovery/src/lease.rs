@@ -107,3 +107,36 @@ async fn keeper(mut client: Client, ttl: i64, tx: watch::Sender<i64>, stop: Canc
         }
     }
 }
+
+/// Keeps `key = value` written under the current lease: once per lease, again whenever the
+/// lease is replaced.
+pub async fn keep_registered(
+    client: Client,
+    mut lease: LeaseHandle,
+    key: String,
+    value: Vec<u8>,
+    stop: CancellationToken,
+) {
+    let mut current = 0;
+    loop {
+        let id = tokio::select! {
+            _ = stop.cancelled() => return,
+            id = lease.changed_from(current) => match id { Some(id) => id, None => return },
+        };
+        let opts = etcd_client::PutOptions::new().with_lease(id);
+        match client
+            .clone()
+            .put(key.as_str(), value.clone(), Some(opts))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(%key, lease = id, "registered");
+                current = id;
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "register failed; retrying");
+                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+            }
+        }
+    }
+}

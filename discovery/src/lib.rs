@@ -5,6 +5,7 @@ pub mod keys;
 pub mod lease;
 pub mod watch;
 
+pub use etcd_client;
 pub use etcd_client::Client;
 pub use keys::{CometRecord, CometState, JobRecord, Keys, LoadRecord, OnlineRecord};
 pub use lease::LeaseHandle;

@@ -14,6 +14,52 @@ pub struct Config {
     pub comet: CometConfig,
     pub logic: LogicConfig,
     pub job: JobConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Distributed mode: etcd, the roles' gRPC and metrics listeners, identity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Prefixes every etcd key: `/goim/{cluster}/...`.
+    pub name: String,
+    /// Seconds a dead role's keys outlive it.
+    pub lease_ttl: i64,
+    /// Host other roles dial this one at (default: POD_IP, else the listen IP, else the host
+    /// name).
+    pub advertise: String,
+    pub comet_grpc: String,
+    pub comet_http: String,
+    /// Logic gRPC endpoints the comet calls (a Kubernetes Service in a cluster).
+    pub logic: Vec<String>,
+    pub logic_grpc: String,
+    pub job_grpc: String,
+    pub job_http: String,
+    /// Job identity on the hash ring (default: the host name).
+    pub job_id: String,
+    /// The operator writes the comet's registry record; the comet only reads it.
+    pub operator_managed: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            etcd: vec!["127.0.0.1:2379".into()],
+            name: "default".into(),
+            lease_ttl: 10,
+            advertise: String::new(),
+            comet_grpc: "0.0.0.0:3109".into(),
+            comet_http: "0.0.0.0:3108".into(),
+            logic: vec!["127.0.0.1:3119".into()],
+            logic_grpc: "0.0.0.0:3119".into(),
+            job_grpc: "0.0.0.0:3129".into(),
+            job_http: "0.0.0.0:3128".into(),
+            job_id: String::new(),
+            operator_managed: false,
+        }
+    }
 }
 
 impl Config {

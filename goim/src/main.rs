@@ -1,12 +1,14 @@
 use clap::Parser;
 use goim::cli::{Cli, Command};
 use goim::config::Config;
+use goim::distributed::{run_comet, run_job, run_logic, wait_for_signal};
 use goim::standalone::Standalone;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
@@ -20,16 +22,18 @@ async fn main() -> anyhow::Result<()> {
             wait_for_signal().await?;
             server.shutdown().await;
         }
-    }
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        r = tokio::signal::ctrl_c() => { r?; tracing::info!("SIGINT: shutting down") }
+        Command::Comet(args) => {
+            args.apply(&mut cfg);
+            run_comet(cfg).await?;
+        }
+        Command::Logic(args) => {
+            args.apply(&mut cfg);
+            run_logic(cfg).await?;
+        }
+        Command::Job(args) => {
+            args.apply(&mut cfg);
+            run_job(cfg).await?;
+        }
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! room's queue is empty (goim waits up to 1 s), so batching adds no latency when idle and
 //! grows with load.
 
+pub mod etcd;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

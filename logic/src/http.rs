@@ -26,10 +26,24 @@ pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
 #[derive(Clone)]
 struct AppState {
     logic: Arc<Logic>,
+}
+
+#[derive(Clone)]
+struct OpsState {
     registry: Arc<Registry>,
     ready: Ready,
 }
 
+/// `/metrics`, `/healthz` and `/readyz`, which every role serves.
+pub fn ops_router(registry: Arc<Registry>, ready: Ready) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(OpsState { registry, ready })
+}
+
+/// goim's HTTP API plus the ops routes.
 pub fn router(logic: Arc<Logic>, registry: Arc<Registry>, ready: Ready) -> Router {
     // The body is a goim message; anything far beyond the configured limit is cut off early.
     let body_limit = logic.config().max_message.saturating_mul(2).max(64 * 1024);
@@ -43,16 +57,10 @@ pub fn router(logic: Arc<Logic>, registry: Arc<Registry>, ready: Ready) -> Route
         .route("/goim/online/total", get(online_total))
         .route("/goim/nodes/weighted", get(nodes_weighted))
         .route("/goim/nodes/instances", get(nodes_instances))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(AppState {
-            logic,
-            registry,
-            ready,
-        })
+        .with_state(AppState { logic })
+        .merge(ops_router(registry, ready))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
 }
 
 fn reply(code: i32, message: impl Into<String>, data: Option<Value>) -> Response {
@@ -312,7 +320,7 @@ async fn nodes_instances(State(s): State<AppState>) -> Response {
     ok(Some(Value::Array(data)))
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
+async fn metrics(State(s): State<OpsState>) -> Response {
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &s.registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
@@ -327,7 +335,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(s): State<AppState>) -> Response {
+async fn readyz(State(s): State<OpsState>) -> Response {
     if (s.ready)() {
         "ok".into_response()
     } else {

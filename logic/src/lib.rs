@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod etcd;
 pub mod http;
 pub mod logic;
 pub mod nodes;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use goim_proto::logic::push_msg::Type as PushType;
 use goim_proto::logic::{
     Backoff, ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply,
-    HeartbeatReq, NodesReply, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
+    HeartbeatReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
 };
 use goim_proto::service::{JobService, LogicService};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -348,6 +348,10 @@ impl LogicService for Logic {
             .map_err(online_status)?;
         let all_room_count = self.online.room_counts().await.map_err(online_status)?;
         Ok(OnlineReply { all_room_count })
+    }
+
+    async fn nodes(&self, req: NodesReq) -> Result<NodesReply, Status> {
+        Ok(self.nodes_weighted(&req.platform))
     }
 
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {

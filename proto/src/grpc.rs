@@ -194,8 +194,7 @@ impl JobService for RemoteJob {
     }
 }
 
-/// A lazily connecting channel to `host:port` (plain HTTP/2), with goim's client keepalive.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -205,6 +204,23 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_timeout(std::time::Duration::from_secs(1))
         .http2_keep_alive_interval(std::time::Duration::from_secs(10))
         .keep_alive_timeout(std::time::Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true))
+}
+
+/// A lazily connecting channel to `host:port` (plain HTTP/2), with goim's client keepalive.
+/// It reconnects by itself when the peer restarts.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr)?.connect_lazy())
+}
+
+/// A channel balancing calls over several endpoints (goim's round robin over logics).
+pub fn balanced_channel(addrs: &[String]) -> Result<Channel, tonic::transport::Error> {
+    if let [one] = addrs {
+        return channel(one);
+    }
+    let eps = addrs
+        .iter()
+        .map(|a| endpoint(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Channel::balance_list(eps.into_iter()))
 }

@@ -1,0 +1,263 @@
+//! Distributed mode: each role its own process, talking gRPC, with etcd for discovery and
+//! online state. Each role prints one JSON line on stdout once it listens (addresses included),
+//! for scripts and tests; logs go to stderr.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use goim_comet::registry::Registrar;
+use goim_comet::{listen, Comet, CometMetrics, Transport};
+use goim_discovery::lease::keep_registered;
+use goim_discovery::{CometRecord, CometState, JobRecord, Keys, LeaseHandle, WatchCache};
+use goim_job::etcd::EtcdComets;
+use goim_job::{Job, JobMetrics};
+use goim_logic::auth::JsonTokenAuth;
+use goim_logic::etcd::{EtcdNodes, EtcdOnline, JobRing};
+use goim_logic::http::{ops_router, router, Ready};
+use goim_logic::{Logic, LogicMetrics};
+use goim_proto::grpc::{balanced_channel, comet_server, job_server, logic_server, RemoteLogic};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// The host other roles should dial for a listener bound to `listen`.
+fn advertise(cfg: &Config, listen: SocketAddr) -> String {
+    if !cfg.cluster.advertise.is_empty() {
+        return cfg.cluster.advertise.clone();
+    }
+    if let Ok(ip) = std::env::var("POD_IP") {
+        if !ip.is_empty() {
+            return ip;
+        }
+    }
+    if !listen.ip().is_unspecified() {
+        return listen.ip().to_string();
+    }
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn ready_line(v: serde_json::Value) {
+    println!("{v}");
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    listen(addr)
+        .await
+        .with_context(|| format!("binding {what} on {addr}"))
+}
+
+fn spawn_http(listener: TcpListener, app: axum::Router, stop: CancellationToken) {
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+}
+
+fn spawn_grpc<S>(listener: TcpListener, svc: S, stop: CancellationToken)
+where
+    S: tower_service::Service<
+            axum::http::Request<tonic::body::Body>,
+            Response = axum::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    tokio::spawn(async move {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let served = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+}
+
+pub async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        r = tokio::signal::ctrl_c() => { r?; tracing::info!("SIGINT: shutting down") }
+    }
+    Ok(())
+}
+
+pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let mut client = goim_discovery::connect(&cfg.cluster.etcd)
+        .await
+        .context("etcd client")?;
+    let keys = Keys::new(&cfg.cluster.name);
+    let logic = Arc::new(RemoteLogic::new(
+        balanced_channel(&cfg.cluster.logic).context("logic endpoints")?,
+    ));
+    let mut registry = Registry::default();
+    let metrics = Arc::new(CometMetrics::default());
+    metrics.register(&mut registry);
+
+    let tcp = bind(&cfg.comet.tcp, "TCP").await?;
+    let ws = bind(&cfg.comet.ws, "WebSocket").await?;
+    let grpc = bind(&cfg.cluster.comet_grpc, "gRPC").await?;
+    let http = bind(&cfg.cluster.comet_http, "HTTP").await?;
+    let (tcp_a, ws_a, grpc_a, http_a) = (
+        tcp.local_addr()?,
+        ws.local_addr()?,
+        grpc.local_addr()?,
+        http.local_addr()?,
+    );
+
+    let comet = Comet::new(cfg.comet.clone(), logic, metrics);
+    let host = advertise(&cfg, grpc_a);
+    let record = CometRecord {
+        name: comet.name().to_string(),
+        grpc: format!("{host}:{}", grpc_a.port()),
+        tcp: format!("{}:{}", advertise(&cfg, tcp_a), tcp_a.port()),
+        ws: format!("{}:{}", advertise(&cfg, ws_a), ws_a.port()),
+        addrs: cfg.comet.addrs.clone(),
+        weight: cfg.comet.weight,
+        region: cfg.comet.region.clone(),
+        zone: cfg.comet.zone.clone(),
+        state: CometState::Active,
+    };
+    let lease = LeaseHandle::spawn(client.clone(), cfg.cluster.lease_ttl, stop.clone());
+    let registrar = Arc::new(Registrar {
+        comet: comet.clone(),
+        client: client.clone(),
+        keys,
+        record,
+        self_register: !cfg.cluster.operator_managed,
+        lease: lease.clone(),
+        load_interval: std::time::Duration::from_secs(5),
+    });
+    tokio::spawn(registrar.run(stop.clone()));
+    tokio::spawn(comet.clone().serve(tcp, Transport::Tcp));
+    tokio::spawn(comet.clone().serve(ws, Transport::WebSocket));
+    tokio::spawn(comet.clone().renew_online_loop());
+    spawn_grpc(grpc, comet_server(comet.clone()), stop.clone());
+    let l = lease.clone();
+    let ready: Ready = Arc::new(move || l.id() != 0);
+    spawn_http(http, ops_router(Arc::new(registry), ready), stop.clone());
+    ready_line(
+        json!({"role": "comet", "name": comet.name(), "tcp": tcp_a, "ws": ws_a, "grpc": grpc_a, "http": http_a}),
+    );
+    tracing::info!(name = comet.name(), tcp = %tcp_a, ws = %ws_a, grpc = %grpc_a, "comet started");
+
+    wait_for_signal().await?;
+    // Clients are closed and logic told; then the lease goes, taking this comet's keys.
+    comet.shutdown().await;
+    lease.revoke(&mut client).await;
+    stop.cancel();
+    Ok(())
+}
+
+pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let client = goim_discovery::connect(&cfg.cluster.etcd)
+        .await
+        .context("etcd client")?;
+    let keys = Keys::new(&cfg.cluster.name);
+    let comets = WatchCache::<CometRecord>::spawn(client.clone(), keys.comets(), stop.clone());
+    let loads = WatchCache::spawn(client.clone(), keys.loads(), stop.clone());
+    let jobs = WatchCache::<JobRecord>::spawn(client.clone(), keys.jobs(), stop.clone());
+    let online = Arc::new(EtcdOnline::new(
+        client.clone(),
+        keys,
+        loads.clone(),
+        stop.clone(),
+    ));
+    let ring = Arc::new(JobRing::new(jobs));
+    let mut registry = Registry::default();
+    let metrics = Arc::new(LogicMetrics::default());
+    metrics.register(&mut registry);
+
+    let http = bind(&cfg.logic.http, "HTTP").await?;
+    let grpc = bind(&cfg.cluster.logic_grpc, "gRPC").await?;
+    let (http_a, grpc_a) = (http.local_addr()?, grpc.local_addr()?);
+    let nodes = Arc::new(EtcdNodes {
+        comets: comets.clone(),
+        loads,
+    });
+    let logic = Arc::new(Logic::new(
+        cfg.logic,
+        Arc::new(JsonTokenAuth),
+        online.clone(),
+        ring.clone(),
+        nodes,
+        metrics,
+    ));
+    spawn_grpc(grpc, logic_server(logic.clone()), stop.clone());
+    let ready: Ready = Arc::new(move || online.synced() && ring.synced() && comets.synced());
+    spawn_http(http, router(logic, Arc::new(registry), ready), stop.clone());
+    ready_line(json!({"role": "logic", "http": http_a, "grpc": grpc_a}));
+    tracing::info!(http = %http_a, grpc = %grpc_a, "logic started");
+    wait_for_signal().await?;
+    stop.cancel();
+    Ok(())
+}
+
+pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let mut client = goim_discovery::connect(&cfg.cluster.etcd)
+        .await
+        .context("etcd client")?;
+    let keys = Keys::new(&cfg.cluster.name);
+    let comets = Arc::new(EtcdComets::new(WatchCache::spawn(
+        client.clone(),
+        keys.comets(),
+        stop.clone(),
+    )));
+    let mut registry = Registry::default();
+    let metrics = Arc::new(JobMetrics::default());
+    metrics.register(&mut registry);
+    let job = Arc::new(Job::new(cfg.job.clone(), comets.clone(), metrics));
+
+    let grpc = bind(&cfg.cluster.job_grpc, "gRPC").await?;
+    let http = bind(&cfg.cluster.job_http, "HTTP").await?;
+    let (grpc_a, http_a) = (grpc.local_addr()?, http.local_addr()?);
+    let id = if cfg.cluster.job_id.is_empty() {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "job".into())
+    } else {
+        cfg.cluster.job_id.clone()
+    };
+    let record = JobRecord {
+        id: id.clone(),
+        grpc: format!("{}:{}", advertise(&cfg, grpc_a), grpc_a.port()),
+    };
+    let lease = LeaseHandle::spawn(client.clone(), cfg.cluster.lease_ttl, stop.clone());
+    tokio::spawn(keep_registered(
+        client.clone(),
+        lease.clone(),
+        keys.job(&id),
+        serde_json::to_vec(&record)?,
+        stop.clone(),
+    ));
+    spawn_grpc(grpc, job_server(job), stop.clone());
+    let l = lease.clone();
+    let ready: Ready = Arc::new(move || l.id() != 0 && comets.synced());
+    spawn_http(http, ops_router(Arc::new(registry), ready), stop.clone());
+    ready_line(json!({"role": "job", "id": id, "grpc": grpc_a, "http": http_a}));
+    tracing::info!(%id, grpc = %grpc_a, "job started");
+    wait_for_signal().await?;
+    lease.revoke(&mut client).await;
+    stop.cancel();
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! Distributed mode's backends for logic: online state in etcd (every key on the owning comet's
+//! lease, writes batched into transactions), nodes from the etcd registry, and the job ring.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use goim_discovery::etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use goim_discovery::keys::RoomCounts;
+use goim_discovery::{
+    Client, CometRecord, CometState, JobRecord, Keys, LoadRecord, OnlineRecord, WatchCache,
+    MAX_TXN_OPS,
+};
+use goim_proto::grpc::{channel, RemoteJob};
+use goim_proto::job::PushReply;
+use goim_proto::logic::push_msg::Type as PushType;
+use goim_proto::logic::PushMsg;
+use goim_proto::service::JobService;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::nodes::{CometInstance, NodeSource};
+use crate::online::{KeysByServer, OnlineError, OnlineStore};
+
+fn unavailable(e: impl std::fmt::Display) -> OnlineError {
+    OnlineError::Unavailable(e.to_string())
+}
+
+/// A batch of puts from one Connect, and where to send the outcome.
+struct Write {
+    ops: Vec<TxnOp>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Online state in etcd.
+pub struct EtcdOnline {
+    client: Client,
+    keys: Keys,
+    loads: WatchCache<LoadRecord>,
+    rooms: WatchCache<RoomCounts>,
+    writes: mpsc::Sender<Write>,
+}
+
+impl EtcdOnline {
+    pub fn new(
+        client: Client,
+        keys: Keys,
+        loads: WatchCache<LoadRecord>,
+        stop: CancellationToken,
+    ) -> Self {
+        let rooms = WatchCache::spawn(client.clone(), keys.rooms_prefix(), stop.clone());
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(batch_writer(client.clone(), rx, stop));
+        EtcdOnline {
+            client,
+            keys,
+            loads,
+            rooms,
+            writes: tx,
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.rooms.synced() && self.loads.synced()
+    }
+
+    /// The lease a comet's state hangs on: the one its load record is written under.
+    fn lease_of(&self, server: &str) -> Option<i64> {
+        self.loads.get(server).map(|e| e.lease).filter(|&l| l != 0)
+    }
+}
+
+/// Many concurrent Connects become one transaction: whatever is queued when etcd is free goes
+/// in the next txn, up to etcd's 128 operations.
+async fn batch_writer(client: Client, mut rx: mpsc::Receiver<Write>, stop: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            w = rx.recv() => match w { Some(w) => w, None => return },
+        };
+        let mut batch = vec![first];
+        let mut n = batch[0].ops.len();
+        while let Ok(w) = rx.try_recv() {
+            if n + w.ops.len() > MAX_TXN_OPS {
+                // Keep it for the next round.
+                let (txn_ops, waiters) = take(&mut batch);
+                commit(&client, txn_ops, waiters).await;
+                n = 0;
+            }
+            n += w.ops.len();
+            batch.push(w);
+        }
+        let (txn_ops, waiters) = take(&mut batch);
+        commit(&client, txn_ops, waiters).await;
+    }
+}
+
+fn take(batch: &mut Vec<Write>) -> (Vec<TxnOp>, Vec<oneshot::Sender<Result<(), String>>>) {
+    let mut ops = Vec::new();
+    let mut waiters = Vec::new();
+    for w in batch.drain(..) {
+        ops.extend(w.ops);
+        waiters.push(w.done);
+    }
+    (ops, waiters)
+}
+
+async fn commit(
+    client: &Client,
+    ops: Vec<TxnOp>,
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+) {
+    if ops.is_empty() {
+        return;
+    }
+    let r = client
+        .clone()
+        .txn(Txn::new().and_then(ops))
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    for w in waiters {
+        let _ = w.send(r.clone());
+    }
+}
+
+/// Runs read operations in transactions of at most 128, returning every response in order.
+async fn read_all(client: &Client, ops: Vec<TxnOp>) -> Result<Vec<TxnOpResponse>, OnlineError> {
+    let mut out = Vec::with_capacity(ops.len());
+    let mut ops = ops.into_iter().peekable();
+    while ops.peek().is_some() {
+        let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
+        let r = client
+            .clone()
+            .txn(Txn::new().and_then(chunk))
+            .await
+            .map_err(unavailable)?;
+        out.extend(r.op_responses());
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl OnlineStore for EtcdOnline {
+    async fn add(&self, server: &str, mid: i64, key: &str, room: &str) -> Result<(), OnlineError> {
+        let lease = self
+            .lease_of(server)
+            .ok_or_else(|| unavailable(format!("comet {server} has no live lease in etcd")))?;
+        let rec = OnlineRecord {
+            mid,
+            comet: server.to_string(),
+            room: room.to_string(),
+        };
+        let value = serde_json::to_vec(&rec).map_err(unavailable)?;
+        let opts = || Some(PutOptions::new().with_lease(lease));
+        let mut ops = vec![TxnOp::put(self.keys.online_key(key), value, opts())];
+        if mid > 0 {
+            ops.push(TxnOp::put(self.keys.online_mid(mid, key), server, opts()));
+        }
+        let (done, wait) = oneshot::channel();
+        self.writes
+            .send(Write { ops, done })
+            .await
+            .map_err(|_| unavailable("online writer stopped"))?;
+        wait.await
+            .map_err(|_| unavailable("online writer stopped"))?
+            .map_err(unavailable)
+    }
+
+    async fn del(&self, server: &str, mid: i64, key: &str) -> Result<bool, OnlineError> {
+        // Keys on a dead comet's lease are already gone.
+        let Some(lease) = self.lease_of(server) else {
+            return Ok(false);
+        };
+        let mut ops = vec![TxnOp::delete(self.keys.online_key(key), None)];
+        if mid > 0 {
+            ops.push(TxnOp::delete(self.keys.online_mid(mid, key), None));
+        }
+        let txn = Txn::new()
+            .when([Compare::lease(
+                self.keys.online_key(key),
+                CompareOp::Equal,
+                lease,
+            )])
+            .and_then(ops);
+        let r = self.client.clone().txn(txn).await.map_err(unavailable)?;
+        Ok(r.succeeded())
+    }
+
+    async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError> {
+        let ops = keys
+            .iter()
+            .map(|k| TxnOp::get(self.keys.online_key(k), None))
+            .collect();
+        let mut out = KeysByServer::new();
+        for (key, resp) in keys.iter().zip(read_all(&self.client, ops).await?) {
+            let TxnOpResponse::Get(g) = resp else {
+                continue;
+            };
+            let Some(kv) = g.kvs().first() else { continue };
+            match serde_json::from_slice::<OnlineRecord>(kv.value()) {
+                Ok(rec) => out.entry(rec.comet).or_default().push(key.clone()),
+                Err(e) => tracing::warn!(%key, error = %e, "skipping invalid online record"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<KeysByServer, OnlineError> {
+        let ops = mids
+            .iter()
+            .map(|m| {
+                TxnOp::get(
+                    self.keys.online_mid_prefix(*m),
+                    Some(GetOptions::new().with_prefix()),
+                )
+            })
+            .collect();
+        let mut out = KeysByServer::new();
+        for (mid, resp) in mids.iter().zip(read_all(&self.client, ops).await?) {
+            let TxnOpResponse::Get(g) = resp else {
+                continue;
+            };
+            let prefix = self.keys.online_mid_prefix(*mid);
+            for kv in g.kvs() {
+                let (Ok(k), Ok(server)) = (
+                    std::str::from_utf8(kv.key()),
+                    std::str::from_utf8(kv.value()),
+                ) else {
+                    continue;
+                };
+                if let Some(key) = k.strip_prefix(&prefix) {
+                    out.entry(server.to_string())
+                        .or_default()
+                        .push(key.to_string());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn renew_rooms(
+        &self,
+        server: &str,
+        counts: HashMap<String, i32>,
+    ) -> Result<(), OnlineError> {
+        let lease = self
+            .lease_of(server)
+            .ok_or_else(|| unavailable(format!("comet {server} has no live lease in etcd")))?;
+        if self
+            .rooms
+            .get(server)
+            .is_some_and(|e| e.value == counts && e.lease == lease)
+        {
+            return Ok(());
+        }
+        let value = serde_json::to_vec(&counts).map_err(unavailable)?;
+        self.client
+            .clone()
+            .put(
+                self.keys.rooms(server),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {
+        let mut all: HashMap<String, i32> = HashMap::new();
+        for (_, e) in self.rooms.snapshot() {
+            for (room, n) in e.value {
+                *all.entry(room).or_default() += n;
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Comets from the registry and their load reports.
+#[derive(Clone)]
+pub struct EtcdNodes {
+    pub comets: WatchCache<CometRecord>,
+    pub loads: WatchCache<LoadRecord>,
+}
+
+impl NodeSource for EtcdNodes {
+    fn instances(&self) -> Vec<CometInstance> {
+        self.comets
+            .snapshot()
+            .into_iter()
+            .filter_map(|(name, e)| {
+                // A registered comet with no load report is not running (yet, or any more).
+                let load = self.loads.get(&name)?.value;
+                let r = e.value;
+                Some(CometInstance {
+                    name,
+                    region: r.region,
+                    zone: r.zone,
+                    grpc_addr: format!("grpc://{}", r.grpc),
+                    addrs: r.addrs,
+                    weight: r.weight,
+                    draining: r.state == CometState::Draining,
+                    conn_count: load.conn_count as i64,
+                    ip_count: load.ip_count as i64,
+                    updated: load.updated.saturating_mul(1_000_000),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Consistent hashing of pushes onto the registered jobs: one room's messages always go to the
+/// same job (so they keep their order and batch together); when jobs come and go only the
+/// rooms of the moved ring segments move.
+pub struct JobRing {
+    jobs: WatchCache<JobRecord>,
+    clients: Mutex<HashMap<String, (String, RemoteJob)>>,
+}
+
+/// Points per job on the ring.
+const VNODES: u32 = 64;
+
+fn ring_hash(s: &[u8]) -> u64 {
+    cityhasher::hash::<u64>(s)
+}
+
+/// Picks the owner of `route` among `ids` (sorted or not): the first ring point at or after the
+/// route's hash.
+pub fn ring_pick<'a>(ids: &'a [String], route: &str) -> Option<&'a String> {
+    let mut points: BTreeMap<u64, &String> = BTreeMap::new();
+    for id in ids {
+        for v in 0..VNODES {
+            points.insert(ring_hash(format!("{id}#{v}").as_bytes()), id);
+        }
+    }
+    let h = ring_hash(route.as_bytes());
+    points
+        .range(h..)
+        .next()
+        .or_else(|| points.iter().next())
+        .map(|(_, id)| *id)
+}
+
+impl JobRing {
+    pub fn new(jobs: WatchCache<JobRecord>) -> Self {
+        JobRing {
+            jobs,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.jobs.synced()
+    }
+
+    fn client_for(&self, route: &str) -> Result<RemoteJob, Status> {
+        let jobs = self.jobs.snapshot();
+        let ids: Vec<String> = jobs.iter().map(|(id, _)| id.clone()).collect();
+        let id = ring_pick(&ids, route)
+            .ok_or_else(|| Status::unavailable("no job registered in etcd"))?;
+        let addr = jobs
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, e)| e.value.grpc.clone())
+            .unwrap_or_default();
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.retain(|k, _| ids.contains(k));
+        if let Some((a, c)) = clients.get(id) {
+            if *a == addr {
+                return Ok(c.clone());
+            }
+        }
+        let ch = channel(&addr)
+            .map_err(|e| Status::unavailable(format!("job {id} address {addr}: {e}")))?;
+        let c = RemoteJob::new(ch);
+        clients.insert(id.clone(), (addr, c.clone()));
+        Ok(c)
+    }
+}
+
+/// What a push is routed by: the room, the first key, or the op (goim's Kafka keys).
+pub fn route_of(m: &PushMsg) -> String {
+    match PushType::try_from(m.r#type) {
+        Ok(PushType::Room) => m.room.clone(),
+        Ok(PushType::Push) => m.keys.first().cloned().unwrap_or_default(),
+        _ => m.operation.to_string(),
+    }
+}
+
+#[async_trait]
+impl JobService for JobRing {
+    async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
+        let job = self.client_for(&route_of(&msg))?;
+        job.push(msg).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_is_stable_and_moves_little() {
+        let two: Vec<String> = vec!["job-a".into(), "job-b".into()];
+        let three: Vec<String> = vec!["job-a".into(), "job-b".into(), "job-c".into()];
+        let rooms: Vec<String> = (0..1000).map(|i| format!("live://{i}")).collect();
+        let mut moved = 0;
+        let mut per = HashMap::new();
+        for r in &rooms {
+            let a = ring_pick(&two, r).unwrap();
+            assert_eq!(a, ring_pick(&two, r).unwrap());
+            let b = ring_pick(&three, r).unwrap();
+            *per.entry(b.clone()).or_insert(0) += 1;
+            if a != b {
+                moved += 1;
+                assert_eq!(b, "job-c", "a room only moves to the new job");
+            }
+        }
+        assert!(moved > 150 && moved < 550, "moved {moved}");
+        assert!(per.values().all(|&n| n > 150), "{per:?}");
+        assert!(ring_pick(&[], "x").is_none());
+    }
+}
