@@ -138,42 +138,69 @@ impl CometService for RemoteComet {
     }
 }
 
+/// Calls a comet keeps in flight to logic at once. A reconnect storm (or every client leaving
+/// at once) would otherwise open more HTTP/2 streams than the server allows (hyper: 200) and
+/// calls fail; past this they wait their turn instead.
+pub const LOGIC_IN_FLIGHT: usize = 128;
+
 /// A remote logic behind [`LogicService`]. `RenewOnline` goes gzip-compressed, as goim's
 /// comet sends it.
 #[derive(Clone)]
-pub struct RemoteLogic(LogicClient<Channel>);
+pub struct RemoteLogic {
+    client: LogicClient<Channel>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
 
 impl RemoteLogic {
     pub fn new(ch: Channel) -> Self {
-        RemoteLogic(
-            LogicClient::new(ch)
+        RemoteLogic {
+            client: LogicClient::new(ch)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE)
                 .accept_compressed(CompressionEncoding::Gzip),
-        )
+            in_flight: Arc::new(tokio::sync::Semaphore::new(LOGIC_IN_FLIGHT)),
+        }
+    }
+
+    async fn slot(
+        &self,
+    ) -> Result<(LogicClient<Channel>, tokio::sync::OwnedSemaphorePermit), Status> {
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("logic client closed"))?;
+        Ok((self.client.clone(), permit))
     }
 }
 
 #[async_trait]
 impl LogicService for RemoteLogic {
     async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, Status> {
-        Ok(self.0.clone().connect(req).await?.into_inner())
+        let (mut c, _p) = self.slot().await?;
+        Ok(c.connect(req).await?.into_inner())
     }
     async fn disconnect(&self, req: DisconnectReq) -> Result<DisconnectReply, Status> {
-        Ok(self.0.clone().disconnect(req).await?.into_inner())
+        let (mut c, _p) = self.slot().await?;
+        Ok(c.disconnect(req).await?.into_inner())
     }
     async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
-        Ok(self.0.clone().heartbeat(req).await?.into_inner())
+        let (mut c, _p) = self.slot().await?;
+        Ok(c.heartbeat(req).await?.into_inner())
     }
     async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, Status> {
-        let mut c = self.0.clone().send_compressed(CompressionEncoding::Gzip);
+        let (c, _p) = self.slot().await?;
+        let mut c = c.send_compressed(CompressionEncoding::Gzip);
         Ok(c.renew_online(req).await?.into_inner())
     }
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
-        Ok(self.0.clone().receive(req).await?.into_inner())
+        let (mut c, _p) = self.slot().await?;
+        Ok(c.receive(req).await?.into_inner())
     }
     async fn nodes(&self, req: NodesReq) -> Result<NodesReply, Status> {
-        Ok(self.0.clone().nodes(req).await?.into_inner())
+        let (mut c, _p) = self.slot().await?;
+        Ok(c.nodes(req).await?.into_inner())
     }
 }
 
