@@ -1,0 +1,96 @@
+//! CI smoke run of the harness against `goim standalone`: 1,000 connections, a few seconds of
+//! each scenario. It checks that messages arrived, never how fast.
+
+use std::net::SocketAddr;
+
+use goim::config::Config;
+use goim::standalone::Standalone;
+use goim_bench::scenario::{self, Target};
+use goim_bench::Conns;
+use goim_client::Transport;
+
+fn conns(addr: SocketAddr, t: Transport, prefix: &str, rooms: usize) -> Conns {
+    Conns {
+        addr,
+        transport: t,
+        count: 500,
+        parallel: 100,
+        rooms,
+        room_type: "smoke".into(),
+        key_prefix: prefix.into(),
+        source_base: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_delivers() {
+    let mut cfg = Config::default();
+    cfg.comet.tcp = "127.0.0.1:0".into();
+    cfg.comet.ws = "127.0.0.1:0".into();
+    cfg.logic.http = "127.0.0.1:0".into();
+    let s = Standalone::start(cfg).await.unwrap();
+    let pid = Some(std::process::id());
+
+    let (v, idle_clients) = scenario::idle(&conns(s.tcp, Transport::Tcp, "idle-", 0), pid)
+        .await
+        .unwrap();
+    assert_eq!(v["connections"], 500);
+    drop(idle_clients);
+
+    for (t, addr) in [(Transport::Tcp, s.tcp), (Transport::WebSocket, s.ws)] {
+        let v = scenario::fanout(
+            &conns(addr, t, &format!("room-{t:?}-"), 5),
+            Some(s.http),
+            Target::Rooms,
+            50,
+            1,
+            pid,
+        )
+        .await
+        .unwrap();
+        assert_eq!(v["delivered"], v["expected"], "{v}");
+        assert_eq!(v["expected"], 50 * 100);
+    }
+    let v = scenario::fanout(
+        &conns(s.tcp, Transport::Tcp, "key-", 0),
+        Some(s.http),
+        Target::Keys,
+        200,
+        1,
+        pid,
+    )
+    .await
+    .unwrap();
+    assert_eq!(v["delivered"], 200, "{v}");
+    assert!(v["latency_us"]["samples"].as_u64().unwrap() > 0);
+    let v = scenario::fanout(
+        &conns(s.tcp, Transport::Tcp, "all-", 0),
+        Some(s.http),
+        Target::All { speed: 0 },
+        5,
+        1,
+        pid,
+    )
+    .await
+    .unwrap();
+    assert_eq!(v["delivered"], 5 * 500, "{v}");
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_baseline_delivers() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(goim_bench::raw::serve(l, 20, 2));
+    let v = scenario::fanout(
+        &conns(addr, Transport::Tcp, "raw-", 0),
+        None,
+        Target::ServerDriven { rate: 20 },
+        20,
+        1,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(v["delivered"].as_u64().unwrap() > 0, "{v}");
+}
