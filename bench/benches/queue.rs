@@ -84,15 +84,21 @@ impl<I: Indices> Ring<I> {
 
 trait Queue: Send + Sync + 'static {
     fn push(&self, v: u64) -> bool;
-    fn pop(&self) -> Option<u64>;
+    /// Takes everything queued, as comet's writer does; returns the sum and count.
+    fn drain(&self) -> (u64, u64);
 }
 
 impl<I: Indices + 'static> Queue for Ring<I> {
     fn push(&self, v: u64) -> bool {
         Ring::push(self, v)
     }
-    fn pop(&self) -> Option<u64> {
-        Ring::pop(self)
+    fn drain(&self) -> (u64, u64) {
+        let (mut sum, mut n) = (0, 0);
+        while let Some(v) = self.pop() {
+            sum += v;
+            n += 1;
+        }
+        (sum, n)
     }
 }
 
@@ -107,8 +113,10 @@ impl Queue for Locked {
         q.push_back(v);
         true
     }
-    fn pop(&self) -> Option<u64> {
-        self.0.lock().unwrap().pop_front()
+    fn drain(&self) -> (u64, u64) {
+        // One lock for the whole batch, then sum outside it.
+        let q = std::mem::take(&mut *self.0.lock().unwrap());
+        (q.iter().sum(), q.len() as u64)
     }
 }
 
@@ -127,13 +135,12 @@ fn run(q: Arc<dyn Queue>) -> Duration {
     let mut sum = 0u64;
     let mut got = 0;
     while got < ITEMS {
-        match q.pop() {
-            Some(v) => {
-                sum += v;
-                got += 1;
-            }
-            None => std::hint::spin_loop(),
+        let (s, n) = q.drain();
+        if n == 0 {
+            std::hint::spin_loop();
         }
+        sum += s;
+        got += n;
     }
     p.join().unwrap();
     black_box(sum);

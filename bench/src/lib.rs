@@ -178,6 +178,15 @@ impl Sink {
             .collect()
     }
 
+    /// Forgets what arrived so far (connect phases of server-driven runs).
+    pub fn reset(&self) {
+        self.messages.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
+        if let Ok(mut h) = self.hist.lock() {
+            h.reset();
+        }
+    }
+
     pub fn received(&self) -> u64 {
         self.messages.load(Ordering::Relaxed)
     }

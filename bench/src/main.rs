@@ -223,7 +223,16 @@ async fn main() -> anyhow::Result<()> {
             rate,
             shards,
         } => {
-            let l = tokio::net::TcpListener::bind(&listen).await?;
+            let addr: SocketAddr = listen.parse()?;
+            let sock = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            sock.set_reuseaddr(true)?;
+            sock.bind(addr)?;
+            // The same deep accept queue comet uses, so connect storms compare fairly.
+            let l = sock.listen(8192)?;
             eprintln!("raw baseline on {}", l.local_addr()?);
             goim_bench::raw::serve(l, rate, shards).await?;
             return Ok(());

@@ -72,6 +72,7 @@ pub async fn fanout(
     let sink = Sink::new()?;
     let sample = (clients.len() / 1000).max(1);
     let readers = sink.attach(clients, sample);
+    sink.reset();
     let cpu = CpuMeter::start(pid);
     let start = Instant::now();
     let (pushes, expected) = match &target {

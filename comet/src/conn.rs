@@ -3,9 +3,11 @@
 //! queued pushes in one vectored write. An idle connection holds no read or write buffer.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,8 +25,9 @@ use crate::ws;
 /// Bytes read per readiness event before the loop yields to other work.
 const READ_BUDGET: usize = 64 * 1024;
 const READ_CHUNK: usize = 4096;
-/// Pushes per vectored write (each takes up to two slices; Linux allows 1024).
-const WRITE_BATCH: usize = 256;
+/// Pushes per vectored write (each takes up to two slices; Linux allows 1024). Kept small
+/// enough for the fast path's stack buffers.
+const WRITE_BATCH: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -81,6 +84,14 @@ impl Conn {
             return Err(ConnError::Eof);
         }
         self.stream.readable().await?;
+        self.read_ready(packets)
+    }
+
+    /// Reads what the socket has now (it was reported readable) and decodes it.
+    fn read_ready(&mut self, packets: &mut VecDeque<Packet>) -> Result<(), ConnError> {
+        if self.eof {
+            return Err(ConnError::Eof);
+        }
         let mut got = 0;
         while got < READ_BUDGET {
             self.rbuf.reserve(READ_CHUNK);
@@ -163,39 +174,89 @@ impl Conn {
 
     /// Writes pending replies and `pushes` with as few syscalls as the kernel allows.
     async fn flush(&mut self, mut pushes: VecDeque<Outgoing>) -> Result<(), ConnError> {
+        let items = pushes.make_contiguous();
+        let mut done = 0;
         loop {
-            let n = pushes.len().min(WRITE_BATCH);
-            let batch = pushes.drain(..n);
-            let mut prefixes: Vec<([u8; 26], usize)> = Vec::with_capacity(n);
-            let mut bodies: Vec<&Bytes> = Vec::with_capacity(n);
-            let items: Vec<Outgoing> = batch.collect();
-            for item in &items {
-                prefixes.push(prefix(self.transport, item));
-                bodies.push(match item {
-                    Outgoing::Raw(b) | Outgoing::Packet { body: b, .. } => b,
-                });
+            let batch = &items[done..(done + WRITE_BATCH).min(items.len())];
+            let total = self.out.len()
+                + batch
+                    .iter()
+                    .map(|i| prefix(self.transport, i).1 + body(i).len())
+                    .sum::<usize>();
+            // Fast path: one non-blocking writev from stack buffers, no allocation.
+            let written = self.write_now(batch)?;
+            if written < total {
+                self.write_rest(batch, written).await?;
             }
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * n);
             if !self.out.is_empty() {
-                slices.push(IoSlice::new(&self.out));
+                self.out = BytesMut::new();
             }
-            for ((p, len), body) in prefixes.iter().zip(&bodies) {
-                if *len > 0 {
-                    slices.push(IoSlice::new(&p[..*len]));
-                }
-                if !body.is_empty() {
-                    slices.push(IoSlice::new(body));
-                }
-            }
-            if !slices.is_empty() {
-                write_all(&self.stream, &mut slices, self.write_timeout).await?;
-            }
-            drop(slices);
-            self.out = BytesMut::new();
-            if pushes.is_empty() {
+            done += batch.len();
+            if done >= items.len() {
                 return Ok(());
             }
         }
+    }
+
+    /// One `writev` of the replies and `batch` (at most [`WRITE_BATCH`] items); returns the
+    /// bytes the kernel took (0 if the socket is full).
+    fn write_now(&self, batch: &[Outgoing]) -> io::Result<usize> {
+        let mut prefixes = [([0u8; 26], 0usize); WRITE_BATCH];
+        for (p, item) in prefixes.iter_mut().zip(batch) {
+            *p = prefix(self.transport, item);
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH + 1];
+        let mut n = 0;
+        if !self.out.is_empty() {
+            slices[n] = IoSlice::new(&self.out);
+            n += 1;
+        }
+        for ((p, len), item) in prefixes.iter().zip(batch) {
+            if *len > 0 {
+                slices[n] = IoSlice::new(&p[..*len]);
+                n += 1;
+            }
+            if !body(item).is_empty() {
+                slices[n] = IoSlice::new(body(item));
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        match self.stream.try_write_vectored(&slices[..n]) {
+            Ok(w) => Ok(w),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The slow path for a client that is not keeping up: the rest of the batch, waiting for
+    /// the socket within the write timeout.
+    async fn write_rest(&self, batch: &[Outgoing], skip: usize) -> Result<(), ConnError> {
+        let prefixes: Vec<([u8; 26], usize)> =
+            batch.iter().map(|i| prefix(self.transport, i)).collect();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * batch.len());
+        if !self.out.is_empty() {
+            slices.push(IoSlice::new(&self.out));
+        }
+        for ((p, len), item) in prefixes.iter().zip(batch) {
+            if *len > 0 {
+                slices.push(IoSlice::new(&p[..*len]));
+            }
+            if !body(item).is_empty() {
+                slices.push(IoSlice::new(body(item)));
+            }
+        }
+        let mut bufs = &mut slices[..];
+        IoSlice::advance_slices(&mut bufs, skip);
+        write_all(&self.stream, bufs, self.write_timeout).await
+    }
+}
+
+fn body(item: &Outgoing) -> &Bytes {
+    match item {
+        Outgoing::Raw(b) | Outgoing::Packet { body: b, .. } => b,
     }
 }
 
@@ -389,6 +450,8 @@ async fn run(
 ) -> Exit {
     let timer = sleep_until(Instant::now() + heartbeat);
     tokio::pin!(timer);
+    let notified = ch.notify.notified();
+    tokio::pin!(notified);
     let renew_every = {
         let base = comet.cfg.presence_renew;
         base + base.mul_f64(2.0 * fastrand::f64())
@@ -413,12 +476,31 @@ async fn run(
                 return Exit::Error(e);
             }
         }
-        tokio::select! {
-            biased;
-            _ = comet.shutdown.cancelled() => return Exit::Shutdown,
-            _ = ch.notify.notified() => {
+        // One hand-rolled poll instead of `select!`: the notification future lives across
+        // iterations and read readiness is polled directly, so a delivery costs no waiter
+        // registration on shared structures (shutdown closes channels one by one instead).
+        let event = std::future::poll_fn(|cx| {
+            if notified.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Notified);
+            }
+            if let Poll::Ready(r) = conn.stream.poll_read_ready(cx) {
+                return Poll::Ready(Event::Readable(r));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timeout);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Notified => {
+                notified.set(ch.notify.notified());
                 if ch.is_closed() {
-                    return if ch.was_kicked() { Exit::Kicked } else { Exit::Shutdown };
+                    return if ch.was_kicked() {
+                        Exit::Kicked
+                    } else {
+                        Exit::Shutdown
+                    };
                 }
                 let items = ch.take_queue();
                 if !items.is_empty() {
@@ -428,14 +510,23 @@ async fn run(
                     comet.metrics.writes.inc();
                 }
             }
-            r = conn.read(&mut pending) => {
-                if let Err(e) = r {
+            Event::Readable(r) => {
+                if let Err(e) = r
+                    .map_err(ConnError::from)
+                    .and_then(|()| conn.read_ready(&mut pending))
+                {
                     return Exit::Error(e);
                 }
             }
-            () = &mut timer => return Exit::Timeout,
+            Event::Timeout => return Exit::Timeout,
         }
     }
+}
+
+enum Event {
+    Notified,
+    Readable(io::Result<()>),
+    Timeout,
 }
 
 fn renew_presence(comet: &Arc<Comet>, ch: &Arc<Channel>) {

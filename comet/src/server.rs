@@ -233,6 +233,11 @@ impl Comet {
     /// Stops accepting, closes every client (each tells logic it is gone) and waits for them.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        // Connections do not watch the token (that would cost every delivery a waiter on a
+        // shared lock); each is closed through its own channel.
+        for ch in self.buckets.iter().flat_map(|b| b.channels()) {
+            ch.close(false);
+        }
         self.tasks.close();
         self.tasks.wait().await;
     }
