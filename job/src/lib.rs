@@ -36,6 +36,11 @@ pub struct JobConfig {
     pub room_batch_bytes: usize,
     /// Messages waiting per room before logic's push call waits (backpressure, not loss).
     pub room_queue: usize,
+    /// How long a room batch may wait for more messages after its first one. 0 (default):
+    /// flush as soon as the queue is empty, adding no latency. goim waits up to 1s, which
+    /// packs more messages per write at the cost of that latency.
+    #[serde(with = "humantime_serde")]
+    pub room_linger: Duration,
     /// A room's batcher exits after this long without messages (goim 15m).
     #[serde(with = "humantime_serde")]
     pub room_idle: Duration,
@@ -47,6 +52,7 @@ impl Default for JobConfig {
             room_batch: 20,
             room_batch_bytes: 64 * 1024,
             room_queue: 1024,
+            room_linger: Duration::ZERO,
             room_idle: Duration::from_secs(60),
         }
     }
@@ -258,6 +264,18 @@ async fn room_batcher(inner: Arc<Inner>, room: String, mut rx: mpsc::Receiver<Ro
         };
         let mut batch = vec![first];
         let mut bytes = batch[0].msg.len();
+        if !cfg.room_linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + cfg.room_linger;
+            while batch.len() < cfg.room_batch && bytes < cfg.room_batch_bytes {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(m)) => {
+                        bytes += m.msg.len();
+                        batch.push(m);
+                    }
+                    _ => break,
+                }
+            }
+        }
         while batch.len() < cfg.room_batch && bytes < cfg.room_batch_bytes {
             match rx.try_recv() {
                 Ok(m) => {
