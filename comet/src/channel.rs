@@ -40,6 +40,11 @@ pub enum Offer {
     Closed,
 }
 
+/// The queue is a `VecDeque` under the channel's mutex, drained whole by the connection's
+/// task. Measured against goim's SPSC ring (benches/queue.rs, 200k items, 2 vCPU): ring with
+/// indices on one line 8.2 ms, padded 9.7 ms, this mutex 75 ms when every item is contended.
+/// A ring cannot take comet's many producers, and at a few pushes per connection per second
+/// the lock is uncontended and cheap next to the writev; so the mutex stays.
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub queue: VecDeque<Outgoing>,
