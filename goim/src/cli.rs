@@ -31,6 +31,15 @@ pub enum Command {
     Logic(LogicArgs),
     /// Fans pushes out to the comets found in etcd.
     Job(JobArgs),
+    /// The PushCluster operator.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Print the PushCluster CRD as YAML.
+    Crd,
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,5 @@
 use clap::Parser;
-use goim::cli::{Cli, Command};
+use goim::cli::{Cli, Command, OperatorCommand};
 use goim::config::Config;
 use goim::distributed::{run_comet, run_job, run_logic, wait_for_signal};
 use goim::standalone::Standalone;
@@ -34,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
             args.apply(&mut cfg);
             run_job(cfg).await?;
         }
+        Command::Operator(OperatorCommand::Crd) => print!("{}", goim_operator::crd::crd_yaml()),
     }
     Ok(())
 }

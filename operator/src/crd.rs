@@ -1,0 +1,358 @@
+//! The `PushCluster` custom resource (`goim.rs/v1alpha1`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A goim-rs cluster: comets (StatefulSet), logic and job (Deployments), registered in etcd.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "goim.rs",
+    version = "v1alpha1",
+    kind = "PushCluster",
+    namespaced,
+    status = "PushClusterStatus",
+    shortname = "pc",
+    category = "push",
+    scale(
+        spec_replicas_path = ".spec.comet.replicas",
+        status_replicas_path = ".status.comet.replicas",
+        label_selector_path = ".status.comet.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Comets",
+        type_ = "integer",
+        json_path = ".status.comet.readyReplicas"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PushClusterSpec {
+    /// Container image holding the `goim` binary.
+    #[x_kube(validation = Rule::new("self != ''").message("image must not be empty"))]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    pub etcd: EtcdSpec,
+    #[serde(default)]
+    pub comet: CometSpec,
+    #[serde(default)]
+    pub logic: RoleSpec,
+    #[serde(default)]
+    pub job: RoleSpec,
+    #[serde(default)]
+    pub auth: AuthSpec,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdSpec {
+    /// etcd client endpoints (`host:port`).
+    #[schemars(length(min = 1))]
+    pub endpoints: Vec<String>,
+    /// Key prefix (`/goim/{prefix}/`); default the PushCluster's name. Immutable: changing it
+    /// would orphan every key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("etcd.prefix is immutable"))]
+    pub prefix: Option<String>,
+    /// Secret with `ca.crt`, `tls.crt` and `tls.key` for etcd client TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_ref: Option<SecretRef>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct SecretRef {
+    pub name: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.autoscale) || self.autoscale.max >= self.autoscale.min").message("autoscale.max must be >= autoscale.min"))]
+pub struct CometSpec {
+    #[serde(default = "default_comets")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ports: CometPorts,
+    /// Connection shards per comet (goim 32).
+    #[serde(default = "default_buckets")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub buckets: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// How clients reach the comets.
+    #[serde(default = "default_service_type")]
+    pub service_type: ServiceType,
+    /// How long a comet being removed may take to hand its clients over.
+    #[serde(default = "default_drain")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub drain_seconds: i32,
+    /// Scale on connections per pod, read from the comets' load reports in etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Autoscale {
+    #[schemars(range(min = 1))]
+    pub min: i32,
+    #[schemars(range(min = 1))]
+    pub max: i32,
+    #[schemars(range(min = 1))]
+    pub target_connections_per_pod: i64,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CometPorts {
+    #[serde(default = "p3101")]
+    pub tcp: i32,
+    #[serde(default = "p3102")]
+    pub ws: i32,
+    #[serde(default = "p3109")]
+    pub grpc: i32,
+    #[serde(default = "p3108")]
+    pub metrics: i32,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.replicas >= 1").message("at least one replica is required"))]
+pub struct RoleSpec {
+    #[serde(default = "default_role_replicas")]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// `json`: goim's development token, not verified.
+    #[serde(default = "default_auth")]
+    pub mode: AuthMode,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Json,
+}
+
+fn default_comets() -> i32 {
+    2
+}
+fn default_buckets() -> u32 {
+    32
+}
+fn default_service_type() -> ServiceType {
+    ServiceType::ClusterIP
+}
+fn default_drain() -> i32 {
+    30
+}
+fn default_role_replicas() -> i32 {
+    1
+}
+fn default_auth() -> AuthMode {
+    AuthMode::Json
+}
+fn p3101() -> i32 {
+    3101
+}
+fn p3102() -> i32 {
+    3102
+}
+fn p3109() -> i32 {
+    3109
+}
+fn p3108() -> i32 {
+    3108
+}
+
+impl Default for CometSpec {
+    fn default() -> Self {
+        CometSpec {
+            replicas: default_comets(),
+            ports: CometPorts::default(),
+            buckets: default_buckets(),
+            resources: None,
+            service_type: default_service_type(),
+            drain_seconds: default_drain(),
+            autoscale: None,
+        }
+    }
+}
+
+impl Default for CometPorts {
+    fn default() -> Self {
+        CometPorts {
+            tcp: 3101,
+            ws: 3102,
+            grpc: 3109,
+            metrics: 3108,
+        }
+    }
+}
+
+impl Default for RoleSpec {
+    fn default() -> Self {
+        RoleSpec {
+            replicas: default_role_replicas(),
+            resources: None,
+        }
+    }
+}
+
+impl Default for AuthSpec {
+    fn default() -> Self {
+        AuthSpec {
+            mode: default_auth(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PushClusterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub comet: CometStatus,
+    #[serde(default)]
+    pub logic: RoleStatus,
+    #[serde(default)]
+    pub job: RoleStatus,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CometStatus {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    /// Label selector of the comet pods, for the scale subresource and HPA.
+    pub selector: String,
+    /// Comet pods currently registered in etcd.
+    pub registered: i32,
+    /// Pods being drained before a scale-down.
+    #[serde(default)]
+    pub draining: Vec<String>,
+    /// When the current drain started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<String>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleStatus {
+    pub ready_replicas: i32,
+}
+
+/// Conditions as a list-map keyed by `type` (the upstream shape).
+fn conditions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": {
+            "type": "object",
+            "required": ["type", "status", "lastTransitionTime", "reason", "message"],
+            "properties": {
+                "type": {"type": "string"},
+                "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                "observedGeneration": {"type": "integer", "format": "int64"},
+                "lastTransitionTime": {"type": "string", "format": "date-time"},
+                "reason": {"type": "string"},
+                "message": {"type": "string"}
+            }
+        }
+    })
+}
+
+impl PushCluster {
+    /// etcd key prefix of this cluster.
+    pub fn etcd_prefix(&self) -> String {
+        self.spec
+            .etcd
+            .prefix
+            .clone()
+            .or_else(|| self.metadata.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Labels shared by everything of this cluster.
+    pub fn labels(&self, component: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/name".into(), "goim".into()),
+            (
+                "app.kubernetes.io/instance".into(),
+                self.metadata.name.clone().unwrap_or_default(),
+            ),
+            ("app.kubernetes.io/component".into(), component.into()),
+            (
+                "app.kubernetes.io/managed-by".into(),
+                "goim-operator".into(),
+            ),
+        ])
+    }
+}
+
+/// The CRD as YAML, as committed under `crds/`.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&PushCluster::crd()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `crds/pushcluster.yaml` is generated from these types; regenerate with
+    /// `goim operator crd > crds/pushcluster.yaml` when this fails.
+    #[test]
+    fn committed_crd_matches_types() {
+        let committed = include_str!("../../crds/pushcluster.yaml");
+        assert_eq!(committed, crd_yaml(), "crds/pushcluster.yaml is stale");
+    }
+
+    #[test]
+    fn crd_has_scale_printer_columns_and_cel() {
+        let y = crd_yaml();
+        for needle in [
+            "specReplicasPath: .spec.comet.replicas",
+            "labelSelectorPath: .status.comet.selector",
+            "shortNames:\n    - pc",
+            "- push",
+            "jsonPath: .status.comet.readyReplicas",
+            "rule: self == oldSelf",
+            "rule: self.replicas >= 1",
+            "x-kubernetes-list-type: map",
+        ] {
+            assert!(y.contains(needle), "missing {needle:?}");
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The goim-rs operator: reconciles `PushCluster` into comet, logic and job workloads and
+//! keeps the comets registered in etcd.
+
+pub mod builders;
+pub mod crd;
