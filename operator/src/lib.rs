@@ -3,3 +3,4 @@
 
 pub mod builders;
 pub mod crd;
+pub mod plan;

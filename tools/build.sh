@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds the real tools the control-plane tests need, at the versions pinned in go.mod, into a
+# cache outside the clone: kube-apiserver (k8s.io/kubernetes) and helm. etcd comes from
+# Debian's etcd-server. Prints the bin directory. Safe to run again (Go caches everything).
+set -euo pipefail
+cd "$(dirname "$0")"
+CACHE="${GOIM_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/goim-rs/go}"
+export GOPATH="$CACHE" GOMODCACHE="$CACHE/mod" GOCACHE="$CACHE/build" GOFLAGS=-mod=mod
+export CGO_ENABLED=0
+BIN="$CACHE/bin"
+mkdir -p "$BIN"
+build() {
+  local out=$1 pkg=$2
+  if [ ! -x "$BIN/$out" ] || [ go.mod -nt "$BIN/$out" ]; then
+    echo "tools: building $out" >&2
+    go build -trimpath -ldflags="-s -w" -o "$BIN/$out" "$pkg"
+  fi
+}
+build helm helm.sh/helm/v3/cmd/helm
+build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+echo "$BIN"
