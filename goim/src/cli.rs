@@ -40,6 +40,12 @@ pub enum Command {
 pub enum OperatorCommand {
     /// Print the PushCluster CRD as YAML.
     Crd,
+    /// Reconcile PushClusters (in-cluster config, or KUBECONFIG).
+    Run {
+        /// Watch one namespace only (default: all).
+        #[arg(long, env = "GOIM_OPERATOR_NAMESPACE")]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

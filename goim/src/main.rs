@@ -35,6 +35,10 @@ async fn main() -> anyhow::Result<()> {
             run_job(cfg).await?;
         }
         Command::Operator(OperatorCommand::Crd) => print!("{}", goim_operator::crd::crd_yaml()),
+        Command::Operator(OperatorCommand::Run { namespace }) => {
+            let client = kube::Client::try_default().await?;
+            goim_operator::controller::run(client, namespace).await?;
+        }
     }
     Ok(())
 }

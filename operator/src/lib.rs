@@ -2,5 +2,6 @@
 //! keeps the comets registered in etcd.
 
 pub mod builders;
+pub mod controller;
 pub mod crd;
 pub mod plan;

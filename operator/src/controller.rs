@@ -1,0 +1,493 @@
+//! The reconcile loop: build, server-side apply, drain before scale-down, register comet pods
+//! in etcd, report status. Shaped after kube-rs's controller-rs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use goim_discovery::etcd_client::{DeleteOptions, GetOptions, Txn, TxnOp};
+use goim_discovery::{CometRecord, Keys, LoadRecord};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::builders::{build, comet_selector, name};
+use crate::crd::PushCluster;
+use crate::plan::{self, CometPod};
+
+pub const MANAGER: &str = "goim-operator";
+pub const FINALIZER: &str = "pushclusters.goim.rs/etcd-cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("etcd: {0}")]
+    Etcd(String),
+    #[error("finalizer: {0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("invalid PushCluster: {0}")]
+    Invalid(String),
+}
+
+pub struct Context {
+    pub client: Client,
+    pub reporter: Reporter,
+    /// One etcd client per endpoint list, reused across reconciles.
+    etcd: Mutex<HashMap<Vec<String>, goim_discovery::Client>>,
+}
+
+impl Context {
+    pub fn new(client: Client) -> Self {
+        Context {
+            client,
+            reporter: Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+            etcd: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn etcd(&self, endpoints: &[String]) -> Result<goim_discovery::Client, Error> {
+        if let Some(c) = self
+            .etcd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(endpoints)
+        {
+            return Ok(c.clone());
+        }
+        let c = goim_discovery::connect(endpoints)
+            .await
+            .map_err(|e| Error::Etcd(e.to_string()))?;
+        self.etcd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(endpoints.to_vec(), c.clone());
+        Ok(c)
+    }
+}
+
+async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?)
+}
+
+fn now_secs() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+/// Entry point per PushCluster: the finalizer wraps apply and cleanup.
+pub async fn reconcile(pc: Arc<PushCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = pc.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<PushCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, pc, |event| async {
+        match event {
+            Finalizer::Apply(pc) => apply_cluster(&pc, &ctx).await,
+            Finalizer::Cleanup(pc) => cleanup(&pc, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn load_records(
+    etcd: &goim_discovery::Client,
+    keys: &Keys,
+) -> Result<(BTreeMap<String, CometRecord>, HashMap<String, u64>), Error> {
+    let mut etcd = etcd.clone();
+    let comets = etcd
+        .get(keys.comets(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| Error::Etcd(e.to_string()))?;
+    let mut actual = BTreeMap::new();
+    for kv in comets.kvs() {
+        let name = kv
+            .key_str()
+            .unwrap_or_default()
+            .trim_start_matches(&keys.comets())
+            .to_string();
+        // An unreadable record is replaced on the next put, or deleted as stale.
+        actual.insert(name, serde_json::from_slice(kv.value()).unwrap_or_default());
+    }
+    let loads = etcd
+        .get(keys.loads(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| Error::Etcd(e.to_string()))?;
+    let mut conns = HashMap::new();
+    for kv in loads.kvs() {
+        let name = kv
+            .key_str()
+            .unwrap_or_default()
+            .trim_start_matches(&keys.loads())
+            .to_string();
+        if let Ok(l) = serde_json::from_slice::<LoadRecord>(kv.value()) {
+            conns.insert(name, l.conn_count);
+        }
+    }
+    Ok((actual, conns))
+}
+
+async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error> {
+    let client = ctx.client.clone();
+    let ns = pc.namespace().unwrap_or_else(|| "default".into());
+    if pc.spec.etcd.endpoints.is_empty() {
+        return Err(Error::Invalid("spec.etcd.endpoints is empty".into()));
+    }
+    let objs = build(pc);
+    apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+        &objs.config,
+    )
+    .await?;
+    for s in [
+        &objs.comet_headless,
+        &objs.comet_service,
+        &objs.logic_service,
+        &objs.job_service,
+    ] {
+        apply(&Api::<Service>::namespaced(client.clone(), &ns), s).await?;
+    }
+    apply(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+        &objs.comet_pdb,
+    )
+    .await?;
+    let deploys = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let logic = apply(&deploys, &objs.logic).await?;
+    let job = apply(&deploys, &objs.job).await?;
+
+    // etcd: read what is registered and the comets' load, plan the drain.
+    let keys = Keys::new(&pc.etcd_prefix());
+    let mut status = pc.status.clone().unwrap_or_default();
+    let now = Time(jiff::Timestamp::now());
+    let gen = pc.metadata.generation;
+    let etcd = ctx.etcd(&pc.spec.etcd.endpoints).await;
+    let registry = match &etcd {
+        Ok(c) => load_records(c, &keys).await,
+        Err(e) => Err(Error::Etcd(e.to_string())),
+    };
+    let stss = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    let current = stss
+        .get_opt(&name(pc, "comet"))
+        .await?
+        .and_then(|s| s.spec.and_then(|s| s.replicas))
+        .unwrap_or(0);
+    let (plan, etcd_error) = match &registry {
+        Ok((_, conns)) => {
+            let total: u64 = conns.values().sum();
+            let desired = plan::desired_comets(pc, total);
+            let since = status
+                .comet
+                .draining_since
+                .as_deref()
+                .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+                .map(|t| t.as_second());
+            let p = plan::drain(
+                &name(pc, "comet"),
+                current,
+                desired,
+                since,
+                now_secs(),
+                i64::from(pc.spec.comet.drain_seconds),
+                |pod| conns.get(pod).copied(),
+            );
+            (p, None)
+        }
+        // Without etcd no drain can be observed: grow if asked, never shrink.
+        Err(e) => (
+            plan::DrainPlan {
+                replicas: current.max(pc.spec.comet.replicas),
+                draining: Vec::new(),
+                since: None,
+            },
+            Some(e.to_string()),
+        ),
+    };
+    let mut sts = objs.comet.clone();
+    if let Some(spec) = sts.spec.as_mut() {
+        spec.replicas = Some(plan.replicas);
+    }
+    let sts = apply(&stss, &sts).await?;
+
+    // Register ready comet pods, draining ones marked, stale ones removed, in one transaction.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&comet_selector(pc)))
+        .await?;
+    let comet_pods: Vec<CometPod> = pods
+        .items
+        .iter()
+        .map(|p| CometPod {
+            name: p.name_any(),
+            ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+            ready: p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            terminating: p.metadata.deletion_timestamp.is_some(),
+        })
+        .collect();
+    let desired_records = plan::desired_records(pc, &comet_pods, &plan.draining);
+    let mut etcd_error = etcd_error;
+    if let (Ok(c), Ok((actual, _))) = (&etcd, &registry) {
+        let diff = plan::etcd_diff(&desired_records, actual);
+        let mut ops: Vec<TxnOp> = diff
+            .put
+            .iter()
+            .map(|(k, v)| {
+                TxnOp::put(
+                    keys.comet(k),
+                    serde_json::to_vec(v).unwrap_or_default(),
+                    None,
+                )
+            })
+            .collect();
+        ops.extend(
+            diff.delete
+                .iter()
+                .map(|k| TxnOp::delete(keys.comet(k), None)),
+        );
+        for chunk in ops.chunks(goim_discovery::MAX_TXN_OPS) {
+            if let Err(e) = c.clone().txn(Txn::new().and_then(chunk.to_vec())).await {
+                etcd_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+
+    // Status.
+    let sts_status = sts.status.clone().unwrap_or_default();
+    let ready = sts_status.ready_replicas.unwrap_or(0);
+    let rollout_done = sts_status.observed_generation == sts.metadata.generation
+        && sts_status.updated_replicas.unwrap_or(0) >= plan.replicas;
+    let ready_of = |d: &Deployment| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+    };
+    status.observed_generation = gen;
+    status.comet.replicas = sts_status.replicas;
+    status.comet.ready_replicas = ready;
+    status.comet.selector = comet_selector(pc);
+    status.comet.registered = desired_records.len() as i32;
+    status.comet.draining = plan.draining.clone();
+    status.comet.draining_since = plan
+        .since
+        .and_then(|s| jiff::Timestamp::from_second(s).ok())
+        .map(|t| t.to_string());
+    status.logic.ready_replicas = ready_of(&logic);
+    status.job.ready_replicas = ready_of(&job);
+    let all_ready = ready >= plan.replicas
+        && status.logic.ready_replicas >= 1
+        && status.job.ready_replicas >= 1
+        && etcd_error.is_none();
+    let mut changed = Vec::new();
+    let conds = &mut status.conditions;
+    if plan::set_condition(
+        conds,
+        "EtcdRegistered",
+        etcd_error.is_none(),
+        if etcd_error.is_none() {
+            "Registered"
+        } else {
+            "EtcdUnavailable"
+        },
+        etcd_error.as_deref().unwrap_or(""),
+        gen,
+        &now,
+    ) {
+        changed.push(("EtcdRegistered", etcd_error.is_none()));
+    }
+    let progressing = !rollout_done || !plan.draining.is_empty();
+    plan::set_condition(
+        conds,
+        "Progressing",
+        progressing,
+        if plan.draining.is_empty() {
+            "RollingOut"
+        } else {
+            "Draining"
+        },
+        "",
+        gen,
+        &now,
+    );
+    if plan::set_condition(
+        conds,
+        "Degraded",
+        etcd_error.is_some(),
+        if etcd_error.is_some() {
+            "EtcdUnavailable"
+        } else {
+            "AsExpected"
+        },
+        etcd_error.as_deref().unwrap_or(""),
+        gen,
+        &now,
+    ) {
+        changed.push(("Degraded", etcd_error.is_some()));
+    }
+    if plan::set_condition(
+        conds,
+        "Ready",
+        all_ready,
+        if all_ready { "AllReady" } else { "NotReady" },
+        &format!("comets {ready}/{}", plan.replicas),
+        gen,
+        &now,
+    ) {
+        changed.push(("Ready", all_ready));
+    }
+    let api: Api<PushCluster> = Api::namespaced(client.clone(), &ns);
+    api.patch_status(
+        &pc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await?;
+    let recorder = Recorder::new(client.clone(), ctx.reporter.clone());
+    let oref = pc.object_ref(&());
+    for (cond, value) in changed {
+        let warn = (cond == "Degraded" && value) || (cond != "Degraded" && !value);
+        let ev = Event {
+            type_: if warn {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: format!("{cond}{}", if value { "True" } else { "False" }),
+            note: etcd_error.clone().filter(|_| warn),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &oref).await {
+            tracing::warn!(error = %e, "event publish failed");
+        }
+    }
+    // etcd is outside the watch: resync periodically; faster while draining or degraded.
+    Ok(if !plan.draining.is_empty() || etcd_error.is_some() {
+        Action::requeue(Duration::from_secs(2))
+    } else {
+        Action::requeue(Duration::from_secs(30))
+    })
+}
+
+/// On delete: remove the cluster's etcd prefix; Kubernetes garbage-collects the owned objects.
+async fn cleanup(pc: &PushCluster, ctx: &Context) -> Result<Action, Error> {
+    let keys = Keys::new(&pc.etcd_prefix());
+    let mut etcd = ctx.etcd(&pc.spec.etcd.endpoints).await?;
+    etcd.delete(keys.cluster(), Some(DeleteOptions::new().with_prefix()))
+        .await
+        .map_err(|e| Error::Etcd(e.to_string()))?;
+    tracing::info!(cluster = %pc.name_any(), prefix = %keys.cluster(), "etcd prefix removed");
+    Ok(Action::await_change())
+}
+
+pub fn error_policy(pc: Arc<PushCluster>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(cluster = %pc.name_any(), error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Fails fast (with a clear message) unless the CRD is installed and established.
+pub async fn check_crd(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = crds.get_opt("pushclusters.goim.rs").await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "CRD pushclusters.goim.rs is not installed (helm install the chart, or apply crds/)"
+        )
+    })?;
+    let established = crd.status.and_then(|s| s.conditions).is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+    });
+    anyhow::ensure!(
+        established,
+        "CRD pushclusters.goim.rs is not established yet"
+    );
+    Ok(())
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(client: Client, namespace: Option<String>) -> anyhow::Result<()> {
+    check_crd(&client).await?;
+    let (pcs, stss, deps, svcs, cms, pdbs, pods) = match &namespace {
+        Some(ns) => (
+            Api::<PushCluster>::namespaced(client.clone(), ns),
+            Api::<StatefulSet>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+            Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+            Api::<Pod>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=goim-operator");
+    let ctx = Arc::new(Context::new(client));
+    Controller::new(pcs, watcher::Config::default())
+        .owns(stss, managed.clone())
+        .owns(deps, managed.clone())
+        .owns(svcs, managed.clone())
+        .owns(cms, managed.clone())
+        .owns(pdbs, managed.clone())
+        // Comet pods belong to the StatefulSet; map them back to their PushCluster so
+        // readiness changes re-register them in etcd.
+        .watches(
+            pods,
+            watcher::Config::default()
+                .labels("app.kubernetes.io/component=comet,app.kubernetes.io/name=goim"),
+            |pod: Pod| {
+                let name = pod.labels().get("app.kubernetes.io/instance").cloned();
+                let ns = pod.namespace();
+                name.into_iter().map(move |n| {
+                    let r = ObjectRef::<PushCluster>::new(&n);
+                    match &ns {
+                        Some(ns) => r.within(ns),
+                        None => r,
+                    }
+                })
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(cluster = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    Ok(())
+}
