@@ -337,6 +337,8 @@ mod tests {
     fn committed_crd_matches_types() {
         let committed = include_str!("../../crds/pushcluster.yaml");
         assert_eq!(committed, crd_yaml(), "crds/pushcluster.yaml is stale");
+        let chart = include_str!("../../charts/goim/crds/pushcluster.yaml");
+        assert_eq!(chart, crd_yaml(), "charts/goim/crds/pushcluster.yaml is stale");
     }
 
     #[test]
