@@ -338,7 +338,11 @@ mod tests {
         let committed = include_str!("../../crds/pushcluster.yaml");
         assert_eq!(committed, crd_yaml(), "crds/pushcluster.yaml is stale");
         let chart = include_str!("../../charts/goim/crds/pushcluster.yaml");
-        assert_eq!(chart, crd_yaml(), "charts/goim/crds/pushcluster.yaml is stale");
+        assert_eq!(
+            chart,
+            crd_yaml(),
+            "charts/goim/crds/pushcluster.yaml is stale"
+        );
     }
 
     #[test]

@@ -1,0 +1,470 @@
+//! The control-plane tier: a real kube-apiserver (built by tools/build.sh) on a real etcd,
+//! the chart installed with a real helm, the operator reconciling against it. There is no
+//! kubelet or controller-manager: tests play their part (pods, their readiness) where needed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use goim_discovery::etcd_client::GetOptions;
+use goim_operator::crd::PushCluster;
+use goim_testkit::{free_port, wait_until, Etcd};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, ResourceExt as _};
+use serde_json::json;
+
+const ADMIN_TOKEN: &str = "goim-test-admin-token";
+
+struct ControlPlane {
+    etcd: Etcd,
+    _apiserver: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    helm: PathBuf,
+}
+
+fn tools_bin() -> PathBuf {
+    std::env::var_os("GOIM_TOOLS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                });
+            cache.join("goim-rs/go/bin")
+        })
+}
+
+fn kubeconfig_text(port: u16, token: &str, name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context: {{cluster: test, user: {name}}}\ncurrent-context: test\n"
+    )
+}
+
+/// Written once at start-up (helm reads it); clients are built from the text in memory.
+fn kubeconfig(dir: &Path, port: u16, token: &str, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, kubeconfig_text(port, token, name)).unwrap();
+    path
+}
+
+/// One control plane per test binary, with the chart installed once.
+fn control_plane() -> &'static ControlPlane {
+    static CP: OnceLock<ControlPlane> = OnceLock::new();
+    CP.get_or_init(|| {
+        let bin = tools_bin();
+        let apiserver = bin.join("kube-apiserver");
+        let helm = bin.join("helm");
+        assert!(
+            apiserver.exists() && helm.exists(),
+            "kube-apiserver and helm are built by tools/build.sh into {} (scripts/test.sh runs it)",
+            bin.display()
+        );
+        let etcd = Etcd::start();
+        let dir = tempfile::tempdir().unwrap();
+        let sa_key = dir.path().join("sa.key");
+        let ok = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&sa_key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "openssl genrsa");
+        std::fs::write(
+            dir.path().join("tokens.csv"),
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("apiserver.log")).unwrap();
+        let child = Command::new(&apiserver)
+            .arg(format!("--etcd-servers=http://{}", etcd.endpoint()))
+            .arg(format!("--secure-port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--cert-dir={}", dir.path().join("certs").display()))
+            .arg(format!(
+                "--token-auth-file={}",
+                dir.path().join("tokens.csv").display()
+            ))
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg(format!("--service-account-key-file={}", sa_key.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                sa_key.display()
+            ))
+            .arg("--service-cluster-ip-range=10.96.0.0/24")
+            // No controller-manager creates default service accounts here.
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let admin = kubeconfig(dir.path(), port, ADMIN_TOKEN, "admin");
+        wait_until("kube-apiserver ready", || {
+            Command::new(&helm)
+                .args(["--kubeconfig"])
+                .arg(&admin)
+                .args(["list", "-A"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/goim");
+        let out = Command::new(&helm)
+            .arg("--kubeconfig")
+            .arg(&admin)
+            .args(["install", "goim"])
+            .arg(&chart)
+            .args(["--namespace", "goim-system", "--create-namespace"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "helm install: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ControlPlane {
+            etcd,
+            _apiserver: child,
+            dir,
+            port,
+            helm,
+        }
+    })
+}
+
+async fn client_for(cp: &ControlPlane, token: &str, name: &str) -> Client {
+    let kc = Kubeconfig::from_yaml(&kubeconfig_text(cp.port, token, name)).unwrap();
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(cfg).unwrap()
+}
+
+async fn admin() -> Client {
+    client_for(control_plane(), ADMIN_TOKEN, "admin").await
+}
+
+async fn namespace(c: &Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    let _ = Api::<Namespace>::all(c.clone())
+        .create(&PostParams::default(), &ns)
+        .await;
+}
+
+fn cluster(name: &str, etcd: &str, comets: i32) -> PushCluster {
+    serde_json::from_value(json!({
+        "apiVersion": "goim.rs/v1alpha1",
+        "kind": "PushCluster",
+        "metadata": {"name": name},
+        "spec": {"image": "goim:test", "etcd": {"endpoints": [etcd]}, "comet": {"replicas": comets, "drainSeconds": 600}}
+    }))
+    .unwrap()
+}
+
+/// Polls an async condition every 50 ms for up to 60 s.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_installs_and_crd_is_established() {
+    let c = admin().await;
+    goim_operator::controller::check_crd(&c).await.unwrap();
+    let out = Command::new(&control_plane().helm)
+        .arg("--kubeconfig")
+        .arg(control_plane().dir.path().join("admin.kubeconfig"))
+        .args(["status", "goim", "-n", "goim-system"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("STATUS: deployed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_rejected_by_schema_and_cel() {
+    let c = admin().await;
+    namespace(&c, "invalid").await;
+    let api: Api<PushCluster> = Api::namespaced(c.clone(), "invalid");
+    let base = serde_json::to_value(cluster("bad", "127.0.0.1:1", 1)).unwrap();
+    let cases: Vec<(&str, serde_json::Value)> = vec![
+        ("empty image", json!({"image": ""})),
+        ("no etcd endpoints", json!({"etcd": {"endpoints": []}})),
+        ("negative comets", json!({"comet": {"replicas": -1}})),
+        ("zero logic", json!({"logic": {"replicas": 0}})),
+        (
+            "autoscale max < min",
+            json!({"comet": {"autoscale": {"min": 3, "max": 2, "targetConnectionsPerPod": 10}}}),
+        ),
+        (
+            "unknown service type",
+            json!({"comet": {"serviceType": "Ingress"}}),
+        ),
+    ];
+    for (what, patch) in cases {
+        let mut obj = base.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            obj["spec"][k] = v.clone();
+        }
+        let pc: Result<PushCluster, _> = serde_json::from_value(obj.clone());
+        // Some cases cannot even be typed; send them raw.
+        let created = match pc {
+            Ok(pc) => api.create(&PostParams::default(), &pc).await.map(|_| ()),
+            Err(_) => Api::<kube::core::DynamicObject>::namespaced_with(
+                c.clone(),
+                "invalid",
+                &kube::core::ApiResource::erase::<PushCluster>(&()),
+            )
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(obj).unwrap(),
+            )
+            .await
+            .map(|_| ()),
+        };
+        let err = created.expect_err(what);
+        assert!(
+            matches!(&err, kube::Error::Api(s) if s.code == 422),
+            "{what}: {err}"
+        );
+    }
+    // etcd.prefix cannot change once set.
+    let mut pc = cluster("fixed", "127.0.0.1:1", 1);
+    pc.spec.etcd.prefix = Some("one".into());
+    api.create(&PostParams::default(), &pc).await.unwrap();
+    let err = api
+        .patch(
+            "fixed",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"etcd": {"prefix": "two"}}})),
+        )
+        .await
+        .expect_err("prefix change");
+    assert!(err.to_string().contains("immutable"), "{err}");
+}
+
+async fn owned_by(c: &Client, ns: &str, pc: &str) -> bool {
+    let owner = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        m.owner_references.as_ref().is_some_and(|o| {
+            o.iter()
+                .any(|r| r.kind == "PushCluster" && r.name == pc && r.controller == Some(true))
+        })
+    };
+    let sts = Api::<StatefulSet>::namespaced(c.clone(), ns)
+        .get_opt(&format!("{pc}-comet"))
+        .await
+        .ok()
+        .flatten();
+    let logic = Api::<Deployment>::namespaced(c.clone(), ns)
+        .get_opt(&format!("{pc}-logic"))
+        .await
+        .ok()
+        .flatten();
+    let job = Api::<Deployment>::namespaced(c.clone(), ns)
+        .get_opt(&format!("{pc}-job"))
+        .await
+        .ok()
+        .flatten();
+    let cm = Api::<ConfigMap>::namespaced(c.clone(), ns)
+        .get_opt(&format!("{pc}-config"))
+        .await
+        .ok()
+        .flatten();
+    let pdb = Api::<PodDisruptionBudget>::namespaced(c.clone(), ns)
+        .get_opt(&format!("{pc}-comet"))
+        .await
+        .ok()
+        .flatten();
+    let svcs = Api::<Service>::namespaced(c.clone(), ns);
+    let mut ok = sts.is_some_and(|o| owner(&o.metadata))
+        && logic.is_some_and(|o| owner(&o.metadata))
+        && job.is_some_and(|o| owner(&o.metadata))
+        && cm.is_some_and(|o| owner(&o.metadata))
+        && pdb.is_some_and(|o| owner(&o.metadata));
+    for s in ["comet", "comet-headless", "logic", "job"] {
+        ok &= svcs
+            .get_opt(&format!("{pc}-{s}"))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|o| owner(&o.metadata));
+    }
+    ok
+}
+
+async fn ready_pod(c: &Client, ns: &str, pc: &str, i: usize) {
+    let name = format!("{pc}-comet-{i}");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {
+            "app.kubernetes.io/name": "goim", "app.kubernetes.io/instance": pc,
+            "app.kubernetes.io/component": "comet"}},
+        "spec": {"containers": [{"name": "comet", "image": "goim:test"}]}
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    // Play the kubelet: the pod runs and is ready.
+    let status = json!({"status": {"phase": "Running", "podIP": format!("10.1.0.{}", i + 1),
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .unwrap();
+}
+
+async fn etcd_get(endpoint: &str, key: &str, prefix: bool) -> Vec<(String, serde_json::Value)> {
+    let mut e = goim_discovery::connect(&[endpoint.to_string()])
+        .await
+        .unwrap();
+    let opts = prefix.then(|| GetOptions::new().with_prefix());
+    let r = e.get(key, opts).await.unwrap();
+    r.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_string(),
+                serde_json::from_slice(kv.value()).unwrap_or(json!(null)),
+            )
+        })
+        .collect()
+}
+
+async fn sts_replicas(c: &Client, ns: &str, name: &str) -> Option<i32> {
+    Api::<StatefulSet>::namespaced(c.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| s.spec.and_then(|s| s.replicas))
+}
+
+/// Reconcile, status, scale subresource, drain, etcd registration and the finalizer, with the
+/// operator running as the chart's ServiceAccount (so the chart's RBAC is what is tested).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
+    let cp = control_plane();
+    let c = admin().await;
+    let ns = "lifecycle";
+    namespace(&c, ns).await;
+    // A token for the chart's ServiceAccount.
+    let sas: Api<ServiceAccount> = Api::namespaced(c.clone(), "goim-system");
+    let tr: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}})).unwrap();
+    let tr: TokenRequest = sas
+        .create_subresource("token", "goim-goim", &PostParams::default(), &tr)
+        .await
+        .unwrap();
+    let token = tr.status.unwrap().token;
+    let sa_client = client_for(cp, &token, "operator").await;
+    let op = tokio::spawn(goim_operator::controller::run(sa_client, None));
+
+    let etcd = cp.etcd.endpoint();
+    let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+    pcs.create(&PostParams::default(), &cluster("demo", &etcd, 2))
+        .await
+        .unwrap();
+    eventually("every object created and owned", || {
+        owned_by(&c, ns, "demo")
+    })
+    .await;
+    eventually("status follows generation", || async {
+        let pc = pcs.get("demo").await.unwrap();
+        let st = pc.status.clone().unwrap_or_default();
+        st.observed_generation == pc.metadata.generation
+            && st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "EtcdRegistered" && c.status == "True")
+            && st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False")
+            && pc
+                .finalizers()
+                .iter()
+                .any(|f| f == goim_operator::controller::FINALIZER)
+    })
+    .await;
+    // A spec change moves observedGeneration.
+    pcs.patch(
+        "demo",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"logic": {"replicas": 2}}})),
+    )
+    .await
+    .unwrap();
+    eventually("observedGeneration follows the change", || async {
+        let pc = pcs.get("demo").await.unwrap();
+        pc.status.and_then(|s| s.observed_generation) == pc.metadata.generation
+    })
+    .await;
+    let logic = Api::<Deployment>::namespaced(c.clone(), ns)
+        .get("demo-logic")
+        .await
+        .unwrap();
+    assert_eq!(logic.spec.unwrap().replicas, Some(2));
+
+    // Ready comet pods get registered in etcd.
+    ready_pod(&c, ns, "demo", 0).await;
+    ready_pod(&c, ns, "demo", 1).await;
+    eventually("both comets registered", || async {
+        etcd_get(&etcd, "/goim/demo/comets/", true).await.len() == 2
+    })
+    .await;
+
+    // kubectl scale through the scale subresource; comet-1 still has clients, so it drains.
+    let mut e = goim_discovery::connect(&[etcd.clone()]).await.unwrap();
+    e.put("/goim/demo/load/demo-comet-1", r#"{"conn_count":5}"#, None)
+        .await
+        .unwrap();
+    pcs.patch_scale(
+        "demo",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 1}})),
+    )
+    .await
+    .unwrap();
+    eventually("comet-1 marked draining, replicas held", || async {
+        let rec = etcd_get(&etcd, "/goim/demo/comets/demo-comet-1", false).await;
+        let st = pcs.get("demo").await.unwrap().status.unwrap_or_default();
+        rec.first().is_some_and(|(_, v)| v["state"] == "draining")
+            && st.comet.draining == vec!["demo-comet-1".to_string()]
+            && sts_replicas(&c, ns, "demo-comet").await == Some(2)
+    })
+    .await;
+    // Its clients have left: the StatefulSet shrinks.
+    e.put("/goim/demo/load/demo-comet-1", r#"{"conn_count":0}"#, None)
+        .await
+        .unwrap();
+    eventually("scaled down after the drain", || async {
+        sts_replicas(&c, ns, "demo-comet").await == Some(1)
+    })
+    .await;
+
+    // Delete: the finalizer clears the etcd prefix, then lets the object go.
+    pcs.delete("demo", &DeleteParams::default()).await.unwrap();
+    eventually("PushCluster gone", || async {
+        pcs.get_opt("demo").await.unwrap().is_none()
+    })
+    .await;
+    assert!(etcd_get(&etcd, "/goim/demo/", true).await.is_empty());
+    op.abort();
+}
