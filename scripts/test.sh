@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The project's test command: installs what the tests need, then runs every test tier that
-# this machine can run.
+# The project's test command: installs what the tests need (protoc, etcd, openssl), builds the
+# pinned control-plane tools (kube-apiserver, helm) into a cache, then runs every test tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/goim-rs/target}"
-scripts/setup.sh etcd-server
+scripts/setup.sh etcd-server openssl
+if ! command -v go >/dev/null 2>&1; then
+  echo "test: Go (1.24 or newer) is needed to build kube-apiserver and helm for the control-plane tests" >&2
+  exit 1
+fi
+GOIM_TOOLS_BIN="$(tools/build.sh)"
+export GOIM_TOOLS_BIN
 cargo test --workspace --locked
