@@ -1,11 +1,13 @@
 //! Distributed mode: separate comet, logic and job processes, real etcd, real clients.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::cluster::{wait_until, Etcd, Role};
+use cluster::{wait_until, Etcd, Role};
 use common::within;
 use goim_client::{token, Client, Transport};
 use serde_json::Value;

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use goim_discovery::etcd_client::{DeleteOptions, GetOptions, Txn, TxnOp};
 use goim_discovery::{CometRecord, Keys, LoadRecord};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -156,6 +156,23 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     if pc.spec.etcd.endpoints.is_empty() {
         return Err(Error::Invalid("spec.etcd.endpoints is empty".into()));
     }
+    let secret_problem = match &pc.spec.etcd.tls_secret_ref {
+        None => None,
+        Some(r) => match Api::<Secret>::namespaced(client.clone(), &ns)
+            .get_opt(&r.name)
+            .await?
+        {
+            None => Some((
+                "MissingSecret",
+                format!("etcd TLS secret {:?} not found", r.name),
+            )),
+            Some(_) => Some((
+                "EtcdTLSNotSupported",
+                "spec.etcd.tlsSecretRef is not supported yet; use a plain-text etcd endpoint"
+                    .to_string(),
+            )),
+        },
+    };
     let objs = build(pc);
     apply(
         &Api::<ConfigMap>::namespaced(client.clone(), &ns),
@@ -301,10 +318,36 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         .map(|t| t.to_string());
     status.logic.ready_replicas = ready_of(&logic);
     status.job.ready_replicas = ready_of(&job);
+    // What the schema cannot catch, first one wins: etcd, the TLS secret, images.
+    let image_error = pods.items.iter().find_map(|p| {
+        p.status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .iter()
+            .find_map(|c| {
+                let w = c.state.as_ref()?.waiting.as_ref()?;
+                let reason = w.reason.as_deref()?;
+                matches!(
+                    reason,
+                    "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName"
+                )
+                .then(|| {
+                    format!(
+                        "{}: {reason}: {}",
+                        p.name_any(),
+                        w.message.clone().unwrap_or_default()
+                    )
+                })
+            })
+    });
+    let problem: Option<(&str, String)> = secret_problem
+        .or_else(|| etcd_error.clone().map(|e| ("EtcdUnavailable", e)))
+        .or_else(|| image_error.map(|e| ("ImagePullError", e)));
     let all_ready = ready >= plan.replicas
         && status.logic.ready_replicas >= 1
         && status.job.ready_replicas >= 1
-        && etcd_error.is_none();
+        && problem.is_none();
     let mut changed = Vec::new();
     let conds = &mut status.conditions;
     if plan::set_condition(
@@ -339,17 +382,13 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     if plan::set_condition(
         conds,
         "Degraded",
-        etcd_error.is_some(),
-        if etcd_error.is_some() {
-            "EtcdUnavailable"
-        } else {
-            "AsExpected"
-        },
-        etcd_error.as_deref().unwrap_or(""),
+        problem.is_some(),
+        problem.as_ref().map_or("AsExpected", |p| p.0),
+        problem.as_ref().map_or("", |p| p.1.as_str()),
         gen,
         &now,
     ) {
-        changed.push(("Degraded", etcd_error.is_some()));
+        changed.push(("Degraded", problem.is_some()));
     }
     if plan::set_condition(
         conds,
@@ -362,6 +401,12 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     ) {
         changed.push(("Ready", all_ready));
     }
+    // Retry a degraded cluster with backoff: half the time it has been degraded, 2 s to 60 s.
+    let degraded_for = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded" && c.status == "True")
+        .map(|c| (now.0.as_second() - c.last_transition_time.0.as_second()).max(0) as u64);
     let api: Api<PushCluster> = Api::namespaced(client.clone(), &ns);
     api.patch_status(
         &pc.name_any(),
@@ -380,7 +425,10 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
                 EventType::Normal
             },
             reason: format!("{cond}{}", if value { "True" } else { "False" }),
-            note: etcd_error.clone().filter(|_| warn),
+            note: problem
+                .as_ref()
+                .map(|p| format!("{}: {}", p.0, p.1))
+                .filter(|_| warn),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -389,7 +437,9 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         }
     }
     // etcd is outside the watch: resync periodically; faster while draining or degraded.
-    Ok(if !plan.draining.is_empty() || etcd_error.is_some() {
+    Ok(if let Some(age) = degraded_for {
+        Action::requeue(Duration::from_secs((age / 2).clamp(2, 60)))
+    } else if !plan.draining.is_empty() {
         Action::requeue(Duration::from_secs(2))
     } else {
         Action::requeue(Duration::from_secs(30))

@@ -431,7 +431,9 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     .await;
 
     // kubectl scale through the scale subresource; comet-1 still has clients, so it drains.
-    let mut e = goim_discovery::connect(&[etcd.clone()]).await.unwrap();
+    let mut e = goim_discovery::connect(std::slice::from_ref(&etcd))
+        .await
+        .unwrap();
     e.put("/goim/demo/load/demo-comet-1", r#"{"conn_count":5}"#, None)
         .await
         .unwrap();
@@ -466,5 +468,77 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     })
     .await;
     assert!(etcd_get(&etcd, "/goim/demo/", true).await.is_empty());
+    op.abort();
+}
+
+fn condition(pc: &PushCluster, type_: &str) -> Option<(String, String)> {
+    pc.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// Problems the schema cannot catch set Degraded with a reason and a Warning event, and one
+/// bad PushCluster does not hold up the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn problems_degrade_one_cluster_without_blocking_others() {
+    let cp = control_plane();
+    let c = admin().await;
+    let ns = "degraded";
+    namespace(&c, ns).await;
+    let op = tokio::spawn(goim_operator::controller::run(c.clone(), Some(ns.into())));
+    let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+    let etcd = cp.etcd.endpoint();
+    pcs.create(
+        &PostParams::default(),
+        &cluster("no-etcd", "127.0.0.1:1", 1),
+    )
+    .await
+    .unwrap();
+    let mut no_secret = cluster("no-secret", &etcd, 1);
+    no_secret.spec.etcd.tls_secret_ref = Some(goim_operator::crd::SecretRef {
+        name: "absent".into(),
+    });
+    pcs.create(&PostParams::default(), &no_secret)
+        .await
+        .unwrap();
+    pcs.create(&PostParams::default(), &cluster("good", &etcd, 1))
+        .await
+        .unwrap();
+    eventually("each cluster reports its own state", || async {
+        let get = |n: &'static str| {
+            let pcs = pcs.clone();
+            async move { pcs.get(n).await.unwrap() }
+        };
+        let (a, b, g) = (
+            get("no-etcd").await,
+            get("no-secret").await,
+            get("good").await,
+        );
+        condition(&a, "Degraded") == Some(("True".into(), "EtcdUnavailable".into()))
+            && condition(&b, "Degraded") == Some(("True".into(), "MissingSecret".into()))
+            && condition(&g, "Degraded") == Some(("False".into(), "AsExpected".into()))
+            && condition(&g, "EtcdRegistered") == Some(("True".into(), "Registered".into()))
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), ns);
+    eventually("a Warning event on the broken cluster", || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("no-etcd")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("EtcdUnavailable"))
+            })
+    })
+    .await;
     op.abort();
 }

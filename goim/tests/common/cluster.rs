@@ -2,7 +2,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
@@ -12,7 +11,6 @@ pub use goim_testkit::{wait_until, Etcd};
 pub struct Role {
     pub ready: Value,
     child: Child,
-    pub log: PathBuf,
 }
 
 impl Role {
@@ -36,7 +34,7 @@ impl Role {
                 std::fs::read_to_string(&log).unwrap_or_default()
             )
         });
-        Role { ready, child, log }
+        Role { ready, child }
     }
 
     pub fn addr(&self, what: &str) -> SocketAddr {
@@ -45,14 +43,6 @@ impl Role {
 
     pub fn kill(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    pub fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
         let _ = self.child.wait();
     }
 }

@@ -114,5 +114,3 @@ pub async fn push_ok(s: &Standalone, path: &str, body: &[u8]) {
     let v = api(s, "POST", path, body).await;
     assert_eq!(v["code"], 0, "{path}: {v}");
 }
-
-pub mod cluster;
