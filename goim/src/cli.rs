@@ -45,6 +45,15 @@ pub enum OperatorCommand {
         /// Watch one namespace only (default: all).
         #[arg(long, env = "GOIM_OPERATOR_NAMESPACE")]
         namespace: Option<String>,
+        /// /metrics, /healthz, /readyz listen address.
+        #[arg(long, env = "GOIM_HTTP", default_value = "0.0.0.0:8080")]
+        http: String,
+        /// Run without leader election (one replica only).
+        #[arg(long, env = "GOIM_NO_LEADER_ELECTION")]
+        no_leader_election: bool,
+        /// Namespace of the leader-election Lease (default: POD_NAMESPACE, else "default").
+        #[arg(long, env = "POD_NAMESPACE")]
+        lease_namespace: Option<String>,
     },
 }
 

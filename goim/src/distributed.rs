@@ -11,7 +11,7 @@ use goim_comet::{listen, Comet, CometMetrics, Transport};
 use goim_discovery::lease::keep_registered;
 use goim_discovery::{CometRecord, CometState, JobRecord, Keys, LeaseHandle, WatchCache};
 use goim_job::etcd::EtcdComets;
-use goim_job::{Job, JobMetrics};
+use goim_job::{CometDirectory, Job, JobMetrics};
 use goim_logic::auth::JsonTokenAuth;
 use goim_logic::etcd::{EtcdNodes, EtcdOnline, JobRing};
 use goim_logic::http::{ops_router, router, Ready};
@@ -252,8 +252,17 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     ));
     spawn_grpc(grpc, job_server(job), stop.clone());
     let l = lease.clone();
-    let ready: Ready = Arc::new(move || l.id() != 0 && comets.synced());
-    spawn_http(http, ops_router(Arc::new(registry), ready), stop.clone());
+    let c = comets.clone();
+    let ready: Ready = Arc::new(move || l.id() != 0 && c.synced());
+    // Which comets this job sees, for operators and tests.
+    let app = ops_router(Arc::new(registry), ready).route(
+        "/comets",
+        axum::routing::get(move || {
+            let names: Vec<String> = comets.all().into_iter().map(|(n, _)| n).collect();
+            async move { axum::Json(names) }
+        }),
+    );
+    spawn_http(http, app, stop.clone());
     ready_line(json!({"role": "job", "id": id, "grpc": grpc_a, "http": http_a}));
     tracing::info!(%id, grpc = %grpc_a, "job started");
     wait_for_signal().await?;

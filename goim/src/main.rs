@@ -35,10 +35,52 @@ async fn main() -> anyhow::Result<()> {
             run_job(cfg).await?;
         }
         Command::Operator(OperatorCommand::Crd) => print!("{}", goim_operator::crd::crd_yaml()),
-        Command::Operator(OperatorCommand::Run { namespace }) => {
-            let client = kube::Client::try_default().await?;
-            goim_operator::controller::run(client, namespace).await?;
-        }
+        Command::Operator(OperatorCommand::Run {
+            namespace,
+            http,
+            no_leader_election,
+            lease_namespace,
+        }) => run_operator(namespace, &http, no_leader_election, lease_namespace).await?,
     }
     Ok(())
+}
+
+async fn run_operator(
+    namespace: Option<String>,
+    http: &str,
+    no_leader_election: bool,
+    lease_namespace: Option<String>,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let client = kube::Client::try_default().await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(goim_operator::metrics::Metrics::default());
+    metrics.register(&mut registry);
+    let listener = goim_comet::listen(http).await?;
+    let app = goim_logic::http::ops_router(Arc::new(registry), Arc::new(|| true));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "goim-operator".into())
+    });
+    let election = (!no_leader_election).then(|| {
+        goim_operator::leader::Election::new(
+            client.clone(),
+            lease_namespace.as_deref().unwrap_or("default"),
+            "goim-operator",
+            &identity,
+            std::time::Duration::from_secs(15),
+        )
+    });
+    let opts = goim_operator::controller::Options {
+        namespace,
+        metrics,
+        election,
+    };
+    goim_operator::controller::run(client, opts).await
 }

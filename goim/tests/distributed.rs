@@ -106,6 +106,15 @@ impl Cluster {
         wait_until("logic ready", || {
             http_status(c.logic.addr("http"), "/readyz") == 200
         });
+        // Every job must know every comet before pushes are expected to reach them.
+        for j in &c.jobs {
+            let addr = j.addr("http");
+            wait_until("job sees every comet", || {
+                blocking_get_json(addr, "/comets")
+                    .as_array()
+                    .is_some_and(|a| a.len() == n)
+            });
+        }
         c
     }
 
@@ -160,6 +169,19 @@ async fn raw_http(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+fn blocking_get_json(addr: SocketAddr, path: &str) -> Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        match raw_http(addr, "GET", path, b"").await {
+            Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
+            _ => Value::Null,
+        }
+    })
 }
 
 fn blocking_api(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Value {

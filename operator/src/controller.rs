@@ -25,6 +25,8 @@ use serde_json::json;
 
 use crate::builders::{build, comet_selector, name};
 use crate::crd::PushCluster;
+use crate::leader::Election;
+use crate::metrics::{ErrorKind, Metrics};
 use crate::plan::{self, CometPod};
 
 pub const MANAGER: &str = "goim-operator";
@@ -45,14 +47,16 @@ pub enum Error {
 pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
+    pub metrics: Arc<Metrics>,
     /// One etcd client per endpoint list, reused across reconciles.
     etcd: Mutex<HashMap<Vec<String>, goim_discovery::Client>>,
 }
 
 impl Context {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
         Context {
             client,
+            metrics,
             reporter: Reporter {
                 controller: MANAGER.into(),
                 instance: std::env::var("POD_NAME").ok(),
@@ -99,8 +103,27 @@ fn now_secs() -> i64 {
     jiff::Timestamp::now().as_second()
 }
 
+impl Error {
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kubernetes",
+            Error::Etcd(_) => "etcd",
+            Error::Finalizer(_) => "finalizer",
+            Error::Invalid(_) => "invalid",
+        }
+    }
+}
+
 /// Entry point per PushCluster: the finalizer wraps apply and cleanup.
 pub async fn reconcile(pc: Arc<PushCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = std::time::Instant::now();
+    ctx.metrics.reconciles.inc();
+    let r = reconcile_inner(pc, ctx.clone()).await;
+    ctx.metrics.duration.observe(start.elapsed().as_secs_f64());
+    r
+}
+
+async fn reconcile_inner(pc: Arc<PushCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = pc.namespace().unwrap_or_else(|| "default".into());
     let api: Api<PushCluster> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, pc, |event| async {
@@ -316,6 +339,8 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         .since
         .and_then(|s| jiff::Timestamp::from_second(s).ok())
         .map(|t| t.to_string());
+    ctx.metrics.registered.set(desired_records.len() as i64);
+    ctx.metrics.draining.set(plan.draining.len() as i64);
     status.logic.ready_replicas = ready_of(&logic);
     status.job.ready_replicas = ready_of(&job);
     // What the schema cannot catch, first one wins: etcd, the TLS secret, images.
@@ -457,8 +482,12 @@ async fn cleanup(pc: &PushCluster, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-pub fn error_policy(pc: Arc<PushCluster>, err: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(pc: Arc<PushCluster>, err: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(cluster = %pc.name_any(), error = %err, "reconcile failed");
+    ctx.metrics
+        .failures
+        .get_or_create(&ErrorKind { kind: err.kind() })
+        .inc();
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -481,9 +510,60 @@ pub async fn check_crd(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the controller until SIGTERM/SIGINT.
-pub async fn run(client: Client, namespace: Option<String>) -> anyhow::Result<()> {
+/// How the controller runs.
+pub struct Options {
+    /// Watch one namespace (default: all).
+    pub namespace: Option<String>,
+    pub metrics: Arc<Metrics>,
+    /// Lease-based leader election; `None` runs unconditionally (tests, single replica).
+    pub election: Option<Election>,
+}
+
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs the controller until SIGTERM/SIGINT or, with an election, until leadership is lost
+/// (then it returns an error so the process exits and restarts clean).
+pub async fn run(client: Client, opts: Options) -> anyhow::Result<()> {
     check_crd(&client).await?;
+    if let Some(e) = &opts.election {
+        e.acquire().await;
+        opts.metrics.leader.set(1);
+    }
+    let lost = Arc::new(tokio::sync::Notify::new());
+    // The controller wants a Sync shutdown future; the watching happens in a task.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    {
+        let (lost, election) = (lost.clone(), opts.election.clone());
+        tokio::spawn(async move {
+            match election {
+                Some(e) => {
+                    tokio::select! {
+                        _ = signal() => e.release().await,
+                        _ = e.hold() => lost.notify_one(),
+                    }
+                }
+                None => signal().await,
+            }
+            let _ = tx.send(());
+        });
+    }
+    let stop = async move {
+        let _ = rx.await;
+    };
+    let namespace = opts.namespace;
     let (pcs, stss, deps, svcs, cms, pdbs, pods) = match &namespace {
         Some(ns) => (
             Api::<PushCluster>::namespaced(client.clone(), ns),
@@ -505,7 +585,7 @@ pub async fn run(client: Client, namespace: Option<String>) -> anyhow::Result<()
         ),
     };
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=goim-operator");
-    let ctx = Arc::new(Context::new(client));
+    let ctx = Arc::new(Context::new(client, opts.metrics.clone()));
     Controller::new(pcs, watcher::Config::default())
         .owns(stss, managed.clone())
         .owns(deps, managed.clone())
@@ -530,7 +610,7 @@ pub async fn run(client: Client, namespace: Option<String>) -> anyhow::Result<()
                 })
             },
         )
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             match res {
@@ -539,5 +619,13 @@ pub async fn run(client: Client, namespace: Option<String>) -> anyhow::Result<()
             }
         })
         .await;
+    opts.metrics.leader.set(0);
+    // The stop future has finished: either a signal (fine) or lost leadership.
+    if tokio::time::timeout(Duration::ZERO, lost.notified())
+        .await
+        .is_ok()
+    {
+        anyhow::bail!("lost leadership");
+    }
     Ok(())
 }

@@ -4,4 +4,6 @@
 pub mod builders;
 pub mod controller;
 pub mod crd;
+pub mod leader;
+pub mod metrics;
 pub mod plan;

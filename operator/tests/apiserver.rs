@@ -27,6 +27,35 @@ struct ControlPlane {
     dir: tempfile::TempDir,
     port: u16,
     helm: PathBuf,
+    kubectl: PathBuf,
+}
+
+impl ControlPlane {
+    /// Runs kubectl as the admin with `stdin` piped in; returns success, stdout and stderr.
+    fn kubectl(&self, args: &[&str], stdin: &str) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(self.dir.path().join("admin.kubeconfig"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
 }
 
 fn tools_bin() -> PathBuf {
@@ -62,9 +91,10 @@ fn control_plane() -> &'static ControlPlane {
         let bin = tools_bin();
         let apiserver = bin.join("kube-apiserver");
         let helm = bin.join("helm");
+        let kubectl = bin.join("kubectl");
         assert!(
-            apiserver.exists() && helm.exists(),
-            "kube-apiserver and helm are built by tools/build.sh into {} (scripts/test.sh runs it)",
+            apiserver.exists() && helm.exists() && kubectl.exists(),
+            "kube-apiserver, kubectl and helm are built by tools/build.sh into {} (scripts/test.sh runs it)",
             bin.display()
         );
         let etcd = Etcd::start();
@@ -139,6 +169,7 @@ fn control_plane() -> &'static ControlPlane {
             dir,
             port,
             helm,
+            kubectl,
         }
     })
 }
@@ -206,6 +237,19 @@ async fn invalid_specs_are_rejected_by_schema_and_cel() {
     let c = admin().await;
     namespace(&c, "invalid").await;
     let api: Api<PushCluster> = Api::namespaced(c.clone(), "invalid");
+    // As a user would: kubectl apply, refused by the schema and CEL with the reason shown.
+    let (ok, _, err) = control_plane().kubectl(
+        &["apply", "-n", "invalid", "-f", "-"],
+        "apiVersion: goim.rs/v1alpha1\nkind: PushCluster\nmetadata: {name: viakubectl}\nspec:\n  image: \"\"\n  etcd: {endpoints: []}\n  logic: {replicas: 0}\n",
+    );
+    assert!(!ok, "kubectl apply accepted an invalid spec");
+    for reason in [
+        "image must not be empty",
+        "at least one replica is required",
+        "spec.etcd.endpoints",
+    ] {
+        assert!(err.contains(reason), "{reason:?} not in: {err}");
+    }
     let base = serde_json::to_value(cluster("bad", "127.0.0.1:1", 1)).unwrap();
     let cases: Vec<(&str, serde_json::Value)> = vec![
         ("empty image", json!({"image": ""})),
@@ -374,7 +418,7 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
         .unwrap();
     let token = tr.status.unwrap().token;
     let sa_client = client_for(cp, &token, "operator").await;
-    let op = tokio::spawn(goim_operator::controller::run(sa_client, None));
+    let op = tokio::spawn(goim_operator::controller::run(sa_client, opts(None)));
 
     let etcd = cp.etcd.endpoint();
     let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
@@ -437,13 +481,8 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     e.put("/goim/demo/load/demo-comet-1", r#"{"conn_count":5}"#, None)
         .await
         .unwrap();
-    pcs.patch_scale(
-        "demo",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"replicas": 1}})),
-    )
-    .await
-    .unwrap();
+    let (ok, _, err) = cp.kubectl(&["scale", "-n", ns, "pushcluster/demo", "--replicas=1"], "");
+    assert!(ok, "kubectl scale: {err}");
     eventually("comet-1 marked draining, replicas held", || async {
         let rec = etcd_get(&etcd, "/goim/demo/comets/demo-comet-1", false).await;
         let st = pcs.get("demo").await.unwrap().status.unwrap_or_default();
@@ -471,6 +510,31 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     op.abort();
 }
 
+fn opts(namespace: Option<String>) -> goim_operator::controller::Options {
+    goim_operator::controller::Options {
+        namespace,
+        metrics: Default::default(),
+        election: None,
+    }
+}
+
+/// Two candidates, one lease: only one leads; after it releases, the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_operator_leads() {
+    let c = admin().await;
+    let ns = "leader";
+    namespace(&c, ns).await;
+    let d = Duration::from_secs(30);
+    let a = goim_operator::leader::Election::new(c.clone(), ns, "goim-operator", "a", d);
+    let b = goim_operator::leader::Election::new(c.clone(), ns, "goim-operator", "b", d);
+    assert!(a.try_acquire().await.unwrap());
+    assert!(!b.try_acquire().await.unwrap());
+    assert!(a.try_acquire().await.unwrap(), "the holder renews");
+    a.release().await;
+    assert!(b.try_acquire().await.unwrap());
+    assert!(!a.try_acquire().await.unwrap());
+}
+
 fn condition(pc: &PushCluster, type_: &str) -> Option<(String, String)> {
     pc.status
         .as_ref()?
@@ -488,7 +552,10 @@ async fn problems_degrade_one_cluster_without_blocking_others() {
     let c = admin().await;
     let ns = "degraded";
     namespace(&c, ns).await;
-    let op = tokio::spawn(goim_operator::controller::run(c.clone(), Some(ns.into())));
+    let op = tokio::spawn(goim_operator::controller::run(
+        c.clone(),
+        opts(Some(ns.into())),
+    ));
     let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
     let etcd = cp.etcd.endpoint();
     pcs.create(
