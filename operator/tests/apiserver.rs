@@ -574,6 +574,29 @@ async fn problems_degrade_one_cluster_without_blocking_others() {
     pcs.create(&PostParams::default(), &cluster("good", &etcd, 1))
         .await
         .unwrap();
+    pcs.create(&PostParams::default(), &cluster("bad-image", &etcd, 1))
+        .await
+        .unwrap();
+    // Play the kubelet: bad-image's comet cannot pull its image.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "bad-image-comet-0", "labels": {
+            "app.kubernetes.io/name": "goim", "app.kubernetes.io/instance": "bad-image",
+            "app.kubernetes.io/component": "comet"}},
+        "spec": {"containers": [{"name": "comet", "image": "goim:test"}]}
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let waiting = json!({"status": {"phase": "Pending", "containerStatuses": [{
+        "name": "comet", "image": "goim:test", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}}}]}});
+    pods.patch_status(
+        "bad-image-comet-0",
+        &PatchParams::default(),
+        &Patch::Merge(waiting),
+    )
+    .await
+    .unwrap();
     eventually("each cluster reports its own state", || async {
         let get = |n: &'static str| {
             let pcs = pcs.clone();
@@ -584,10 +607,12 @@ async fn problems_degrade_one_cluster_without_blocking_others() {
             get("no-secret").await,
             get("good").await,
         );
+        let i = get("bad-image").await;
         condition(&a, "Degraded") == Some(("True".into(), "EtcdUnavailable".into()))
             && condition(&b, "Degraded") == Some(("True".into(), "MissingSecret".into()))
             && condition(&g, "Degraded") == Some(("False".into(), "AsExpected".into()))
             && condition(&g, "EtcdRegistered") == Some(("True".into(), "Registered".into()))
+            && condition(&i, "Degraded") == Some(("True".into(), "ImagePullError".into()))
     })
     .await;
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), ns);
