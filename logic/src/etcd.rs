@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::nodes::{CometInstance, NodeSource};
-use crate::online::{KeysByServer, OnlineError, OnlineStore};
+use crate::online::{sum_room_counts, KeysByServer, OnlineError, OnlineStore};
 
 fn unavailable(e: impl std::fmt::Display) -> OnlineError {
     OnlineError::Unavailable(e.to_string())
@@ -271,13 +271,8 @@ impl OnlineStore for EtcdOnline {
     }
 
     async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {
-        let mut all: HashMap<String, i32> = HashMap::new();
-        for (_, e) in self.rooms.snapshot() {
-            for (room, n) in e.value {
-                *all.entry(room).or_default() += n;
-            }
-        }
-        Ok(all)
+        let snap = self.rooms.snapshot();
+        Ok(sum_room_counts(snap.iter().map(|(_, e)| &e.value)))
     }
 }
 

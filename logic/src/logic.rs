@@ -128,12 +128,21 @@ impl Logic {
                 msg: msg.clone(),
                 ..Default::default()
             };
-            self.job
-                .push(m)
-                .await
-                .map_err(|e| PushError::Job(e.message().to_string()))?;
+            self.to_job(m).await?;
         }
         Ok(())
+    }
+
+    async fn to_job(&self, m: PushMsg) -> Result<(), PushError> {
+        self.job
+            .push(m)
+            .await
+            .map(|_| ())
+            .map_err(|e| PushError::Job(e.message().to_string()))
+    }
+
+    fn count(&self, kind: &'static str) {
+        self.metrics.pushes.get_or_create(&Kind { kind }).inc();
     }
 
     pub async fn push_keys(&self, op: i32, keys: Vec<String>, msg: Bytes) -> Result<(), PushError> {
@@ -148,10 +157,7 @@ impl Logic {
         self.metrics
             .unknown_targets
             .inc_by((keys.len().saturating_sub(found)) as u64);
-        self.metrics
-            .pushes
-            .get_or_create(&Kind { kind: "keys" })
-            .inc();
+        self.count("keys");
         self.push_by_server(op, by, msg).await
     }
 
@@ -166,10 +172,7 @@ impl Logic {
         if by.is_empty() {
             self.metrics.unknown_targets.inc_by(mids.len() as u64);
         }
-        self.metrics
-            .pushes
-            .get_or_create(&Kind { kind: "mids" })
-            .inc();
+        self.count("mids");
         self.push_by_server(op, by, msg).await
     }
 
@@ -188,15 +191,8 @@ impl Logic {
             msg,
             ..Default::default()
         };
-        self.metrics
-            .pushes
-            .get_or_create(&Kind { kind: "room" })
-            .inc();
-        self.job
-            .push(m)
-            .await
-            .map_err(|e| PushError::Job(e.message().to_string()))?;
-        Ok(())
+        self.count("room");
+        self.to_job(m).await
     }
 
     pub async fn push_all(&self, op: i32, speed: i32, msg: Bytes) -> Result<(), PushError> {
@@ -208,15 +204,8 @@ impl Logic {
             msg,
             ..Default::default()
         };
-        self.metrics
-            .pushes
-            .get_or_create(&Kind { kind: "all" })
-            .inc();
-        self.job
-            .push(m)
-            .await
-            .map_err(|e| PushError::Job(e.message().to_string()))?;
-        Ok(())
+        self.count("all");
+        self.to_job(m).await
     }
 
     pub async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {

@@ -36,6 +36,19 @@ pub trait OnlineStore: Send + Sync + 'static {
     async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError>;
 }
 
+/// Cluster-wide room counts: the per-comet reports added up.
+pub fn sum_room_counts<'a>(
+    reports: impl Iterator<Item = &'a HashMap<String, i32>>,
+) -> HashMap<String, i32> {
+    let mut all: HashMap<String, i32> = HashMap::new();
+    for counts in reports {
+        for (room, n) in counts {
+            *all.entry(room.clone()).or_default() += n;
+        }
+    }
+    all
+}
+
 #[derive(Debug, Default)]
 struct Mem {
     keys: HashMap<String, (String, i64)>,
@@ -121,13 +134,7 @@ impl OnlineStore for MemoryOnline {
     }
 
     async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {
-        let mut all: HashMap<String, i32> = HashMap::new();
-        for counts in self.lock().rooms.values() {
-            for (room, n) in counts {
-                *all.entry(room.clone()).or_default() += n;
-            }
-        }
-        Ok(all)
+        Ok(sum_room_counts(self.lock().rooms.values()))
     }
 }
 
