@@ -131,6 +131,11 @@ impl Conn {
                     match self.asm.feed(frame, self.max_frame, self.max_fragments)? {
                         ws::Event::Message(m) => packets.push_back(Packet::decode_frame(m)?),
                         ws::Event::Ping(p) => {
+                            // Pongs wait for the next write; a client that pings faster than
+                            // it reads is cut off instead of growing this buffer.
+                            if self.out.len() + p.len() > 2 * self.max_frame {
+                                return Err(ws::WsError::Backlog.into());
+                            }
                             let (h, n) = ws::frame_header(ws::OP_PONG, p.len());
                             self.out.put_slice(&h[..n]);
                             self.out.put_slice(&p);
@@ -359,7 +364,10 @@ pub(crate) async fn serve(
         }
     };
     comet.metrics.connections.inc();
-    let exit = run(comet, &mut conn, &ch, heartbeat, pending).await;
+    let exit = match conn.flush(VecDeque::new()).await {
+        Ok(()) => run(comet, &mut conn, &ch, heartbeat, pending).await,
+        Err(e) => Exit::Error(e),
+    };
     comet.metrics.connections.dec();
     comet.unregister(&ch);
     match &exit {
@@ -428,11 +436,10 @@ async fn handshake(
         &reply.accepts,
     ));
     comet.register(&ch, &reply.room_id);
+    // Registration is the last step under the handshake deadline and has no await after it:
+    // a timeout can never leave a registered channel behind. The reply is written by the
+    // caller, whose teardown unregisters on any failure.
     conn.reply(auth.ver, op::AUTH_REPLY, auth.seq, &[]);
-    if let Err(e) = conn.flush(VecDeque::new()).await {
-        comet.unregister(&ch);
-        return Err(e);
-    }
     // goim sends nanoseconds; a zero or negative value would close at once, so fall back.
     let hb = u64::try_from(reply.heartbeat)
         .ok()

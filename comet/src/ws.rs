@@ -39,6 +39,8 @@ pub enum WsError {
     Continuation,
     #[error("client closed")]
     Closed,
+    #[error("too many unanswered pings")]
+    Backlog,
 }
 
 /// A parsed upgrade request.

@@ -138,6 +138,7 @@ async fn run<T: DeserializeOwned + Send + Sync + 'static>(
             Err(e) => {
                 synced.store(false, Ordering::Relaxed);
                 tracing::warn!(%prefix, error = %e, "etcd watch failed; listing again");
+                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
                 continue;
             }
         };

@@ -82,6 +82,9 @@ pub struct EtcdArgs {
     /// Cluster name; prefixes every etcd key.
     #[arg(long, env = "GOIM_CLUSTER")]
     pub cluster: Option<String>,
+    /// Directory with ca.crt (and tls.crt, tls.key) to reach etcd over TLS.
+    #[arg(long, env = "GOIM_ETCD_TLS_DIR")]
+    pub etcd_tls_dir: Option<String>,
     /// Host other roles dial this one at.
     #[arg(long, env = "GOIM_ADVERTISE")]
     pub advertise: Option<String>,
@@ -161,6 +164,7 @@ impl EtcdArgs {
     pub fn apply(self, cfg: &mut Config) {
         set(&mut cfg.cluster.etcd, self.etcd);
         set(&mut cfg.cluster.name, self.cluster);
+        set(&mut cfg.cluster.etcd_tls_dir, self.etcd_tls_dir);
         set(&mut cfg.cluster.advertise, self.advertise);
         set(&mut cfg.cluster.lease_ttl, self.lease_ttl);
     }

@@ -23,6 +23,9 @@ pub struct Config {
 pub struct ClusterConfig {
     /// etcd endpoints.
     pub etcd: Vec<String>,
+    /// Directory with `ca.crt` (and `tls.crt`, `tls.key` for client certs) to reach etcd over
+    /// TLS; empty: plain text.
+    pub etcd_tls_dir: String,
     /// Prefixes every etcd key: `/goim/{cluster}/...`.
     pub name: String,
     /// Seconds a dead role's keys outlive it.
@@ -47,6 +50,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             etcd: vec!["127.0.0.1:2379".into()],
+            etcd_tls_dir: String::new(),
             name: "default".into(),
             lease_ttl: 10,
             advertise: String::new(),
@@ -59,6 +63,24 @@ impl Default for ClusterConfig {
             job_id: String::new(),
             operator_managed: false,
         }
+    }
+}
+
+impl ClusterConfig {
+    /// An etcd client, over TLS when `etcd_tls_dir` is set.
+    pub async fn etcd(&self) -> anyhow::Result<goim_discovery::Client> {
+        let tls = if self.etcd_tls_dir.is_empty() {
+            None
+        } else {
+            let dir = Path::new(&self.etcd_tls_dir);
+            Some(
+                goim_discovery::Tls::from_dir(dir)
+                    .with_context(|| format!("reading etcd TLS files in {}", dir.display()))?,
+            )
+        };
+        goim_discovery::connect_tls(&self.etcd, tls.as_ref())
+            .await
+            .context("etcd client")
     }
 }
 

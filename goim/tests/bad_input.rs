@@ -128,6 +128,22 @@ async fn websocket_frame_rules() {
 }
 
 #[tokio::test]
+async fn pings_without_reading_are_cut_off() {
+    let s = start().await;
+    // Before auth nothing is written back, so pongs would pile up: the server gives up.
+    let mut c = Client::connect(Transport::WebSocket, s.ws, None)
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if c.send_frame(true, 9, &[7u8; 125], true).await.is_err() {
+            break;
+        }
+    }
+    closed_without_reply(&mut c).await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn websocket_upgrade_is_exact() {
     let s = start().await;
     for path in ["/sub?x=1", "/", "/subscribe"] {

@@ -41,6 +41,10 @@ pub struct JobConfig {
     /// packs more messages per write at the cost of that latency.
     #[serde(with = "humantime_serde")]
     pub room_linger: Duration,
+    /// Longest a call to one comet may take; a dead comet then costs the others this much
+    /// at most, and the push is counted undeliverable for it.
+    #[serde(with = "humantime_serde")]
+    pub comet_timeout: Duration,
     /// A room's batcher exits after this long without messages (goim 15m).
     #[serde(with = "humantime_serde")]
     pub room_idle: Duration,
@@ -53,6 +57,7 @@ impl Default for JobConfig {
             room_batch_bytes: 64 * 1024,
             room_queue: 1024,
             room_linger: Duration::ZERO,
+            comet_timeout: Duration::from_secs(5),
             room_idle: Duration::from_secs(60),
         }
     }
@@ -164,9 +169,16 @@ impl Job {
             proto: Some(raw_single(m.operation, m.msg)),
         };
         inner.metrics.call("push");
-        if let Err(e) = comet.push_msg(req).await {
-            inner.metrics.undeliverable("comet_error");
-            tracing::warn!(server = %m.server, error = %e, "push to comet failed");
+        match tokio::time::timeout(inner.cfg.comet_timeout, comet.push_msg(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                inner.metrics.undeliverable("comet_error");
+                tracing::warn!(server = %m.server, error = %e, "push to comet failed");
+            }
+            Err(_) => {
+                inner.metrics.undeliverable("comet_error");
+                tracing::warn!(server = %m.server, "push to comet timed out");
+            }
         }
         Ok(())
     }
@@ -186,18 +198,16 @@ impl Job {
             0
         };
         let proto = raw_single(m.operation, m.msg);
-        for (name, comet) in comets {
-            inner.metrics.call("broadcast");
+        let op = m.operation;
+        to_all(inner, "broadcast", |comet| {
             let req = BroadcastReq {
-                proto_op: m.operation,
+                proto_op: op,
                 proto: Some(proto.clone()),
                 speed,
             };
-            if let Err(e) = comet.broadcast(req).await {
-                inner.metrics.undeliverable("comet_error");
-                tracing::warn!(server = %name, error = %e, "broadcast to comet failed");
-            }
-        }
+            async move { comet.broadcast(req).await.map(|_| ()) }
+        })
+        .await;
         Ok(())
     }
 
@@ -289,6 +299,36 @@ async fn room_batcher(inner: Arc<Inner>, room: String, mut rx: mpsc::Receiver<Ro
     }
 }
 
+/// Calls every comet at once, each bounded by `comet_timeout`, and waits for all, so one
+/// slow or dead comet neither delays the others' next batch nor reorders anything.
+async fn to_all<F, Fut>(inner: &Inner, kind: &'static str, call: F)
+where
+    F: Fn(Arc<dyn CometService>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let comets = inner.comets.all();
+    if comets.is_empty() {
+        inner.metrics.undeliverable("no_comets");
+        return;
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for (name, comet) in comets {
+        inner.metrics.call(kind);
+        let fut = tokio::time::timeout(inner.cfg.comet_timeout, call(comet));
+        set.spawn(async move { (name, fut.await) });
+    }
+    while let Some(done) = set.join_next().await {
+        let Ok((name, r)) = done else { continue };
+        let err = match r {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        inner.metrics.undeliverable("comet_error");
+        tracing::warn!(server = %name, kind, error = %err, "call to comet failed");
+    }
+}
+
 async fn flush(inner: &Inner, room: &str, batch: Vec<RoomMsg>) {
     let size: usize = batch.iter().map(|m| 16 + m.msg.len()).sum();
     let mut buf = BytesMut::with_capacity(size);
@@ -303,21 +343,15 @@ async fn flush(inner: &Inner, room: &str, batch: Vec<RoomMsg>) {
         seq: 0,
         body: buf.freeze(),
     };
-    let comets = inner.comets.all();
-    if comets.is_empty() {
-        inner.metrics.undeliverable("no_comets");
-    }
-    for (name, comet) in comets {
-        inner.metrics.call("room");
+    let room = room.to_string();
+    to_all(inner, "room", |comet| {
         let req = BroadcastRoomReq {
-            room_id: room.to_string(),
+            room_id: room.clone(),
             proto: Some(proto.clone()),
         };
-        if let Err(e) = comet.broadcast_room(req).await {
-            inner.metrics.undeliverable("comet_error");
-            tracing::warn!(server = %name, %room, error = %e, "room push to comet failed");
-        }
-    }
+        async move { comet.broadcast_room(req).await.map(|_| ()) }
+    })
+    .await;
 }
 
 #[async_trait]

@@ -32,6 +32,8 @@ fn unavailable(e: impl std::fmt::Display) -> OnlineError {
 /// A batch of puts from one Connect, and where to send the outcome.
 struct Write {
     ops: Vec<TxnOp>,
+    /// The keys it writes: etcd refuses a transaction that puts one key twice.
+    keys: Vec<String>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -81,16 +83,19 @@ async fn batch_writer(client: Client, mut rx: mpsc::Receiver<Write>, stop: Cance
             _ = stop.cancelled() => return,
             w = rx.recv() => match w { Some(w) => w, None => return },
         };
+        let mut keys: std::collections::HashSet<String> = first.keys.iter().cloned().collect();
+        let mut n = first.ops.len();
         let mut batch = vec![first];
-        let mut n = batch[0].ops.len();
         while let Ok(w) = rx.try_recv() {
-            if n + w.ops.len() > MAX_TXN_OPS {
-                // Keep it for the next round.
+            // Full, or the same key again (two connects racing with one key): commit first.
+            if n + w.ops.len() > MAX_TXN_OPS || w.keys.iter().any(|k| keys.contains(k)) {
                 let (txn_ops, waiters) = take(&mut batch);
                 commit(&client, txn_ops, waiters).await;
                 n = 0;
+                keys.clear();
             }
             n += w.ops.len();
+            keys.extend(w.keys.iter().cloned());
             batch.push(w);
         }
         let (txn_ops, waiters) = take(&mut batch);
@@ -156,13 +161,15 @@ impl OnlineStore for EtcdOnline {
         };
         let value = serde_json::to_vec(&rec).map_err(unavailable)?;
         let opts = || Some(PutOptions::new().with_lease(lease));
-        let mut ops = vec![TxnOp::put(self.keys.online_key(key), value, opts())];
+        let mut keys = vec![self.keys.online_key(key)];
+        let mut ops = vec![TxnOp::put(keys[0].as_str(), value, opts())];
         if mid > 0 {
-            ops.push(TxnOp::put(self.keys.online_mid(mid, key), server, opts()));
+            keys.push(self.keys.online_mid(mid, key));
+            ops.push(TxnOp::put(keys[1].as_str(), server, opts()));
         }
         let (done, wait) = oneshot::channel();
         self.writes
-            .send(Write { ops, done })
+            .send(Write { ops, keys, done })
             .await
             .map_err(|_| unavailable("online writer stopped"))?;
         wait.await

@@ -43,7 +43,8 @@ pub fn sum_room_counts<'a>(
     let mut all: HashMap<String, i32> = HashMap::new();
     for counts in reports {
         for (room, n) in counts {
-            *all.entry(room.clone()).or_default() += n;
+            let e = all.entry(room.clone()).or_default();
+            *e = e.saturating_add(*n);
         }
     }
     all

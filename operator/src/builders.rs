@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, Statef
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec, PodTemplateSpec,
-    Probe, Service, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
+    Probe, SecretVolumeSource, Service, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -19,6 +19,8 @@ use crate::crd::{PushCluster, ServiceType};
 
 pub const CONFIG_HASH: &str = "goim.rs/config-hash";
 const CONFIG_PATH: &str = "/etc/goim/goim.toml";
+/// Where the etcd TLS secret is mounted in every role's pod.
+pub const ETCD_TLS_PATH: &str = "/etc/goim-etcd-tls";
 
 /// Everything one PushCluster owns.
 #[derive(Debug, Clone)]
@@ -69,12 +71,13 @@ pub fn config_toml(pc: &PushCluster) -> String {
     let ns = pc.metadata.namespace.as_deref().unwrap_or("default");
     let endpoints: Vec<String> = s.etcd.endpoints.iter().map(|e| format!("{e:?}")).collect();
     format!(
-        "[comet]\ntcp = \"0.0.0.0:{tcp}\"\nws = \"0.0.0.0:{ws}\"\nbuckets = {buckets}\ndrain_period = \"{drain}s\"\n\n[cluster]\netcd = [{etcd}]\nname = {prefix:?}\nlogic = [\"{logic}.{ns}.svc:3119\"]\ncomet_grpc = \"0.0.0.0:{grpc}\"\ncomet_http = \"0.0.0.0:{metrics}\"\nlogic_grpc = \"0.0.0.0:3119\"\njob_grpc = \"0.0.0.0:3129\"\njob_http = \"0.0.0.0:3128\"\noperator_managed = true\n",
+        "[comet]\ntcp = \"0.0.0.0:{tcp}\"\nws = \"0.0.0.0:{ws}\"\nbuckets = {buckets}\ndrain_period = \"{drain}s\"\n\n[cluster]\netcd = [{etcd}]\netcd_tls_dir = {tls:?}\nname = {prefix:?}\nlogic = [\"{logic}.{ns}.svc:3119\"]\ncomet_grpc = \"0.0.0.0:{grpc}\"\ncomet_http = \"0.0.0.0:{metrics}\"\nlogic_grpc = \"0.0.0.0:3119\"\njob_grpc = \"0.0.0.0:3129\"\njob_http = \"0.0.0.0:3128\"\noperator_managed = true\n",
         tcp = s.comet.ports.tcp,
         ws = s.comet.ports.ws,
         buckets = s.comet.buckets,
         drain = s.comet.drain_seconds.max(1),
         etcd = endpoints.join(", "),
+        tls = if s.etcd.tls_secret_ref.is_some() { ETCD_TLS_PATH } else { "" },
         prefix = pc.etcd_prefix(),
         logic = name(pc, "logic"),
         grpc = s.comet.ports.grpc,
@@ -149,12 +152,21 @@ fn container(
         ports: Some(ports),
         readiness_probe: Some(http_probe("/readyz", metrics_port, 5)),
         liveness_probe: Some(http_probe("/healthz", metrics_port, 10)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".into(),
-            mount_path: "/etc/goim".into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: "config".into(),
+                mount_path: "/etc/goim".into(),
+                read_only: Some(true),
+                ..Default::default()
+            })
+            .chain(pc.spec.etcd.tls_secret_ref.as_ref().map(|_| VolumeMount {
+                name: "etcd-tls".into(),
+                mount_path: ETCD_TLS_PATH.into(),
+                read_only: Some(true),
+                ..Default::default()
+            }))
+            .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -178,14 +190,25 @@ fn pod(
         spec: Some(PodSpec {
             containers: vec![c],
             termination_grace_period_seconds: grace,
-            volumes: Some(vec![Volume {
-                name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: name(pc, "config"),
+            volumes: Some(
+                std::iter::once(Volume {
+                    name: "config".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: name(pc, "config"),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            }]),
+                })
+                .chain(pc.spec.etcd.tls_secret_ref.as_ref().map(|r| Volume {
+                    name: "etcd-tls".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(r.name.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }))
+                .collect(),
+            ),
             ..Default::default()
         }),
     }
@@ -486,6 +509,36 @@ spec:
         assert!(toml.contains("name = \"chat\""));
         assert!(toml.contains("operator_managed = true"));
         assert!(toml.contains("chat-logic.prod.svc:3119"));
+    }
+
+    #[test]
+    fn etcd_tls_secret_is_mounted_and_configured() {
+        let mut pc = fixture();
+        pc.spec.etcd.tls_secret_ref = Some(crate::crd::SecretRef {
+            name: "etcd-client".into(),
+        });
+        let o = build(&pc);
+        let pod = o.comet.spec.unwrap().template.spec.unwrap();
+        let vol = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "etcd-tls")
+            .unwrap();
+        assert_eq!(
+            vol.secret.unwrap().secret_name.as_deref(),
+            Some("etcd-client")
+        );
+        assert!(pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.mount_path == ETCD_TLS_PATH));
+        assert!(o.config.data.unwrap()["goim.toml"]
+            .contains(&format!("etcd_tls_dir = {ETCD_TLS_PATH:?}")));
+        let plain = build(&fixture());
+        assert!(plain.config.data.unwrap()["goim.toml"].contains("etcd_tls_dir = \"\""));
     }
 
     #[test]

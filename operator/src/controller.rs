@@ -44,12 +44,15 @@ pub enum Error {
     Invalid(String),
 }
 
+/// Endpoints and TLS material identify an etcd client.
+type EtcdKey = (Vec<String>, Option<goim_discovery::Tls>);
+
 pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
-    /// One etcd client per endpoint list, reused across reconciles.
-    etcd: Mutex<HashMap<Vec<String>, goim_discovery::Client>>,
+    /// One etcd client per endpoint list and TLS material, reused across reconciles.
+    etcd: Mutex<HashMap<EtcdKey, goim_discovery::Client>>,
 }
 
 impl Context {
@@ -65,22 +68,27 @@ impl Context {
         }
     }
 
-    async fn etcd(&self, endpoints: &[String]) -> Result<goim_discovery::Client, Error> {
+    async fn etcd(
+        &self,
+        endpoints: &[String],
+        tls: Option<goim_discovery::Tls>,
+    ) -> Result<goim_discovery::Client, Error> {
+        let key = (endpoints.to_vec(), tls);
         if let Some(c) = self
             .etcd
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(endpoints)
+            .get(&key)
         {
             return Ok(c.clone());
         }
-        let c = goim_discovery::connect(endpoints)
+        let c = goim_discovery::connect_tls(endpoints, key.1.as_ref())
             .await
             .map_err(|e| Error::Etcd(e.to_string()))?;
         self.etcd
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(endpoints.to_vec(), c.clone());
+            .insert(key, c.clone());
         Ok(c)
     }
 }
@@ -147,11 +155,14 @@ async fn load_records(
         .map_err(|e| Error::Etcd(e.to_string()))?;
     let mut actual = BTreeMap::new();
     for kv in comets.kvs() {
-        let name = kv
+        let Some(name) = kv
             .key_str()
-            .unwrap_or_default()
-            .trim_start_matches(&keys.comets())
-            .to_string();
+            .ok()
+            .and_then(|k| k.strip_prefix(keys.comets().as_str()))
+            .map(str::to_string)
+        else {
+            continue;
+        };
         // An unreadable record is replaced on the next put, or deleted as stale.
         actual.insert(name, serde_json::from_slice(kv.value()).unwrap_or_default());
     }
@@ -161,11 +172,14 @@ async fn load_records(
         .map_err(|e| Error::Etcd(e.to_string()))?;
     let mut conns = HashMap::new();
     for kv in loads.kvs() {
-        let name = kv
+        let Some(name) = kv
             .key_str()
-            .unwrap_or_default()
-            .trim_start_matches(&keys.loads())
-            .to_string();
+            .ok()
+            .and_then(|k| k.strip_prefix(keys.loads().as_str()))
+            .map(str::to_string)
+        else {
+            continue;
+        };
         if let Ok(l) = serde_json::from_slice::<LoadRecord>(kv.value()) {
             conns.insert(name, l.conn_count);
         }
@@ -179,21 +193,41 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     if pc.spec.etcd.endpoints.is_empty() {
         return Err(Error::Invalid("spec.etcd.endpoints is empty".into()));
     }
-    let secret_problem = match &pc.spec.etcd.tls_secret_ref {
-        None => None,
+    // The etcd TLS secret: its CA (and client certificate) for the operator's own etcd client.
+    let (tls, secret_problem) = match &pc.spec.etcd.tls_secret_ref {
+        None => (None, None),
         Some(r) => match Api::<Secret>::namespaced(client.clone(), &ns)
             .get_opt(&r.name)
             .await?
         {
-            None => Some((
-                "MissingSecret",
-                format!("etcd TLS secret {:?} not found", r.name),
-            )),
-            Some(_) => Some((
-                "EtcdTLSNotSupported",
-                "spec.etcd.tlsSecretRef is not supported yet; use a plain-text etcd endpoint"
-                    .to_string(),
-            )),
+            None => (
+                None,
+                Some((
+                    "MissingSecret",
+                    format!("etcd TLS secret {:?} not found", r.name),
+                )),
+            ),
+            Some(sec) => {
+                let data = sec.data.unwrap_or_default();
+                let get = |k: &str| data.get(k).map(|b| b.0.clone());
+                match get("ca.crt") {
+                    Some(ca) => (
+                        Some(goim_discovery::Tls {
+                            ca,
+                            cert: get("tls.crt"),
+                            key: get("tls.key"),
+                        }),
+                        None,
+                    ),
+                    None => (
+                        None,
+                        Some((
+                            "InvalidSecret",
+                            format!("etcd TLS secret {:?} has no ca.crt", r.name),
+                        )),
+                    ),
+                }
+            }
         },
     };
     let objs = build(pc);
@@ -224,7 +258,11 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     let mut status = pc.status.clone().unwrap_or_default();
     let now = Time(jiff::Timestamp::now());
     let gen = pc.metadata.generation;
-    let etcd = ctx.etcd(&pc.spec.etcd.endpoints).await;
+    let etcd = if secret_problem.is_some() {
+        Err(Error::Etcd("no usable etcd TLS secret".into()))
+    } else {
+        ctx.etcd(&pc.spec.etcd.endpoints, tls).await
+    };
     let registry = match &etcd {
         Ok(c) => load_records(c, &keys).await,
         Err(e) => Err(Error::Etcd(e.to_string())),
@@ -237,7 +275,7 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         .unwrap_or(0);
     let (plan, etcd_error) = match &registry {
         Ok((_, conns)) => {
-            let total: u64 = conns.values().sum();
+            let total = conns.values().fold(0u64, |a, &n| a.saturating_add(n));
             let desired = plan::desired_comets(pc, total);
             let since = status
                 .comet
@@ -474,7 +512,24 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
 /// On delete: remove the cluster's etcd prefix; Kubernetes garbage-collects the owned objects.
 async fn cleanup(pc: &PushCluster, ctx: &Context) -> Result<Action, Error> {
     let keys = Keys::new(&pc.etcd_prefix());
-    let mut etcd = ctx.etcd(&pc.spec.etcd.endpoints).await?;
+    let tls = match &pc.spec.etcd.tls_secret_ref {
+        None => None,
+        Some(r) => {
+            let ns = pc.namespace().unwrap_or_else(|| "default".into());
+            let sec = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(&r.name)
+                .await?;
+            sec.and_then(|s| s.data).and_then(|d| {
+                let get = |k: &str| d.get(k).map(|b| b.0.clone());
+                Some(goim_discovery::Tls {
+                    ca: get("ca.crt")?,
+                    cert: get("tls.crt"),
+                    key: get("tls.key"),
+                })
+            })
+        }
+    };
+    let mut etcd = ctx.etcd(&pc.spec.etcd.endpoints, tls).await?;
     etcd.delete(keys.cluster(), Some(DeleteOptions::new().with_prefix()))
         .await
         .map_err(|e| Error::Etcd(e.to_string()))?;

@@ -13,7 +13,7 @@ pub fn desired_comets(pc: &PushCluster, total_connections: u64) -> i32 {
     match &pc.spec.comet.autoscale {
         Some(a) => {
             let per = a.target_connections_per_pod.max(1) as u64;
-            let want = total_connections.div_ceil(per) as i64;
+            let want = i64::try_from(total_connections.div_ceil(per)).unwrap_or(i64::MAX);
             want.clamp(i64::from(a.min), i64::from(a.max.max(a.min))) as i32
         }
         None => pc.spec.comet.replicas.max(0),

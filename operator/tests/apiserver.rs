@@ -634,3 +634,69 @@ async fn problems_degrade_one_cluster_without_blocking_others() {
     .await;
     op.abort();
 }
+
+/// etcd over TLS with client certificates: the operator reaches it with the CA and client
+/// certificate from the PushCluster's secret, and registers comets there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_tls_through_the_secret() {
+    let tls_etcd = tokio::task::spawn_blocking(Etcd::start_tls).await.unwrap();
+    let c = admin().await;
+    let ns = "tls";
+    namespace(&c, ns).await;
+    let dir = tls_etcd.tls_dir();
+    let read = |f: &str| k8s_openapi::ByteString(std::fs::read(dir.join(f)).unwrap());
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("etcd-client".into()),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                ("ca.crt", read("ca.crt")),
+                ("tls.crt", read("tls.crt")),
+                ("tls.key", read("tls.key")),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        ),
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let op = tokio::spawn(goim_operator::controller::run(
+        c.clone(),
+        opts(Some(ns.into())),
+    ));
+    let mut pc = cluster("secure", &tls_etcd.endpoint(), 1);
+    pc.spec.etcd.tls_secret_ref = Some(goim_operator::crd::SecretRef {
+        name: "etcd-client".into(),
+    });
+    let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+    pcs.create(&PostParams::default(), &pc).await.unwrap();
+    ready_pod(&c, ns, "secure", 0).await;
+    let tls = goim_discovery::Tls::from_dir(&dir).unwrap();
+    eventually("comet registered in the TLS etcd", || async {
+        let Ok(mut e) =
+            goim_discovery::connect_tls(std::slice::from_ref(&tls_etcd.endpoint()), Some(&tls))
+                .await
+        else {
+            return false;
+        };
+        let registered = e
+            .get("/goim/secure/comets/secure-comet-0", None)
+            .await
+            .is_ok_and(|r| r.kvs().len() == 1);
+        let pc = pcs.get("secure").await.unwrap();
+        registered && condition(&pc, "EtcdRegistered") == Some(("True".into(), "Registered".into()))
+    })
+    .await;
+    // Without the client certificate etcd refuses.
+    let plain = goim_discovery::connect(std::slice::from_ref(&tls_etcd.endpoint())).await;
+    if let Ok(mut p) = plain {
+        assert!(p.get("/goim/", None).await.is_err());
+    }
+    op.abort();
+}

@@ -19,18 +19,113 @@ pub struct Etcd {
     peer_port: u16,
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    tls: bool,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let ok = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl on PATH");
+    assert!(ok.success(), "openssl {args:?}");
 }
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Self::start_with(false)
+    }
+
+    /// An etcd that speaks TLS only and requires client certificates, signed by a fresh CA.
+    /// `ca.crt`, `tls.crt` and `tls.key` (the client's) are in [`Etcd::tls_dir`].
+    pub fn start_tls() -> Etcd {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Etcd {
         let mut e = Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            tls,
         };
+        if tls {
+            let d = e.tls_dir();
+            std::fs::create_dir_all(&d).unwrap();
+            openssl(
+                &d,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=goim-test-ca",
+                ],
+            );
+            std::fs::write(
+                d.join("server.ext"),
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            )
+            .unwrap();
+            std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+            for (who, cn) in [("server", "127.0.0.1"), ("client", "goim")] {
+                openssl(
+                    &d,
+                    &[
+                        "req",
+                        "-newkey",
+                        "rsa:2048",
+                        "-nodes",
+                        "-keyout",
+                        &format!("{who}.key"),
+                        "-out",
+                        &format!("{who}.csr"),
+                        "-subj",
+                        &format!("/CN={cn}"),
+                    ],
+                );
+                openssl(
+                    &d,
+                    &[
+                        "x509",
+                        "-req",
+                        "-in",
+                        &format!("{who}.csr"),
+                        "-CA",
+                        "ca.crt",
+                        "-CAkey",
+                        "ca.key",
+                        "-CAcreateserial",
+                        "-out",
+                        &format!("{who}.crt"),
+                        "-days",
+                        "2",
+                        "-extfile",
+                        &format!("{who}.ext"),
+                    ],
+                );
+            }
+            std::fs::copy(d.join("client.crt"), d.join("tls.crt")).unwrap();
+            std::fs::copy(d.join("client.key"), d.join("tls.key")).unwrap();
+        }
         e.spawn();
         e
+    }
+
+    /// Client TLS files of a [`Etcd::start_tls`] etcd: `ca.crt`, `tls.crt`, `tls.key`.
+    pub fn tls_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("tls")
     }
 
     pub fn endpoint(&self) -> String {
@@ -38,10 +133,19 @@ impl Etcd {
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if self.tls {
+            let d = self.tls_dir();
+            cmd.arg(format!("--cert-file={}", d.join("server.crt").display()))
+                .arg(format!("--key-file={}", d.join("server.key").display()))
+                .arg(format!("--trusted-ca-file={}", d.join("ca.crt").display()))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name=test")
             .arg(format!(
                 "--data-dir={}",
