@@ -315,3 +315,21 @@ async fn shutdown_closes_clients_and_forgets_them() {
     within(b.read_to_close()).await.unwrap();
     assert_eq!(comet.load().conn_count, 0);
 }
+
+#[tokio::test]
+async fn overlong_room_ids_are_refused() {
+    let s = start().await;
+    let mut c = client(&s, Transport::Tcp, 1, "long", "live://1", &[]).await;
+    let long = vec![b'r'; 300];
+    let seq = c.send(OP_CHANGE_ROOM, &long).await.unwrap();
+    let p = recv(&mut c).await;
+    // Echoed as goim does, but the connection stays where it was.
+    assert_eq!((p.op, p.seq, p.body.len()), (13, seq, 300));
+    assert_eq!(within(c.heartbeat()).await.unwrap(), 1);
+    // A token naming such a room is refused outright.
+    let mut t = Client::connect(Transport::Tcp, s.tcp, None).await.unwrap();
+    let room = "r".repeat(300);
+    t.send(7, &token(2, "x", &room, &[])).await.unwrap();
+    assert_eq!(within(t.read_to_close()).await.unwrap(), 0);
+    s.shutdown().await;
+}

@@ -23,6 +23,10 @@ pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, token: &[u8], cookie: &str) -> Result<Identity, AuthError>;
 }
 
+/// Longest key or room id accepted. They become etcd keys and room-count records; a client
+/// must not be able to make those large.
+pub const MAX_ID: usize = 256;
+
 /// goim's development auth: `{"mid","key","room_id","platform","accepts"}`, not verified.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct JsonTokenAuth;
@@ -51,6 +55,11 @@ impl Authenticator for JsonTokenAuth {
         }
         let t: AuthToken =
             serde_json::from_slice(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        if t.key.len() > MAX_ID || t.room_id.len() > MAX_ID {
+            return Err(AuthError::Malformed(format!(
+                "key and room_id are limited to {MAX_ID} bytes"
+            )));
+        }
         Ok(Identity {
             mid: t.mid,
             key: t.key,
@@ -92,6 +101,7 @@ mod tests {
             br#"{"accepts":[99999999999]}"#,
             br#"[]"#,
             b"",
+            format!(r#"{{"room_id":"{}"}}"#, "r".repeat(MAX_ID + 1)).as_bytes(),
         ] {
             assert!(
                 matches!(
