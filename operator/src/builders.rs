@@ -221,6 +221,44 @@ fn label_selector(pc: &PushCluster, component: &str) -> LabelSelector {
     }
 }
 
+/// A Deployment and its Service for logic or job.
+fn stateless_role(
+    pc: &PushCluster,
+    role: &str,
+    spec: &crate::crd::RoleSpec,
+    ports: &[(&str, i32)],
+    metrics_port: &str,
+    config_hash: &str,
+) -> (Deployment, Service) {
+    let mut c = container(
+        pc,
+        role,
+        ports.iter().map(|(n, p)| port(n, *p)).collect(),
+        metrics_port,
+    );
+    c.resources = spec.resources.clone();
+    let deployment = Deployment {
+        metadata: meta(pc, role, role),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: label_selector(pc, role),
+            template: pod(pc, role, c, config_hash, None),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let service = Service {
+        metadata: meta(pc, role, role),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(pc, role)),
+            ports: Some(ports.iter().map(|(n, p)| svc_port(n, *p)).collect()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (deployment, service)
+}
+
 pub fn build(pc: &PushCluster) -> Objects {
     let s = &pc.spec;
     let toml = config_toml(pc);
@@ -307,59 +345,22 @@ pub fn build(pc: &PushCluster) -> Objects {
         ..Default::default()
     };
 
-    let mut logic_c = container(
+    let (logic, logic_service) = stateless_role(
         pc,
         "logic",
-        vec![port("http", 3111), port("grpc", 3119)],
+        &s.logic,
+        &[("http", 3111), ("grpc", 3119)],
         "http",
+        &config_hash,
     );
-    logic_c.resources = s.logic.resources.clone();
-    let logic = Deployment {
-        metadata: meta(pc, "logic", "logic"),
-        spec: Some(DeploymentSpec {
-            replicas: Some(s.logic.replicas),
-            selector: label_selector(pc, "logic"),
-            template: pod(pc, "logic", logic_c, &config_hash, None),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let logic_service = Service {
-        metadata: meta(pc, "logic", "logic"),
-        spec: Some(ServiceSpec {
-            selector: Some(selector(pc, "logic")),
-            ports: Some(vec![svc_port("http", 3111), svc_port("grpc", 3119)]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-
-    let mut job_c = container(
+    let (job, job_service) = stateless_role(
         pc,
         "job",
-        vec![port("grpc", 3129), port("metrics", 3128)],
+        &s.job,
+        &[("grpc", 3129), ("metrics", 3128)],
         "metrics",
+        &config_hash,
     );
-    job_c.resources = s.job.resources.clone();
-    let job = Deployment {
-        metadata: meta(pc, "job", "job"),
-        spec: Some(DeploymentSpec {
-            replicas: Some(s.job.replicas),
-            selector: label_selector(pc, "job"),
-            template: pod(pc, "job", job_c, &config_hash, None),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let job_service = Service {
-        metadata: meta(pc, "job", "job"),
-        spec: Some(ServiceSpec {
-            selector: Some(selector(pc, "job")),
-            ports: Some(vec![svc_port("grpc", 3129), svc_port("metrics", 3128)]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
     Objects {
         config,
         comet,
