@@ -389,6 +389,7 @@ pub(crate) async fn serve(
             mid: ch.mid,
             key: ch.key.to_string(),
             server: cfg.name.clone(),
+            lease: comet.lease(),
         };
         if let Err(e) = comet.logic.disconnect(req).await {
             tracing::warn!(key = %ch.key, error = %e, "disconnect failed");
@@ -422,6 +423,7 @@ async fn handshake(
         server: comet.cfg.name.clone(),
         cookie,
         token: auth.body.clone(),
+        lease: comet.lease(),
     };
     let reply = match comet.logic.connect(req).await {
         Ok(r) => r,

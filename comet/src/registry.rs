@@ -40,14 +40,24 @@ impl Registrar {
         tokio::spawn(async move { me.follow_record(s).await });
         let mut lease = self.lease.clone();
         let mut current = 0;
+        let mut renewing = false;
         let mut tick = tokio::time::interval(self.load_interval);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 id = lease.changed_from(current) => {
                     let Some(id) = id else { return };
+                    // New connections go on the new lease at once; the ones already here are
+                    // moved by `register`.
+                    self.comet.set_lease(id);
                     match self.register(id).await {
-                        Ok(()) => current = id,
+                        Ok(()) => {
+                            current = id;
+                            // Room counts go to logic only once they can name the lease.
+                            if !std::mem::replace(&mut renewing, true) {
+                                tokio::spawn(self.comet.clone().renew_online_loop());
+                            }
+                        }
                         Err(e) => tracing::warn!(lease = id, error = %e, "registering in etcd failed; retrying"),
                     }
                 }
@@ -121,8 +131,6 @@ impl Registrar {
             let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
             self.client.clone().txn(Txn::new().and_then(chunk)).await?;
         }
-        // The load record goes last: logic takes the lease from it, so presence written
-        // above is in place before logic writes new connections on the same lease.
         self.put_load(lease).await?;
         tracing::info!(lease, presence_ops = n, "registered in etcd");
         Ok(())

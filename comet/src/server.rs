@@ -53,6 +53,9 @@ pub struct Comet {
     workers: Vec<mpsc::Sender<BucketJob>>,
     limit: Arc<Semaphore>,
     draining: std::sync::atomic::AtomicBool,
+    /// The etcd lease this comet's state hangs on (distributed mode; 0 in standalone). Sent
+    /// with Connect, Disconnect and RenewOnline so logic writes presence on it.
+    lease: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Comet {
@@ -113,6 +116,7 @@ impl Comet {
             tasks: TaskTracker::new(),
             workers,
             draining: Default::default(),
+            lease: Default::default(),
         })
     }
 
@@ -207,6 +211,7 @@ impl Comet {
         let req = OnlineReq {
             server: self.cfg.name.clone(),
             room_count: self.rooms.counts(),
+            lease: self.lease(),
         };
         let reply = self.logic.renew_online(req).await?;
         self.rooms.set_all(&reply.all_room_count);
@@ -240,6 +245,14 @@ impl Comet {
         }
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    pub fn lease(&self) -> i64 {
+        self.lease.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_lease(&self, id: i64) {
+        self.lease.store(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn is_draining(&self) -> bool {

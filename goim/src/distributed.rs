@@ -147,7 +147,6 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(registrar.run(stop.clone()));
     tokio::spawn(comet.clone().serve(tcp, Transport::Tcp));
     tokio::spawn(comet.clone().serve(ws, Transport::WebSocket));
-    tokio::spawn(comet.clone().renew_online_loop());
     spawn_grpc(grpc, comet_server(comet.clone()), stop.clone());
     let l = lease.clone();
     let ready: Ready = Arc::new(move || l.id() != 0);

@@ -549,3 +549,75 @@ async fn heartbeats_write_nothing_to_etcd() {
     let after = rev(etcd.get("/goim/test/online/key/hb", None).await.unwrap());
     assert_eq!(before, after);
 }
+
+/// A comet speaking only goim's `goim.logic.Logic` (no etcd, no lease, as goim's own comet):
+/// logic holds a lease for it, so its clients' presence and room counts work and vanish
+/// when it stops renewing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goim_comet_can_use_our_logic() {
+    use goim_proto::logic::logic_client::LogicClient;
+    use goim_proto::logic::{ConnectReq, DisconnectReq, OnlineReq};
+    let c = tokio::task::spawn_blocking(|| Cluster::start(1, 1))
+        .await
+        .unwrap();
+    let http = c.http();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.logic.addr("grpc")))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Exactly what goim's comet sends: no lease field, RenewOnline gzip-compressed.
+    let mut logic = LogicClient::new(ch).send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let reply = logic
+        .connect(ConnectReq {
+            server: "goim-comet-1".into(),
+            cookie: String::new(),
+            token: token(7, "go-key", "live://7", &[1000]).into(),
+            lease: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reply.key.as_str(), reply.room_id.as_str()),
+        ("go-key", "live://7")
+    );
+    let mut etcd = goim_discovery::connect(&[c.etcd.endpoint()]).await.unwrap();
+    let kv = etcd
+        .get("/goim/test/online/key/go-key", None)
+        .await
+        .unwrap();
+    assert!(
+        kv.kvs()[0].lease() != 0,
+        "presence hangs on a lease logic holds"
+    );
+    logic
+        .renew_online(OnlineReq {
+            server: "goim-comet-1".into(),
+            room_count: [("live://7".to_string(), 3)].into(),
+            lease: 0,
+        })
+        .await
+        .unwrap();
+    wait_until_async(|| async {
+        api(http, "GET", "/goim/online/room?type=live&rooms=7", b"").await["data"]["7"] == 3
+    })
+    .await;
+    let gone = logic
+        .disconnect(DisconnectReq {
+            mid: 7,
+            key: "go-key".into(),
+            server: "goim-comet-1".into(),
+            lease: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gone.has);
+    assert!(etcd
+        .get("/goim/test/online/key/go-key", None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty());
+}

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::nodes::{CometInstance, NodeSource};
-use crate::online::{sum_room_counts, KeysByServer, OnlineError, OnlineStore};
+use crate::online::{sum_room_counts, KeysByServer, OnlineError, OnlineStore, Origin};
 
 fn unavailable(e: impl std::fmt::Display) -> OnlineError {
     OnlineError::Unavailable(e.to_string())
@@ -44,7 +44,13 @@ pub struct EtcdOnline {
     loads: WatchCache<LoadRecord>,
     rooms: WatchCache<RoomCounts>,
     writes: mpsc::Sender<Write>,
+    /// Leases logic holds for comets that keep none themselves (goim's own comets speak
+    /// `goim.logic.Logic` but know nothing of etcd): kept alive by their RenewOnline calls.
+    adopted: tokio::sync::Mutex<HashMap<String, i64>>,
 }
+
+/// Seconds an adopted comet's presence outlives its last RenewOnline (goim renews every 10 s).
+pub const ADOPTED_TTL: i64 = 30;
 
 impl EtcdOnline {
     pub fn new(
@@ -62,6 +68,7 @@ impl EtcdOnline {
             loads,
             rooms,
             writes: tx,
+            adopted: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -69,9 +76,46 @@ impl EtcdOnline {
         self.rooms.synced() && self.loads.synced()
     }
 
-    /// The lease a comet's state hangs on: the one its load record is written under.
-    fn lease_of(&self, server: &str) -> Option<i64> {
-        self.loads.get(server).map(|e| e.lease).filter(|&l| l != 0)
+    /// The lease a comet's state hangs on: the one it names (ours always do), or one logic
+    /// holds for it (granted on first use).
+    async fn lease_for(&self, from: Origin<'_>) -> Result<i64, OnlineError> {
+        if from.lease != 0 {
+            return Ok(from.lease);
+        }
+        let mut adopted = self.adopted.lock().await;
+        if let Some(&l) = adopted.get(from.server) {
+            return Ok(l);
+        }
+        let l = self
+            .client
+            .clone()
+            .lease_grant(ADOPTED_TTL, None)
+            .await
+            .map_err(unavailable)?
+            .id();
+        tracing::info!(server = %from.server, lease = l, "holding a lease for a comet that keeps none");
+        adopted.insert(from.server.to_string(), l);
+        Ok(l)
+    }
+
+    /// Keeps an adopted lease alive while its comet calls RenewOnline; forgets it once etcd
+    /// has let it expire (the next call adopts a fresh one).
+    async fn renew_adopted(&self, server: &str) -> Result<(), OnlineError> {
+        let Some(lease) = self.adopted.lock().await.get(server).copied() else {
+            return Ok(());
+        };
+        let (mut keeper, mut stream) = self
+            .client
+            .clone()
+            .lease_keep_alive(lease)
+            .await
+            .map_err(unavailable)?;
+        keeper.keep_alive().await.map_err(unavailable)?;
+        let alive = matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0);
+        if !alive {
+            self.adopted.lock().await.remove(server);
+        }
+        Ok(())
     }
 }
 
@@ -150,10 +194,15 @@ async fn read_all(client: &Client, ops: Vec<TxnOp>) -> Result<Vec<TxnOpResponse>
 
 #[async_trait]
 impl OnlineStore for EtcdOnline {
-    async fn add(&self, server: &str, mid: i64, key: &str, room: &str) -> Result<(), OnlineError> {
-        let lease = self
-            .lease_of(server)
-            .ok_or_else(|| unavailable(format!("comet {server} has no live lease in etcd")))?;
+    async fn add(
+        &self,
+        from: Origin<'_>,
+        mid: i64,
+        key: &str,
+        room: &str,
+    ) -> Result<(), OnlineError> {
+        let server = from.server;
+        let lease = self.lease_for(from).await?;
         let rec = OnlineRecord {
             mid,
             comet: server.to_string(),
@@ -177,24 +226,35 @@ impl OnlineStore for EtcdOnline {
             .map_err(unavailable)
     }
 
-    async fn del(&self, server: &str, mid: i64, key: &str) -> Result<bool, OnlineError> {
-        // Keys on a dead comet's lease are already gone.
-        let Some(lease) = self.lease_of(server) else {
-            return Ok(false);
-        };
-        let mut ops = vec![TxnOp::delete(self.keys.online_key(key), None)];
-        if mid > 0 {
-            ops.push(TxnOp::delete(self.keys.online_mid(mid, key), None));
+    async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError> {
+        // Delete only while the key is still on this comet's lease (named, or adopted by
+        // logic): a reconnect elsewhere has moved it to another lease.
+        let own = Some(from.lease).filter(|&l| l != 0);
+        let adopted = self.adopted.lock().await.get(from.server).copied();
+        for lease in [own, adopted].into_iter().flatten() {
+            let mut ops = vec![TxnOp::delete(self.keys.online_key(key), None)];
+            if mid > 0 {
+                ops.push(TxnOp::delete(self.keys.online_mid(mid, key), None));
+            }
+            let txn = Txn::new()
+                .when([Compare::lease(
+                    self.keys.online_key(key),
+                    CompareOp::Equal,
+                    lease,
+                )])
+                .and_then(ops);
+            if self
+                .client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(unavailable)?
+                .succeeded()
+            {
+                return Ok(true);
+            }
         }
-        let txn = Txn::new()
-            .when([Compare::lease(
-                self.keys.online_key(key),
-                CompareOp::Equal,
-                lease,
-            )])
-            .and_then(ops);
-        let r = self.client.clone().txn(txn).await.map_err(unavailable)?;
-        Ok(r.succeeded())
+        Ok(false)
     }
 
     async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError> {
@@ -251,12 +311,14 @@ impl OnlineStore for EtcdOnline {
 
     async fn renew_rooms(
         &self,
-        server: &str,
+        from: Origin<'_>,
         counts: HashMap<String, i32>,
     ) -> Result<(), OnlineError> {
-        let lease = self
-            .lease_of(server)
-            .ok_or_else(|| unavailable(format!("comet {server} has no live lease in etcd")))?;
+        let server = from.server;
+        if from.lease == 0 {
+            self.renew_adopted(server).await?;
+        }
+        let lease = self.lease_for(from).await?;
         if self
             .rooms
             .get(server)
@@ -275,6 +337,27 @@ impl OnlineStore for EtcdOnline {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn touch(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<(), OnlineError> {
+        // A comet with its own lease re-registers presence itself; for an adopted one the
+        // heartbeat puts back a key that expired with a lapsed lease (goim's re-add on
+        // heartbeat).
+        if !self.adopted.lock().await.contains_key(from.server) {
+            return Ok(());
+        }
+        let missing = self
+            .client
+            .clone()
+            .get(self.keys.online_key(key), None)
+            .await
+            .map_err(unavailable)?
+            .kvs()
+            .is_empty();
+        if !missing {
+            return Ok(());
+        }
+        self.add(from, mid, key, "").await
     }
 
     async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {

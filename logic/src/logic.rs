@@ -20,7 +20,7 @@ use tonic::Status;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::LogicConfig;
 use crate::nodes::{Balancer, CometInstance, NodeSource};
-use crate::online::{KeysByServer, OnlineError, OnlineStore};
+use crate::online::{KeysByServer, OnlineError, OnlineStore, Origin};
 
 /// Why a push request failed; the HTTP layer maps these to goim's codes.
 #[derive(Debug, thiserror::Error)]
@@ -300,7 +300,12 @@ impl LogicService for Logic {
         // Unlike goim, a connection whose presence could not be stored is refused: it could
         // not be reached by key or mid anyway. Tokens are never logged.
         self.online
-            .add(&req.server, id.mid, &key, &id.room_id)
+            .add(
+                Origin::new(&req.server, req.lease),
+                id.mid,
+                &key,
+                &id.room_id,
+            )
             .await
             .map_err(online_status)?;
         self.metrics.connects.inc();
@@ -318,21 +323,25 @@ impl LogicService for Logic {
         self.metrics.disconnects.inc();
         let has = self
             .online
-            .del(&req.server, req.mid, &req.key)
+            .del(Origin::new(&req.server, req.lease), req.mid, &req.key)
             .await
             .map_err(online_status)?;
         Ok(DisconnectReply { has })
     }
 
-    async fn heartbeat(&self, _req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
+    async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
         // Presence hangs on the comet's lifetime (its etcd lease in distributed mode), so a
-        // heartbeat costs no write.
+        // heartbeat from our comets costs no write; only a lapsed mapping is put back.
+        self.online
+            .touch(Origin::new(&req.server, 0), req.mid, &req.key)
+            .await
+            .map_err(online_status)?;
         Ok(HeartbeatReply {})
     }
 
     async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, Status> {
         self.online
-            .renew_rooms(&req.server, req.room_count)
+            .renew_rooms(Origin::new(&req.server, req.lease), req.room_count)
             .await
             .map_err(online_status)?;
         let all_room_count = self.online.room_counts().await.map_err(online_status)?;

@@ -16,24 +16,49 @@ pub enum OnlineError {
 /// Keys grouped by the comet holding them.
 pub type KeysByServer = BTreeMap<String, Vec<String>>;
 
+/// The comet a call comes from, and the etcd lease it says its state hangs on (0: it keeps
+/// none, as goim's own comets).
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub server: &'a str,
+    pub lease: i64,
+}
+
+impl<'a> Origin<'a> {
+    pub fn new(server: &'a str, lease: i64) -> Self {
+        Origin { server, lease }
+    }
+}
+
 #[async_trait]
 pub trait OnlineStore: Send + Sync + 'static {
     /// Records key -> server (and mid -> key when mid > 0).
-    async fn add(&self, server: &str, mid: i64, key: &str, room: &str) -> Result<(), OnlineError>;
+    async fn add(
+        &self,
+        from: Origin<'_>,
+        mid: i64,
+        key: &str,
+        room: &str,
+    ) -> Result<(), OnlineError>;
     /// Removes the mapping, but only while it still points at `server` (goim deletes blindly,
     /// so a late disconnect from one comet could erase a reconnect on another). Returns whether
     /// anything was removed.
-    async fn del(&self, server: &str, mid: i64, key: &str) -> Result<bool, OnlineError>;
+    async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError>;
     async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError>;
     async fn servers_by_mids(&self, mids: &[i64]) -> Result<KeysByServer, OnlineError>;
     /// Stores one comet's room counts (replacing its previous report).
     async fn renew_rooms(
         &self,
-        server: &str,
+        from: Origin<'_>,
         counts: HashMap<String, i32>,
     ) -> Result<(), OnlineError>;
     /// Cluster-wide room counts.
     async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError>;
+    /// A client heartbeat: presence normally needs nothing (it lives as long as its comet);
+    /// a store may put back a mapping that lapsed.
+    async fn touch(&self, _from: Origin<'_>, _mid: i64, _key: &str) -> Result<(), OnlineError> {
+        Ok(())
+    }
 }
 
 /// Cluster-wide room counts: the per-comet reports added up.
@@ -71,7 +96,14 @@ impl MemoryOnline {
 
 #[async_trait]
 impl OnlineStore for MemoryOnline {
-    async fn add(&self, server: &str, mid: i64, key: &str, _room: &str) -> Result<(), OnlineError> {
+    async fn add(
+        &self,
+        from: Origin<'_>,
+        mid: i64,
+        key: &str,
+        _room: &str,
+    ) -> Result<(), OnlineError> {
+        let server = from.server;
         let mut m = self.lock();
         if let Some((_, old_mid)) = m.keys.insert(key.to_string(), (server.to_string(), mid)) {
             if old_mid != mid {
@@ -86,7 +118,8 @@ impl OnlineStore for MemoryOnline {
         Ok(())
     }
 
-    async fn del(&self, server: &str, mid: i64, key: &str) -> Result<bool, OnlineError> {
+    async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError> {
+        let server = from.server;
         let mut m = self.lock();
         if m.keys.get(key).is_none_or(|(s, _)| s != server) {
             return Ok(false);
@@ -127,10 +160,10 @@ impl OnlineStore for MemoryOnline {
 
     async fn renew_rooms(
         &self,
-        server: &str,
+        from: Origin<'_>,
         counts: HashMap<String, i32>,
     ) -> Result<(), OnlineError> {
-        self.lock().rooms.insert(server.to_string(), counts);
+        self.lock().rooms.insert(from.server.to_string(), counts);
         Ok(())
     }
 
@@ -146,35 +179,40 @@ mod tests {
     #[tokio::test]
     async fn mappings_and_guarded_delete() {
         let s = MemoryOnline::default();
-        s.add("a", 1, "k1", "").await.unwrap();
-        s.add("a", 1, "k2", "").await.unwrap();
-        s.add("b", 2, "k3", "").await.unwrap();
+        s.add(Origin::new("a", 0), 1, "k1", "").await.unwrap();
+        s.add(Origin::new("a", 0), 1, "k2", "").await.unwrap();
+        s.add(Origin::new("b", 0), 2, "k3", "").await.unwrap();
         let by = s.servers_by_mids(&[1, 2, 9]).await.unwrap();
         assert_eq!(by["a"].len(), 2);
         assert_eq!(by["b"], vec!["k3".to_string()]);
         // k1 reconnects on comet b; a's late disconnect must not erase it.
-        s.add("b", 1, "k1", "").await.unwrap();
-        assert!(!s.del("a", 1, "k1").await.unwrap());
+        s.add(Origin::new("b", 0), 1, "k1", "").await.unwrap();
+        assert!(!s.del(Origin::new("a", 0), 1, "k1").await.unwrap());
         let by = s
             .servers_by_keys(&["k1".into(), "nope".into()])
             .await
             .unwrap();
         assert_eq!(by.len(), 1);
         assert_eq!(by["b"], vec!["k1".to_string()]);
-        assert!(s.del("b", 1, "k1").await.unwrap());
+        assert!(s.del(Origin::new("b", 0), 1, "k1").await.unwrap());
         assert!(s.servers_by_keys(&["k1".into()]).await.unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn room_counts_sum_over_comets() {
         let s = MemoryOnline::default();
-        s.renew_rooms("a", HashMap::from([("r".into(), 2)]))
+        s.renew_rooms(Origin::new("a", 0), HashMap::from([("r".into(), 2)]))
             .await
             .unwrap();
-        s.renew_rooms("b", HashMap::from([("r".into(), 3), ("q".into(), 1)]))
+        s.renew_rooms(
+            Origin::new("b", 0),
+            HashMap::from([("r".into(), 3), ("q".into(), 1)]),
+        )
+        .await
+        .unwrap();
+        s.renew_rooms(Origin::new("a", 0), HashMap::new())
             .await
             .unwrap();
-        s.renew_rooms("a", HashMap::new()).await.unwrap();
         let c = s.room_counts().await.unwrap();
         assert_eq!((c["r"], c["q"]), (3, 1));
     }
