@@ -20,7 +20,47 @@ pub fn bucket_index(key: &str, buckets: usize) -> usize {
 pub(crate) struct Inner {
     chans: HashMap<Arc<str>, Arc<Channel>>,
     rooms: HashMap<Arc<str>, Vec<Arc<Channel>>>,
-    ips: HashMap<IpAddr, u32>,
+}
+
+/// Connections per client IP across the comet, kept as connections come and go so a load
+/// report is a lookup, not a walk over every connection.
+#[derive(Debug, Default)]
+pub struct Ips(std::sync::Mutex<HashMap<IpAddr, u32>>);
+
+impl Ips {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, ip: IpAddr) {
+        *self.lock().entry(ip).or_insert(0) += 1;
+    }
+
+    fn remove(&self, ip: IpAddr) {
+        let mut m = self.lock();
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+
+    /// Distinct client IPs.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Comet-wide registries a bucket updates alongside its own maps.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub rooms: Rooms,
+    pub ips: Ips,
 }
 
 /// Totals of one fan-out over a bucket.
@@ -61,28 +101,28 @@ impl Bucket {
 
     /// Registers an authenticated channel and joins `room` (empty: none). An older channel with
     /// the same key is kicked and unregistered, as goim does.
-    pub fn put(&self, ch: &Arc<Channel>, room: &str, rooms: &Rooms) {
+    pub fn put(&self, ch: &Arc<Channel>, room: &str, shared: &Shared) {
         let mut inner = self.write();
         if let Some(old) = inner.chans.insert(ch.key.clone(), ch.clone()) {
             if !Arc::ptr_eq(&old, ch) {
-                unregister(&mut inner, &old, rooms);
+                unregister(&mut inner, &old, shared);
                 old.close(true);
             }
         }
-        *inner.ips.entry(ch.ip).or_insert(0) += 1;
+        shared.ips.add(ch.ip);
         ch.state().registered = true;
         if !room.is_empty() {
-            join(&mut inner, ch, room, rooms);
+            join(&mut inner, ch, room, &shared.rooms);
         }
     }
 
     /// Removes a channel on close; a no-op if it was already replaced.
-    pub fn del(&self, ch: &Arc<Channel>, rooms: &Rooms) {
+    pub fn del(&self, ch: &Arc<Channel>, shared: &Shared) {
         let mut inner = self.write();
         if inner.chans.get(&ch.key).is_some_and(|c| Arc::ptr_eq(c, ch)) {
             inner.chans.remove(&ch.key);
         }
-        unregister(&mut inner, ch, rooms);
+        unregister(&mut inner, ch, shared);
     }
 
     /// Moves a channel to another room; an empty `room` leaves the current one.
@@ -128,32 +168,20 @@ impl Bucket {
         self.read().chans.len()
     }
 
-    /// Distinct client IPs in this bucket.
-    pub fn ips(&self) -> Vec<IpAddr> {
-        self.read().ips.keys().copied().collect()
-    }
-
     pub fn channels(&self) -> Vec<Arc<Channel>> {
         self.read().chans.values().cloned().collect()
     }
 
-    pub fn room_members(&self, room: &str) -> usize {
+    #[cfg(test)]
+    fn room_members(&self, room: &str) -> usize {
         self.read().rooms.get(room).map_or(0, Vec::len)
     }
 }
 
-fn unregister(inner: &mut Inner, ch: &Arc<Channel>, rooms: &Rooms) {
-    leave(inner, ch, rooms);
-    let mut st = ch.state();
-    if !std::mem::take(&mut st.registered) {
-        return;
-    }
-    drop(st);
-    if let Some(n) = inner.ips.get_mut(&ch.ip) {
-        *n -= 1;
-        if *n == 0 {
-            inner.ips.remove(&ch.ip);
-        }
+fn unregister(inner: &mut Inner, ch: &Arc<Channel>, shared: &Shared) {
+    leave(inner, ch, &shared.rooms);
+    if std::mem::take(&mut ch.state().registered) {
+        shared.ips.remove(ch.ip);
     }
 }
 
@@ -211,20 +239,21 @@ mod tests {
 
     #[test]
     fn rooms_membership_survives_swap_remove() {
-        let (b, rooms) = (Bucket::default(), Rooms::default());
+        let (b, shared) = (Bucket::default(), Shared::default());
+        let rooms = &shared.rooms;
         let chans: Vec<_> = (0..5).map(|i| ch(&format!("k{i}"))).collect();
         for c in &chans {
-            b.put(c, "r", &rooms);
+            b.put(c, "r", &shared);
         }
-        b.del(&chans[1], &rooms);
-        b.change_room(&chans[0], "s", &rooms);
+        b.del(&chans[1], &shared);
+        b.change_room(&chans[0], "s", rooms);
         assert_eq!(b.room_members("r"), 3);
         assert_eq!(b.room_members("s"), 1);
         assert_eq!(rooms.get("r").unwrap().local(), 3);
         let out = Outgoing::Raw(Bytes::from_static(b"x"));
         assert_eq!(b.push_room("r", &out, 8).queued, 3);
         for c in &chans[2..] {
-            b.change_room(c, "", &rooms);
+            b.change_room(c, "", rooms);
         }
         assert_eq!(b.room_members("r"), 0);
         assert!(rooms.get("r").is_none());
@@ -233,18 +262,18 @@ mod tests {
 
     #[test]
     fn duplicate_key_kicks_older() {
-        let (b, rooms) = (Bucket::default(), Rooms::default());
+        let (b, shared) = (Bucket::default(), Shared::default());
         let (old, new) = (ch("same"), ch("same"));
-        b.put(&old, "r", &rooms);
-        b.put(&new, "r", &rooms);
+        b.put(&old, "r", &shared);
+        b.put(&new, "r", &shared);
         assert!(old.is_closed() && old.was_kicked());
-        assert_eq!(rooms.get("r").unwrap().local(), 1);
-        assert_eq!(b.ips().len(), 1);
+        assert_eq!(shared.rooms.get("r").unwrap().local(), 1);
+        assert_eq!(shared.ips.len(), 1);
         // The kicked one's own teardown must not remove the new one.
-        b.del(&old, &rooms);
+        b.del(&old, &shared);
         assert!(Arc::ptr_eq(&b.get("same").unwrap(), &new));
-        b.del(&new, &rooms);
-        assert!(b.ips().is_empty());
-        assert!(rooms.is_empty());
+        b.del(&new, &shared);
+        assert!(shared.ips.is_empty());
+        assert!(shared.rooms.is_empty());
     }
 }

@@ -100,7 +100,8 @@ impl Channel {
         self.state().accepts.retain(|op| !ops.contains(op));
     }
 
-    pub fn accepts(&self, op: i32) -> bool {
+    #[cfg(test)]
+    fn accepts(&self, op: i32) -> bool {
         self.state().accepts.contains(&op)
     }
 

@@ -77,7 +77,7 @@ impl Registrar {
         let rec = LoadRecord {
             conn_count: load.conn_count,
             ip_count: load.ip_count,
-            rooms: self.comet.rooms.len() as u64,
+            rooms: self.comet.shared.rooms.len() as u64,
             updated: now_ms(),
         };
         let value = serde_json::to_vec(&rec).unwrap_or_default();

@@ -81,6 +81,7 @@ impl Rooms {
         }
     }
 
+    #[cfg(test)]
     pub fn get(&self, id: &str) -> Option<Arc<RoomInfo>> {
         self.lock().get(id).cloned()
     }

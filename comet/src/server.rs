@@ -1,7 +1,6 @@
 //! The comet: buckets of connections, the push paths job calls, listeners and the background
 //! loops (room counts to logic).
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-use crate::bucket::{bucket_index, Bucket, Delivery};
+use crate::bucket::{bucket_index, Bucket, Delivery, Shared};
 use crate::channel::{Channel, Outgoing};
 use crate::config::CometConfig;
 use crate::conn::{self, Transport};
 use crate::metrics::CometMetrics;
-use crate::rooms::Rooms;
 
 /// Fan-out work handed to a bucket's worker, so one room's or broadcast's messages reach each
 /// connection in the order job sent them, and the shards of a big room run in parallel.
@@ -45,7 +43,7 @@ pub struct Load {
 pub struct Comet {
     pub(crate) cfg: CometConfig,
     pub(crate) buckets: Arc<[Bucket]>,
-    pub(crate) rooms: Rooms,
+    pub(crate) shared: Shared,
     pub(crate) logic: Arc<dyn LogicService>,
     pub(crate) metrics: Arc<CometMetrics>,
     pub(crate) shutdown: CancellationToken,
@@ -109,7 +107,7 @@ impl Comet {
             )),
             cfg,
             buckets,
-            rooms: Rooms::default(),
+            shared: Shared::default(),
             logic,
             metrics,
             shutdown: CancellationToken::new(),
@@ -133,34 +131,24 @@ impl Comet {
     }
 
     pub(crate) fn register(&self, ch: &Arc<Channel>, room: &str) {
-        self.bucket(&ch.key).put(ch, room, &self.rooms);
+        self.bucket(&ch.key).put(ch, room, &self.shared);
     }
 
     pub(crate) fn unregister(&self, ch: &Arc<Channel>) {
-        self.bucket(&ch.key).del(ch, &self.rooms);
+        self.bucket(&ch.key).del(ch, &self.shared);
     }
 
     pub(crate) fn change_room(&self, ch: &Arc<Channel>, room: &str) {
-        self.bucket(&ch.key).change_room(ch, room, &self.rooms);
+        self.bucket(&ch.key)
+            .change_room(ch, room, &self.shared.rooms);
     }
 
     /// Current connection and distinct-IP counts.
     pub fn load(&self) -> Load {
-        let mut ips = HashSet::new();
-        let mut conns = 0;
-        for b in self.buckets.iter() {
-            conns += b.channel_count() as u64;
-            ips.extend(b.ips());
-        }
         Load {
-            conn_count: conns,
-            ip_count: ips.len() as u64,
+            conn_count: self.buckets.iter().map(|b| b.channel_count() as u64).sum(),
+            ip_count: self.shared.ips.len() as u64,
         }
-    }
-
-    /// Local member count per room.
-    pub fn room_counts(&self) -> HashMap<String, i32> {
-        self.rooms.counts()
     }
 
     /// Accepts connections until shutdown. Each connection is its own task.
@@ -210,11 +198,11 @@ impl Comet {
     pub async fn renew_online(&self) -> Result<(), Status> {
         let req = OnlineReq {
             server: self.cfg.name.clone(),
-            room_count: self.rooms.counts(),
+            room_count: self.shared.rooms.counts(),
             lease: self.lease(),
         };
         let reply = self.logic.renew_online(req).await?;
-        self.rooms.set_all(&reply.all_room_count);
+        self.shared.rooms.set_all(&reply.all_room_count);
         Ok(())
     }
 
@@ -367,7 +355,13 @@ impl CometService for Comet {
 
     async fn rooms(&self, _req: RoomsReq) -> Result<RoomsReply, Status> {
         Ok(RoomsReply {
-            rooms: self.rooms.counts().into_keys().map(|r| (r, true)).collect(),
+            rooms: self
+                .shared
+                .rooms
+                .counts()
+                .into_keys()
+                .map(|r| (r, true))
+                .collect(),
         })
     }
 }
