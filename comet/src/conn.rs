@@ -185,13 +185,8 @@ impl Conn {
         let mut done = 0;
         loop {
             let batch = &items[done..(done + WRITE_BATCH).min(items.len())];
-            let total = self.out.len()
-                + batch
-                    .iter()
-                    .map(|i| prefix(self.transport, i).1 + body(i).len())
-                    .sum::<usize>();
             // Fast path: one non-blocking writev from stack buffers, no allocation.
-            let written = self.write_now(batch)?;
+            let (written, total) = self.write_now(batch)?;
             if written < total {
                 self.write_rest(batch, written).await?;
             }
@@ -206,8 +201,8 @@ impl Conn {
     }
 
     /// One `writev` of the replies and `batch` (at most [`WRITE_BATCH`] items); returns the
-    /// bytes the kernel took (0 if the socket is full).
-    fn write_now(&self, batch: &[Outgoing]) -> io::Result<usize> {
+    /// bytes the kernel took (0 if the socket is full) and the bytes there were.
+    fn write_now(&self, batch: &[Outgoing]) -> io::Result<(usize, usize)> {
         let mut prefixes = [([0u8; 26], 0usize); WRITE_BATCH];
         for (p, item) in prefixes.iter_mut().zip(batch) {
             *p = prefix(self.transport, item);
@@ -228,12 +223,13 @@ impl Conn {
                 n += 1;
             }
         }
-        if n == 0 {
-            return Ok(0);
+        let total = slices[..n].iter().map(|s| s.len()).sum();
+        if total == 0 {
+            return Ok((0, 0));
         }
         match self.stream.try_write_vectored(&slices[..n]) {
-            Ok(w) => Ok(w),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Ok(w) => Ok((w, total)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((0, total)),
             Err(e) => Err(e),
         }
     }

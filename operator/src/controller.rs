@@ -122,6 +122,40 @@ impl Error {
     }
 }
 
+/// The etcd TLS material `spec.etcd.tlsSecretRef` names: `Ok(None)` without one, and the
+/// Degraded reason when the secret is missing or has no CA.
+async fn etcd_tls(
+    client: &Client,
+    ns: &str,
+    pc: &PushCluster,
+) -> Result<Result<Option<goim_discovery::Tls>, (&'static str, String)>, Error> {
+    let Some(r) = &pc.spec.etcd.tls_secret_ref else {
+        return Ok(Ok(None));
+    };
+    let Some(sec) = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&r.name)
+        .await?
+    else {
+        return Ok(Err((
+            "MissingSecret",
+            format!("etcd TLS secret {:?} not found", r.name),
+        )));
+    };
+    let data = sec.data.unwrap_or_default();
+    let get = |k: &str| data.get(k).map(|b| b.0.clone());
+    Ok(match get("ca.crt") {
+        Some(ca) => Ok(Some(goim_discovery::Tls {
+            ca,
+            cert: get("tls.crt"),
+            key: get("tls.key"),
+        })),
+        None => Err((
+            "InvalidSecret",
+            format!("etcd TLS secret {:?} has no ca.crt", r.name),
+        )),
+    })
+}
+
 /// Entry point per PushCluster: the finalizer wraps apply and cleanup.
 pub async fn reconcile(pc: Arc<PushCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let start = std::time::Instant::now();
@@ -193,42 +227,9 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     if pc.spec.etcd.endpoints.is_empty() {
         return Err(Error::Invalid("spec.etcd.endpoints is empty".into()));
     }
-    // The etcd TLS secret: its CA (and client certificate) for the operator's own etcd client.
-    let (tls, secret_problem) = match &pc.spec.etcd.tls_secret_ref {
-        None => (None, None),
-        Some(r) => match Api::<Secret>::namespaced(client.clone(), &ns)
-            .get_opt(&r.name)
-            .await?
-        {
-            None => (
-                None,
-                Some((
-                    "MissingSecret",
-                    format!("etcd TLS secret {:?} not found", r.name),
-                )),
-            ),
-            Some(sec) => {
-                let data = sec.data.unwrap_or_default();
-                let get = |k: &str| data.get(k).map(|b| b.0.clone());
-                match get("ca.crt") {
-                    Some(ca) => (
-                        Some(goim_discovery::Tls {
-                            ca,
-                            cert: get("tls.crt"),
-                            key: get("tls.key"),
-                        }),
-                        None,
-                    ),
-                    None => (
-                        None,
-                        Some((
-                            "InvalidSecret",
-                            format!("etcd TLS secret {:?} has no ca.crt", r.name),
-                        )),
-                    ),
-                }
-            }
-        },
+    let (tls, secret_problem) = match etcd_tls(&client, &ns, pc).await? {
+        Ok(tls) => (tls, None),
+        Err(problem) => (None, Some(problem)),
     };
     let objs = build(pc);
     apply(
@@ -512,23 +513,10 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
 /// On delete: remove the cluster's etcd prefix; Kubernetes garbage-collects the owned objects.
 async fn cleanup(pc: &PushCluster, ctx: &Context) -> Result<Action, Error> {
     let keys = Keys::new(&pc.etcd_prefix());
-    let tls = match &pc.spec.etcd.tls_secret_ref {
-        None => None,
-        Some(r) => {
-            let ns = pc.namespace().unwrap_or_else(|| "default".into());
-            let sec = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-                .get_opt(&r.name)
-                .await?;
-            sec.and_then(|s| s.data).and_then(|d| {
-                let get = |k: &str| d.get(k).map(|b| b.0.clone());
-                Some(goim_discovery::Tls {
-                    ca: get("ca.crt")?,
-                    cert: get("tls.crt"),
-                    key: get("tls.key"),
-                })
-            })
-        }
-    };
+    let ns = pc.namespace().unwrap_or_else(|| "default".into());
+    // The secret may already be gone (a namespace being deleted): try plain text then, and
+    // let a failure retry with backoff.
+    let tls = etcd_tls(&ctx.client, &ns, pc).await?.unwrap_or(None);
     let mut etcd = ctx.etcd(&pc.spec.etcd.endpoints, tls).await?;
     etcd.delete(keys.cluster(), Some(DeleteOptions::new().with_prefix()))
         .await
