@@ -297,15 +297,27 @@ impl CometService for Comet {
         let Some(proto) = req.proto.filter(|_| !req.keys.is_empty()) else {
             return Err(Status::invalid_argument("rpc pushmsg arg error"));
         };
+        if !req.mids.is_empty() && req.mids.len() != req.keys.len() {
+            return Err(Status::invalid_argument(
+                "rpc pushmsg: mids must be parallel to keys",
+            ));
+        }
         let out = outgoing(proto);
         let mut d = Delivery::default();
+        let (mut absent, mut wrong_user) = (0, 0);
         // Unlike goim, a full queue on one key does not skip the remaining keys.
-        for key in &req.keys {
-            if let Some(ch) = self.bucket(key).get(key) {
-                d.add(ch.offer(Some(req.proto_op), out.clone(), self.cfg.push_queue));
+        for (i, key) in req.keys.iter().enumerate() {
+            match self.bucket(key).get(key) {
+                // A push to a user goes only to that user's connection: the key may have
+                // been reused by another user since logic looked it up.
+                Some(ch) if req.mids.get(i).is_some_and(|&mid| mid != ch.mid) => wrong_user += 1,
+                Some(ch) => d.add(ch.offer(Some(req.proto_op), out.clone(), self.cfg.push_queue)),
+                None => absent += 1,
             }
         }
         record(&self.metrics, d);
+        self.metrics.dropped("no_connection", absent);
+        self.metrics.dropped("wrong_user", wrong_user);
         Ok(PushMsgReply {})
     }
 

@@ -167,6 +167,7 @@ impl Job {
             keys: m.keys,
             proto_op: m.operation,
             proto: Some(raw_single(m.operation, m.msg)),
+            mids: m.mids,
         };
         inner.metrics.call("push");
         match tokio::time::timeout(inner.cfg.comet_timeout, comet.push_msg(req)).await {

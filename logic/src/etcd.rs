@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::nodes::{CometInstance, NodeSource};
-use crate::online::{sum_room_counts, KeysByServer, OnlineError, OnlineStore, Origin};
+use crate::online::{
+    sum_room_counts, KeysByServer, OnlineError, OnlineStore, Origin, UserKeysByServer,
+};
 
 fn unavailable(e: impl std::fmt::Display) -> OnlineError {
     OnlineError::Unavailable(e.to_string())
@@ -96,6 +98,28 @@ impl EtcdOnline {
         tracing::info!(server = %from.server, lease = l, "holding a lease for a comet that keeps none");
         adopted.insert(from.server.to_string(), l);
         Ok(l)
+    }
+
+    /// The user a key belonged to until now on `server`, when it was another one than `mid`.
+    async fn previous_user(
+        &self,
+        key: &str,
+        server: &str,
+        mid: i64,
+    ) -> Result<Option<i64>, OnlineError> {
+        let got = self
+            .client
+            .clone()
+            .get(self.keys.online_key(key), None)
+            .await
+            .map_err(unavailable)?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice::<OnlineRecord>(kv.value())
+            .ok()
+            .filter(|old| old.mid > 0 && old.mid != mid && old.comet == server)
+            .map(|old| old.mid))
     }
 
     /// Keeps an adopted lease alive while its comet calls RenewOnline; forgets it once etcd
@@ -216,6 +240,14 @@ impl OnlineStore for EtcdOnline {
             keys.push(self.keys.online_mid(mid, key));
             ops.push(TxnOp::put(keys[1].as_str(), server, opts()));
         }
+        // The key changes hands on this comet (account switch): the comet has kicked the old
+        // connection, so the previous user's index entry goes in the same transaction. (On
+        // another comet the old connection may live on; its own Disconnect removes it.)
+        if let Some(old) = self.previous_user(key, server, mid).await? {
+            let k = self.keys.online_mid(old, key);
+            ops.push(TxnOp::delete(k.as_str(), None));
+            keys.push(k);
+        }
         let (done, wait) = oneshot::channel();
         self.writes
             .send(Write { ops, keys, done })
@@ -228,21 +260,26 @@ impl OnlineStore for EtcdOnline {
 
     async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError> {
         // Delete only while the key is still on this comet's lease (named, or adopted by
-        // logic): a reconnect elsewhere has moved it to another lease.
+        // logic): a reconnect elsewhere has moved it to another lease. The user's index entry
+        // is guarded on its own: it stays this comet's even when the key moved on.
         let own = Some(from.lease).filter(|&l| l != 0);
         let adopted = self.adopted.lock().await.get(from.server).copied();
         for lease in [own, adopted].into_iter().flatten() {
-            let mut ops = vec![TxnOp::delete(self.keys.online_key(key), None)];
+            let (online_key, mid_key) = (self.keys.online_key(key), self.keys.online_mid(mid, key));
+            let mut ops = vec![TxnOp::delete(online_key.as_str(), None)];
+            let mut otherwise = Vec::new();
             if mid > 0 {
-                ops.push(TxnOp::delete(self.keys.online_mid(mid, key), None));
+                ops.push(TxnOp::delete(mid_key.as_str(), None));
+                otherwise.push(TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::lease(mid_key.as_str(), CompareOp::Equal, lease)])
+                        .and_then([TxnOp::delete(mid_key.as_str(), None)]),
+                ));
             }
             let txn = Txn::new()
-                .when([Compare::lease(
-                    self.keys.online_key(key),
-                    CompareOp::Equal,
-                    lease,
-                )])
-                .and_then(ops);
+                .when([Compare::lease(online_key.as_str(), CompareOp::Equal, lease)])
+                .and_then(ops)
+                .or_else(otherwise);
             if self
                 .client
                 .clone()
@@ -276,7 +313,7 @@ impl OnlineStore for EtcdOnline {
         Ok(out)
     }
 
-    async fn servers_by_mids(&self, mids: &[i64]) -> Result<KeysByServer, OnlineError> {
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<UserKeysByServer, OnlineError> {
         let ops = mids
             .iter()
             .map(|m| {
@@ -286,7 +323,7 @@ impl OnlineStore for EtcdOnline {
                 )
             })
             .collect();
-        let mut out = KeysByServer::new();
+        let mut out = UserKeysByServer::new();
         for (mid, resp) in mids.iter().zip(read_all(&self.client, ops).await?) {
             let TxnOpResponse::Get(g) = resp else {
                 continue;
@@ -302,7 +339,7 @@ impl OnlineStore for EtcdOnline {
                 if let Some(key) = k.strip_prefix(&prefix) {
                     out.entry(server.to_string())
                         .or_default()
-                        .push(key.to_string());
+                        .push((key.to_string(), *mid));
                 }
             }
         }

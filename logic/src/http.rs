@@ -93,6 +93,15 @@ fn push_result(r: Result<(), PushError>) -> Response {
     }
 }
 
+/// A key or mid push: goim's envelope, plus how many connections logic found for it
+/// (`data.keys_found`; goim's callers ignore `data`).
+fn targeted_result(r: Result<usize, PushError>) -> Response {
+    match r {
+        Ok(n) => ok(Some(json!({ "keys_found": n }))),
+        Err(e) => push_result(Err(e)),
+    }
+}
+
 /// Query parameters in order, repeated keys kept.
 struct Params(Vec<(String, String)>);
 
@@ -167,14 +176,14 @@ async fn push_keys(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response
     let p = Params::from_uri(&uri);
     let op = try_param!(p.num::<i32>("operation", false)).unwrap_or(0);
     let keys = p.all("keys").into_iter().map(String::from).collect();
-    push_result(s.logic.push_keys(op, keys, body).await)
+    targeted_result(s.logic.push_keys(op, keys, body).await)
 }
 
 async fn push_mids(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response {
     let p = Params::from_uri(&uri);
     let op = try_param!(p.num::<i32>("operation", false)).unwrap_or(0);
     let mids = try_param!(p.nums::<i64>("mids"));
-    push_result(s.logic.push_mids(op, mids, body).await)
+    targeted_result(s.logic.push_mids(op, mids, body).await)
 }
 
 async fn push_room(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response {

@@ -20,7 +20,7 @@ use tonic::Status;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::LogicConfig;
 use crate::nodes::{Balancer, CometInstance, NodeSource};
-use crate::online::{KeysByServer, OnlineError, OnlineStore, Origin};
+use crate::online::{OnlineError, OnlineStore, Origin};
 
 /// Why a push request failed; the HTTP layer maps these to goim's codes.
 #[derive(Debug, thiserror::Error)]
@@ -117,14 +117,21 @@ impl Logic {
         Ok(())
     }
 
-    async fn push_by_server(&self, op: i32, by: KeysByServer, msg: Bytes) -> Result<(), PushError> {
-        // One message per comet, as goim sends one Kafka message per server.
-        for (server, keys) in by {
+    /// One message per comet, as goim sends one Kafka message per server. `mids`, when given,
+    /// is parallel to each server's keys: the user each key must still belong to.
+    async fn push_by_server(
+        &self,
+        op: i32,
+        by: impl IntoIterator<Item = (String, Vec<String>, Vec<i64>)>,
+        msg: Bytes,
+    ) -> Result<(), PushError> {
+        for (server, keys, mids) in by {
             let m = PushMsg {
                 r#type: PushType::Push as i32,
                 operation: op,
                 server,
                 keys,
+                mids,
                 msg: msg.clone(),
                 ..Default::default()
             };
@@ -145,7 +152,13 @@ impl Logic {
         self.metrics.pushes.get_or_create(&Kind { kind }).inc();
     }
 
-    pub async fn push_keys(&self, op: i32, keys: Vec<String>, msg: Bytes) -> Result<(), PushError> {
+    /// Pushes to connections by key; returns how many of the keys are online.
+    pub async fn push_keys(
+        &self,
+        op: i32,
+        keys: Vec<String>,
+        msg: Bytes,
+    ) -> Result<usize, PushError> {
         if keys.is_empty() {
             return Err(PushError::BadRequest(
                 "keys: at least one key is required".into(),
@@ -158,10 +171,13 @@ impl Logic {
             .unknown_targets
             .inc_by((keys.len().saturating_sub(found)) as u64);
         self.count("keys");
-        self.push_by_server(op, by, msg).await
+        self.push_by_server(op, by.into_iter().map(|(s, k)| (s, k, Vec::new())), msg)
+            .await?;
+        Ok(found)
     }
 
-    pub async fn push_mids(&self, op: i32, mids: Vec<i64>, msg: Bytes) -> Result<(), PushError> {
+    /// Pushes to every connection of the users; returns how many keys they hold online.
+    pub async fn push_mids(&self, op: i32, mids: Vec<i64>, msg: Bytes) -> Result<usize, PushError> {
         if mids.is_empty() {
             return Err(PushError::BadRequest(
                 "mids: at least one mid is required".into(),
@@ -169,11 +185,17 @@ impl Logic {
         }
         self.check_body(&msg)?;
         let by = self.online.servers_by_mids(&mids).await?;
+        let found: usize = by.values().map(Vec::len).sum();
         if by.is_empty() {
             self.metrics.unknown_targets.inc_by(mids.len() as u64);
         }
         self.count("mids");
-        self.push_by_server(op, by, msg).await
+        let by = by.into_iter().map(|(server, pairs)| {
+            let (keys, mids) = pairs.into_iter().unzip();
+            (server, keys, mids)
+        });
+        self.push_by_server(op, by, msg).await?;
+        Ok(found)
     }
 
     pub async fn push_room(

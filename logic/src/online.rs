@@ -16,6 +16,10 @@ pub enum OnlineError {
 /// Keys grouped by the comet holding them.
 pub type KeysByServer = BTreeMap<String, Vec<String>>;
 
+/// A user's keys grouped by the comet holding them, each with the user it was found for (the
+/// comet checks it again before delivering).
+pub type UserKeysByServer = BTreeMap<String, Vec<(String, i64)>>;
+
 /// The comet a call comes from, and the etcd lease it says its state hangs on (0: it keeps
 /// none, as goim's own comets).
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +49,7 @@ pub trait OnlineStore: Send + Sync + 'static {
     /// anything was removed.
     async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError>;
     async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError>;
-    async fn servers_by_mids(&self, mids: &[i64]) -> Result<KeysByServer, OnlineError>;
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<UserKeysByServer, OnlineError>;
     /// Stores one comet's room counts (replacing its previous report).
     async fn renew_rooms(
         &self,
@@ -109,6 +113,9 @@ impl OnlineStore for MemoryOnline {
             if old_mid != mid {
                 if let Some(set) = m.mids.get_mut(&old_mid) {
                     set.remove(key);
+                    if set.is_empty() {
+                        m.mids.remove(&old_mid);
+                    }
                 }
             }
         }
@@ -145,13 +152,15 @@ impl OnlineStore for MemoryOnline {
         Ok(out)
     }
 
-    async fn servers_by_mids(&self, mids: &[i64]) -> Result<KeysByServer, OnlineError> {
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<UserKeysByServer, OnlineError> {
         let m = self.lock();
-        let mut out = KeysByServer::new();
+        let mut out = UserKeysByServer::new();
         for mid in mids {
             for k in m.mids.get(mid).into_iter().flatten() {
                 if let Some((server, _)) = m.keys.get(k) {
-                    out.entry(server.clone()).or_default().push(k.clone());
+                    out.entry(server.clone())
+                        .or_default()
+                        .push((k.clone(), *mid));
                 }
             }
         }
@@ -184,7 +193,7 @@ mod tests {
         s.add(Origin::new("b", 0), 2, "k3", "").await.unwrap();
         let by = s.servers_by_mids(&[1, 2, 9]).await.unwrap();
         assert_eq!(by["a"].len(), 2);
-        assert_eq!(by["b"], vec!["k3".to_string()]);
+        assert_eq!(by["b"], vec![("k3".to_string(), 2)]);
         // k1 reconnects on comet b; a's late disconnect must not erase it.
         s.add(Origin::new("b", 0), 1, "k1", "").await.unwrap();
         assert!(!s.del(Origin::new("a", 0), 1, "k1").await.unwrap());
