@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use goim_discovery::etcd_client::{PutOptions, Txn, TxnOp};
 use goim_discovery::{
-    Client, CometRecord, CometState, Keys, LeaseHandle, LoadRecord, OnlineRecord, WatchCache,
-    MAX_TXN_OPS,
+    Backoff, Client, CometRecord, CometState, Keys, LeaseHandle, LoadRecord, OnlineRecord,
+    WatchCache, MAX_TXN_OPS,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,7 @@ impl Registrar {
         let mut current = 0;
         let mut renewing = false;
         let mut tick = tokio::time::interval(self.load_interval);
+        let mut backoff = Backoff::standard();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -53,12 +54,18 @@ impl Registrar {
                     match self.register(id).await {
                         Ok(()) => {
                             current = id;
+                            backoff.reset();
                             // Room counts go to logic only once they can name the lease.
                             if !std::mem::replace(&mut renewing, true) {
                                 tokio::spawn(self.comet.clone().renew_online_loop());
                             }
                         }
-                        Err(e) => tracing::warn!(lease = id, error = %e, "registering in etcd failed; retrying"),
+                        Err(e) => {
+                            tracing::warn!(lease = id, error = %e, "registering in etcd failed; retrying");
+                            if !backoff.wait(&stop).await {
+                                return;
+                            }
+                        }
                     }
                 }
                 _ = tick.tick() => {

@@ -153,7 +153,8 @@ impl Comet {
 
     /// Accepts connections until shutdown. Each connection is its own task.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, transport: Transport) {
-        let mut backoff = Duration::from_millis(5);
+        let mut backoff =
+            goim_discovery::Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -161,17 +162,15 @@ impl Comet {
             };
             let (stream, peer) = match accepted {
                 Ok(a) => {
-                    backoff = Duration::from_millis(5);
+                    backoff.reset();
                     a
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, ?backoff, "accept failed");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    tracing::warn!(error = %e, "accept failed");
+                    if !backoff.wait(&self.shutdown).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use tokio::sync::watch;
+
+use crate::Backoff;
 use tokio_util::sync::CancellationToken;
 
 /// The current lease id (0 while none is held).
@@ -50,7 +52,7 @@ impl LeaseHandle {
 
 async fn keeper(mut client: Client, ttl: i64, tx: watch::Sender<i64>, stop: CancellationToken) {
     let period = Duration::from_millis((ttl as u64 * 1000) / 3);
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::standard();
     'grant: loop {
         let id = tokio::select! {
             _ = stop.cancelled() => return,
@@ -58,23 +60,23 @@ async fn keeper(mut client: Client, ttl: i64, tx: watch::Sender<i64>, stop: Canc
                 Ok(r) => r.id(),
                 Err(e) => {
                     tracing::warn!(error = %e, "lease grant failed; retrying");
-                    tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    if !backoff.wait(&stop).await { return }
                     continue 'grant;
                 }
             },
         };
         tracing::info!(lease = id, ttl, "lease granted");
         let _ = tx.send(id);
-        backoff = Duration::from_millis(200);
+        backoff.reset();
         // Keep it alive; a broken stream is reopened, a lease etcd no longer has is replaced.
         loop {
             let (mut keeper, mut stream) = match client.lease_keep_alive(id).await {
                 Ok(k) => k,
                 Err(e) => {
                     tracing::warn!(lease = id, error = %e, "keepalive stream failed");
-                    tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    if !backoff.wait(&stop).await {
+                        return;
+                    }
                     continue;
                 }
             };
@@ -92,7 +94,7 @@ async fn keeper(mut client: Client, ttl: i64, tx: watch::Sender<i64>, stop: Canc
                     }
                 };
                 match answer {
-                    Ok(Some(r)) if r.ttl() > 0 => backoff = Duration::from_millis(200),
+                    Ok(Some(r)) if r.ttl() > 0 => backoff.reset(),
                     Ok(Some(_)) => {
                         tracing::warn!(lease = id, "lease expired; granting a new one");
                         let _ = tx.send(0);
@@ -102,8 +104,9 @@ async fn keeper(mut client: Client, ttl: i64, tx: watch::Sender<i64>, stop: Canc
                 }
                 tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(period) => {} }
             }
-            tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            if !backoff.wait(&stop).await {
+                return;
+            }
         }
     }
 }
@@ -118,6 +121,7 @@ pub async fn keep_registered(
     stop: CancellationToken,
 ) {
     let mut current = 0;
+    let mut backoff = Backoff::standard();
     loop {
         let id = tokio::select! {
             _ = stop.cancelled() => return,
@@ -132,10 +136,13 @@ pub async fn keep_registered(
             Ok(_) => {
                 tracing::info!(%key, lease = id, "registered");
                 current = id;
+                backoff.reset();
             }
             Err(e) => {
                 tracing::warn!(%key, error = %e, "register failed; retrying");
-                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+                if !backoff.wait(&stop).await {
+                    return;
+                }
             }
         }
     }

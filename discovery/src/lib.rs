@@ -1,10 +1,12 @@
 //! What every role shares about etcd: the key layout and record types, a lease kept alive (and
 //! re-granted if it expires), and a watched prefix that survives etcd restarts and compactions.
 
+pub mod backoff;
 pub mod keys;
 pub mod lease;
 pub mod watch;
 
+pub use backoff::Backoff;
 pub use etcd_client;
 pub use etcd_client::Client;
 pub use keys::{CometRecord, CometState, JobRecord, Keys, LoadRecord, OnlineRecord};

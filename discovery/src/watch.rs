@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::Backoff;
 
 /// One mirrored key: its decoded value and the lease it hangs on.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,7 +103,7 @@ async fn run<T: DeserializeOwned + Send + Sync + 'static>(
     tx: watch::Sender<u64>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::standard();
     let bump = |tx: &watch::Sender<u64>| tx.send_modify(|v| *v += 1);
     loop {
         let listed = tokio::select! {
@@ -124,12 +125,12 @@ async fn run<T: DeserializeOwned + Send + Sync + 'static>(
             Err(e) => {
                 synced.store(false, Ordering::Relaxed);
                 tracing::warn!(%prefix, error = %e, "etcd list failed; retrying");
-                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                if !backoff.wait(&stop).await {
+                    return;
+                }
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(rev + 1);
@@ -138,7 +139,9 @@ async fn run<T: DeserializeOwned + Send + Sync + 'static>(
             Err(e) => {
                 synced.store(false, Ordering::Relaxed);
                 tracing::warn!(%prefix, error = %e, "etcd watch failed; listing again");
-                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+                if !backoff.wait(&stop).await {
+                    return;
+                }
                 continue;
             }
         };
@@ -187,6 +190,7 @@ async fn run<T: DeserializeOwned + Send + Sync + 'static>(
                         }
                     }
                     bump(&tx);
+                    backoff.reset();
                 }
                 Ok(None) | Err(_) => {
                     synced.store(false, Ordering::Relaxed);
@@ -195,6 +199,8 @@ async fn run<T: DeserializeOwned + Send + Sync + 'static>(
                 }
             }
         }
-        tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(backoff) => {} }
+        if !backoff.wait(&stop).await {
+            return;
+        }
     }
 }
