@@ -171,16 +171,16 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
     let comets = WatchCache::<CometRecord>::spawn(client.clone(), keys.comets(), stop.clone());
     let loads = WatchCache::spawn(client.clone(), keys.loads(), stop.clone());
     let jobs = WatchCache::<JobRecord>::spawn(client.clone(), keys.jobs(), stop.clone());
-    let online = Arc::new(EtcdOnline::new(
-        client.clone(),
-        keys,
-        loads.clone(),
-        stop.clone(),
-    ));
+    let online = Arc::new(EtcdOnline::new(client.clone(), keys, stop.clone()));
     let ring = Arc::new(JobRing::new(jobs));
     let mut registry = Registry::default();
     let metrics = Arc::new(LogicMetrics::default());
     metrics.register(&mut registry);
+    registry.register(
+        "goim_logic_rooms_left_out",
+        "Rooms left out of comets' room counts for being over the per-comet limit",
+        online.rooms_left_out.clone(),
+    );
 
     let http = bind(&cfg.logic.http, "HTTP").await?;
     let grpc = bind(&cfg.cluster.logic_grpc, "gRPC").await?;

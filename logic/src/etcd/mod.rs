@@ -1,0 +1,12 @@
+//! Distributed mode's backends for logic, on etcd: online state (every key on the owning
+//! comet's lease, written in batched transactions), the comets offered to clients, and the
+//! ring of jobs pushes are routed over.
+
+mod nodes;
+mod online;
+mod ring;
+mod writer;
+
+pub use nodes::EtcdNodes;
+pub use online::{EtcdOnline, ADOPTED_TTL};
+pub use ring::{ring_pick, route_of, JobRing};

@@ -1,0 +1,514 @@
+//! Online state in etcd: every key hangs on the lease of the comet holding the connection, so
+//! a dead comet's presence vanishes with its lease. Connects and Disconnects go through the
+//! batching [`Writer`]; room counts are split over several keys per comet so that no value
+//! comes near etcd's request limit.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use goim_discovery::etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use goim_discovery::keys::RoomCounts;
+use goim_discovery::{Client, Keys, OnlineRecord, WatchCache, MAX_TXN_OPS};
+use prometheus_client::metrics::counter::Counter;
+use tokio_util::sync::CancellationToken;
+
+use super::writer::{WriteError, Writer};
+use crate::online::{
+    sum_room_counts, KeysByServer, OnlineError, OnlineStore, Origin, UserKeysByServer,
+};
+
+fn unavailable(e: impl std::fmt::Display) -> OnlineError {
+    OnlineError::Unavailable(e.to_string())
+}
+
+/// Seconds an adopted comet's presence outlives its last RenewOnline (goim renews every 10 s).
+pub const ADOPTED_TTL: i64 = 30;
+
+/// Most serialized bytes of room counts in one etcd value (etcd refuses requests over 1.5 MiB).
+const ROOM_CHUNK_BYTES: usize = 256 * 1024;
+/// Most rooms one comet reports; beyond it the emptiest rooms are left out and counted.
+pub const MAX_ROOMS_PER_COMET: usize = 100_000;
+
+/// Online state in etcd.
+pub struct EtcdOnline {
+    client: Client,
+    keys: Keys,
+    rooms: WatchCache<RoomCounts>,
+    writer: Writer,
+    /// Leases logic holds for comets that keep none themselves (goim's own comets speak
+    /// `goim.logic.Logic` but know nothing of etcd): kept alive by their RenewOnline calls.
+    adopted: tokio::sync::Mutex<HashMap<String, i64>>,
+    /// Rooms left out of comets' reports for being over [`MAX_ROOMS_PER_COMET`].
+    pub rooms_left_out: Counter,
+}
+
+impl EtcdOnline {
+    pub fn new(client: Client, keys: Keys, stop: CancellationToken) -> Self {
+        let rooms = WatchCache::spawn(client.clone(), keys.rooms_prefix(), stop.clone());
+        EtcdOnline {
+            writer: Writer::spawn(client.clone(), stop),
+            client,
+            keys,
+            rooms,
+            adopted: tokio::sync::Mutex::new(HashMap::new()),
+            rooms_left_out: Counter::default(),
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.rooms.synced()
+    }
+
+    /// The lease a comet's state hangs on: the one it names (ours always do), or one logic
+    /// holds for it (granted on first use).
+    async fn lease_for(&self, from: Origin<'_>) -> Result<i64, OnlineError> {
+        if from.lease != 0 {
+            return Ok(from.lease);
+        }
+        let mut adopted = self.adopted.lock().await;
+        if let Some(&l) = adopted.get(from.server) {
+            return Ok(l);
+        }
+        let l = self
+            .client
+            .clone()
+            .lease_grant(ADOPTED_TTL, None)
+            .await
+            .map_err(unavailable)?
+            .id();
+        tracing::info!(server = %from.server, lease = l, "holding a lease for a comet that keeps none");
+        adopted.insert(from.server.to_string(), l);
+        Ok(l)
+    }
+
+    /// Forgets an adopted lease etcd no longer has (the comet was away longer than its TTL);
+    /// the next call adopts a fresh one.
+    async fn forget_adopted(&self, server: &str, lease: i64) {
+        let mut adopted = self.adopted.lock().await;
+        if adopted.get(server) == Some(&lease) {
+            tracing::info!(%server, lease, "adopted lease expired; adopting a new one");
+            adopted.remove(server);
+        }
+    }
+
+    /// Keeps an adopted lease alive while its comet calls RenewOnline; forgets it once etcd
+    /// has let it expire.
+    async fn renew_adopted(&self, server: &str) -> Result<(), OnlineError> {
+        let Some(lease) = self.adopted.lock().await.get(server).copied() else {
+            return Ok(());
+        };
+        let (mut keeper, mut stream) = self
+            .client
+            .clone()
+            .lease_keep_alive(lease)
+            .await
+            .map_err(unavailable)?;
+        keeper.keep_alive().await.map_err(unavailable)?;
+        let alive = matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0);
+        if !alive {
+            self.forget_adopted(server, lease).await;
+        }
+        Ok(())
+    }
+
+    /// Runs a write on the comet's lease. An adopted lease that has expired is replaced once
+    /// and the write retried; a comet's own dead lease is its problem (it re-registers).
+    async fn write_on_lease<F>(
+        &self,
+        from: Origin<'_>,
+        build: F,
+    ) -> Result<Vec<TxnOpResponse>, OnlineError>
+    where
+        F: Fn(i64) -> (Vec<TxnOp>, Vec<String>),
+    {
+        let lease = self.lease_for(from).await?;
+        let (ops, keys) = build(lease);
+        match self.writer.submit(ops, keys).await {
+            Err(WriteError::LeaseNotFound) if from.lease == 0 => {
+                self.forget_adopted(from.server, lease).await;
+                let lease = self.lease_for(from).await?;
+                let (ops, keys) = build(lease);
+                self.writer.submit(ops, keys).await.map_err(unavailable)
+            }
+            r => r.map_err(unavailable),
+        }
+    }
+
+    /// The user a key belonged to until now on `server`, when it was another one than `mid`.
+    async fn previous_user(
+        &self,
+        key: &str,
+        server: &str,
+        mid: i64,
+    ) -> Result<Option<i64>, OnlineError> {
+        let got = self
+            .client
+            .clone()
+            .get(self.keys.online_key(key), None)
+            .await
+            .map_err(unavailable)?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice::<OnlineRecord>(kv.value())
+            .ok()
+            .filter(|old| old.mid > 0 && old.mid != mid && old.comet == server)
+            .map(|old| old.mid))
+    }
+}
+
+/// Runs read operations in transactions of at most 128, returning every response in order.
+async fn read_all(client: &Client, ops: Vec<TxnOp>) -> Result<Vec<TxnOpResponse>, OnlineError> {
+    let mut out = Vec::with_capacity(ops.len());
+    let mut ops = ops.into_iter().peekable();
+    while ops.peek().is_some() {
+        let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
+        let r = client
+            .clone()
+            .txn(Txn::new().and_then(chunk))
+            .await
+            .map_err(unavailable)?;
+        out.extend(r.op_responses());
+    }
+    Ok(out)
+}
+
+/// A comet's room counts as etcd values of at most [`ROOM_CHUNK_BYTES`], in room order; at
+/// most [`MAX_ROOMS_PER_COMET`] rooms (the fullest), and how many were left out.
+pub fn room_chunks(counts: &HashMap<String, i32>) -> (Vec<RoomCounts>, usize) {
+    let mut rooms: Vec<(&String, i32)> = counts.iter().map(|(r, n)| (r, *n)).collect();
+    let mut left_out = 0;
+    if rooms.len() > MAX_ROOMS_PER_COMET {
+        rooms.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        left_out = rooms.len() - MAX_ROOMS_PER_COMET;
+        rooms.truncate(MAX_ROOMS_PER_COMET);
+    }
+    rooms.sort();
+    let mut chunks = Vec::new();
+    let mut chunk = RoomCounts::new();
+    let mut bytes = 0;
+    for (room, n) in rooms {
+        // A room as JSON: its quoted id (escapes at most double it), a colon, up to 11
+        // digits and a comma.
+        let size = 2 * room.len() + 16;
+        if bytes + size > ROOM_CHUNK_BYTES && !chunk.is_empty() {
+            chunks.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.insert(room.clone(), n);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    (chunks, left_out)
+}
+
+#[async_trait]
+impl OnlineStore for EtcdOnline {
+    async fn add(
+        &self,
+        from: Origin<'_>,
+        mid: i64,
+        key: &str,
+        room: &str,
+    ) -> Result<(), OnlineError> {
+        let server = from.server;
+        let rec = OnlineRecord {
+            mid,
+            comet: server.to_string(),
+            room: room.to_string(),
+        };
+        let value = serde_json::to_vec(&rec).map_err(unavailable)?;
+        // The key changes hands on this comet (account switch): the comet has kicked the old
+        // connection, so the previous user's index entry goes in the same transaction. (On
+        // another comet the old connection may live on; its own Disconnect removes it.)
+        let previous = self.previous_user(key, server, mid).await?;
+        self.write_on_lease(from, |lease| {
+            let opts = || Some(PutOptions::new().with_lease(lease));
+            let mut keys = vec![self.keys.online_key(key)];
+            let mut ops = vec![TxnOp::put(keys[0].as_str(), value.clone(), opts())];
+            if mid > 0 {
+                keys.push(self.keys.online_mid(mid, key));
+                ops.push(TxnOp::put(keys[1].as_str(), server, opts()));
+            }
+            if let Some(old) = previous {
+                let k = self.keys.online_mid(old, key);
+                ops.push(TxnOp::delete(k.as_str(), None));
+                keys.push(k);
+            }
+            (ops, keys)
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError> {
+        // Delete only while the key is still on this comet's lease (named, or adopted by
+        // logic): a reconnect elsewhere has moved it to another lease. The user's index entry
+        // is guarded on its own: it stays this comet's even when the key moved on.
+        let lease = match from.lease {
+            0 => match self.adopted.lock().await.get(from.server) {
+                Some(&l) => l,
+                None => return Ok(false),
+            },
+            l => l,
+        };
+        let (online_key, mid_key) = (self.keys.online_key(key), self.keys.online_mid(mid, key));
+        let mut ops = vec![TxnOp::delete(online_key.as_str(), None)];
+        let mut otherwise = Vec::new();
+        let mut keys = vec![online_key.clone()];
+        if mid > 0 {
+            ops.push(TxnOp::delete(mid_key.as_str(), None));
+            otherwise.push(TxnOp::txn(
+                Txn::new()
+                    .when([Compare::lease(mid_key.as_str(), CompareOp::Equal, lease)])
+                    .and_then([TxnOp::delete(mid_key.as_str(), None)]),
+            ));
+            keys.push(mid_key.clone());
+        }
+        let guarded = TxnOp::txn(
+            Txn::new()
+                .when([Compare::lease(online_key.as_str(), CompareOp::Equal, lease)])
+                .and_then(ops)
+                .or_else(otherwise),
+        );
+        // Batched with other comets' Disconnects and Connects (a closing comet sends
+        // thousands at once), not one transaction each.
+        let r = self
+            .writer
+            .submit(vec![guarded], keys)
+            .await
+            .map_err(unavailable)?;
+        Ok(matches!(r.first(), Some(TxnOpResponse::Txn(t)) if t.succeeded()))
+    }
+
+    async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError> {
+        let ops = keys
+            .iter()
+            .map(|k| TxnOp::get(self.keys.online_key(k), None))
+            .collect();
+        let mut out = KeysByServer::new();
+        for (key, resp) in keys.iter().zip(read_all(&self.client, ops).await?) {
+            let TxnOpResponse::Get(g) = resp else {
+                continue;
+            };
+            let Some(kv) = g.kvs().first() else { continue };
+            match serde_json::from_slice::<OnlineRecord>(kv.value()) {
+                Ok(rec) => out.entry(rec.comet).or_default().push(key.clone()),
+                Err(e) => tracing::warn!(%key, error = %e, "skipping invalid online record"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<UserKeysByServer, OnlineError> {
+        let ops = mids
+            .iter()
+            .map(|m| {
+                TxnOp::get(
+                    self.keys.online_mid_prefix(*m),
+                    Some(GetOptions::new().with_prefix()),
+                )
+            })
+            .collect();
+        let mut out = UserKeysByServer::new();
+        for (mid, resp) in mids.iter().zip(read_all(&self.client, ops).await?) {
+            let TxnOpResponse::Get(g) = resp else {
+                continue;
+            };
+            let prefix = self.keys.online_mid_prefix(*mid);
+            for kv in g.kvs() {
+                let (Ok(k), Ok(server)) = (
+                    std::str::from_utf8(kv.key()),
+                    std::str::from_utf8(kv.value()),
+                ) else {
+                    continue;
+                };
+                if let Some(key) = k.strip_prefix(&prefix) {
+                    out.entry(server.to_string())
+                        .or_default()
+                        .push((key.to_string(), *mid));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn renew_rooms(
+        &self,
+        from: Origin<'_>,
+        counts: HashMap<String, i32>,
+    ) -> Result<(), OnlineError> {
+        let server = from.server;
+        if from.lease == 0 {
+            self.renew_adopted(server).await?;
+        }
+        let lease = self.lease_for(from).await?;
+        let (chunks, left_out) = room_chunks(&counts);
+        if left_out > 0 {
+            self.rooms_left_out.inc_by(left_out as u64);
+            tracing::warn!(%server, left_out, "room counts over the per-comet limit left out");
+        }
+        // `rooms/{server}/{i}`: only the chunks that changed are written, and chunks beyond
+        // the current count are removed.
+        let mut client = self.client.clone();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let name = format!("{server}/{i}");
+            if self
+                .rooms
+                .get(&name)
+                .is_some_and(|e| &e.value == chunk && e.lease == lease)
+            {
+                continue;
+            }
+            let value = serde_json::to_vec(chunk).map_err(unavailable)?;
+            client
+                .put(
+                    self.keys.rooms(&name),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        let mine = format!("{server}/");
+        for (name, _) in self.rooms.snapshot() {
+            let stale = name
+                .strip_prefix(&mine)
+                .is_some_and(|i| i.parse::<usize>().map_or(true, |i| i >= chunks.len()));
+            // The single-record layout of earlier versions, too.
+            if stale || name == server {
+                client
+                    .delete(self.keys.rooms(&name), None)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn touch(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<(), OnlineError> {
+        // A comet with its own lease re-registers presence itself; for an adopted one the
+        // heartbeat puts back a key that expired with a lapsed lease (goim's re-add on
+        // heartbeat).
+        if !self.adopted.lock().await.contains_key(from.server) {
+            return Ok(());
+        }
+        let missing = self
+            .client
+            .clone()
+            .get(self.keys.online_key(key), None)
+            .await
+            .map_err(unavailable)?
+            .kvs()
+            .is_empty();
+        if !missing {
+            return Ok(());
+        }
+        self.add(from, mid, key, "").await
+    }
+
+    async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {
+        let snap = self.rooms.snapshot();
+        Ok(sum_room_counts(snap.iter().map(|(_, e)| &e.value)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use goim_testkit::{wait_until, Etcd};
+
+    async fn store(etcd: &Etcd) -> (EtcdOnline, Client, CancellationToken) {
+        let client = goim_discovery::connect(&[etcd.endpoint()]).await.unwrap();
+        let keys = Keys::new("t");
+        let stop = CancellationToken::new();
+        let s = EtcdOnline::new(client.clone(), keys, stop.clone());
+        (s, client, stop)
+    }
+
+    #[test]
+    fn room_chunks_stay_small_and_cover_every_room() {
+        let counts: HashMap<String, i32> = (0..50_000)
+            .map(|i| (format!("live://{i:0>200}"), 1 + i % 7))
+            .collect();
+        let (chunks, left_out) = room_chunks(&counts);
+        assert_eq!(left_out, 0);
+        assert!(chunks.len() > 1);
+        for c in &chunks {
+            assert!(serde_json::to_vec(c).unwrap().len() <= ROOM_CHUNK_BYTES);
+        }
+        assert_eq!(sum_room_counts(chunks.iter()), counts);
+        let many: HashMap<String, i32> = (0..MAX_ROOMS_PER_COMET as i32 + 10)
+            .map(|i| (format!("r{i}"), i))
+            .collect();
+        let (chunks, left_out) = room_chunks(&many);
+        assert_eq!(left_out, 10);
+        let kept = sum_room_counts(chunks.iter());
+        // The emptiest rooms are the ones left out.
+        assert!(!kept.contains_key("r0") && kept.contains_key("r100009"));
+    }
+
+    /// 50,000 distinct rooms of up to 256 bytes on one comet: once one value over etcd's
+    /// request limit, refused forever; now split, and the counts add up in logic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fifty_thousand_rooms_on_one_comet() {
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+        let (s, client, stop) = store(&etcd).await;
+        let lease = client.clone().lease_grant(30, None).await.unwrap().id();
+        let counts: HashMap<String, i32> = (0..50_000)
+            .map(|i| (format!("live://{i:0>249}"), 2))
+            .collect();
+        s.renew_rooms(Origin::new("c", lease), counts.clone())
+            .await
+            .unwrap();
+        let want = counts.len();
+        tokio::task::spawn_blocking({
+            let rooms = s.rooms.clone();
+            move || {
+                wait_until("room counts mirrored", || {
+                    sum_room_counts(rooms.snapshot().iter().map(|(_, e)| &e.value)).len() == want
+                })
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.room_counts().await.unwrap(), counts);
+        // Shrinking removes the chunks no longer needed.
+        let few: HashMap<String, i32> = [("live://1".to_string(), 1)].into();
+        s.renew_rooms(Origin::new("c", lease), few.clone())
+            .await
+            .unwrap();
+        tokio::task::spawn_blocking({
+            let rooms = s.rooms.clone();
+            move || wait_until("old chunks removed", || rooms.snapshot().len() == 1)
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.room_counts().await.unwrap(), few);
+        stop.cancel();
+    }
+
+    /// goim's comet (no lease of its own) away longer than the adopted lease's TTL: its next
+    /// Connect must adopt a fresh lease instead of failing until logic restarts.
+    #[tokio::test]
+    async fn an_expired_adopted_lease_is_replaced() {
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+        let (s, mut client, stop) = store(&etcd).await;
+        let goim = Origin::new("goim-comet", 0);
+        s.add(goim, 1, "k1", "").await.unwrap();
+        let first = *s.adopted.lock().await.get("goim-comet").unwrap();
+        // What etcd does when the TTL passes without a renewal.
+        client.lease_revoke(first).await.unwrap();
+        s.add(goim, 1, "k2", "").await.unwrap();
+        let second = *s.adopted.lock().await.get("goim-comet").unwrap();
+        assert_ne!(first, second);
+        let kv = client.get("/goim/t/online/key/k2", None).await.unwrap();
+        assert_eq!(kv.kvs()[0].lease(), second);
+        assert!(s.del(goim, 1, "k2").await.unwrap());
+        stop.cancel();
+    }
+}
