@@ -34,6 +34,10 @@ pub struct CometConfig {
     /// connection draws its interval in [min, 3*min) as goim draws [10m, 30m).
     #[serde(with = "humantime_serde")]
     pub presence_renew: Duration,
+    /// Distributed mode: how often the comet removes presence on its etcd lease that no live
+    /// connection backs. A key goes only if it was already there one sweep earlier.
+    #[serde(with = "humantime_serde")]
+    pub presence_sweep: Duration,
     /// Largest WebSocket frame payload (goim's read buffer, 8 KiB).
     pub ws_max_frame: usize,
     /// Most continuation frames in one message (goim 100).
@@ -64,6 +68,7 @@ impl Default for CometConfig {
             bucket_queue: 1024,
             renew_interval: Duration::from_secs(10),
             presence_renew: Duration::from_secs(600),
+            presence_sweep: Duration::from_secs(60),
             ws_max_frame: 8192,
             ws_max_fragments: 100,
             max_connections: 1_000_000,

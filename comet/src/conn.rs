@@ -415,6 +415,11 @@ async fn handshake(
         conn.read(pending).await?;
     };
     let peer_ip = conn.stream.peer_addr()?.ip();
+    if !comet.can_take_clients() {
+        tracing::debug!(ip = %peer_ip, "refused: no etcd lease yet");
+        comet.metrics.closed("no_lease");
+        return Ok(None);
+    }
     let req = ConnectReq {
         server: comet.cfg.name.clone(),
         cookie,

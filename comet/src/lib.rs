@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod registry;
 pub mod rooms;
 pub mod server;
+pub mod sweep;
 pub mod ws;
 
 pub use config::CometConfig;

@@ -26,6 +26,8 @@ pub struct CometMetrics {
     pub closed: Family<Reason, Counter>,
     /// Writes to client sockets (each may carry many pushes).
     pub writes: Counter,
+    /// Presence keys in etcd removed because no live connection backed them.
+    pub presence_swept: Counter,
     last_drop_log: AtomicU64,
 }
 
@@ -54,6 +56,11 @@ impl CometMetrics {
             self.closed.clone(),
         );
         r.register("writes", "Socket writes", self.writes.clone());
+        r.register(
+            "presence_swept",
+            "Presence keys removed from etcd that no connection backed",
+            self.presence_swept.clone(),
+        );
     }
 
     pub fn closed(&self, reason: &'static str) {

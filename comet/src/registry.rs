@@ -5,14 +5,16 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use goim_discovery::etcd_client::{PutOptions, Txn, TxnOp};
+use goim_discovery::etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use goim_discovery::{
     Backoff, Client, CometRecord, CometState, Keys, LeaseHandle, LoadRecord, OnlineRecord,
     WatchCache, MAX_TXN_OPS,
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::channel::Channel;
 use crate::server::Comet;
+use crate::sweep::sweep;
 
 pub struct Registrar {
     pub comet: Arc<Comet>,
@@ -42,6 +44,9 @@ impl Registrar {
         let mut current = 0;
         let mut renewing = false;
         let mut tick = tokio::time::interval(self.load_interval);
+        let mut sweep_tick = tokio::time::interval(self.comet.cfg.presence_sweep);
+        // The revision the previous sweep read at (0: none yet, so nothing is old enough).
+        let mut swept_at = 0;
         let mut backoff = Backoff::standard();
         loop {
             tokio::select! {
@@ -54,6 +59,7 @@ impl Registrar {
                     match self.register(id).await {
                         Ok(()) => {
                             current = id;
+                            swept_at = 0;
                             backoff.reset();
                             // Room counts go to logic only once they can name the lease.
                             if !std::mem::replace(&mut renewing, true) {
@@ -72,6 +78,20 @@ impl Registrar {
                     if current != 0 {
                         if let Err(e) = self.put_load(current).await {
                             tracing::warn!(error = %e, "load report failed");
+                        }
+                    }
+                }
+                _ = sweep_tick.tick() => {
+                    if current != 0 {
+                        match sweep(&self.client, &self.keys, &self.comet, current, swept_at).await {
+                            Ok(s) => {
+                                swept_at = s.revision;
+                                self.comet.metrics.presence_swept.inc_by(s.removed);
+                                if s.removed > 0 {
+                                    tracing::info!(removed = s.removed, "removed presence no connection backs");
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
                         }
                     }
                 }
@@ -112,35 +132,73 @@ impl Registrar {
                 .put(self.keys.comet(&name), value, opts())
                 .await?;
         }
-        let mut ops = Vec::new();
-        for ch in self.comet.buckets.iter().flat_map(|b| b.channels()) {
-            let rec = OnlineRecord {
-                mid: ch.mid,
-                comet: name.clone(),
-                room: ch.room().map(|r| r.id.to_string()).unwrap_or_default(),
-            };
-            ops.push(TxnOp::put(
-                self.keys.online_key(&ch.key),
-                serde_json::to_vec(&rec).unwrap_or_default(),
-                opts(),
-            ));
-            if ch.mid > 0 {
-                ops.push(TxnOp::put(
-                    self.keys.online_mid(ch.mid, &ch.key),
-                    name.as_str(),
-                    opts(),
-                ));
-            }
-        }
+        let snapshot: Vec<_> = self
+            .comet
+            .buckets
+            .iter()
+            .flat_map(|b| b.channels())
+            .collect();
+        let ops: Vec<TxnOp> = snapshot
+            .iter()
+            .flat_map(|ch| self.presence_ops(ch, lease))
+            .collect();
         let n = ops.len();
         let mut ops = ops.into_iter().peekable();
+        let mut written_at = 0;
         while ops.peek().is_some() {
             let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
-            self.client.clone().txn(Txn::new().and_then(chunk)).await?;
+            let r = self.client.clone().txn(Txn::new().and_then(chunk)).await?;
+            written_at = r.header().map_or(written_at, |h| h.revision());
+        }
+        // A connection that closed while its presence was being re-put sent its Disconnect
+        // too early to remove it: remove what this re-put wrote for it (a later Connect has a
+        // later revision and stays), and put back the connection that took its key over.
+        for ch in snapshot.iter().filter(|ch| !ch.state().registered) {
+            let mut paths = vec![self.keys.online_key(&ch.key)];
+            if ch.mid > 0 {
+                paths.push(self.keys.online_mid(ch.mid, &ch.key));
+            }
+            for path in paths {
+                let guarded = Txn::new()
+                    .when([
+                        Compare::lease(path.as_str(), CompareOp::Equal, lease),
+                        Compare::mod_revision(path.as_str(), CompareOp::Less, written_at + 1),
+                    ])
+                    .and_then([TxnOp::delete(path.as_str(), None)]);
+                self.client.clone().txn(guarded).await?;
+            }
+            if let Some(successor) = self.comet.bucket(&ch.key).get(&ch.key) {
+                let ops = self.presence_ops(&successor, lease);
+                self.client.clone().txn(Txn::new().and_then(ops)).await?;
+            }
         }
         self.put_load(lease).await?;
         tracing::info!(lease, presence_ops = n, "registered in etcd");
         Ok(())
+    }
+
+    /// The presence puts of one connection on `lease` (its key, and its user's index entry).
+    fn presence_ops(&self, ch: &Channel, lease: i64) -> Vec<TxnOp> {
+        let name = self.comet.name();
+        let opts = || Some(PutOptions::new().with_lease(lease));
+        let rec = OnlineRecord {
+            mid: ch.mid,
+            comet: name.to_string(),
+            room: ch.room().map(|r| r.id.to_string()).unwrap_or_default(),
+        };
+        let mut ops = vec![TxnOp::put(
+            self.keys.online_key(&ch.key),
+            serde_json::to_vec(&rec).unwrap_or_default(),
+            opts(),
+        )];
+        if ch.mid > 0 {
+            ops.push(TxnOp::put(
+                self.keys.online_mid(ch.mid, &ch.key),
+                name,
+                opts(),
+            ));
+        }
+        ops
     }
 
     /// Follows this comet's registry record: `draining` stops new clients and closes the

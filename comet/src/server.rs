@@ -51,6 +51,9 @@ pub struct Comet {
     workers: Vec<mpsc::Sender<BucketJob>>,
     limit: Arc<Semaphore>,
     draining: std::sync::atomic::AtomicBool,
+    /// Distributed mode: no client is taken before the comet holds its etcd lease (a Connect
+    /// naming no lease would hang its presence on one nobody renews).
+    lease_required: std::sync::atomic::AtomicBool,
     /// The etcd lease this comet's state hangs on (distributed mode; 0 in standalone). Sent
     /// with Connect, Disconnect and RenewOnline so logic writes presence on it.
     lease: std::sync::atomic::AtomicI64,
@@ -114,6 +117,7 @@ impl Comet {
             tasks: TaskTracker::new(),
             workers,
             draining: Default::default(),
+            lease_required: Default::default(),
             lease: Default::default(),
         })
     }
@@ -232,6 +236,27 @@ impl Comet {
         }
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// Whether a live connection holds `key` (as user `mid`, when given).
+    pub fn holds(&self, key: &str, mid: Option<i64>) -> bool {
+        self.bucket(key)
+            .get(key)
+            .is_some_and(|ch| mid.is_none_or(|m| m == ch.mid))
+    }
+
+    /// From now on, clients are refused while the comet holds no etcd lease.
+    pub fn require_lease(&self) {
+        self.lease_required
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a client may be authenticated now (see [`Comet::require_lease`]).
+    pub(crate) fn can_take_clients(&self) -> bool {
+        self.lease() != 0
+            || !self
+                .lease_required
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn lease(&self) -> i64 {

@@ -33,6 +33,14 @@ impl Keys {
     pub fn load(&self, name: &str) -> String {
         format!("{}load/{name}", self.root)
     }
+    /// Every connection's presence record (`online/key/`).
+    pub fn online_keys(&self) -> String {
+        format!("{}online/key/", self.root)
+    }
+    /// Every user's index (`online/mid/`).
+    pub fn online_mids(&self) -> String {
+        format!("{}online/mid/", self.root)
+    }
     pub fn online_key(&self, key: &str) -> String {
         format!("{}online/key/{key}", self.root)
     }
@@ -54,6 +62,19 @@ impl Keys {
     pub fn job(&self, id: &str) -> String {
         format!("{}jobs/{id}", self.root)
     }
+}
+
+/// The end of the key range holding every key under `prefix` (etcd's `range_end`).
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every key: etcd's "\0" range end.
+    vec![0]
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +146,8 @@ mod tests {
         assert_eq!(k.online_mid(7, "a/b"), "/goim/prod/online/mid/7/a/b");
         assert!(k.online_mid(7, "x").starts_with(&k.online_mid_prefix(7)));
         assert!(!k.online_mid(70, "x").starts_with(&k.online_mid_prefix(7)));
+        assert!(k.online_key("a").starts_with(&k.online_keys()));
+        assert_eq!(prefix_end("/goim/p/online/key/"), b"/goim/p/online/key0");
     }
 
     #[test]

@@ -122,6 +122,7 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     );
 
     let comet = Comet::new(cfg.comet.clone(), logic, metrics);
+    comet.require_lease();
     let host = advertise(&cfg, grpc_a);
     let record = CometRecord {
         name: comet.name().to_string(),

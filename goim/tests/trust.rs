@@ -79,3 +79,84 @@ async fn comet_refuses_a_user_push_to_another_users_connection() {
     bad.mids.push(1);
     assert!(s.comet().push_msg(bad).await.is_err());
 }
+
+/// Presence that no connection backs (a Disconnect that never arrived, a handshake that timed
+/// out after logic stored it) is removed by the comet's sweep; live presence stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_no_connection_backs_is_swept() {
+    use goim_discovery::etcd_client::PutOptions;
+    let mut c = tokio::task::spawn_blocking(|| Cluster::start(0, 1))
+        .await
+        .unwrap();
+    let logic = c.logic.addr("grpc").to_string();
+    let comet = tokio::task::block_in_place(|| {
+        let sweep = "presence_sweep = \"200ms\"";
+        start_comet_with(&c.etcd, c.dir.path(), "comet-0", &logic, sweep)
+    });
+    let ready = comet.addr("http");
+    tokio::task::block_in_place(|| {
+        wait_until("comet holds its lease", || {
+            http_status(ready, "/readyz") == 200
+        })
+    });
+    c.comets.push(comet);
+    let mut live = connect(c.comet(0, Transport::Tcp), Transport::Tcp, 1, "live", "").await;
+    let mut etcd = goim_discovery::connect(&[c.etcd.endpoint()]).await.unwrap();
+    let lease = etcd
+        .get("/goim/test/load/comet-0", None)
+        .await
+        .unwrap()
+        .kvs()
+        .first()
+        .map(|kv| kv.lease())
+        .expect("the comet reports its load on its lease");
+    let opts = Some(PutOptions::new().with_lease(lease));
+    let rec = r#"{"mid":9,"comet":"comet-0","room":""}"#;
+    etcd.put("/goim/test/online/key/ghost", rec, opts.clone())
+        .await
+        .unwrap();
+    etcd.put("/goim/test/online/mid/9/ghost", "comet-0", opts)
+        .await
+        .unwrap();
+    wait_until_async(|| {
+        let mut etcd = etcd.clone();
+        async move {
+            let get = |k: &'static str| {
+                let mut etcd = etcd.clone();
+                async move { etcd.get(k, None).await.unwrap().kvs().is_empty() }
+            };
+            let gone = get("/goim/test/online/key/ghost").await
+                && get("/goim/test/online/mid/9/ghost").await;
+            gone && etcd
+                .get("/goim/test/online/key/live", None)
+                .await
+                .unwrap()
+                .count()
+                == 1
+        }
+    })
+    .await;
+    let http = c.http();
+    push(http, "/goim/push/mids?operation=1000&mids=1", b"still here").await;
+    assert_eq!(recv_body(&mut live).await, b"still here");
+}
+
+/// A comet in a cluster takes no client before it holds its etcd lease: the presence would
+/// hang on a lease nobody renews.
+#[tokio::test]
+async fn no_client_is_taken_before_the_comet_holds_a_lease() {
+    let s = common::start().await;
+    s.comet().require_lease();
+    let mut c = goim_client::Client::connect(Transport::Tcp, s.tcp, None)
+        .await
+        .unwrap();
+    c.send(7, &goim_client::token(1, "early", "", &[1000]))
+        .await
+        .unwrap();
+    assert_eq!(common::within(c.read_to_close()).await.unwrap(), 0);
+    let (_, metrics) = common::http(s.http, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("goim_comet_closed_total{reason=\"no_lease\"} 1"),
+        "{metrics}"
+    );
+}

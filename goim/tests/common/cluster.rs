@@ -108,6 +108,35 @@ pub fn start_job(etcd: &Etcd, dir: &std::path::Path, id: &str) -> Role {
     )
 }
 
+/// A comet with extra `[comet]` settings from a config file.
+pub fn start_comet_with(
+    etcd: &Etcd,
+    dir: &std::path::Path,
+    name: &str,
+    logic: &str,
+    comet_toml: &str,
+) -> Role {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, format!("[comet]\n{comet_toml}\n")).unwrap();
+    let a = [
+        "--config",
+        file.to_str().unwrap(),
+        "--name",
+        name,
+        "--tcp",
+        "127.0.0.1:0",
+        "--ws",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--logic",
+        logic,
+    ];
+    Role::start(dir, name, &args(etcd, "comet", &a))
+}
+
 pub fn start_comet(etcd: &Etcd, dir: &std::path::Path, name: &str, logic: &str) -> Role {
     let a = [
         "--name",
