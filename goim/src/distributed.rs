@@ -212,11 +212,10 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut client = cfg.cluster.etcd().await?;
     let keys = Keys::new(&cfg.cluster.name);
-    let comets = Arc::new(EtcdComets::new(WatchCache::spawn(
-        client.clone(),
-        keys.comets(),
-        stop.clone(),
-    )));
+    let comets = Arc::new(EtcdComets::new(
+        WatchCache::spawn(client.clone(), keys.comets(), stop.clone()),
+        WatchCache::spawn(client.clone(), keys.loads(), stop.clone()),
+    ));
     let mut registry = Registry::default();
     let metrics = Arc::new(JobMetrics::default());
     metrics.register(&mut registry);
@@ -244,7 +243,7 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
         serde_json::to_vec(&record)?,
         stop.clone(),
     ));
-    spawn_grpc(grpc, job_server(job), stop.clone());
+    spawn_grpc(grpc, job_server(job.clone()), stop.clone());
     let l = lease.clone();
     let c = comets.clone();
     let ready: Ready = Arc::new(move || l.id() != 0 && c.synced());
@@ -252,7 +251,7 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     let app = ops_router(Arc::new(registry), ready).route(
         "/comets",
         axum::routing::get(move || {
-            let names: Vec<String> = comets.all().into_iter().map(|(n, _)| n).collect();
+            let names = comets.names();
             async move { axum::Json(names) }
         }),
     );
@@ -260,7 +259,11 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     ready_line(json!({"role": "job", "id": id, "grpc": grpc_a, "http": http_a}));
     tracing::info!(%id, grpc = %grpc_a, "job started");
     wait_for_signal().await?;
+    // Leave the ring first so logic routes elsewhere, refuse what still arrives (logic
+    // retries it on another job), deliver what is queued within the drain deadline.
     lease.revoke(&mut client).await;
+    let left = job.drain().await;
+    tracing::info!(left, "job drained");
     stop.cancel();
     Ok(())
 }

@@ -34,10 +34,10 @@ impl CometDirectory for LocalCluster {
             .map(|c| c.clone() as Arc<dyn CometService>)
     }
 
-    fn all(&self) -> Vec<(String, Arc<dyn CometService>)> {
+    fn names(&self) -> Vec<String> {
         self.comet
             .get()
-            .map(|c| (c.name().to_string(), c.clone() as Arc<dyn CometService>))
+            .map(|c| c.name().to_string())
             .into_iter()
             .collect()
     }

@@ -160,3 +160,44 @@ async fn no_client_is_taken_before_the_comet_holds_a_lease() {
         "{metrics}"
     );
 }
+
+/// A job's SIGTERM (a rollout) loses no accepted push: it leaves the ring, refuses what still
+/// arrives (logic hands it to the other job) and delivers what it holds before exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_rollout_loses_no_accepted_push() {
+    let mut c = tokio::task::spawn_blocking(|| Cluster::start(1, 2))
+        .await
+        .unwrap();
+    let http = c.http();
+    let mut a = connect(
+        c.comet(0, Transport::Tcp),
+        Transport::Tcp,
+        1,
+        "a",
+        "live://9",
+    )
+    .await;
+    let path = "/goim/push/room?operation=1000&type=live&room=9";
+    let mut sent = Vec::new();
+    for i in 0..200 {
+        if i == 100 {
+            // The job that owns the room on the ring.
+            let ids = ["job-0".to_string(), "job-1".to_string()];
+            let owner = goim_logic::etcd::ring_pick(&ids, "live://9").unwrap();
+            let at = ids.iter().position(|j| j == owner).unwrap();
+            let mut job = c.jobs.remove(at);
+            // Terminated in the background while pushes keep coming.
+            tokio::task::spawn_blocking(move || assert!(job.terminate(), "job exits cleanly"));
+        }
+        let body = format!("m{i}");
+        push(http, path, body.as_bytes()).await;
+        sent.push(body.into_bytes());
+    }
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        got.push(recv_body(&mut a).await);
+    }
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+}

@@ -1,17 +1,22 @@
 //! goim job: takes pushes from logic and fans them out to the comets that hold the targets.
-//! Room messages are packed into one `OpRaw` batch per flush; a flush happens as soon as the
-//! room's queue is empty (goim waits up to 1 s), so batching adds no latency when idle and
-//! grows with load.
+//! Room messages are batched per room ([`rooms`]); every comet has its own bounded delivery
+//! queue ([`outbox`]), so a slow or dead comet delays and loses only its own deliveries. A
+//! push is accepted (code 0 to logic) once it is queued in job's memory; what is lost after
+//! that is counted by reason in `goim_job_undeliverable`.
 
 pub mod etcd;
+mod metrics;
+mod outbox;
+mod rooms;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use goim_proto::comet::{BroadcastReq, BroadcastRoomReq, PushMsgReq};
+use bytes::Bytes;
+use goim_proto::comet::{BroadcastReq, PushMsgReq};
 use goim_proto::job::PushReply;
 use goim_proto::logic::push_msg::Type as PushType;
 use goim_proto::logic::PushMsg;
@@ -19,13 +24,17 @@ use goim_proto::op;
 use goim_proto::packet::{Packet, SERVER_VER};
 use goim_proto::protocol::Proto;
 use goim_proto::service::{CometService, JobService};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
 use tonic::Status;
+
+pub use metrics::{JobMetrics, Reason};
+use outbox::Delivery;
+use rooms::RoomMsg;
+
+/// Longest room id job takes (the HTTP API and the client protocol bound it the same way).
+pub const MAX_ROOM_ID: usize = 256;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -41,13 +50,28 @@ pub struct JobConfig {
     /// packs more messages per write at the cost of that latency.
     #[serde(with = "humantime_serde")]
     pub room_linger: Duration,
-    /// Longest a call to one comet may take; a dead comet then costs the others this much
-    /// at most, and the push is counted undeliverable for it.
+    /// Longest a call to one comet may take; the delivery is then counted
+    /// `comet_unreachable` and that comet's next delivery goes out.
     #[serde(with = "humantime_serde")]
     pub comet_timeout: Duration,
-    /// A room's batcher exits after this long without messages (goim 15m).
+    /// A room's batcher (and a comet's queue) retires after this long without work, so a
+    /// room pushed to once costs nothing soon after (goim keeps it 15m).
     #[serde(with = "humantime_serde")]
     pub room_idle: Duration,
+    /// Most rooms with messages in flight at once; a push to a new room beyond it is refused
+    /// (logic answers an error), so distinct room names cannot grow job without bound.
+    pub max_rooms: usize,
+    /// Deliveries queued per comet; beyond it a delivery to that comet is dropped and counted
+    /// `comet_queue_full` (the other comets are not held up).
+    pub comet_queue: usize,
+    /// How long a delivery waits for a comet the registry does not show yet (a pod that is
+    /// ready while its record is still being written) before it is counted `unknown_comet`.
+    #[serde(with = "humantime_serde")]
+    pub unknown_comet_wait: Duration,
+    /// On SIGTERM, how long job keeps delivering what it holds; what is left then is counted
+    /// `job_shutdown`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for JobConfig {
@@ -58,7 +82,11 @@ impl Default for JobConfig {
             room_queue: 1024,
             room_linger: Duration::ZERO,
             comet_timeout: Duration::from_secs(5),
-            room_idle: Duration::from_secs(60),
+            room_idle: Duration::from_secs(5),
+            max_rooms: 100_000,
+            comet_queue: 4096,
+            unknown_comet_wait: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -66,66 +94,24 @@ impl Default for JobConfig {
 /// Where job finds comets: by server name, or all of them.
 pub trait CometDirectory: Send + Sync + 'static {
     fn get(&self, name: &str) -> Option<Arc<dyn CometService>>;
-    fn all(&self) -> Vec<(String, Arc<dyn CometService>)>;
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Reason {
-    pub reason: &'static str,
-}
-
-#[derive(Debug, Default)]
-pub struct JobMetrics {
-    /// Calls made to comets, by kind.
-    pub comet_calls: Family<Reason, Counter>,
-    /// Pushes that reached no comet, by reason (`unknown_comet`, `no_comets`, `comet_error`).
-    pub undeliverable: Family<Reason, Counter>,
-    /// Room batches sent, and the messages in them.
-    pub room_batches: Counter,
-    pub room_messages: Counter,
-}
-
-impl JobMetrics {
-    pub fn register(&self, r: &mut Registry) {
-        let r = r.sub_registry_with_prefix("goim_job");
-        r.register("comet_calls", "Calls to comets", self.comet_calls.clone());
-        r.register(
-            "undeliverable",
-            "Pushes or comet calls that failed",
-            self.undeliverable.clone(),
-        );
-        r.register(
-            "room_batches",
-            "Room batches flushed",
-            self.room_batches.clone(),
-        );
-        r.register(
-            "room_messages",
-            "Room messages flushed",
-            self.room_messages.clone(),
-        );
-    }
-
-    fn undeliverable(&self, reason: &'static str) {
-        self.undeliverable.get_or_create(&Reason { reason }).inc();
-    }
-
-    fn call(&self, reason: &'static str) {
-        self.comet_calls.get_or_create(&Reason { reason }).inc();
+    /// Every comet that takes deliveries now.
+    fn names(&self) -> Vec<String>;
+    /// Changes with the directory (`None`: it never changes).
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        None
     }
 }
 
-/// A room message waiting for its batch.
-struct RoomMsg {
-    op: i32,
-    msg: Bytes,
-}
-
-struct Inner {
+pub(crate) struct Inner {
     cfg: JobConfig,
     comets: Arc<dyn CometDirectory>,
     metrics: Arc<JobMetrics>,
     rooms: Mutex<HashMap<String, mpsc::Sender<RoomMsg>>>,
+    outboxes: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
+    /// Room batchers, then comet queues: a drain waits for each in turn.
+    room_tasks: TaskTracker,
+    tasks: TaskTracker,
+    draining: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -151,46 +137,31 @@ impl Job {
                 comets,
                 metrics,
                 rooms: Mutex::new(HashMap::new()),
+                outboxes: Mutex::new(HashMap::new()),
+                room_tasks: TaskTracker::new(),
+                tasks: TaskTracker::new(),
+                draining: AtomicBool::new(false),
             }),
         }
     }
 
-    async fn push_keys(&self, m: PushMsg) -> Result<(), Status> {
-        let inner = &self.inner;
-        let Some(comet) = inner.comets.get(&m.server) else {
-            // The comet went away between logic's lookup and now (goim drops silently).
-            inner.metrics.undeliverable("unknown_comet");
-            tracing::debug!(server = %m.server, "push for unknown comet dropped");
-            return Ok(());
-        };
+    fn push_keys(&self, m: PushMsg) {
         let req = PushMsgReq {
             keys: m.keys,
             proto_op: m.operation,
             proto: Some(raw_single(m.operation, m.msg)),
             mids: m.mids,
         };
-        inner.metrics.call("push");
-        match tokio::time::timeout(inner.cfg.comet_timeout, comet.push_msg(req)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                inner.metrics.undeliverable("comet_error");
-                tracing::warn!(server = %m.server, error = %e, "push to comet failed");
-            }
-            Err(_) => {
-                inner.metrics.undeliverable("comet_error");
-                tracing::warn!(server = %m.server, "push to comet timed out");
-            }
-        }
-        Ok(())
+        self.inner.enqueue(&m.server, Delivery::Keys(req));
     }
 
-    async fn broadcast(&self, m: PushMsg) -> Result<(), Status> {
+    fn broadcast(&self, m: PushMsg) {
         let inner = &self.inner;
-        let comets = inner.comets.all();
+        let comets = inner.comets.names();
         if comets.is_empty() {
             // goim divides by zero here.
-            inner.metrics.undeliverable("no_comets");
-            return Ok(());
+            inner.metrics.undeliverable("no_comets", 1);
+            return;
         }
         // `speed` is for the whole cluster; each comet paces its share, at least 1/s.
         let speed = if m.speed > 0 {
@@ -199,169 +170,70 @@ impl Job {
             0
         };
         let proto = raw_single(m.operation, m.msg);
-        let op = m.operation;
-        to_all(inner, "broadcast", |comet| {
+        for name in comets {
             let req = BroadcastReq {
-                proto_op: op,
+                proto_op: m.operation,
                 proto: Some(proto.clone()),
                 speed,
             };
-            async move { comet.broadcast(req).await.map(|_| ()) }
-        })
-        .await;
-        Ok(())
-    }
-
-    /// Hands a room message to the room's batcher, starting one if needed. Waits when the
-    /// room's queue is full, so an accepted push is never dropped here (goim drops at 40).
-    async fn push_room(&self, m: PushMsg) -> Result<(), Status> {
-        if m.room.is_empty() {
-            return Err(Status::invalid_argument("room push without a room"));
-        }
-        let mut msg = RoomMsg {
-            op: m.operation,
-            msg: m.msg,
-        };
-        loop {
-            let tx = {
-                let mut rooms = self.inner.rooms.lock().unwrap_or_else(|e| e.into_inner());
-                match rooms.get(&m.room) {
-                    Some(tx) => tx.clone(),
-                    None => {
-                        let (tx, rx) = mpsc::channel(self.inner.cfg.room_queue.max(1));
-                        rooms.insert(m.room.clone(), tx.clone());
-                        tokio::spawn(room_batcher(self.inner.clone(), m.room.clone(), rx));
-                        tx
-                    }
-                }
-            };
-            match tx.send(msg).await {
-                Ok(()) => return Ok(()),
-                // The batcher retired between our lookup and the send: start a new one.
-                Err(mpsc::error::SendError(back)) => msg = back,
-            }
+            inner.enqueue(&name, Delivery::All(req));
         }
     }
-}
 
-/// One room's batcher: takes what is queued (up to the batch bounds), sends it to every comet
-/// as one raw batch, repeats. Retires after `room_idle` without messages.
-async fn room_batcher(inner: Arc<Inner>, room: String, mut rx: mpsc::Receiver<RoomMsg>) {
-    let cfg = &inner.cfg;
-    loop {
-        let first = match tokio::time::timeout(cfg.room_idle, rx.recv()).await {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(_) => {
-                // Retire only if nothing raced in; senders that lose the race retry.
-                let retired = {
-                    let mut rooms = inner.rooms.lock().unwrap_or_else(|e| e.into_inner());
-                    let idle = rx.is_empty();
-                    if idle {
-                        rooms.remove(&room);
-                        rx.close();
-                    }
-                    idle
-                };
-                if retired {
-                    // Anything sent before the close is still flushed, never lost here.
-                    while let Ok(m) = rx.try_recv() {
-                        flush(&inner, &room, vec![m]).await;
-                    }
-                    return;
-                }
-                continue;
-            }
-        };
-        let mut batch = vec![first];
-        let mut bytes = batch[0].msg.len();
-        if !cfg.room_linger.is_zero() {
-            let deadline = tokio::time::Instant::now() + cfg.room_linger;
-            while batch.len() < cfg.room_batch && bytes < cfg.room_batch_bytes {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(m)) => {
-                        bytes += m.msg.len();
-                        batch.push(m);
-                    }
-                    _ => break,
-                }
-            }
+    /// Stops taking pushes (logic sends them to another job) and delivers what is queued,
+    /// for at most `drain_timeout`; what is still queued then is counted `job_shutdown`.
+    /// Returns that count.
+    pub async fn drain(&self) -> u64 {
+        let inner = &self.inner;
+        inner.draining.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + inner.cfg.drain_timeout;
+        // Dropping the room senders lets every batcher flush what it holds and end; then
+        // the comet queues get the same.
+        inner
+            .rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        inner.room_tasks.close();
+        let _ = tokio::time::timeout_at(deadline, inner.room_tasks.wait()).await;
+        inner
+            .outboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        inner.tasks.close();
+        let _ = tokio::time::timeout_at(deadline, inner.tasks.wait()).await;
+        let left = inner.metrics.queued.get().max(0) as u64;
+        inner.metrics.undeliverable("job_shutdown", left);
+        if left > 0 {
+            tracing::warn!(left, "drain deadline passed with deliveries queued");
         }
-        while batch.len() < cfg.room_batch && bytes < cfg.room_batch_bytes {
-            match rx.try_recv() {
-                Ok(m) => {
-                    bytes += m.msg.len();
-                    batch.push(m);
-                }
-                Err(_) => break,
-            }
-        }
-        flush(&inner, &room, batch).await;
+        left
     }
-}
-
-/// Calls every comet at once, each bounded by `comet_timeout`, and waits for all, so one
-/// slow or dead comet neither delays the others' next batch nor reorders anything.
-async fn to_all<F, Fut>(inner: &Inner, kind: &'static str, call: F)
-where
-    F: Fn(Arc<dyn CometService>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), Status>> + Send + 'static,
-{
-    let comets = inner.comets.all();
-    if comets.is_empty() {
-        inner.metrics.undeliverable("no_comets");
-        return;
-    }
-    let mut set = tokio::task::JoinSet::new();
-    for (name, comet) in comets {
-        inner.metrics.call(kind);
-        let fut = tokio::time::timeout(inner.cfg.comet_timeout, call(comet));
-        set.spawn(async move { (name, fut.await) });
-    }
-    while let Some(done) = set.join_next().await {
-        let Ok((name, r)) = done else { continue };
-        let err = match r {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "timed out".to_string(),
-        };
-        inner.metrics.undeliverable("comet_error");
-        tracing::warn!(server = %name, kind, error = %err, "call to comet failed");
-    }
-}
-
-async fn flush(inner: &Inner, room: &str, batch: Vec<RoomMsg>) {
-    let size: usize = batch.iter().map(|m| 16 + m.msg.len()).sum();
-    let mut buf = BytesMut::with_capacity(size);
-    for m in &batch {
-        Packet::new(SERVER_VER, m.op, 0, m.msg.clone()).encode_into(&mut buf);
-    }
-    inner.metrics.room_batches.inc();
-    inner.metrics.room_messages.inc_by(batch.len() as u64);
-    let proto = Proto {
-        ver: SERVER_VER as i32,
-        op: op::RAW,
-        seq: 0,
-        body: buf.freeze(),
-    };
-    let room = room.to_string();
-    to_all(inner, "room", |comet| {
-        let req = BroadcastRoomReq {
-            room_id: room.clone(),
-            proto: Some(proto.clone()),
-        };
-        async move { comet.broadcast_room(req).await.map(|_| ()) }
-    })
-    .await;
 }
 
 #[async_trait]
 impl JobService for Job {
     async fn push(&self, m: PushMsg) -> Result<PushReply, Status> {
+        if self.inner.draining.load(Ordering::SeqCst) {
+            // Nothing was taken: logic tries another job.
+            return Err(Status::unavailable("job is draining"));
+        }
         match PushType::try_from(m.r#type) {
-            Ok(PushType::Push) => self.push_keys(m).await?,
-            Ok(PushType::Room) => self.push_room(m).await?,
-            Ok(PushType::Broadcast) => self.broadcast(m).await?,
+            Ok(PushType::Push) => self.push_keys(m),
+            Ok(PushType::Room) => {
+                if m.room.is_empty() || m.room.len() > MAX_ROOM_ID {
+                    return Err(Status::invalid_argument(format!(
+                        "room push needs a room id of 1 to {MAX_ROOM_ID} bytes"
+                    )));
+                }
+                let msg = RoomMsg {
+                    op: m.operation,
+                    msg: m.msg,
+                };
+                self.inner.push_room(&m.room, msg).await?
+            }
+            Ok(PushType::Broadcast) => self.broadcast(m),
             Err(_) => {
                 return Err(Status::invalid_argument(format!(
                     "unknown push type {}",
@@ -377,27 +249,41 @@ impl JobService for Job {
 mod tests {
     use super::*;
     use goim_proto::comet::{
-        BroadcastReply, BroadcastRoomReply, PushMsgReply, RoomsReply, RoomsReq,
+        BroadcastReply, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, RoomsReply, RoomsReq,
     };
     use goim_proto::packet::raw_packets;
+    use tokio::sync::Notify;
 
-    /// Records what job sends; unit tests may mock the comet.
+    /// Records what job sends; unit tests may mock the comet. A `stalled` comet never
+    /// answers (a dead pod whose connection hangs).
     #[derive(Default)]
     struct Recorder {
         rooms: Mutex<Vec<BroadcastRoomReq>>,
         pushes: Mutex<Vec<PushMsgReq>>,
         broadcasts: Mutex<Vec<BroadcastReq>>,
-        room_sent: tokio::sync::Notify,
+        sent: Notify,
+        stalled: bool,
+    }
+
+    impl Recorder {
+        async fn answer(&self) {
+            if self.stalled {
+                std::future::pending::<()>().await;
+            }
+            self.sent.notify_waiters();
+        }
     }
 
     #[async_trait]
     impl CometService for Recorder {
         async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, Status> {
             self.pushes.lock().unwrap().push(req);
+            self.answer().await;
             Ok(PushMsgReply {})
         }
         async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, Status> {
             self.broadcasts.lock().unwrap().push(req);
+            self.answer().await;
             Ok(BroadcastReply {})
         }
         async fn broadcast_room(
@@ -405,7 +291,7 @@ mod tests {
             req: BroadcastRoomReq,
         ) -> Result<BroadcastRoomReply, Status> {
             self.rooms.lock().unwrap().push(req);
-            self.room_sent.notify_one();
+            self.answer().await;
             Ok(BroadcastRoomReply {})
         }
         async fn rooms(&self, _: RoomsReq) -> Result<RoomsReply, Status> {
@@ -413,34 +299,72 @@ mod tests {
         }
     }
 
-    struct Dir(Vec<(String, Arc<Recorder>)>);
+    /// Comets by name; `late` ones appear only when `arrive` is called.
+    struct Dir {
+        comets: Mutex<Vec<(String, Arc<Recorder>)>>,
+        changes: watch::Sender<u64>,
+    }
+
+    impl Dir {
+        fn arrive(&self, name: &str, r: Arc<Recorder>) {
+            self.comets.lock().unwrap().push((name.to_string(), r));
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
     impl CometDirectory for Dir {
         fn get(&self, name: &str) -> Option<Arc<dyn CometService>> {
-            self.0
+            self.comets
+                .lock()
+                .unwrap()
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, c)| c.clone() as Arc<dyn CometService>)
         }
-        fn all(&self) -> Vec<(String, Arc<dyn CometService>)> {
-            self.0
+        fn names(&self) -> Vec<String> {
+            self.comets
+                .lock()
+                .unwrap()
                 .iter()
-                .map(|(n, c)| (n.clone(), c.clone() as Arc<dyn CometService>))
+                .map(|(n, _)| n.clone())
                 .collect()
+        }
+        fn changes(&self) -> Option<watch::Receiver<u64>> {
+            Some(self.changes.subscribe())
         }
     }
 
-    fn job(comets: usize) -> (Job, Vec<Arc<Recorder>>, Arc<JobMetrics>) {
-        let recs: Vec<_> = (0..comets).map(|_| Arc::new(Recorder::default())).collect();
-        let dir = Dir(recs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (format!("c{i}"), r.clone()))
-            .collect());
+    struct Fixture {
+        job: Job,
+        recs: Vec<Arc<Recorder>>,
+        metrics: Arc<JobMetrics>,
+        dir: Arc<Dir>,
+    }
+
+    fn job_with(cfg: JobConfig, recs: Vec<Recorder>) -> Fixture {
+        let recs: Vec<Arc<Recorder>> = recs.into_iter().map(Arc::new).collect();
+        let dir = Arc::new(Dir {
+            comets: Mutex::new(
+                recs.iter()
+                    .enumerate()
+                    .map(|(i, r)| (format!("c{i}"), r.clone()))
+                    .collect(),
+            ),
+            changes: watch::channel(0).0,
+        });
         let metrics = Arc::new(JobMetrics::default());
-        (
-            Job::new(JobConfig::default(), Arc::new(dir), metrics.clone()),
+        Fixture {
+            job: Job::new(cfg, dir.clone(), metrics.clone()),
             recs,
             metrics,
+            dir,
+        }
+    }
+
+    fn job(comets: usize) -> Fixture {
+        job_with(
+            JobConfig::default(),
+            (0..comets).map(|_| Recorder::default()).collect(),
         )
     }
 
@@ -453,93 +377,221 @@ mod tests {
         }
     }
 
+    /// Waits until `f` holds, re-checking whenever `rec` answers a call.
+    async fn until(rec: &Recorder, f: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let next = rec.sent.notified();
+                if f() {
+                    return;
+                }
+                next.await;
+            }
+        })
+        .await
+        .expect("condition not reached");
+    }
+
+    /// Waits for a metric that an outbox updates without calling a comet.
+    async fn metric(f: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while !f() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("metric not reached");
+    }
+
     #[tokio::test]
     async fn key_push_goes_to_its_comet_only() {
-        let (job, recs, metrics) = job(2);
+        let f = job(2);
         let mut m = msg(PushType::Push);
         m.server = "c1".into();
         m.keys = vec!["k".into()];
-        job.push(m.clone()).await.unwrap();
-        assert!(recs[0].pushes.lock().unwrap().is_empty());
-        let sent = recs[1].pushes.lock().unwrap().pop().unwrap();
-        assert_eq!((sent.keys, sent.proto_op), (vec!["k".to_string()], 1000));
+        m.mids = vec![7];
+        f.job.push(m.clone()).await.unwrap();
+        until(&f.recs[1], || !f.recs[1].pushes.lock().unwrap().is_empty()).await;
+        assert!(f.recs[0].pushes.lock().unwrap().is_empty());
+        let sent = f.recs[1].pushes.lock().unwrap().pop().unwrap();
+        assert_eq!(
+            (sent.keys, sent.proto_op, sent.mids),
+            (vec!["k".to_string()], 1000, vec![7])
+        );
         let proto = sent.proto.unwrap();
         assert_eq!(proto.op, op::RAW);
         let inner: Vec<_> = raw_packets(proto.body).collect();
         assert_eq!(inner, vec![Packet::new(1, 1000, 0, &b"{\"test\":1}"[..])]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_push_to_an_unknown_comet_waits_for_it_then_is_counted() {
+        let f = job(1);
+        let mut m = msg(PushType::Push);
+        m.keys = vec!["k".into()];
+        // A comet whose record reaches job a moment after the push: delivered.
+        m.server = "late".into();
+        f.job.push(m.clone()).await.unwrap();
+        let late = Arc::new(Recorder::default());
+        f.dir.arrive("late", late.clone());
+        until(&late, || late.pushes.lock().unwrap().len() == 1).await;
+        // One that never shows up: counted once the wait is over.
         m.server = "gone".into();
-        job.push(m).await.unwrap();
-        assert_eq!(
-            metrics
-                .undeliverable
-                .get_or_create(&Reason {
-                    reason: "unknown_comet"
-                })
-                .get(),
-            1
-        );
+        f.job.push(m).await.unwrap();
+        metric(|| f.metrics.undeliverable_count("unknown_comet") == 1).await;
+    }
+
+    /// A comet that never answers delays only its own deliveries: the next room batches
+    /// reach the healthy comet at once, and the stalled ones are counted when they time out.
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_comet_stalls_only_itself() {
+        let dead = Recorder {
+            stalled: true,
+            ..Default::default()
+        };
+        let f = job_with(JobConfig::default(), vec![dead, Recorder::default()]);
+        for i in 0..3 {
+            let mut m = msg(PushType::Room);
+            m.room = format!("live://{i}");
+            f.job.push(m).await.unwrap();
+        }
+        let healthy = &f.recs[1];
+        until(healthy, || healthy.rooms.lock().unwrap().len() == 3).await;
+        metric(|| f.metrics.undeliverable_count("comet_unreachable") == 3).await;
     }
 
     #[tokio::test]
     async fn broadcast_splits_speed_and_survives_zero_comets() {
-        let (job, recs, _) = job(2);
+        let f = job(2);
         let mut m = msg(PushType::Broadcast);
         m.speed = 10;
-        job.push(m.clone()).await.unwrap();
-        for r in &recs {
+        f.job.push(m.clone()).await.unwrap();
+        for r in &f.recs {
+            until(r, || !r.broadcasts.lock().unwrap().is_empty()).await;
             assert_eq!(r.broadcasts.lock().unwrap()[0].speed, 5);
         }
-        let (job, _, metrics) = self::job(0);
-        job.push(m).await.unwrap();
-        assert_eq!(
-            metrics
-                .undeliverable
-                .get_or_create(&Reason {
-                    reason: "no_comets"
-                })
-                .get(),
-            1
-        );
+        let none = job(0);
+        none.job.push(m).await.unwrap();
+        assert_eq!(none.metrics.undeliverable_count("no_comets"), 1);
     }
 
     #[tokio::test]
     async fn room_messages_keep_order_and_batch() {
-        let (job, recs, _) = job(1);
+        let f = job(1);
         for i in 0..50 {
             let mut m = msg(PushType::Room);
             m.room = "live://1".into();
             m.msg = Bytes::from(format!("{i}"));
-            job.push(m).await.unwrap();
+            f.job.push(m).await.unwrap();
         }
+        let rec = &f.recs[0];
+        let count = || {
+            rec.rooms
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|b| raw_packets(b.proto.clone().unwrap().body).count())
+                .sum::<usize>()
+        };
+        until(rec, || count() == 50).await;
         let mut got: Vec<String> = Vec::new();
-        while got.len() < 50 {
-            let notified = recs[0].room_sent.notified();
-            let batches: Vec<_> = std::mem::take(&mut *recs[0].rooms.lock().unwrap());
-            for b in batches {
-                assert_eq!(b.room_id, "live://1");
-                let packets: Vec<_> = raw_packets(b.proto.unwrap().body).collect();
-                assert!(!packets.is_empty() && packets.len() <= 20);
-                got.extend(
-                    packets
-                        .iter()
-                        .map(|p| String::from_utf8(p.body.to_vec()).unwrap()),
-                );
-            }
-            if got.len() < 50 {
-                notified.await;
-            }
+        for b in rec.rooms.lock().unwrap().iter() {
+            assert_eq!(b.room_id, "live://1");
+            let packets: Vec<_> = raw_packets(b.proto.clone().unwrap().body).collect();
+            assert!(!packets.is_empty() && packets.len() <= 20);
+            got.extend(
+                packets
+                    .iter()
+                    .map(|p| String::from_utf8(p.body.to_vec()).unwrap()),
+            );
         }
         let want: Vec<String> = (0..50).map(|i| i.to_string()).collect();
         assert_eq!(got, want);
     }
 
+    /// Distinct room names cannot grow job without bound, and long ones are refused.
+    #[tokio::test]
+    async fn rooms_in_flight_are_bounded() {
+        let cfg = JobConfig {
+            max_rooms: 2,
+            ..Default::default()
+        };
+        let stalled = Recorder {
+            stalled: true,
+            ..Default::default()
+        };
+        let f = job_with(cfg, vec![stalled]);
+        let mut m = msg(PushType::Room);
+        m.room = "x".repeat(MAX_ROOM_ID + 1);
+        assert_eq!(
+            f.job.push(m.clone()).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        // Room batchers retire once idle; until then, at most `max_rooms` live.
+        let mut refused = 0;
+        for i in 0..5 {
+            m.room = format!("live://{i}");
+            if let Err(e) = f.job.push(m.clone()).await {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 3);
+        assert!(f.metrics.rooms.get() <= 2);
+        assert_eq!(f.metrics.undeliverable_count("too_many_rooms"), refused);
+    }
+
+    /// SIGTERM: pushes are refused (logic tries another job), what is queued is delivered,
+    /// and what cannot be delivered by the deadline is counted.
+    #[tokio::test(start_paused = true)]
+    async fn drain_delivers_what_is_queued_and_counts_the_rest() {
+        let stalled = Recorder {
+            stalled: true,
+            ..Default::default()
+        };
+        // Calls outlive the drain deadline: what is in flight then counts as lost too.
+        let cfg = JobConfig {
+            comet_timeout: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let f = job_with(cfg, vec![Recorder::default(), stalled]);
+        for i in 0..10 {
+            let mut m = msg(PushType::Room);
+            m.room = "live://1".into();
+            m.msg = Bytes::from(format!("{i}"));
+            f.job.push(m).await.unwrap();
+        }
+        let left = f.job.drain().await;
+        let ok = &f.recs[0];
+        let delivered: usize = ok
+            .rooms
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| raw_packets(b.proto.clone().unwrap().body).count())
+            .sum();
+        assert_eq!(delivered, 10);
+        // The stalled comet's deliveries were still in flight or queued at the deadline.
+        assert!(left > 0);
+        assert_eq!(f.metrics.undeliverable_count("comet_unreachable"), 0);
+        assert_eq!(f.metrics.undeliverable_count("job_shutdown"), left);
+        assert_eq!(
+            f.job
+                .push(msg(PushType::Broadcast))
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unavailable
+        );
+    }
+
     #[tokio::test]
     async fn unknown_type_is_refused() {
-        let (job, _, _) = job(1);
+        let f = job(1);
         let mut m = msg(PushType::Push);
         m.r#type = 9;
         assert_eq!(
-            job.push(m).await.unwrap_err().code(),
+            f.job.push(m).await.unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
     }

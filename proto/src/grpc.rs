@@ -229,6 +229,8 @@ fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::
     };
     Ok(tonic::transport::Endpoint::from_shared(uri)?
         .connect_timeout(std::time::Duration::from_secs(1))
+        // Every call between roles is bounded; callers count what times out.
+        .timeout(std::time::Duration::from_secs(10))
         .http2_keep_alive_interval(std::time::Duration::from_secs(10))
         .keep_alive_timeout(std::time::Duration::from_secs(3))
         .keep_alive_while_idle(true))

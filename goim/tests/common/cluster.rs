@@ -20,6 +20,7 @@ pub use goim_testkit::{wait_until, Etcd};
 pub struct Role {
     pub ready: Value,
     child: Child,
+    log: std::path::PathBuf,
 }
 
 impl Role {
@@ -43,11 +44,34 @@ impl Role {
                 std::fs::read_to_string(&log).unwrap_or_default()
             )
         });
-        Role { ready, child }
+        Role { ready, child, log }
     }
 
     pub fn addr(&self, what: &str) -> SocketAddr {
         self.ready[what].as_str().unwrap().parse().unwrap()
+    }
+
+    /// SIGTERM, then waits for the process to exit (bounded); returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn kill(&mut self) {

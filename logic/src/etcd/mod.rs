@@ -9,4 +9,4 @@ mod writer;
 
 pub use nodes::EtcdNodes;
 pub use online::{EtcdOnline, ADOPTED_TTL};
-pub use ring::{ring_pick, route_of, JobRing};
+pub use ring::{ring_order, ring_pick, route_of, JobRing};

@@ -30,6 +30,12 @@ fn ring_hash(s: &[u8]) -> u64 {
 /// Picks the owner of `route` among `ids` (sorted or not): the first ring point at or after the
 /// route's hash.
 pub fn ring_pick<'a>(ids: &'a [String], route: &str) -> Option<&'a String> {
+    ring_order(ids, route).into_iter().next()
+}
+
+/// Every job in the order a push for `route` tries them: its owner first, then the owners
+/// the ring would pick if the ones before were gone.
+pub fn ring_order<'a>(ids: &'a [String], route: &str) -> Vec<&'a String> {
     let mut points: BTreeMap<u64, &String> = BTreeMap::new();
     for id in ids {
         for v in 0..VNODES {
@@ -37,11 +43,16 @@ pub fn ring_pick<'a>(ids: &'a [String], route: &str) -> Option<&'a String> {
         }
     }
     let h = ring_hash(route.as_bytes());
-    points
-        .range(h..)
-        .next()
-        .or_else(|| points.iter().next())
-        .map(|(_, id)| *id)
+    let mut order: Vec<&String> = Vec::with_capacity(ids.len());
+    for (_, id) in points.range(h..).chain(points.range(..h)) {
+        if !order.contains(id) {
+            order.push(id);
+            if order.len() == ids.len() {
+                break;
+            }
+        }
+    }
+    order
 }
 
 impl JobRing {
@@ -56,28 +67,34 @@ impl JobRing {
         self.jobs.synced()
     }
 
-    fn client_for(&self, route: &str) -> Result<RemoteJob, Status> {
+    /// The jobs to try for `route`, in ring order, with their clients.
+    fn candidates(&self, route: &str) -> Vec<(String, Result<RemoteJob, Status>)> {
         let jobs = self.jobs.snapshot();
         let ids: Vec<String> = jobs.iter().map(|(id, _)| id.clone()).collect();
-        let id = ring_pick(&ids, route)
-            .ok_or_else(|| Status::unavailable("no job registered in etcd"))?;
-        let addr = jobs
-            .iter()
-            .find(|(i, _)| i == id)
-            .map(|(_, e)| e.value.grpc.clone())
-            .unwrap_or_default();
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients.retain(|k, _| ids.contains(k));
-        if let Some((a, c)) = clients.get(id) {
-            if *a == addr {
-                return Ok(c.clone());
-            }
-        }
-        let ch = channel(&addr)
-            .map_err(|e| Status::unavailable(format!("job {id} address {addr}: {e}")))?;
-        let c = RemoteJob::new(ch);
-        clients.insert(id.clone(), (addr, c.clone()));
-        Ok(c)
+        ring_order(&ids, route)
+            .into_iter()
+            .map(|id| {
+                let addr = jobs
+                    .iter()
+                    .find(|(i, _)| i == id)
+                    .map(|(_, e)| e.value.grpc.clone())
+                    .unwrap_or_default();
+                if let Some((a, c)) = clients.get(id) {
+                    if *a == addr {
+                        return (id.clone(), Ok(c.clone()));
+                    }
+                }
+                let c = channel(&addr)
+                    .map(RemoteJob::new)
+                    .map_err(|e| Status::unavailable(format!("job {id} address {addr}: {e}")));
+                if let Ok(c) = &c {
+                    clients.insert(id.clone(), (addr, c.clone()));
+                }
+                (id.clone(), c)
+            })
+            .collect()
     }
 }
 
@@ -93,8 +110,24 @@ pub fn route_of(m: &PushMsg) -> String {
 #[async_trait]
 impl JobService for JobRing {
     async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
-        let job = self.client_for(&route_of(&msg))?;
-        job.push(msg).await
+        // The owner first; a job that did not take the push (unreachable, or draining for a
+        // shutdown) passes it to the next one on the ring, so a job restart loses nothing
+        // logic was still handing over. A room's order holds except across such a move.
+        let mut last = Status::unavailable("no job registered in etcd");
+        for (id, job) in self.candidates(&route_of(&msg)) {
+            let r = match job {
+                Ok(job) => job.push(msg.clone()).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    tracing::debug!(job = %id, error = %e, "job did not take the push; trying the next");
+                    last = e;
+                }
+                other => return other,
+            }
+        }
+        Err(last)
     }
 }
 
@@ -122,5 +155,13 @@ mod tests {
         assert!(moved > 150 && moved < 550, "moved {moved}");
         assert!(per.values().all(|&n| n > 150), "{per:?}");
         assert!(ring_pick(&[], "x").is_none());
+        for r in &rooms[..50] {
+            let order = ring_order(&three, r);
+            assert_eq!(order.len(), 3);
+            assert_eq!(order[0], ring_pick(&three, r).unwrap());
+            // Without the owner, the next in order is who the ring picks.
+            let rest: Vec<String> = three.iter().filter(|j| *j != order[0]).cloned().collect();
+            assert_eq!(ring_pick(&rest, r).unwrap(), order[1]);
+        }
     }
 }

@@ -1,0 +1,77 @@
+//! Job metrics (Prometheus): what went to comets, and every message that did not, by reason.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Default)]
+pub struct JobMetrics {
+    /// Calls made to comets, by kind.
+    pub comet_calls: Family<Reason, Counter>,
+    /// Messages that reached no comet, by reason: `unknown_comet` (the comet named by
+    /// presence is not registered), `comet_unreachable` (the call failed or timed out),
+    /// `comet_queue_full` (that comet's queue in job was full), `no_comets`, `job_shutdown`
+    /// (still queued when the drain deadline passed), `too_many_rooms`.
+    pub undeliverable: Family<Reason, Counter>,
+    /// Room batches sent, and the messages in them.
+    pub room_batches: Counter,
+    pub room_messages: Counter,
+    /// Messages and deliveries held in job's memory (room queues and per-comet queues).
+    pub queued: Gauge,
+    /// Room batchers alive.
+    pub rooms: Gauge,
+}
+
+impl JobMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("goim_job");
+        r.register("comet_calls", "Calls to comets", self.comet_calls.clone());
+        r.register(
+            "undeliverable",
+            "Messages that reached no comet, by reason",
+            self.undeliverable.clone(),
+        );
+        r.register(
+            "room_batches",
+            "Room batches flushed",
+            self.room_batches.clone(),
+        );
+        r.register(
+            "room_messages",
+            "Room messages flushed",
+            self.room_messages.clone(),
+        );
+        r.register(
+            "queued",
+            "Room messages and comet deliveries held in memory",
+            self.queued.clone(),
+        );
+        r.register("rooms", "Room batchers alive", self.rooms.clone());
+    }
+
+    pub(crate) fn undeliverable(&self, reason: &'static str, n: u64) {
+        if n > 0 {
+            self.undeliverable
+                .get_or_create(&Reason { reason })
+                .inc_by(n);
+        }
+    }
+
+    pub(crate) fn call(&self, kind: &'static str) {
+        self.comet_calls
+            .get_or_create(&Reason { reason: kind })
+            .inc();
+    }
+
+    /// A count by reason, for tests and status pages.
+    pub fn undeliverable_count(&self, reason: &'static str) -> u64 {
+        self.undeliverable.get_or_create(&Reason { reason }).get()
+    }
+}

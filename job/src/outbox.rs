@@ -1,0 +1,178 @@
+//! One bounded delivery queue per comet, drained by its own task: a slow or dead comet delays
+//! and loses only what was meant for it, never another comet's deliveries or the next room
+//! batch. Per comet, deliveries keep the order they were queued in (one room's batches, one
+//! key's pushes).
+
+use std::sync::Arc;
+
+use goim_proto::comet::{BroadcastReq, BroadcastRoomReq, PushMsgReq};
+use goim_proto::service::CometService;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tonic::Status;
+
+use crate::Inner;
+
+/// What one comet is sent.
+pub(crate) enum Delivery {
+    Keys(PushMsgReq),
+    /// A room batch of `messages` messages.
+    Room(BroadcastRoomReq, u64),
+    All(BroadcastReq),
+}
+
+impl Delivery {
+    /// Messages it carries (what is counted when it is lost).
+    fn messages(&self) -> u64 {
+        match self {
+            Delivery::Room(_, n) => *n,
+            _ => 1,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Delivery::Keys(_) => "push",
+            Delivery::Room(..) => "room",
+            Delivery::All(_) => "broadcast",
+        }
+    }
+
+    async fn send(self, comet: Arc<dyn CometService>) -> Result<(), Status> {
+        match self {
+            Delivery::Keys(r) => comet.push_msg(r).await.map(drop),
+            Delivery::Room(r, _) => comet.broadcast_room(r).await.map(drop),
+            Delivery::All(r) => comet.broadcast(r).await.map(drop),
+        }
+    }
+}
+
+impl Inner {
+    /// Queues a delivery for the comet `name`, starting its queue if needed; a full queue
+    /// loses this delivery for this comet only, counted.
+    pub(crate) fn enqueue(self: &Arc<Self>, name: &str, mut d: Delivery) {
+        loop {
+            let tx = {
+                let mut outboxes = self.outboxes.lock().unwrap_or_else(|e| e.into_inner());
+                match outboxes.get(name) {
+                    Some(tx) => tx.clone(),
+                    None => {
+                        let (tx, rx) = mpsc::channel(self.cfg.comet_queue.max(1));
+                        outboxes.insert(name.to_string(), tx.clone());
+                        let me = tx.downgrade();
+                        self.tasks
+                            .spawn(outbox(self.clone(), name.to_string(), rx, me));
+                        tx
+                    }
+                }
+            };
+            match tx.try_send(d) {
+                Ok(()) => {
+                    self.metrics.queued.inc();
+                    return;
+                }
+                Err(TrySendError::Full(d)) => {
+                    self.metrics.undeliverable("comet_queue_full", d.messages());
+                    tracing::warn!(comet = name, "comet queue full; delivery dropped");
+                    return;
+                }
+                // The queue retired between the lookup and the send: start a new one.
+                Err(TrySendError::Closed(back)) => d = back,
+            }
+        }
+    }
+
+    /// The comet named `name`, waiting up to `unknown_comet_wait` for a comet the registry
+    /// does not show yet (a pod that is ready while its record is still being written).
+    async fn resolve(&self, name: &str) -> Option<Arc<dyn CometService>> {
+        if let Some(c) = self.comets.get(name) {
+            return Some(c);
+        }
+        let mut changes = self.comets.changes()?;
+        let deadline = tokio::time::Instant::now() + self.cfg.unknown_comet_wait;
+        loop {
+            tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .ok()?
+                .ok()?;
+            if let Some(c) = self.comets.get(name) {
+                return Some(c);
+            }
+        }
+    }
+}
+
+/// Sends one comet its deliveries in order, each bounded by `comet_timeout`. Retires after
+/// `room_idle` without work (a comet that left costs nothing after that).
+async fn outbox(
+    inner: Arc<Inner>,
+    name: String,
+    mut rx: mpsc::Receiver<Delivery>,
+    me: mpsc::WeakSender<Delivery>,
+) {
+    loop {
+        let d = match tokio::time::timeout(inner.cfg.room_idle, rx.recv()).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(_) => {
+                // Retire only if nothing raced in; senders that lose the race start anew.
+                let retired = {
+                    let mut outboxes = inner.outboxes.lock().unwrap_or_else(|e| e.into_inner());
+                    let idle = rx.is_empty();
+                    if idle {
+                        let mine = me.upgrade();
+                        if outboxes
+                            .get(&name)
+                            .zip(mine.as_ref())
+                            .is_some_and(|(tx, mine)| tx.same_channel(mine))
+                        {
+                            outboxes.remove(&name);
+                        }
+                        rx.close();
+                    }
+                    idle
+                };
+                if retired {
+                    // Anything sent before the close is still delivered.
+                    while let Ok(d) = rx.try_recv() {
+                        deliver(&inner, &name, d).await;
+                    }
+                    return;
+                }
+                continue;
+            }
+        };
+        deliver(&inner, &name, d).await;
+    }
+}
+
+async fn deliver(inner: &Inner, name: &str, d: Delivery) {
+    // Held (and counted by a drain that runs out of time) until the call is over.
+    let _held = Held(inner);
+    let n = d.messages();
+    let Some(comet) = inner.resolve(name).await else {
+        inner.metrics.undeliverable("unknown_comet", n);
+        tracing::debug!(comet = name, "delivery for an unknown comet dropped");
+        return;
+    };
+    inner.metrics.call(d.kind());
+    match tokio::time::timeout(inner.cfg.comet_timeout, d.send(comet)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            inner.metrics.undeliverable("comet_unreachable", n);
+            tracing::warn!(comet = name, error = %e, "call to comet failed");
+        }
+        Err(_) => {
+            inner.metrics.undeliverable("comet_unreachable", n);
+            tracing::warn!(comet = name, "call to comet timed out");
+        }
+    }
+}
+
+/// One queued delivery, released from the `queued` gauge when dropped.
+struct Held<'a>(&'a Inner);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.queued.dec();
+    }
+}
