@@ -44,6 +44,14 @@ pub struct CometConfig {
     pub ws_max_fragments: usize,
     /// Connections held at once; beyond it new ones are closed at accept.
     pub max_connections: usize,
+    /// Packets a client may send after auth, per second on average (heartbeats, room
+    /// changes, subs); a client over it is closed (`rate_limited`).
+    pub client_ops_per_sec: u32,
+    /// Packets a client may send in one burst before the average applies.
+    pub client_ops_burst: u32,
+    /// On shutdown, how long clients get to close and logic to hear of it.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     /// How long a drain spreads the closing of clients over.
     #[serde(with = "humantime_serde")]
     pub drain_period: Duration,
@@ -72,6 +80,9 @@ impl Default for CometConfig {
             ws_max_frame: 8192,
             ws_max_fragments: 100,
             max_connections: 1_000_000,
+            client_ops_per_sec: 64,
+            client_ops_burst: 256,
+            shutdown_timeout: Duration::from_secs(10),
             drain_period: Duration::from_secs(30),
             addrs: Vec::new(),
             weight: 10,

@@ -319,6 +319,43 @@ enum Exit {
     Timeout,
     Kicked,
     Shutdown,
+    RateLimited,
+}
+
+/// A token bucket over the packets a client sends after auth: `per_sec` on average, `burst`
+/// at once. Two numbers on the connection task's stack, nothing while idle.
+struct OpBudget {
+    tokens: f64,
+    per_sec: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl OpBudget {
+    fn new(per_sec: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        OpBudget {
+            tokens: burst,
+            per_sec: f64::from(per_sec),
+            burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Spends one token; `false` when there is none.
+    fn take(&mut self) -> bool {
+        if self.tokens < 1.0 {
+            let now = Instant::now();
+            let refill = now.duration_since(self.at).as_secs_f64() * self.per_sec;
+            self.tokens = (self.tokens + refill).min(self.burst);
+            self.at = now;
+        }
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 /// Serves one accepted socket to the end.
@@ -378,6 +415,7 @@ pub(crate) async fn serve(
         Exit::Timeout => comet.metrics.closed("heartbeat_timeout"),
         Exit::Kicked => comet.metrics.closed("duplicate_key"),
         Exit::Shutdown => comet.metrics.closed("shutdown"),
+        Exit::RateLimited => comet.metrics.closed("rate_limited"),
     }
     // A kicked connection's key lives on in the newer connection on this comet.
     if !matches!(exit, Exit::Kicked) {
@@ -469,9 +507,14 @@ async fn run(
         base + base.mul_f64(2.0 * fastrand::f64())
     };
     let mut last_renew = Instant::now();
+    let mut budget = OpBudget::new(comet.cfg.client_ops_per_sec, comet.cfg.client_ops_burst);
     loop {
         if !pending.is_empty() {
-            for p in pending.drain(..) {
+            let mut handled = 0u32;
+            while let Some(p) = pending.pop_front() {
+                if !budget.take() {
+                    return Exit::RateLimited;
+                }
                 if p.op == op::HEARTBEAT {
                     timer.as_mut().reset(Instant::now() + heartbeat);
                     if last_renew.elapsed() >= renew_every {
@@ -480,6 +523,15 @@ async fn run(
                     }
                 }
                 handle(comet, conn, ch, p).await;
+                handled += 1;
+                // A read can hold thousands of packets: let other connections run between.
+                if handled.is_multiple_of(64) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            // After a burst, give the queue's memory back: an idle connection holds none.
+            if pending.capacity() > 16 {
+                pending = VecDeque::new();
             }
         }
         // Replies, and pongs the WebSocket reader queued.

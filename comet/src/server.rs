@@ -235,7 +235,12 @@ impl Comet {
             ch.close(false);
         }
         self.tasks.close();
-        self.tasks.wait().await;
+        if tokio::time::timeout(self.cfg.shutdown_timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still closing at the shutdown deadline were dropped");
+        }
     }
 
     /// Whether a live connection holds `key` (as user `mid`, when given).

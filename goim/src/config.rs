@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::Context;
 use goim_comet::CometConfig;
 use goim_job::JobConfig;
+use goim_logic::serve::HttpLimits;
 use goim_logic::LogicConfig;
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +15,8 @@ pub struct Config {
     pub comet: CometConfig,
     pub logic: LogicConfig,
     pub job: JobConfig,
+    /// Limits of every role's HTTP listener (API, metrics and probes).
+    pub http: HttpLimits,
     pub cluster: ClusterConfig,
 }
 

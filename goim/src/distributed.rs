@@ -15,8 +15,10 @@ use goim_job::{CometDirectory, Job, JobMetrics};
 use goim_logic::auth::JsonTokenAuth;
 use goim_logic::etcd::{EtcdNodes, EtcdOnline, JobRing};
 use goim_logic::http::{ops_router, router, Ready};
+use goim_logic::serve::{refused_counter, serve};
 use goim_logic::{Logic, LogicMetrics};
 use goim_proto::grpc::{balanced_channel, comet_server, job_server, logic_server, RemoteLogic};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -52,15 +54,14 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {what} on {addr}"))
 }
 
-fn spawn_http(listener: TcpListener, app: axum::Router, stop: CancellationToken) {
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+fn spawn_http(
+    listener: TcpListener,
+    app: axum::Router,
+    cfg: &Config,
+    refused: Counter,
+    stop: CancellationToken,
+) {
+    tokio::spawn(serve(listener, app, cfg.http.clone(), refused, stop));
 }
 
 fn spawn_grpc<S>(listener: TcpListener, svc: S, stop: CancellationToken)
@@ -151,7 +152,14 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     spawn_grpc(grpc, comet_server(comet.clone()), stop.clone());
     let l = lease.clone();
     let ready: Ready = Arc::new(move || l.id() != 0);
-    spawn_http(http, ops_router(Arc::new(registry), ready), stop.clone());
+    let refused = refused_counter(&mut registry);
+    spawn_http(
+        http,
+        ops_router(Arc::new(registry), ready),
+        &cfg,
+        refused,
+        stop.clone(),
+    );
     ready_line(
         json!({"role": "comet", "name": comet.name(), "tcp": tcp_a, "ws": ws_a, "grpc": grpc_a, "http": http_a}),
     );
@@ -190,6 +198,7 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
         comets: comets.clone(),
         loads,
     });
+    let http_cfg = cfg.clone();
     let logic = Arc::new(Logic::new(
         cfg.logic,
         Arc::new(JsonTokenAuth),
@@ -200,7 +209,9 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
     ));
     spawn_grpc(grpc, logic_server(logic.clone()), stop.clone());
     let ready: Ready = Arc::new(move || online.synced() && ring.synced() && comets.synced());
-    spawn_http(http, router(logic, Arc::new(registry), ready), stop.clone());
+    let refused = refused_counter(&mut registry);
+    let app = router(logic, Arc::new(registry), ready);
+    spawn_http(http, app, &http_cfg, refused, stop.clone());
     ready_line(json!({"role": "logic", "http": http_a, "grpc": grpc_a}));
     tracing::info!(http = %http_a, grpc = %grpc_a, "logic started");
     wait_for_signal().await?;
@@ -247,6 +258,7 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     let l = lease.clone();
     let c = comets.clone();
     let ready: Ready = Arc::new(move || l.id() != 0 && c.synced());
+    let refused = refused_counter(&mut registry);
     // Which comets this job sees, for operators and tests.
     let app = ops_router(Arc::new(registry), ready).route(
         "/comets",
@@ -255,7 +267,7 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
             async move { axum::Json(names) }
         }),
     );
-    spawn_http(http, app, stop.clone());
+    spawn_http(http, app, &cfg, refused, stop.clone());
     ready_line(json!({"role": "job", "id": id, "grpc": grpc_a, "http": http_a}));
     tracing::info!(%id, grpc = %grpc_a, "job started");
     wait_for_signal().await?;

@@ -56,13 +56,16 @@ async fn run_operator(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(goim_operator::metrics::Metrics::default());
     metrics.register(&mut registry);
+    let refused = goim_logic::serve::refused_counter(&mut registry);
     let listener = goim_comet::listen(http).await?;
     let app = goim_logic::http::ops_router(Arc::new(registry), Arc::new(|| true));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
+    tokio::spawn(goim_logic::serve::serve(
+        listener,
+        app,
+        Default::default(),
+        refused,
+        tokio_util::sync::CancellationToken::new(),
+    ));
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())

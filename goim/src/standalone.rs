@@ -73,6 +73,7 @@ pub struct Standalone {
     pub ws: SocketAddr,
     pub http: SocketAddr,
     comet: Arc<Comet>,
+    job: Arc<Job>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -104,7 +105,7 @@ impl Standalone {
             cfg.logic,
             Arc::new(JsonTokenAuth),
             Arc::new(MemoryOnline::default()),
-            job,
+            job.clone(),
             cluster.clone(),
             logic_metrics,
         ));
@@ -118,22 +119,22 @@ impl Standalone {
         tasks.spawn(comet.clone().serve(tcp, Transport::Tcp));
         tasks.spawn(comet.clone().serve(ws, Transport::WebSocket));
         tasks.spawn(comet.clone().renew_online_loop());
+        let refused = goim_logic::serve::refused_counter(&mut registry);
         let router = goim_logic::http::router(logic, Arc::new(registry), Arc::new(|| true));
-        let http_stop = stop.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(http, router)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        tasks.spawn(goim_logic::serve::serve(
+            http,
+            router,
+            cfg.http,
+            refused,
+            stop.clone(),
+        ));
         tracing::info!(name = comet.name(), tcp = %tcp_addr, ws = %ws_addr, http = %http_addr, "goim standalone started");
         Ok(Standalone {
             tcp: tcp_addr,
             ws: ws_addr,
             http: http_addr,
             comet,
+            job,
             stop,
             tasks,
         })
@@ -143,10 +144,12 @@ impl Standalone {
         &self.comet
     }
 
-    /// Stops accepting, closes every client, stops the HTTP server and waits for all of it.
+    /// Stops the API (requests in flight get a grace period), delivers what job holds, closes
+    /// every client, and waits for all of it; each step has a deadline.
     pub async fn shutdown(mut self) {
-        self.comet.shutdown().await;
         self.stop.cancel();
+        self.job.drain().await;
+        self.comet.shutdown().await;
         while self.tasks.join_next().await.is_some() {}
         tracing::info!("goim standalone stopped");
     }

@@ -7,6 +7,7 @@ pub mod http;
 pub mod logic;
 pub mod nodes;
 pub mod online;
+pub mod serve;
 
 pub use config::LogicConfig;
 pub use logic::{Logic, LogicMetrics};

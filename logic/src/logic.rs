@@ -206,10 +206,18 @@ impl Logic {
         msg: Bytes,
     ) -> Result<(), PushError> {
         self.check_body(&msg)?;
+        let room = room_key(typ, room);
+        // The same bound clients and tokens get: a room id becomes etcd records and job state.
+        if room.len() > MAX_ROOM_ID {
+            return Err(PushError::BadRequest(format!(
+                "room: type://room is {} bytes, over the limit of {MAX_ROOM_ID}",
+                room.len()
+            )));
+        }
         let m = PushMsg {
             r#type: PushType::Room as i32,
             operation: op,
-            room: room_key(typ, room),
+            room,
             msg,
             ..Default::default()
         };
@@ -291,6 +299,9 @@ impl Logic {
         }
     }
 }
+
+/// Longest room key (`type://room`) a push may name.
+pub const MAX_ROOM_ID: usize = 256;
 
 /// goim's room key: `type://room`.
 pub fn room_key(typ: &str, room: &str) -> String {

@@ -1,0 +1,139 @@
+//! The HTTP listener every role serves its API and ops routes on. Unlike a bare
+//! `axum::serve`: a client that sends nothing or half a header is closed after
+//! `header_timeout` (idle keep-alive connections too); open connections are capped (beyond
+//! the cap a new one is closed at once and counted, so the port cannot eat the process's file
+//! descriptors); a request has a deadline; shutdown lets requests in flight finish for at
+//! most `shutdown_grace`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use goim_discovery::Backoff;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// A connection must send a whole request header within this (also while idle between
+    /// keep-alive requests), or it is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest a request may take from its header to its reply.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// On shutdown, how long requests in flight may still finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Registers the counter [`serve`] takes, as `goim_http_refused_connections`.
+pub fn refused_counter(registry: &mut prometheus_client::registry::Registry) -> Counter {
+    let c = Counter::default();
+    registry.register(
+        "goim_http_refused_connections",
+        "HTTP connections closed at once for being over the connection cap",
+        c.clone(),
+    );
+    c
+}
+
+/// Serves `app` until `stop`, then drains within the grace period. `refused` counts
+/// connections closed for being over the cap.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    refused: Counter,
+    stop: CancellationToken,
+) {
+    let deadline = limits.request_timeout;
+    let app = app.layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| async move {
+            match tokio::time::timeout(deadline, next.run(req)).await {
+                Ok(r) => r,
+                Err(_) => timed_out(),
+            }
+        },
+    ));
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let conns = TaskTracker::new();
+    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => {
+                backoff.reset();
+                s
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "HTTP accept failed");
+                if !backoff.wait(&stop).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refused.inc();
+            continue;
+        };
+        let svc = TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        let header_timeout = limits.header_timeout;
+        conns.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    conns.close();
+    if tokio::time::timeout(limits.shutdown_grace, conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP requests still in flight at the shutdown deadline were dropped");
+    }
+}
+
+fn timed_out() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "request timed out").into_response()
+}
