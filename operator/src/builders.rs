@@ -401,7 +401,7 @@ spec:
         assert_eq!(pc.spec.comet.buckets, 32);
         assert_eq!(pc.spec.comet.ports.tcp, 3101);
         assert_eq!(pc.spec.logic.replicas, 1);
-        assert_eq!(pc.etcd_prefix(), "chat");
+        assert_eq!(pc.etcd_prefix(), "prod.chat");
     }
 
     #[test]
@@ -507,7 +507,7 @@ spec:
         assert_ne!(h(&a), h(&b));
         assert_eq!(h(&a), h(&build(&fixture())));
         let toml = &a.config.data.as_ref().unwrap()["goim.toml"];
-        assert!(toml.contains("name = \"chat\""));
+        assert!(toml.contains("name = \"prod.chat\""));
         assert!(toml.contains("operator_managed = true"));
         assert!(toml.contains("chat-logic.prod.svc:3119"));
     }

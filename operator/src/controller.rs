@@ -227,6 +227,14 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     if pc.spec.etcd.endpoints.is_empty() {
         return Err(Error::Invalid("spec.etcd.endpoints is empty".into()));
     }
+    // Before anything is applied: a cluster whose pods would share another cluster's etcd
+    // prefix would mix their presence and registries, so it gets nothing but its status.
+    let others = Api::<PushCluster>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    if let Some(problem) = plan::prefix_problem(pc, &others.items) {
+        return refuse_prefix(pc, ctx, problem).await;
+    }
     let (tls, secret_problem) = match etcd_tls(&client, &ns, pc).await? {
         Ok(tls) => (tls, None),
         Err(problem) => (None, Some(problem)),
@@ -255,7 +263,8 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     let job = apply(&deploys, &objs.job).await?;
 
     // etcd: read what is registered and the comets' load, plan the drain.
-    let keys = Keys::new(&pc.etcd_prefix());
+    let keys_prefix = pc.etcd_prefix();
+    let keys = Keys::new(&keys_prefix);
     let mut status = pc.status.clone().unwrap_or_default();
     let now = Time(jiff::Timestamp::now());
     let gen = pc.metadata.generation;
@@ -380,6 +389,10 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         .map(|t| t.to_string());
     ctx.metrics.registered.set(desired_records.len() as i64);
     ctx.metrics.draining.set(plan.draining.len() as i64);
+    if etcd_error.is_none() && registry.is_ok() {
+        // Registered there: the prefix is this cluster's from now on.
+        status.etcd_prefix = Some(keys_prefix.clone());
+    }
     status.logic.ready_replicas = ready_of(&logic);
     status.job.ready_replicas = ready_of(&job);
     // What the schema cannot catch, first one wins: etcd, the TLS secret, images.
@@ -510,9 +523,78 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     })
 }
 
-/// On delete: remove the cluster's etcd prefix; Kubernetes garbage-collects the owned objects.
+/// Degraded with the reason, a Warning event on the transition, nothing else touched.
+async fn refuse_prefix(
+    pc: &PushCluster,
+    ctx: &Context,
+    problem: plan::PrefixProblem,
+) -> Result<Action, Error> {
+    let (reason, message) = match problem {
+        plan::PrefixProblem::Invalid(m) => ("InvalidPrefix", m),
+        plan::PrefixProblem::Conflict(other) => (
+            "PrefixConflict",
+            format!(
+                "etcd prefix {:?} belongs to PushCluster {other} on the same etcd; set spec.etcd.prefix to another one",
+                pc.etcd_prefix()
+            ),
+        ),
+    };
+    let ns = pc.namespace().unwrap_or_else(|| "default".into());
+    let now = Time(jiff::Timestamp::now());
+    let gen = pc.metadata.generation;
+    let mut status = pc.status.clone().unwrap_or_default();
+    status.observed_generation = gen;
+    let changed = plan::set_condition(
+        &mut status.conditions,
+        "Degraded",
+        true,
+        reason,
+        &message,
+        gen,
+        &now,
+    );
+    plan::set_condition(
+        &mut status.conditions,
+        "Ready",
+        false,
+        reason,
+        &message,
+        gen,
+        &now,
+    );
+    Api::<PushCluster>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &pc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await?;
+    if changed {
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "DegradedTrue".into(),
+            note: Some(format!("{reason}: {message}")),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+        if let Err(e) = recorder.publish(&ev, &pc.object_ref(&())).await {
+            tracing::warn!(error = %e, "event publish failed");
+        }
+    }
+    tracing::warn!(cluster = %pc.name_any(), reason, %message, "etcd prefix refused");
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// On delete: remove the cluster's etcd prefix, if it owns one; Kubernetes garbage-collects
+/// the owned objects. A cluster that never registered (refused prefix, etcd never reached)
+/// owns no keys and removes none.
 async fn cleanup(pc: &PushCluster, ctx: &Context) -> Result<Action, Error> {
-    let keys = Keys::new(&pc.etcd_prefix());
+    let Some(prefix) = pc.owned_prefix() else {
+        tracing::info!(cluster = %pc.name_any(), "owns no etcd prefix; nothing to remove");
+        return Ok(Action::await_change());
+    };
+    let keys = Keys::new(prefix);
     let ns = pc.namespace().unwrap_or_else(|| "default".into());
     // The secret may already be gone (a namespace being deleted): try plain text then, and
     // let a failure retry with backoff.

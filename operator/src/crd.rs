@@ -63,8 +63,10 @@ pub struct EtcdSpec {
     /// etcd client endpoints (`host:port`).
     #[schemars(length(min = 1))]
     pub endpoints: Vec<String>,
-    /// Key prefix (`/goim/{prefix}/`); default the PushCluster's name. Immutable: changing it
-    /// would orphan every key.
+    /// Key prefix (`/goim/{prefix}/`): letters, digits, `.`, `_` and `-`; default
+    /// `{namespace}.{name}`, so clusters of one name in two namespaces never share keys. A
+    /// prefix another PushCluster on the same etcd already claims is refused (Degraded,
+    /// `PrefixConflict`). Immutable: changing it would orphan every key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("etcd.prefix is immutable"))]
     pub prefix: Option<String>,
@@ -247,6 +249,10 @@ pub struct PushClusterStatus {
     pub logic: RoleStatus,
     #[serde(default)]
     pub job: RoleStatus,
+    /// The etcd prefix this cluster owns, recorded once it first registered there; its
+    /// finalizer removes only this prefix, and no other PushCluster may claim it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_prefix: Option<String>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -294,14 +300,24 @@ fn conditions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 }
 
 impl PushCluster {
-    /// etcd key prefix of this cluster.
+    /// etcd key prefix of this cluster: the one it owns (recorded in status), else the spec's,
+    /// else `{namespace}.{name}`.
     pub fn etcd_prefix(&self) -> String {
-        self.spec
-            .etcd
-            .prefix
-            .clone()
-            .or_else(|| self.metadata.name.clone())
-            .unwrap_or_default()
+        if let Some(p) = self.owned_prefix() {
+            return p.to_string();
+        }
+        self.spec.etcd.prefix.clone().unwrap_or_else(|| {
+            format!(
+                "{}.{}",
+                self.metadata.namespace.as_deref().unwrap_or("default"),
+                self.metadata.name.as_deref().unwrap_or_default()
+            )
+        })
+    }
+
+    /// The prefix this cluster has registered under and so owns, if any.
+    pub fn owned_prefix(&self) -> Option<&str> {
+        self.status.as_ref()?.etcd_prefix.as_deref()
     }
 
     /// Labels shared by everything of this cluster.

@@ -175,6 +175,57 @@ pub fn set_condition(
     }
 }
 
+/// Why a cluster may not use its etcd prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrefixProblem {
+    /// Empty, or characters that would nest it inside another prefix (`/`).
+    Invalid(String),
+    /// Another PushCluster on the same etcd claims it (namespace/name).
+    Conflict(String),
+}
+
+/// Whether `me` may use its prefix, given every PushCluster. Of two clusters with one prefix
+/// on a shared etcd endpoint, the one that already owns it (registered there) keeps it; when
+/// neither or both do, the older one does (then namespace/name order).
+pub fn prefix_problem(me: &PushCluster, all: &[PushCluster]) -> Option<PrefixProblem> {
+    let prefix = me.etcd_prefix();
+    let valid = !prefix.is_empty()
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !valid {
+        return Some(PrefixProblem::Invalid(format!(
+            "etcd prefix {prefix:?} must be letters, digits, '.', '_' or '-'"
+        )));
+    }
+    let id = |pc: &PushCluster| {
+        format!(
+            "{}/{}",
+            pc.metadata.namespace.as_deref().unwrap_or_default(),
+            pc.metadata.name.as_deref().unwrap_or_default()
+        )
+    };
+    let rank = |pc: &PushCluster| {
+        (
+            pc.owned_prefix() != Some(prefix.as_str()),
+            pc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            id(pc),
+        )
+    };
+    all.iter()
+        .filter(|o| id(o) != id(me) && o.etcd_prefix() == prefix)
+        .filter(|o| {
+            o.spec
+                .etcd
+                .endpoints
+                .iter()
+                .any(|e| me.spec.etcd.endpoints.contains(e))
+        })
+        .filter(|o| rank(o) < rank(me))
+        .map(|o| PrefixProblem::Conflict(id(o)))
+        .next()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,5 +358,63 @@ mod tests {
             &t1
         ));
         assert_eq!(c[0].last_transition_time, t1);
+    }
+
+    fn named(ns: &str, name: &str, prefix: Option<&str>, age: i64) -> PushCluster {
+        let mut p = pc();
+        p.metadata.namespace = Some(ns.into());
+        p.metadata.name = Some(name.into());
+        p.spec.etcd.prefix = prefix.map(String::from);
+        p.metadata.creation_timestamp = Some(Time(
+            jiff::Timestamp::from_second(1_700_000_000 - age).unwrap(),
+        ));
+        p
+    }
+
+    #[test]
+    fn one_name_in_two_namespaces_gets_two_prefixes() {
+        let (a, b) = (named("a", "chat", None, 10), named("b", "chat", None, 5));
+        assert_eq!(
+            (a.etcd_prefix(), b.etcd_prefix()),
+            ("a.chat".into(), "b.chat".into())
+        );
+        let all = [a.clone(), b.clone()];
+        assert_eq!(prefix_problem(&a, &all), None);
+        assert_eq!(prefix_problem(&b, &all), None);
+    }
+
+    #[test]
+    fn a_claimed_prefix_is_refused_to_others() {
+        let owner = named("a", "chat", None, 1);
+        let thief = named("b", "x", Some("a.chat"), 100);
+        // Older, but the owner registered there first.
+        let mut owner_claimed = owner.clone();
+        owner_claimed.status = Some(Default::default());
+        owner_claimed.status.as_mut().unwrap().etcd_prefix = Some("a.chat".into());
+        let all = [owner_claimed.clone(), thief.clone()];
+        assert_eq!(
+            prefix_problem(&thief, &all),
+            Some(PrefixProblem::Conflict("a/chat".into()))
+        );
+        assert_eq!(prefix_problem(&owner_claimed, &all), None);
+        // Neither claimed yet: the older one wins.
+        let all = [owner.clone(), thief.clone()];
+        assert_eq!(
+            prefix_problem(&owner, &all),
+            Some(PrefixProblem::Conflict("b/x".into()))
+        );
+        // Different etcds do not conflict.
+        let mut elsewhere = thief.clone();
+        elsewhere.spec.etcd.endpoints = vec!["other:2379".into()];
+        assert_eq!(prefix_problem(&owner, &[owner.clone(), elsewhere]), None);
+    }
+
+    #[test]
+    fn a_prefix_that_would_nest_is_invalid() {
+        let p = named("a", "chat", Some("a/chat"), 1);
+        assert!(matches!(
+            prefix_problem(&p, std::slice::from_ref(&p)),
+            Some(PrefixProblem::Invalid(_))
+        ));
     }
 }

@@ -470,7 +470,10 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     ready_pod(&c, ns, "demo", 0).await;
     ready_pod(&c, ns, "demo", 1).await;
     eventually("both comets registered", || async {
-        etcd_get(&etcd, "/goim/demo/comets/", true).await.len() == 2
+        etcd_get(&etcd, "/goim/lifecycle.demo/comets/", true)
+            .await
+            .len()
+            == 2
     })
     .await;
 
@@ -478,13 +481,17 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     let mut e = goim_discovery::connect(std::slice::from_ref(&etcd))
         .await
         .unwrap();
-    e.put("/goim/demo/load/demo-comet-1", r#"{"conn_count":5}"#, None)
-        .await
-        .unwrap();
+    e.put(
+        "/goim/lifecycle.demo/load/demo-comet-1",
+        r#"{"conn_count":5}"#,
+        None,
+    )
+    .await
+    .unwrap();
     let (ok, _, err) = cp.kubectl(&["scale", "-n", ns, "pushcluster/demo", "--replicas=1"], "");
     assert!(ok, "kubectl scale: {err}");
     eventually("comet-1 marked draining, replicas held", || async {
-        let rec = etcd_get(&etcd, "/goim/demo/comets/demo-comet-1", false).await;
+        let rec = etcd_get(&etcd, "/goim/lifecycle.demo/comets/demo-comet-1", false).await;
         let st = pcs.get("demo").await.unwrap().status.unwrap_or_default();
         rec.first().is_some_and(|(_, v)| v["state"] == "draining")
             && st.comet.draining == vec!["demo-comet-1".to_string()]
@@ -492,9 +499,13 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     })
     .await;
     // Its clients have left: the StatefulSet shrinks.
-    e.put("/goim/demo/load/demo-comet-1", r#"{"conn_count":0}"#, None)
-        .await
-        .unwrap();
+    e.put(
+        "/goim/lifecycle.demo/load/demo-comet-1",
+        r#"{"conn_count":0}"#,
+        None,
+    )
+    .await
+    .unwrap();
     eventually("scaled down after the drain", || async {
         sts_replicas(&c, ns, "demo-comet").await == Some(1)
     })
@@ -506,7 +517,9 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
         pcs.get_opt("demo").await.unwrap().is_none()
     })
     .await;
-    assert!(etcd_get(&etcd, "/goim/demo/", true).await.is_empty());
+    assert!(etcd_get(&etcd, "/goim/lifecycle.demo/", true)
+        .await
+        .is_empty());
     op.abort();
 }
 
@@ -686,7 +699,7 @@ async fn etcd_tls_through_the_secret() {
             return false;
         };
         let registered = e
-            .get("/goim/secure/comets/secure-comet-0", None)
+            .get("/goim/tls.secure/comets/secure-comet-0", None)
             .await
             .is_ok_and(|r| r.kvs().len() == 1);
         let pc = pcs.get("secure").await.unwrap();
@@ -699,4 +712,67 @@ async fn etcd_tls_through_the_secret() {
         assert!(p.get("/goim/", None).await.is_err());
     }
     op.abort();
+}
+
+/// Two PushClusters named alike in two namespaces on one etcd get two prefixes; a third that
+/// names one of them as its prefix is refused (Degraded, PrefixConflict) and its deletion
+/// removes none of the owner's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_never_share_an_etcd_prefix() {
+    let cp = control_plane();
+    let c = admin().await;
+    let etcd = cp.etcd.endpoint();
+    let mut ops = Vec::new();
+    for ns in ["twin-a", "twin-b"] {
+        namespace(&c, ns).await;
+        ops.push(tokio::spawn(goim_operator::controller::run(
+            c.clone(),
+            opts(Some(ns.into())),
+        )));
+        let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+        pcs.create(&PostParams::default(), &cluster("twin", &etcd, 1))
+            .await
+            .unwrap();
+        ready_pod(&c, ns, "twin", 0).await;
+    }
+    for ns in ["twin-a", "twin-b"] {
+        let key = format!("/goim/{ns}.twin/comets/twin-comet-0");
+        let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+        eventually("each twin registers under its own prefix", || async {
+            let owned = pcs
+                .get("twin")
+                .await
+                .unwrap()
+                .status
+                .and_then(|s| s.etcd_prefix);
+            etcd_get(&etcd, &key, false).await.len() == 1
+                && owned.as_deref() == Some(&format!("{ns}.twin")[..])
+        })
+        .await;
+    }
+    let mut thief = cluster("thief", &etcd, 1);
+    thief.spec.etcd.prefix = Some("twin-a.twin".into());
+    let pcs_b: Api<PushCluster> = Api::namespaced(c.clone(), "twin-b");
+    pcs_b.create(&PostParams::default(), &thief).await.unwrap();
+    eventually("the thief is refused", || async {
+        let t = pcs_b.get("thief").await.unwrap();
+        condition(&t, "Degraded") == Some(("True".into(), "PrefixConflict".into()))
+    })
+    .await;
+    // Nothing of the thief's was created, and deleting it leaves the owner's keys.
+    assert!(sts_replicas(&c, "twin-b", "thief-comet").await.is_none());
+    pcs_b.delete("thief", &Default::default()).await.unwrap();
+    eventually("the thief is gone", || async {
+        pcs_b.get_opt("thief").await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        etcd_get(&etcd, "/goim/twin-a.twin/comets/", true)
+            .await
+            .len(),
+        1
+    );
+    for op in ops {
+        op.abort();
+    }
 }

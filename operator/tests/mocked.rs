@@ -1,6 +1,6 @@
 //! The mocked tier (controller-rs style): the reconciler against a scripted API server, to pin
-//! the exact call sequence: finalizer first, server-side apply with the operator's field
-//! manager, status last.
+//! the exact call sequence: finalizer first, the prefix check, server-side apply with the
+//! operator's field manager, status last.
 
 use std::sync::Arc;
 
@@ -112,6 +112,13 @@ async fn objects_are_server_side_applied_and_status_comes_last() {
                     );
                     applied.push(body["kind"].as_str().unwrap_or("").to_string());
                     respond(send, body);
+                }
+                // Every PushCluster, to check that no other one claims this prefix.
+                http::Method::GET if path == "/apis/goim.rs/v1alpha1/pushclusters" => {
+                    respond(
+                        send,
+                        json!({"apiVersion": "goim.rs/v1alpha1", "kind": "PushClusterList", "metadata": {}, "items": []}),
+                    );
                 }
                 http::Method::GET if path.ends_with("/pods") => {
                     respond(
