@@ -72,6 +72,12 @@ async fn keeper(mut client: Client, ttl: i64, tx: watch::Sender<i64>, stop: Canc
         loop {
             let (mut keeper, mut stream) = match client.lease_keep_alive(id).await {
                 Ok(k) => k,
+                Err(e) if lease_gone(&e) => {
+                    // etcd let it expire (it was stalled or away longer than the TTL).
+                    tracing::warn!(lease = id, "lease expired; granting a new one");
+                    let _ = tx.send(0);
+                    continue 'grant;
+                }
                 Err(e) => {
                     tracing::warn!(lease = id, error = %e, "keepalive stream failed");
                     if !backoff.wait(&stop).await {
@@ -108,6 +114,15 @@ async fn keeper(mut client: Client, ttl: i64, tx: watch::Sender<i64>, stop: Canc
                 return;
             }
         }
+    }
+}
+
+/// Whether etcd says the lease no longer exists (as opposed to being unreachable).
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        _ => false,
     }
 }
 

@@ -108,6 +108,10 @@ pub(crate) struct Inner {
     metrics: Arc<JobMetrics>,
     rooms: Mutex<HashMap<String, mpsc::Sender<RoomMsg>>>,
     outboxes: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
+    /// Comets last listed by the directory, and when: a comet that drops out for a moment
+    /// (its lease lapsed during an etcd stall and it is re-registering) still gets room
+    /// batches and broadcasts for `unknown_comet_wait`, delivered once it is back or counted.
+    recent: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Room batchers, then comet queues: a drain waits for each in turn.
     room_tasks: TaskTracker,
     tasks: TaskTracker,
@@ -129,6 +133,23 @@ fn raw_single(operation: i32, msg: Bytes) -> Proto {
     }
 }
 
+impl Inner {
+    /// The comets a room batch or broadcast goes to: those the directory lists, and those it
+    /// listed within `unknown_comet_wait`.
+    pub(crate) fn targets(&self) -> Vec<String> {
+        let now = tokio::time::Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        for name in self.comets.names() {
+            recent.insert(name, now);
+        }
+        let keep = self.cfg.unknown_comet_wait;
+        recent.retain(|_, seen| now.duration_since(*seen) <= keep);
+        let mut names: Vec<String> = recent.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
 impl Job {
     pub fn new(cfg: JobConfig, comets: Arc<dyn CometDirectory>, metrics: Arc<JobMetrics>) -> Self {
         Job {
@@ -138,6 +159,7 @@ impl Job {
                 metrics,
                 rooms: Mutex::new(HashMap::new()),
                 outboxes: Mutex::new(HashMap::new()),
+                recent: Mutex::new(HashMap::new()),
                 room_tasks: TaskTracker::new(),
                 tasks: TaskTracker::new(),
                 draining: AtomicBool::new(false),
@@ -157,7 +179,7 @@ impl Job {
 
     fn broadcast(&self, m: PushMsg) {
         let inner = &self.inner;
-        let comets = inner.comets.names();
+        let comets = inner.targets();
         if comets.is_empty() {
             // goim divides by zero here.
             inner.metrics.undeliverable("no_comets", 1);

@@ -151,7 +151,7 @@ fn flush(inner: &Arc<Inner>, room: &str, batch: Vec<RoomMsg>) {
         seq: 0,
         body: buf.freeze(),
     };
-    let comets = inner.comets.names();
+    let comets = inner.targets();
     if comets.is_empty() {
         inner.metrics.undeliverable("no_comets", n);
         return;

@@ -166,6 +166,11 @@ impl Etcd {
         });
     }
 
+    /// The etcd process (to stall it with SIGSTOP in fault tests).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
