@@ -120,7 +120,14 @@ impl JobService for JobRing {
                 Err(e) => Err(e),
             };
             match r {
-                Err(e) if e.code() == tonic::Code::Unavailable => {
+                // Refused by a draining job, or the connection failed (a job that exited
+                // meanwhile): the push was not taken there.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+                {
                     tracing::debug!(job = %id, error = %e, "job did not take the push; trying the next");
                     last = e;
                 }
