@@ -132,6 +132,9 @@ impl Registrar {
                 .put(self.keys.comet(&name), value, opts())
                 .await?;
         }
+        // The load report first: job takes a comet as alive while it is there, and the
+        // presence re-put below can take a while.
+        self.put_load(lease).await?;
         let snapshot: Vec<_> = self
             .comet
             .buckets
@@ -172,7 +175,6 @@ impl Registrar {
                 self.client.clone().txn(Txn::new().and_then(ops)).await?;
             }
         }
-        self.put_load(lease).await?;
         tracing::info!(lease, presence_ops = n, "registered in etcd");
         Ok(())
     }

@@ -116,6 +116,9 @@ pub(crate) struct Inner {
     room_tasks: TaskTracker,
     tasks: TaskTracker,
     draining: AtomicBool,
+    /// Held (shared) by every push while it is being taken; a drain takes it exclusively
+    /// after setting `draining`, so no push slips in behind the drain.
+    taking: tokio::sync::RwLock<()>,
 }
 
 #[derive(Clone)]
@@ -163,6 +166,7 @@ impl Job {
                 room_tasks: TaskTracker::new(),
                 tasks: TaskTracker::new(),
                 draining: AtomicBool::new(false),
+                taking: tokio::sync::RwLock::new(()),
             }),
         }
     }
@@ -209,6 +213,8 @@ impl Job {
         let inner = &self.inner;
         inner.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + inner.cfg.drain_timeout;
+        // Pushes already past the draining check finish being taken first.
+        let _ = tokio::time::timeout_at(deadline, inner.taking.write()).await;
         // Dropping the room senders lets every batcher flush what it holds and end; then
         // the comet queues get the same.
         inner
@@ -237,6 +243,7 @@ impl Job {
 #[async_trait]
 impl JobService for Job {
     async fn push(&self, m: PushMsg) -> Result<PushReply, Status> {
+        let _taking = self.inner.taking.read().await;
         if self.inner.draining.load(Ordering::SeqCst) {
             // Nothing was taken: logic tries another job.
             return Err(Status::unavailable("job is draining"));

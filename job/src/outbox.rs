@@ -65,9 +65,10 @@ impl Inner {
                     }
                 }
             };
+            let n = d.messages();
             match tx.try_send(d) {
                 Ok(()) => {
-                    self.metrics.queued.inc();
+                    self.metrics.queued.inc_by(n as i64);
                     return;
                 }
                 Err(TrySendError::Full(d)) => {
@@ -132,8 +133,9 @@ async fn outbox(
                     idle
                 };
                 if retired {
-                    // Anything sent before the close is still delivered.
-                    while let Ok(d) = rx.try_recv() {
+                    // Anything sent before the close is still delivered: `recv` (unlike
+                    // `try_recv`) also waits for a sender that reserved its slot already.
+                    while let Some(d) = rx.recv().await {
                         deliver(&inner, &name, d).await;
                     }
                     return;
@@ -146,9 +148,9 @@ async fn outbox(
 }
 
 async fn deliver(inner: &Inner, name: &str, d: Delivery) {
-    // Held (and counted by a drain that runs out of time) until the call is over.
-    let _held = Held(inner);
     let n = d.messages();
+    // Held (and counted by a drain that runs out of time) until the call is over.
+    let _held = Held(inner, n);
     let Some(comet) = inner.resolve(name).await else {
         inner.metrics.undeliverable("unknown_comet", n);
         tracing::debug!(comet = name, "delivery for an unknown comet dropped");
@@ -168,11 +170,11 @@ async fn deliver(inner: &Inner, name: &str, d: Delivery) {
     }
 }
 
-/// One queued delivery, released from the `queued` gauge when dropped.
-struct Held<'a>(&'a Inner);
+/// One queued delivery of that many messages, released from the `queued` gauge when dropped.
+struct Held<'a>(&'a Inner, u64);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.metrics.queued.dec();
+        self.0.metrics.queued.dec_by(self.1 as i64);
     }
 }

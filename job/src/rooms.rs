@@ -97,8 +97,9 @@ async fn batcher(
                     idle
                 };
                 if retired {
-                    // Anything sent before the close is still flushed, never lost here.
-                    while let Ok(m) = rx.try_recv() {
+                    // Anything sent before the close is still flushed, never lost here:
+                    // `recv` also waits for a sender that reserved its slot already.
+                    while let Some(m) = rx.recv().await {
                         flush(&inner, &room, vec![m]);
                     }
                     break;

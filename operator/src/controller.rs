@@ -594,6 +594,15 @@ async fn cleanup(pc: &PushCluster, ctx: &Context) -> Result<Action, Error> {
         tracing::info!(cluster = %pc.name_any(), "owns no etcd prefix; nothing to remove");
         return Ok(Action::await_change());
     };
+    // Another cluster on the same etcd owning the same prefix (its endpoints were edited
+    // onto ours since) keeps its keys.
+    let others = Api::<PushCluster>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?;
+    if plan::co_owner(pc, &others.items).is_some() {
+        tracing::warn!(cluster = %pc.name_any(), prefix, "another PushCluster owns this prefix too; leaving its keys");
+        return Ok(Action::await_change());
+    }
     let keys = Keys::new(prefix);
     let ns = pc.namespace().unwrap_or_else(|| "default".into());
     // The secret may already be gone (a namespace being deleted): try plain text then, and

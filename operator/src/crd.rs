@@ -306,6 +306,16 @@ impl PushCluster {
         if let Some(p) = self.owned_prefix() {
             return p.to_string();
         }
+        // Registered by a version that kept no record of its prefix: that was the bare name,
+        // and moving it would orphan the cluster's keys.
+        let legacy = self.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "EtcdRegistered" && c.status == "True")
+        });
+        if legacy && self.spec.etcd.prefix.is_none() {
+            return self.metadata.name.clone().unwrap_or_default();
+        }
         self.spec.etcd.prefix.clone().unwrap_or_else(|| {
             format!(
                 "{}.{}",

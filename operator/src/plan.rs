@@ -184,6 +184,20 @@ pub enum PrefixProblem {
     Conflict(String),
 }
 
+/// Another PushCluster on a shared etcd endpoint that also owns `me`'s prefix, if any.
+pub fn co_owner<'a>(me: &PushCluster, all: &'a [PushCluster]) -> Option<&'a PushCluster> {
+    let mine = me.owned_prefix()?;
+    all.iter().find(|o| {
+        o.metadata.uid != me.metadata.uid
+            && o.owned_prefix() == Some(mine)
+            && o.spec
+                .etcd
+                .endpoints
+                .iter()
+                .any(|e| me.spec.etcd.endpoints.contains(e))
+    })
+}
+
 /// Whether `me` may use its prefix, given every PushCluster. Of two clusters with one prefix
 /// on a shared etcd endpoint, the one that already owns it (registered there) keeps it; when
 /// neither or both do, the older one does (then namespace/name order).
@@ -416,5 +430,39 @@ mod tests {
             prefix_problem(&p, std::slice::from_ref(&p)),
             Some(PrefixProblem::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_cluster_registered_before_prefixes_were_recorded_keeps_its_name() {
+        let mut p = named("a", "chat", None, 1);
+        let now = Time(jiff::Timestamp::from_second(1_700_000_000).unwrap());
+        let mut status = crate::crd::PushClusterStatus::default();
+        set_condition(
+            &mut status.conditions,
+            "EtcdRegistered",
+            true,
+            "Registered",
+            "",
+            Some(1),
+            &now,
+        );
+        p.status = Some(status);
+        assert_eq!(p.etcd_prefix(), "chat");
+    }
+
+    #[test]
+    fn cleanup_spares_a_prefix_another_cluster_owns() {
+        let own = |ns: &str, uid: &str| {
+            let mut p = named(ns, "chat", Some("shared"), 1);
+            p.metadata.uid = Some(uid.into());
+            p.status = Some(crate::crd::PushClusterStatus {
+                etcd_prefix: Some("shared".into()),
+                ..Default::default()
+            });
+            p
+        };
+        let (a, b) = (own("a", "1"), own("b", "2"));
+        assert!(co_owner(&a, &[a.clone(), b.clone()]).is_some());
+        assert!(co_owner(&a, std::slice::from_ref(&a)).is_none());
     }
 }

@@ -235,8 +235,14 @@ impl OnlineStore for EtcdOnline {
                 ops.push(TxnOp::put(keys[1].as_str(), server, opts()));
             }
             if let Some(old) = previous {
+                // Only while it is still this comet's (the old user may have taken the key
+                // to another comet since it was read).
                 let k = self.keys.online_mid(old, key);
-                ops.push(TxnOp::delete(k.as_str(), None));
+                ops.push(TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
+                        .and_then([TxnOp::delete(k.as_str(), None)]),
+                ));
                 keys.push(k);
             }
             (ops, keys)
