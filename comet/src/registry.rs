@@ -40,13 +40,12 @@ impl Registrar {
         let me = self.clone();
         let s = stop.clone();
         tokio::spawn(async move { me.follow_record(s).await });
+        // Its own task: a sweep pages through etcd and must not hold up re-registering.
+        tokio::spawn(self.clone().sweep_loop(stop.clone()));
         let mut lease = self.lease.clone();
         let mut current = 0;
         let mut renewing = false;
         let mut tick = tokio::time::interval(self.load_interval);
-        let mut sweep_tick = tokio::time::interval(self.comet.cfg.presence_sweep);
-        // The revision the previous sweep read at (0: none yet, so nothing is old enough).
-        let mut swept_at = 0;
         let mut backoff = Backoff::standard();
         loop {
             tokio::select! {
@@ -59,7 +58,6 @@ impl Registrar {
                     match self.register(id).await {
                         Ok(()) => {
                             current = id;
-                            swept_at = 0;
                             backoff.reset();
                             // Room counts go to logic only once they can name the lease.
                             if !std::mem::replace(&mut renewing, true) {
@@ -78,20 +76,6 @@ impl Registrar {
                     if current != 0 {
                         if let Err(e) = self.put_load(current).await {
                             tracing::warn!(error = %e, "load report failed");
-                        }
-                    }
-                }
-                _ = sweep_tick.tick() => {
-                    if current != 0 {
-                        match sweep(&self.client, &self.keys, &self.comet, current, swept_at).await {
-                            Ok(s) => {
-                                swept_at = s.revision;
-                                self.comet.metrics.presence_swept.inc_by(s.removed);
-                                if s.removed > 0 {
-                                    tracing::info!(removed = s.removed, "removed presence no connection backs");
-                                }
-                            }
-                            Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
                         }
                     }
                 }
@@ -141,22 +125,36 @@ impl Registrar {
             .iter()
             .flat_map(|b| b.channels())
             .collect();
-        let ops: Vec<TxnOp> = snapshot
-            .iter()
-            .flat_map(|ch| self.presence_ops(ch, lease))
-            .collect();
-        let n = ops.len();
-        let mut ops = ops.into_iter().peekable();
-        let mut written_at = 0;
-        while ops.peek().is_some() {
-            let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
-            let r = self.client.clone().txn(Txn::new().and_then(chunk)).await?;
-            written_at = r.header().map_or(written_at, |h| h.revision());
+        // Transactions of whole connections (at most 128 operations), remembering the
+        // revision each connection's presence was written at.
+        let mut written_at = vec![0i64; snapshot.len()];
+        let mut n = 0;
+        let mut start = 0;
+        while start < snapshot.len() {
+            let mut ops = Vec::new();
+            let mut end = start;
+            while end < snapshot.len() {
+                let more = self.presence_ops(&snapshot[end], lease);
+                if !ops.is_empty() && ops.len() + more.len() > MAX_TXN_OPS {
+                    break;
+                }
+                ops.extend(more);
+                end += 1;
+            }
+            n += ops.len();
+            let r = self.client.clone().txn(Txn::new().and_then(ops)).await?;
+            let rev = r.header().map_or(0, |h| h.revision());
+            written_at[start..end].fill(rev);
+            start = end;
         }
         // A connection that closed while its presence was being re-put sent its Disconnect
-        // too early to remove it: remove what this re-put wrote for it (a later Connect has a
-        // later revision and stays), and put back the connection that took its key over.
-        for ch in snapshot.iter().filter(|ch| !ch.state().registered) {
+        // too early to remove it: remove exactly what this re-put wrote for it (a later
+        // Connect has another revision and stays), and put back the connection that took
+        // its key over.
+        for (ch, rev) in snapshot.iter().zip(written_at) {
+            if ch.state().registered {
+                continue;
+            }
             let mut paths = vec![self.keys.online_key(&ch.key)];
             if ch.mid > 0 {
                 paths.push(self.keys.online_mid(ch.mid, &ch.key));
@@ -165,7 +163,7 @@ impl Registrar {
                 let guarded = Txn::new()
                     .when([
                         Compare::lease(path.as_str(), CompareOp::Equal, lease),
-                        Compare::mod_revision(path.as_str(), CompareOp::Less, written_at + 1),
+                        Compare::mod_revision(path.as_str(), CompareOp::Equal, rev),
                     ])
                     .and_then([TxnOp::delete(path.as_str(), None)]);
                 self.client.clone().txn(guarded).await?;
@@ -177,6 +175,35 @@ impl Registrar {
         }
         tracing::info!(lease, presence_ops = n, "registered in etcd");
         Ok(())
+    }
+
+    /// Sweeps presence no connection backs every `presence_sweep`, on the current lease.
+    async fn sweep_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.comet.cfg.presence_sweep);
+        // The lease and revision the previous sweep read at: a key goes only if it was
+        // already there then (0: nothing is old enough yet).
+        let mut last = (0, 0);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let lease = self.comet.lease();
+            if lease == 0 {
+                continue;
+            }
+            let older_than = if last.0 == lease { last.1 } else { 0 };
+            match sweep(&self.client, &self.keys, &self.comet, lease, older_than).await {
+                Ok(s) => {
+                    last = (lease, s.revision);
+                    self.comet.metrics.presence_swept.inc_by(s.removed);
+                    if s.removed > 0 {
+                        tracing::info!(removed = s.removed, "removed presence no connection backs");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
+            }
+        }
     }
 
     /// The presence puts of one connection on `lease` (its key, and its user's index entry).
