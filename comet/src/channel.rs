@@ -63,6 +63,9 @@ pub struct Channel {
     pub key: Arc<str>,
     pub mid: i64,
     pub ip: IpAddr,
+    /// The version of this connection's presence (from ConnectReply, updated when a lease
+    /// change re-puts it); its Disconnect names it so only this presence is removed.
+    pub presence_revision: std::sync::atomic::AtomicI64,
     state: Mutex<State>,
     pub(crate) notify: Notify,
 }
@@ -73,6 +76,7 @@ impl Channel {
             key,
             mid,
             ip,
+            presence_revision: Default::default(),
             state: Mutex::new(State::default()),
             notify: Notify::new(),
         };

@@ -424,6 +424,9 @@ pub(crate) async fn serve(
             key: ch.key.to_string(),
             server: cfg.name.clone(),
             lease: comet.lease(),
+            presence_revision: ch
+                .presence_revision
+                .load(std::sync::atomic::Ordering::Relaxed),
         };
         if let Err(e) = comet.logic.disconnect(req).await {
             tracing::warn!(key = %ch.key, error = %e, "disconnect failed");
@@ -478,6 +481,10 @@ async fn handshake(
         peer_ip,
         &reply.accepts,
     ));
+    ch.presence_revision.store(
+        reply.presence_revision,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     comet.register(&ch, &reply.room_id);
     // Registration is the last step under the handshake deadline and has no await after it:
     // a timeout can never leave a registered channel behind. The reply is written by the

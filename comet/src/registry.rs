@@ -145,6 +145,10 @@ impl Registrar {
             let r = self.client.clone().txn(Txn::new().and_then(ops)).await?;
             let rev = r.header().map_or(0, |h| h.revision());
             written_at[start..end].fill(rev);
+            for ch in &snapshot[start..end] {
+                ch.presence_revision
+                    .store(rev, std::sync::atomic::Ordering::Relaxed);
+            }
             start = end;
         }
         // A connection that closed while its presence was being re-put sent its Disconnect
@@ -170,7 +174,12 @@ impl Registrar {
             }
             if let Some(successor) = self.comet.bucket(&ch.key).get(&ch.key) {
                 let ops = self.presence_ops(&successor, lease);
-                self.client.clone().txn(Txn::new().and_then(ops)).await?;
+                let r = self.client.clone().txn(Txn::new().and_then(ops)).await?;
+                if let Some(h) = r.header() {
+                    successor
+                        .presence_revision
+                        .store(h.revision(), std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
         tracing::info!(lease, presence_ops = n, "registered in etcd");

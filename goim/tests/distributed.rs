@@ -365,6 +365,7 @@ async fn a_goim_comet_can_use_our_logic() {
             key: "go-key".into(),
             server: "goim-comet-1".into(),
             lease: 0,
+            presence_revision: 0,
         })
         .await
         .unwrap()

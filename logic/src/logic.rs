@@ -332,7 +332,8 @@ impl LogicService for Logic {
         };
         // Unlike goim, a connection whose presence could not be stored is refused: it could
         // not be reached by key or mid anyway. Tokens are never logged.
-        self.online
+        let presence_revision = self
+            .online
             .add(
                 Origin::new(&req.server, req.lease),
                 id.mid,
@@ -349,6 +350,7 @@ impl LogicService for Logic {
             room_id: id.room_id,
             accepts: id.accepts,
             heartbeat: self.cfg.idle_timeout().as_nanos().min(i64::MAX as u128) as i64,
+            presence_revision,
         })
     }
 
@@ -356,7 +358,12 @@ impl LogicService for Logic {
         self.metrics.disconnects.inc();
         let has = self
             .online
-            .del(Origin::new(&req.server, req.lease), req.mid, &req.key)
+            .del(
+                Origin::new(&req.server, req.lease),
+                req.mid,
+                &req.key,
+                req.presence_revision,
+            )
             .await
             .map_err(online_status)?;
         Ok(DisconnectReply { has })

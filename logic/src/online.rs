@@ -36,18 +36,26 @@ impl<'a> Origin<'a> {
 
 #[async_trait]
 pub trait OnlineStore: Send + Sync + 'static {
-    /// Records key -> server (and mid -> key when mid > 0).
+    /// Records key -> server (and mid -> key when mid > 0); returns the version of what it
+    /// stored (its presence revision).
     async fn add(
         &self,
         from: Origin<'_>,
         mid: i64,
         key: &str,
         room: &str,
-    ) -> Result<(), OnlineError>;
-    /// Removes the mapping, but only while it still points at `server` (goim deletes blindly,
-    /// so a late disconnect from one comet could erase a reconnect on another). Returns whether
-    /// anything was removed.
-    async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError>;
+    ) -> Result<i64, OnlineError>;
+    /// Removes the mapping, but only while it still points at `server` and, when `revision`
+    /// is not 0, is still the version that Connect stored (goim deletes blindly, so a late
+    /// disconnect could erase a reconnect of the same key). Returns whether anything was
+    /// removed.
+    async fn del(
+        &self,
+        from: Origin<'_>,
+        mid: i64,
+        key: &str,
+        revision: i64,
+    ) -> Result<bool, OnlineError>;
     async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError>;
     async fn servers_by_mids(&self, mids: &[i64]) -> Result<UserKeysByServer, OnlineError>;
     /// Stores one comet's room counts (replacing its previous report).
@@ -81,7 +89,9 @@ pub fn sum_room_counts<'a>(
 
 #[derive(Debug, Default)]
 struct Mem {
-    keys: HashMap<String, (String, i64)>,
+    /// key -> (server, mid, revision)
+    keys: HashMap<String, (String, i64, i64)>,
+    revision: i64,
     mids: HashMap<i64, HashSet<String>>,
     rooms: HashMap<String, HashMap<String, i32>>,
 }
@@ -106,10 +116,15 @@ impl OnlineStore for MemoryOnline {
         mid: i64,
         key: &str,
         _room: &str,
-    ) -> Result<(), OnlineError> {
+    ) -> Result<i64, OnlineError> {
         let server = from.server;
         let mut m = self.lock();
-        if let Some((_, old_mid)) = m.keys.insert(key.to_string(), (server.to_string(), mid)) {
+        m.revision += 1;
+        let rev = m.revision;
+        if let Some((_, old_mid, _)) = m
+            .keys
+            .insert(key.to_string(), (server.to_string(), mid, rev))
+        {
             if old_mid != mid {
                 if let Some(set) = m.mids.get_mut(&old_mid) {
                     set.remove(key);
@@ -122,13 +137,22 @@ impl OnlineStore for MemoryOnline {
         if mid > 0 {
             m.mids.entry(mid).or_default().insert(key.to_string());
         }
-        Ok(())
+        Ok(rev)
     }
 
-    async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError> {
+    async fn del(
+        &self,
+        from: Origin<'_>,
+        mid: i64,
+        key: &str,
+        revision: i64,
+    ) -> Result<bool, OnlineError> {
         let server = from.server;
         let mut m = self.lock();
-        if m.keys.get(key).is_none_or(|(s, _)| s != server) {
+        if m.keys
+            .get(key)
+            .is_none_or(|(s, _, rev)| s != server || (revision != 0 && *rev != revision))
+        {
             return Ok(false);
         }
         m.keys.remove(key);
@@ -145,7 +169,7 @@ impl OnlineStore for MemoryOnline {
         let m = self.lock();
         let mut out = KeysByServer::new();
         for k in keys {
-            if let Some((server, _)) = m.keys.get(k) {
+            if let Some((server, _, _)) = m.keys.get(k) {
                 out.entry(server.clone()).or_default().push(k.clone());
             }
         }
@@ -157,7 +181,7 @@ impl OnlineStore for MemoryOnline {
         let mut out = UserKeysByServer::new();
         for mid in mids {
             for k in m.mids.get(mid).into_iter().flatten() {
-                if let Some((server, _)) = m.keys.get(k) {
+                if let Some((server, _, _)) = m.keys.get(k) {
                     out.entry(server.clone())
                         .or_default()
                         .push((k.clone(), *mid));
@@ -195,15 +219,19 @@ mod tests {
         assert_eq!(by["a"].len(), 2);
         assert_eq!(by["b"], vec![("k3".to_string(), 2)]);
         // k1 reconnects on comet b; a's late disconnect must not erase it.
-        s.add(Origin::new("b", 0), 1, "k1", "").await.unwrap();
-        assert!(!s.del(Origin::new("a", 0), 1, "k1").await.unwrap());
+        let first = s.add(Origin::new("b", 0), 1, "k1", "").await.unwrap();
+        assert!(!s.del(Origin::new("a", 0), 1, "k1", 0).await.unwrap());
+        // Nor does a late disconnect of an earlier connection of k1 on b itself.
+        let second = s.add(Origin::new("b", 0), 1, "k1", "").await.unwrap();
+        assert!(!s.del(Origin::new("b", 0), 1, "k1", first).await.unwrap());
+        assert!(second > first);
         let by = s
             .servers_by_keys(&["k1".into(), "nope".into()])
             .await
             .unwrap();
         assert_eq!(by.len(), 1);
         assert_eq!(by["b"], vec!["k1".to_string()]);
-        assert!(s.del(Origin::new("b", 0), 1, "k1").await.unwrap());
+        assert!(s.del(Origin::new("b", 0), 1, "k1", second).await.unwrap());
         assert!(s.servers_by_keys(&["k1".into()]).await.unwrap().is_empty());
     }
 

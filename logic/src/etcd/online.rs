@@ -14,7 +14,7 @@ use goim_discovery::{Client, Keys, OnlineRecord, WatchCache, MAX_TXN_OPS};
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
-use super::writer::{WriteError, Writer};
+use super::writer::{WriteError, Writer, Written};
 use crate::online::{
     sum_room_counts, KeysByServer, OnlineError, OnlineStore, Origin, UserKeysByServer,
 };
@@ -115,11 +115,7 @@ impl EtcdOnline {
 
     /// Runs a write on the comet's lease. An adopted lease that has expired is replaced once
     /// and the write retried; a comet's own dead lease is its problem (it re-registers).
-    async fn write_on_lease<F>(
-        &self,
-        from: Origin<'_>,
-        build: F,
-    ) -> Result<Vec<TxnOpResponse>, OnlineError>
+    async fn write_on_lease<F>(&self, from: Origin<'_>, build: F) -> Result<Written, OnlineError>
     where
         F: Fn(i64) -> (Vec<TxnOp>, Vec<String>),
     {
@@ -214,7 +210,7 @@ impl OnlineStore for EtcdOnline {
         mid: i64,
         key: &str,
         room: &str,
-    ) -> Result<(), OnlineError> {
+    ) -> Result<i64, OnlineError> {
         let server = from.server;
         let rec = OnlineRecord {
             mid,
@@ -226,35 +222,43 @@ impl OnlineStore for EtcdOnline {
         // connection, so the previous user's index entry goes in the same transaction. (On
         // another comet the old connection may live on; its own Disconnect removes it.)
         let previous = self.previous_user(key, server, mid).await?;
-        self.write_on_lease(from, |lease| {
-            let opts = || Some(PutOptions::new().with_lease(lease));
-            let mut keys = vec![self.keys.online_key(key)];
-            let mut ops = vec![TxnOp::put(keys[0].as_str(), value.clone(), opts())];
-            if mid > 0 {
-                keys.push(self.keys.online_mid(mid, key));
-                ops.push(TxnOp::put(keys[1].as_str(), server, opts()));
-            }
-            if let Some(old) = previous {
-                // Only while it is still this comet's (the old user may have taken the key
-                // to another comet since it was read).
-                let k = self.keys.online_mid(old, key);
-                ops.push(TxnOp::txn(
-                    Txn::new()
-                        .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
-                        .and_then([TxnOp::delete(k.as_str(), None)]),
-                ));
-                keys.push(k);
-            }
-            (ops, keys)
-        })
-        .await?;
-        Ok(())
+        let written = self
+            .write_on_lease(from, |lease| {
+                let opts = || Some(PutOptions::new().with_lease(lease));
+                let mut keys = vec![self.keys.online_key(key)];
+                let mut ops = vec![TxnOp::put(keys[0].as_str(), value.clone(), opts())];
+                if mid > 0 {
+                    keys.push(self.keys.online_mid(mid, key));
+                    ops.push(TxnOp::put(keys[1].as_str(), server, opts()));
+                }
+                if let Some(old) = previous {
+                    // Only while it is still this comet's (the old user may have taken the key
+                    // to another comet since it was read).
+                    let k = self.keys.online_mid(old, key);
+                    ops.push(TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
+                            .and_then([TxnOp::delete(k.as_str(), None)]),
+                    ));
+                    keys.push(k);
+                }
+                (ops, keys)
+            })
+            .await?;
+        Ok(written.revision)
     }
 
-    async fn del(&self, from: Origin<'_>, mid: i64, key: &str) -> Result<bool, OnlineError> {
+    async fn del(
+        &self,
+        from: Origin<'_>,
+        mid: i64,
+        key: &str,
+        revision: i64,
+    ) -> Result<bool, OnlineError> {
         // Delete only while the key is still on this comet's lease (named, or adopted by
-        // logic): a reconnect elsewhere has moved it to another lease. The user's index entry
-        // is guarded on its own: it stays this comet's even when the key moved on.
+        // logic) and, when the comet names it, still the version its Connect wrote: a
+        // reconnect of the same key, here or elsewhere, has rewritten it. The user's index
+        // entry is guarded on its own: it stays this connection's even when the key moved.
         let lease = match from.lease {
             0 => match self.adopted.lock().await.get(from.server) {
                 Some(&l) => l,
@@ -263,21 +267,29 @@ impl OnlineStore for EtcdOnline {
             l => l,
         };
         let (online_key, mid_key) = (self.keys.online_key(key), self.keys.online_mid(mid, key));
+        let guard = |k: &str| {
+            let mut g = vec![Compare::lease(k, CompareOp::Equal, lease)];
+            if revision > 0 {
+                g.push(Compare::mod_revision(k, CompareOp::Equal, revision));
+            }
+            g
+        };
         let mut ops = vec![TxnOp::delete(online_key.as_str(), None)];
         let mut otherwise = Vec::new();
         let mut keys = vec![online_key.clone()];
         if mid > 0 {
-            ops.push(TxnOp::delete(mid_key.as_str(), None));
-            otherwise.push(TxnOp::txn(
+            let mid_del = TxnOp::txn(
                 Txn::new()
-                    .when([Compare::lease(mid_key.as_str(), CompareOp::Equal, lease)])
+                    .when(guard(&mid_key))
                     .and_then([TxnOp::delete(mid_key.as_str(), None)]),
-            ));
+            );
+            ops.push(mid_del.clone());
+            otherwise.push(mid_del);
             keys.push(mid_key.clone());
         }
         let guarded = TxnOp::txn(
             Txn::new()
-                .when([Compare::lease(online_key.as_str(), CompareOp::Equal, lease)])
+                .when(guard(&online_key))
                 .and_then(ops)
                 .or_else(otherwise),
         );
@@ -288,7 +300,7 @@ impl OnlineStore for EtcdOnline {
             .submit(vec![guarded], keys)
             .await
             .map_err(unavailable)?;
-        Ok(matches!(r.first(), Some(TxnOpResponse::Txn(t)) if t.succeeded()))
+        Ok(matches!(r.responses.first(), Some(TxnOpResponse::Txn(t)) if t.succeeded()))
     }
 
     async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError> {
@@ -414,7 +426,7 @@ impl OnlineStore for EtcdOnline {
         if !missing {
             return Ok(());
         }
-        self.add(from, mid, key, "").await
+        self.add(from, mid, key, "").await.map(drop)
     }
 
     async fn room_counts(&self) -> Result<HashMap<String, i32>, OnlineError> {
@@ -509,12 +521,37 @@ mod tests {
         let first = *s.adopted.lock().await.get("goim-comet").unwrap();
         // What etcd does when the TTL passes without a renewal.
         client.lease_revoke(first).await.unwrap();
-        s.add(goim, 1, "k2", "").await.unwrap();
+        let rev = s.add(goim, 1, "k2", "").await.unwrap();
         let second = *s.adopted.lock().await.get("goim-comet").unwrap();
         assert_ne!(first, second);
         let kv = client.get("/goim/t/online/key/k2", None).await.unwrap();
         assert_eq!(kv.kvs()[0].lease(), second);
-        assert!(s.del(goim, 1, "k2").await.unwrap());
+        assert!(
+            !s.del(goim, 1, "k2", rev - 1).await.unwrap(),
+            "another version"
+        );
+        assert!(s.del(goim, 1, "k2", rev).await.unwrap());
+        stop.cancel();
+    }
+
+    /// A client reconnects with the same key to the same comet while its old connection's
+    /// Disconnect is still on the way: that late Disconnect must not remove the new presence.
+    #[tokio::test]
+    async fn a_late_disconnect_spares_a_reconnect_of_the_same_key() {
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+        let (s, mut client, stop) = store(&etcd).await;
+        let lease = client.lease_grant(30, None).await.unwrap().id();
+        let comet = Origin::new("c", lease);
+        let old = s.add(comet, 5, "k", "").await.unwrap();
+        let new = s.add(comet, 5, "k", "").await.unwrap();
+        assert!(!s.del(comet, 5, "k", old).await.unwrap());
+        for key in ["/goim/t/online/key/k", "/goim/t/online/mid/5/k"] {
+            assert_eq!(client.get(key, None).await.unwrap().count(), 1, "{key}");
+        }
+        assert!(s.del(comet, 5, "k", new).await.unwrap());
+        for key in ["/goim/t/online/key/k", "/goim/t/online/mid/5/k"] {
+            assert_eq!(client.get(key, None).await.unwrap().count(), 0, "{key}");
+        }
         stop.cancel();
     }
 }

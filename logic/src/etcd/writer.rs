@@ -60,7 +60,14 @@ struct Request {
     ops: Vec<TxnOp>,
     /// The keys it writes: etcd refuses a transaction that names one key twice.
     keys: Vec<String>,
-    done: oneshot::Sender<Result<Vec<TxnOpResponse>, WriteError>>,
+    done: oneshot::Sender<Result<Written, WriteError>>,
+}
+
+/// What a request's operations answered, and the revision their transaction made.
+#[derive(Debug)]
+pub struct Written {
+    pub revision: i64,
+    pub responses: Vec<TxnOpResponse>,
 }
 
 /// Handle to the batching task.
@@ -77,11 +84,7 @@ impl Writer {
     }
 
     /// Runs `ops` (which write `keys`) in the next transaction; returns their responses.
-    pub async fn submit(
-        &self,
-        ops: Vec<TxnOp>,
-        keys: Vec<String>,
-    ) -> Result<Vec<TxnOpResponse>, WriteError> {
+    pub async fn submit(&self, ops: Vec<TxnOp>, keys: Vec<String>) -> Result<Written, WriteError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Request { ops, keys, done })
@@ -123,11 +126,14 @@ async fn commit(client: &Client, batch: Vec<Request>) {
             continue;
         }
         match try_txn(client, &part).await {
-            Ok(responses) => {
+            Ok((revision, responses)) => {
                 let mut responses = responses.into_iter();
                 for r in part {
                     let mine = responses.by_ref().take(r.ops.len()).collect();
-                    let _ = r.done.send(Ok(mine));
+                    let _ = r.done.send(Ok(Written {
+                        revision,
+                        responses: mine,
+                    }));
                 }
             }
             Err(e) if part.len() > 1 && request_specific(&e) => {
@@ -145,14 +151,17 @@ async fn commit(client: &Client, batch: Vec<Request>) {
     }
 }
 
-async fn try_txn(client: &Client, part: &[Request]) -> Result<Vec<TxnOpResponse>, EtcdError> {
+async fn try_txn(
+    client: &Client,
+    part: &[Request],
+) -> Result<(i64, Vec<TxnOpResponse>), EtcdError> {
     let ops: Vec<TxnOp> = part.iter().flat_map(|r| r.ops.iter().cloned()).collect();
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     let mut tries = 0;
     loop {
         tries += 1;
         match client.clone().txn(Txn::new().and_then(ops.clone())).await {
-            Ok(r) => return Ok(r.op_responses()),
+            Ok(r) => return Ok((r.header().map_or(0, |h| h.revision()), r.op_responses())),
             Err(e) if tries < TRIES && transient(&e) => {
                 tracing::debug!(error = %e, tries, "presence transaction failed; retrying");
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -197,7 +206,7 @@ mod tests {
             if i == 4 {
                 assert_eq!(r.unwrap_err(), WriteError::LeaseNotFound);
             } else {
-                assert_eq!(r.unwrap().len(), 1, "request {i}");
+                assert_eq!(r.unwrap().responses.len(), 1, "request {i}");
             }
         }
         let got = client
