@@ -270,19 +270,6 @@ fn start_named_logic(etcd: &Etcd, dir: &std::path::Path, i: usize, grpc: &str) -
     )
 }
 
-fn blocking_get_text(addr: SocketAddr, path: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        match raw_http(addr, "GET", path, b"").await {
-            Ok((_, body)) => body,
-            Err(_) => String::new(),
-        }
-    })
-}
-
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])

@@ -136,6 +136,31 @@ fn raw_single(operation: i32, msg: Bytes) -> Proto {
     }
 }
 
+/// For a task draining a queue that senders find by name in `map`: when nothing is queued,
+/// closes the queue and removes its own entry (not a successor's), and returns true. Senders
+/// that then find the queue closed start a new one; what they already sent is still received.
+fn retire_if_idle<T>(
+    map: &Mutex<HashMap<String, mpsc::Sender<T>>>,
+    name: &str,
+    rx: &mut mpsc::Receiver<T>,
+    me: &mpsc::WeakSender<T>,
+) -> bool {
+    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+    if !rx.is_empty() {
+        return false;
+    }
+    let mine = me.upgrade();
+    if map
+        .get(name)
+        .zip(mine.as_ref())
+        .is_some_and(|(tx, mine)| tx.same_channel(mine))
+    {
+        map.remove(name);
+    }
+    rx.close();
+    true
+}
+
 impl Inner {
     /// The comets a room batch or broadcast goes to: those the directory lists, and those it
     /// listed within `unknown_comet_wait`.

@@ -10,7 +10,7 @@ use goim_proto::service::CometService;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tonic::Status;
 
-use crate::Inner;
+use crate::{retire_if_idle, Inner};
 
 /// What one comet is sent.
 pub(crate) enum Delivery {
@@ -115,23 +115,7 @@ async fn outbox(
             Ok(Some(d)) => d,
             Ok(None) => return,
             Err(_) => {
-                // Retire only if nothing raced in; senders that lose the race start anew.
-                let retired = {
-                    let mut outboxes = inner.outboxes.lock().unwrap_or_else(|e| e.into_inner());
-                    let idle = rx.is_empty();
-                    if idle {
-                        let mine = me.upgrade();
-                        if outboxes
-                            .get(&name)
-                            .zip(mine.as_ref())
-                            .is_some_and(|(tx, mine)| tx.same_channel(mine))
-                        {
-                            outboxes.remove(&name);
-                        }
-                        rx.close();
-                    }
-                    idle
-                };
+                let retired = retire_if_idle(&inner.outboxes, &name, &mut rx, &me);
                 if retired {
                     // Anything sent before the close is still delivered: `recv` (unlike
                     // `try_recv`) also waits for a sender that reserved its slot already.

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::outbox::Delivery;
-use crate::Inner;
+use crate::{retire_if_idle, Inner};
 
 /// A room message waiting for its batch.
 pub(crate) struct RoomMsg {
@@ -79,23 +79,7 @@ async fn batcher(
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(_) => {
-                // Retire only if nothing raced in; senders that lose the race retry.
-                let retired = {
-                    let mut rooms = inner.rooms.lock().unwrap_or_else(|e| e.into_inner());
-                    let idle = rx.is_empty();
-                    if idle {
-                        let mine = me.upgrade();
-                        if rooms
-                            .get(&room)
-                            .zip(mine.as_ref())
-                            .is_some_and(|(tx, mine)| tx.same_channel(mine))
-                        {
-                            rooms.remove(&room);
-                        }
-                        rx.close();
-                    }
-                    idle
-                };
+                let retired = retire_if_idle(&inner.rooms, &room, &mut rx, &me);
                 if retired {
                     // Anything sent before the close is still flushed, never lost here:
                     // `recv` also waits for a sender that reserved its slot already.

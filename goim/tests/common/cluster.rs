@@ -166,21 +166,7 @@ pub fn start_comet_with(
 }
 
 pub fn start_comet(etcd: &Etcd, dir: &std::path::Path, name: &str, logic: &str) -> Role {
-    let a = [
-        "--name",
-        name,
-        "--tcp",
-        "127.0.0.1:0",
-        "--ws",
-        "127.0.0.1:0",
-        "--grpc",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--logic",
-        logic,
-    ];
-    Role::start(dir, name, &args(etcd, "comet", &a))
+    start_comet_with(etcd, dir, name, logic, "")
 }
 
 impl Cluster {
@@ -276,17 +262,22 @@ pub async fn raw_http(
     Ok((status, body))
 }
 
-pub fn blocking_get_json(addr: SocketAddr, path: &str) -> Value {
+/// A GET's body ("" when the request fails).
+pub fn blocking_get_text(addr: SocketAddr, path: &str) -> String {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         match raw_http(addr, "GET", path, b"").await {
-            Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
-            _ => Value::Null,
+            Ok((200, body)) => body,
+            _ => String::new(),
         }
     })
+}
+
+pub fn blocking_get_json(addr: SocketAddr, path: &str) -> Value {
+    serde_json::from_str(&blocking_get_text(addr, path)).unwrap_or(Value::Null)
 }
 
 pub fn blocking_api(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Value {
