@@ -225,12 +225,18 @@ impl Cluster {
     }
 }
 
-pub fn http_status(addr: SocketAddr, path: &str) -> u16 {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// Runs a future to completion from blocking code (the cluster helpers run outside the
+/// test's runtime).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
+        .unwrap()
+        .block_on(f)
+}
+
+pub fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    block_on(async {
         match raw_http(addr, "GET", path, b"").await {
             Ok((s, _)) => s,
             Err(_) => 0,
@@ -264,11 +270,7 @@ pub async fn raw_http(
 
 /// A GET's body ("" when the request fails).
 pub fn blocking_get_text(addr: SocketAddr, path: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         match raw_http(addr, "GET", path, b"").await {
             Ok((200, body)) => body,
             _ => String::new(),
@@ -281,11 +283,7 @@ pub fn blocking_get_json(addr: SocketAddr, path: &str) -> Value {
 }
 
 pub fn blocking_api(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(api(addr, method, path, body))
+    block_on(api(addr, method, path, body))
 }
 
 pub async fn api(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Value {
