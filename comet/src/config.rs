@@ -99,6 +99,10 @@ impl CometConfig {
         self.push_queue = self.push_queue.max(1);
         self.bucket_queue = self.bucket_queue.max(1);
         self.ws_max_frame = self.ws_max_frame.max(goim_proto::packet::MAX_PACK);
+        // Periods of loops: zero would spin (tokio's interval refuses it outright).
+        let min = std::time::Duration::from_millis(10);
+        self.presence_sweep = self.presence_sweep.max(min);
+        self.renew_interval = self.renew_interval.max(min);
         if self.name.is_empty() {
             self.name = std::env::var("HOSTNAME")
                 .ok()

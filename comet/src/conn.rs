@@ -25,8 +25,6 @@ use crate::ws;
 /// Bytes read per readiness event before the loop yields to other work.
 const READ_BUDGET: usize = 64 * 1024;
 const READ_CHUNK: usize = 4096;
-/// Longest room id a client may move to.
-const MAX_ROOM_ID: usize = 256;
 /// Pushes per vectored write (each takes up to two slices; Linux allows 1024). Kept small
 /// enough for the fast path's stack buffers.
 const WRITE_BATCH: usize = 32;
@@ -624,7 +622,7 @@ async fn handle(comet: &Arc<Comet>, conn: &mut Conn, ch: &Arc<Channel>, p: Packe
         op::CHANGE_ROOM => {
             match std::str::from_utf8(&p.body) {
                 // Room ids become etcd records: same bound as logic puts on tokens.
-                Ok(room) if room.len() <= MAX_ROOM_ID => comet.change_room(ch, room),
+                Ok(room) if room.len() <= goim_proto::MAX_ID => comet.change_room(ch, room),
                 _ => tracing::debug!(key = %ch.key, "change room: room id not utf-8 or too long"),
             }
             // goim echoes the body whether or not the change happened.

@@ -65,6 +65,12 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> WatchCache<T> {
         v
     }
 
+    /// The mirrored names, without copying their values.
+    pub fn names(&self) -> Vec<String> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.keys().cloned().collect()
+    }
+
     /// Whether the last list succeeded and the watch since has not failed.
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)

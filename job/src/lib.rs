@@ -33,8 +33,7 @@ pub use metrics::{JobMetrics, Reason};
 use outbox::Delivery;
 use rooms::RoomMsg;
 
-/// Longest room id job takes (the HTTP API and the client protocol bound it the same way).
-pub const MAX_ROOM_ID: usize = 256;
+pub use goim_proto::MAX_ID as MAX_ROOM_ID;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

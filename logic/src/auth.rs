@@ -25,7 +25,7 @@ pub trait Authenticator: Send + Sync + 'static {
 
 /// Longest key or room id accepted. They become etcd keys and room-count records; a client
 /// must not be able to make those large.
-pub const MAX_ID: usize = 256;
+pub use goim_proto::MAX_ID;
 
 /// goim's development auth: `{"mid","key","room_id","platform","accepts"}`, not verified.
 #[derive(Debug, Default, Clone, Copy)]

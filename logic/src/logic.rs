@@ -11,6 +11,7 @@ use goim_proto::logic::{
     HeartbeatReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
 };
 use goim_proto::service::{JobService, LogicService};
+use goim_proto::MAX_ID;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -208,9 +209,9 @@ impl Logic {
         self.check_body(&msg)?;
         let room = room_key(typ, room);
         // The same bound clients and tokens get: a room id becomes etcd records and job state.
-        if room.len() > MAX_ROOM_ID {
+        if room.len() > MAX_ID {
             return Err(PushError::BadRequest(format!(
-                "room: type://room is {} bytes, over the limit of {MAX_ROOM_ID}",
+                "room: type://room is {} bytes, over the limit of {MAX_ID}",
                 room.len()
             )));
         }
@@ -299,9 +300,6 @@ impl Logic {
         }
     }
 }
-
-/// Longest room key (`type://room`) a push may name.
-pub const MAX_ROOM_ID: usize = 256;
 
 /// goim's room key: `type://room`.
 pub fn room_key(typ: &str, room: &str) -> String {

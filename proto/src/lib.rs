@@ -26,3 +26,7 @@ pub mod job {
 }
 
 pub use packet::{DecodeError, Header, Packet};
+
+/// Longest key or room id on every path (tokens, room changes, the HTTP API, job): they
+/// become etcd keys and records, and job state.
+pub const MAX_ID: usize = 256;

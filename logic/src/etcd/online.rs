@@ -133,6 +133,8 @@ impl EtcdOnline {
     }
 
     /// The user a key belonged to until now on `server`, when it was another one than `mid`.
+    /// A serializable read (no consensus round trip on every Connect): a stale answer can only
+    /// leave an entry behind, which the comet's user check and its sweep make harmless.
     async fn previous_user(
         &self,
         key: &str,
@@ -142,7 +144,10 @@ impl EtcdOnline {
         let got = self
             .client
             .clone()
-            .get(self.keys.online_key(key), None)
+            .get(
+                self.keys.online_key(key),
+                Some(GetOptions::new().with_serializable()),
+            )
             .await
             .map_err(unavailable)?;
         let Some(kv) = got.kvs().first() else {
@@ -393,7 +398,8 @@ impl OnlineStore for EtcdOnline {
                 .map_err(unavailable)?;
         }
         let mine = format!("{server}/");
-        for (name, _) in self.rooms.snapshot() {
+        // Names only: a snapshot would copy every comet's room counts on each renewal.
+        for name in self.rooms.names() {
             let stale = name
                 .strip_prefix(&mine)
                 .is_some_and(|i| i.parse::<usize>().map_or(true, |i| i >= chunks.len()));

@@ -67,12 +67,14 @@ impl JobRing {
         self.jobs.synced()
     }
 
-    /// The jobs to try for `route`, in ring order, with their clients.
-    fn candidates(&self, route: &str) -> Vec<(String, Result<RemoteJob, Status>)> {
+    /// The jobs to try for `route`, in ring order, with their addresses.
+    fn candidates(&self, route: &str) -> Vec<(String, String)> {
         let jobs = self.jobs.snapshot();
         let ids: Vec<String> = jobs.iter().map(|(id, _)| id.clone()).collect();
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.retain(|k, _| ids.contains(k));
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| ids.contains(k));
         ring_order(&ids, route)
             .into_iter()
             .map(|id| {
@@ -81,20 +83,24 @@ impl JobRing {
                     .find(|(i, _)| i == id)
                     .map(|(_, e)| e.value.grpc.clone())
                     .unwrap_or_default();
-                if let Some((a, c)) = clients.get(id) {
-                    if *a == addr {
-                        return (id.clone(), Ok(c.clone()));
-                    }
-                }
-                let c = channel(&addr)
-                    .map(RemoteJob::new)
-                    .map_err(|e| Status::unavailable(format!("job {id} address {addr}: {e}")));
-                if let Ok(c) = &c {
-                    clients.insert(id.clone(), (addr, c.clone()));
-                }
-                (id.clone(), c)
+                (id.clone(), addr)
             })
             .collect()
+    }
+
+    /// The client of job `id` at `addr`, made when first needed (or when the address moved).
+    fn client(&self, id: &str, addr: &str) -> Result<RemoteJob, Status> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((a, c)) = clients.get(id) {
+            if a == addr {
+                return Ok(c.clone());
+            }
+        }
+        let c = channel(addr)
+            .map(RemoteJob::new)
+            .map_err(|e| Status::unavailable(format!("job {id} address {addr}: {e}")))?;
+        clients.insert(id.to_string(), (addr.to_string(), c.clone()));
+        Ok(c)
     }
 }
 
@@ -114,8 +120,8 @@ impl JobService for JobRing {
         // shutdown) passes it to the next one on the ring, so a job restart loses nothing
         // logic was still handing over. A room's order holds except across such a move.
         let mut last = Status::unavailable("no job registered in etcd");
-        for (id, job) in self.candidates(&route_of(&msg)) {
-            let r = match job {
+        for (id, addr) in self.candidates(&route_of(&msg)) {
+            let r = match self.client(&id, &addr) {
                 Ok(job) => job.push(msg.clone()).await,
                 Err(e) => Err(e),
             };
