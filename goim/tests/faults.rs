@@ -701,9 +701,14 @@ async fn the_cluster_survives_what_users_meet() {
 
     let o = phase(&mut w, "etcd stalled 5s", rounds, Fault::EtcdStall).await;
     // Leases lapse during a stall longer than their TTL (2 s here) and every role
-    // re-registers once etcd answers. A message or two pushed just then can still be lost
-    // without a count (a known gap, in the README): bounded here, not hidden.
-    assert!(o.lost_messages <= 3, "{} messages lost", o.lost_messages);
+    // re-registers once etcd answers: a comet back within `unknown_comet_wait` gets what was
+    // meant for it meanwhile; anything else that missed a client is counted.
+    assert!(
+        o.lost_messages <= o.counted,
+        "{} messages lost, {} counted",
+        o.lost_messages,
+        o.counted
+    );
     tokio::task::block_in_place(|| w.f.wait_converged());
 
     // A client that stops reading: its queue fills and what does not fit is counted.

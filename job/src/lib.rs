@@ -107,10 +107,11 @@ pub(crate) struct Inner {
     metrics: Arc<JobMetrics>,
     rooms: Mutex<HashMap<String, mpsc::Sender<RoomMsg>>>,
     outboxes: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
-    /// Comets last listed by the directory, and when: a comet that drops out for a moment
-    /// (its lease lapsed during an etcd stall and it is re-registering) still gets room
-    /// batches and broadcasts for `unknown_comet_wait`, delivered once it is back or counted.
-    recent: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Comets the directory lists (`None`) or dropped, and when (`Some`): a comet that drops
+    /// out for a moment (its lease lapsed during an etcd stall and it is re-registering)
+    /// still gets room batches and broadcasts for `unknown_comet_wait`, delivered once it is
+    /// back or counted. Updated on every directory change, so the time is when it dropped out.
+    recent: Mutex<HashMap<String, Option<tokio::time::Instant>>>,
     /// Room batchers, then comet queues: a drain waits for each in turn.
     room_tasks: TaskTracker,
     tasks: TaskTracker,
@@ -165,21 +166,37 @@ impl Inner {
     /// listed within `unknown_comet_wait`.
     pub(crate) fn targets(&self) -> Vec<String> {
         let now = tokio::time::Instant::now();
+        let listed = self.comets.names();
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        for name in self.comets.names() {
-            recent.insert(name, now);
+        // Every comet listed before and not now dropped out now; earlier drops keep their time.
+        for gone in recent.values_mut() {
+            gone.get_or_insert(now);
+        }
+        for name in listed {
+            recent.insert(name, None);
         }
         let keep = self.cfg.unknown_comet_wait;
-        recent.retain(|_, seen| now.duration_since(*seen) <= keep);
+        recent.retain(|_, gone| gone.is_none_or(|t| now.duration_since(t) <= keep));
         let mut names: Vec<String> = recent.keys().cloned().collect();
         names.sort();
         names
     }
 }
 
+/// Notes every change of the directory as it happens, so `recent` knows when a comet
+/// dropped out even when no push came for a while. Ends with the job or the directory.
+async fn watch_directory(inner: std::sync::Weak<Inner>, mut changes: watch::Receiver<u64>) {
+    while changes.changed().await.is_ok() {
+        let Some(inner) = inner.upgrade() else { return };
+        inner.targets();
+    }
+}
+
 impl Job {
+    /// Call within a tokio runtime: a task follows the directory's changes.
     pub fn new(cfg: JobConfig, comets: Arc<dyn CometDirectory>, metrics: Arc<JobMetrics>) -> Self {
-        Job {
+        let changes = comets.changes();
+        let job = Job {
             inner: Arc::new(Inner {
                 cfg,
                 comets,
@@ -192,7 +209,12 @@ impl Job {
                 draining: AtomicBool::new(false),
                 taking: tokio::sync::RwLock::new(()),
             }),
+        };
+        job.inner.targets();
+        if let Some(changes) = changes {
+            tokio::spawn(watch_directory(Arc::downgrade(&job.inner), changes));
         }
+        job
     }
 
     fn push_keys(&self, m: PushMsg) {
@@ -363,6 +385,14 @@ mod tests {
             self.comets.lock().unwrap().push((name.to_string(), r));
             self.changes.send_modify(|v| *v += 1);
         }
+
+        fn leave(&self, name: &str) -> Arc<Recorder> {
+            let mut comets = self.comets.lock().unwrap();
+            let i = comets.iter().position(|(n, _)| n == name).unwrap();
+            let (_, r) = comets.remove(i);
+            self.changes.send_modify(|v| *v += 1);
+            r
+        }
     }
 
     impl CometDirectory for Dir {
@@ -511,6 +541,27 @@ mod tests {
         let healthy = &f.recs[1];
         until(healthy, || healthy.rooms.lock().unwrap().len() == 3).await;
         metric(|| f.metrics.undeliverable_count("comet_unreachable") == 3).await;
+    }
+
+    /// etcd stalls longer than the lease TTL: a comet's records vanish when it resumes and
+    /// come back a moment later. A room push in between still reaches that comet, even when
+    /// job saw no push for a long time before (it remembers when a comet dropped out, not
+    /// when it last looked).
+    #[tokio::test(start_paused = true)]
+    async fn a_comet_that_lapses_for_a_moment_still_gets_room_batches() {
+        let f = job(2);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let lapsed = f.dir.leave("c0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut m = msg(PushType::Room);
+        m.room = "live://1".into();
+        f.job.push(m).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        f.dir.arrive("c0", lapsed.clone());
+        until(&lapsed, || lapsed.rooms.lock().unwrap().len() == 1).await;
+        let other = &f.recs[1];
+        until(other, || other.rooms.lock().unwrap().len() == 1).await;
+        assert_eq!(f.metrics.undeliverable_count("unknown_comet"), 0);
     }
 
     #[tokio::test]
