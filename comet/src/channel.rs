@@ -112,7 +112,7 @@ impl Channel {
     }
 
     #[cfg(test)]
-    fn accepts(&self, op: i32) -> bool {
+    pub(crate) fn accepts(&self, op: i32) -> bool {
         self.state().accepts.binary_search(&op).is_ok()
     }
 

@@ -5,6 +5,8 @@ pub mod bucket;
 pub mod channel;
 pub mod config;
 mod conn;
+pub mod connection;
+pub mod handler;
 pub mod metrics;
 pub mod registry;
 pub mod rooms;
@@ -13,6 +15,6 @@ pub mod sweep;
 pub mod ws;
 
 pub use config::CometConfig;
-pub use conn::Transport;
+pub use connection::Transport;
 pub use metrics::CometMetrics;
 pub use server::{listen, Comet, Load};

@@ -23,7 +23,8 @@ use tonic::Status;
 use crate::bucket::{bucket_index, Bucket, Delivery, Shared};
 use crate::channel::{Channel, Outgoing};
 use crate::config::CometConfig;
-use crate::conn::{self, Transport};
+use crate::conn;
+use crate::connection::Transport;
 use crate::metrics::CometMetrics;
 
 /// Fan-out work handed to a bucket's worker, so one room's or broadcast's messages reach each

@@ -220,6 +220,11 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Bytes held for a fragmented message in progress.
+    pub fn buffered(&self) -> usize {
+        self.parts.as_ref().map_or(0, |p| p.capacity())
+    }
+
     pub fn feed(
         &mut self,
         frame: Frame,

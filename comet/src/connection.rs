@@ -1,0 +1,419 @@
+//! The I/O half of a client connection: owns the socket and its buffers, reads and decodes
+//! packets (goim's TCP framing, or WebSocket after the upgrade), queues replies and writes
+//! them with pushes in one vectored write. Knows nothing of the comet around it. An idle
+//! connection holds no read or write buffer.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use goim_proto::op;
+use goim_proto::packet::{DecodeError, Header, Packet, HEADER_LEN, SERVER_VER};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::channel::Outgoing;
+use crate::ws;
+
+/// Bytes read per readiness event before the loop yields to other work.
+const READ_BUDGET: usize = 64 * 1024;
+const READ_CHUNK: usize = 4096;
+/// Pushes per vectored write (each takes up to two slices; Linux allows 1024). Kept small
+/// enough for the fast path's stack buffers.
+const WRITE_BATCH: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    WebSocket,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    #[error("client closed")]
+    Eof,
+    #[error("bad packet: {0}")]
+    Packet(#[from] DecodeError),
+    #[error("websocket: {0}")]
+    Ws(#[from] ws::WsError),
+    #[error("write timed out")]
+    WriteTimeout,
+}
+
+impl ConnError {
+    /// The `goim_comet_closed_total` reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnError::Io(_) => "io_error",
+            ConnError::Eof => "client_closed",
+            ConnError::Packet(_) => "bad_packet",
+            ConnError::Ws(ws::WsError::Closed) => "client_closed",
+            ConnError::Ws(_) => "bad_websocket",
+            ConnError::WriteTimeout => "write_timeout",
+        }
+    }
+}
+
+/// Limits a connection reads under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_frame: usize,
+    pub max_fragments: usize,
+    pub write_timeout: Duration,
+}
+
+pub struct Connection {
+    stream: TcpStream,
+    transport: Transport,
+    upgraded: bool,
+    eof: bool,
+    rbuf: BytesMut,
+    asm: ws::Assembler,
+    /// Replies waiting for the next write.
+    out: BytesMut,
+    limits: Limits,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream, transport: Transport, limits: Limits) -> Self {
+        Connection {
+            stream,
+            transport,
+            upgraded: false,
+            eof: false,
+            rbuf: BytesMut::new(),
+            asm: ws::Assembler::default(),
+            out: BytesMut::new(),
+            limits,
+        }
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Bytes of buffer this connection holds now (0 when idle): what a burst must give back.
+    pub fn buffered(&self) -> usize {
+        self.rbuf.capacity() + self.out.capacity() + self.asm.buffered()
+    }
+
+    /// Replies (or pongs) are waiting for a write.
+    pub fn has_replies(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Waits until the socket is readable, reads what is there and appends the complete
+    /// packets to `packets`. Cancel-safe: the only await is the readiness wait.
+    pub async fn read(&mut self, packets: &mut VecDeque<Packet>) -> Result<(), ConnError> {
+        if self.eof {
+            return Err(ConnError::Eof);
+        }
+        self.stream.readable().await?;
+        self.read_ready(packets)
+    }
+
+    /// Reads what the socket has now (it was reported readable) and decodes it.
+    pub fn read_ready(&mut self, packets: &mut VecDeque<Packet>) -> Result<(), ConnError> {
+        if self.eof {
+            return Err(ConnError::Eof);
+        }
+        let mut got = 0;
+        while got < READ_BUDGET {
+            self.rbuf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.decode(packets)?;
+        if self.rbuf.is_empty() {
+            // Give the buffer back while idle.
+            self.rbuf = BytesMut::new();
+        }
+        if self.eof && packets.is_empty() {
+            return Err(ConnError::Eof);
+        }
+        Ok(())
+    }
+
+    pub fn decode(&mut self, packets: &mut VecDeque<Packet>) -> Result<(), ConnError> {
+        match self.transport {
+            Transport::Tcp => {
+                while let Some(p) = Packet::decode_stream(&mut self.rbuf)? {
+                    packets.push_back(p);
+                }
+            }
+            Transport::WebSocket => {
+                if !self.upgraded {
+                    return Ok(());
+                }
+                while let Some(frame) = ws::decode_frame(&mut self.rbuf, self.limits.max_frame)? {
+                    match self
+                        .asm
+                        .feed(frame, self.limits.max_frame, self.limits.max_fragments)?
+                    {
+                        ws::Event::Message(m) => packets.push_back(Packet::decode_frame(m)?),
+                        ws::Event::Ping(p) => {
+                            // Pongs wait for the next write; a client that pings faster than
+                            // it reads is cut off instead of growing this buffer.
+                            if self.out.len() + p.len() > 2 * self.limits.max_frame {
+                                return Err(ws::WsError::Backlog.into());
+                            }
+                            let (h, n) = ws::frame_header(ws::OP_PONG, p.len());
+                            self.out.put_slice(&h[..n]);
+                            self.out.put_slice(&p);
+                        }
+                        ws::Event::None => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the HTTP upgrade request and answers 101. A bad request closes the socket without
+    /// an HTTP error, as goim does.
+    pub async fn upgrade(&mut self) -> Result<ws::Upgrade, ConnError> {
+        loop {
+            if let Some(up) = ws::parse_upgrade(&mut self.rbuf)? {
+                self.out.put_slice(ws::upgrade_response(&up.key).as_bytes());
+                self.upgraded = true;
+                self.flush(VecDeque::new()).await?;
+                return Ok(up);
+            }
+            if self.eof {
+                return Err(ConnError::Eof);
+            }
+            let mut none = VecDeque::new();
+            self.read(&mut none).await?;
+        }
+    }
+
+    /// Queues a reply packet.
+    pub fn reply(&mut self, ver: i16, op: i32, seq: i32, body: &[u8]) {
+        let header = Header::new(body.len(), ver, op, seq).encode();
+        if self.transport == Transport::WebSocket {
+            let (h, n) = ws::frame_header(ws::OP_BINARY, HEADER_LEN + body.len());
+            self.out.put_slice(&h[..n]);
+        }
+        self.out.put_slice(&header);
+        self.out.put_slice(body);
+    }
+
+    /// Writes pending replies and `pushes` with as few syscalls as the kernel allows.
+    pub async fn flush(&mut self, mut pushes: VecDeque<Outgoing>) -> Result<(), ConnError> {
+        let items = pushes.make_contiguous();
+        let mut done = 0;
+        loop {
+            let batch = &items[done..(done + WRITE_BATCH).min(items.len())];
+            // Fast path: one non-blocking writev from stack buffers, no allocation.
+            let (written, total) = self.write_now(batch)?;
+            if written < total {
+                self.write_rest(batch, written).await?;
+            }
+            if !self.out.is_empty() {
+                self.out = BytesMut::new();
+            }
+            done += batch.len();
+            if done >= items.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One `writev` of the replies and `batch` (at most [`WRITE_BATCH`] items); returns the
+    /// bytes the kernel took (0 if the socket is full) and the bytes there were.
+    fn write_now(&self, batch: &[Outgoing]) -> io::Result<(usize, usize)> {
+        let mut prefixes = [([0u8; 26], 0usize); WRITE_BATCH];
+        for (p, item) in prefixes.iter_mut().zip(batch) {
+            *p = prefix(self.transport, item);
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH + 1];
+        let mut n = 0;
+        if !self.out.is_empty() {
+            slices[n] = IoSlice::new(&self.out);
+            n += 1;
+        }
+        for ((p, len), item) in prefixes.iter().zip(batch) {
+            if *len > 0 {
+                slices[n] = IoSlice::new(&p[..*len]);
+                n += 1;
+            }
+            if !body(item).is_empty() {
+                slices[n] = IoSlice::new(body(item));
+                n += 1;
+            }
+        }
+        let total = slices[..n].iter().map(|s| s.len()).sum();
+        if total == 0 {
+            return Ok((0, 0));
+        }
+        match self.stream.try_write_vectored(&slices[..n]) {
+            Ok(w) => Ok((w, total)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((0, total)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The slow path for a client that is not keeping up: the rest of the batch, waiting for
+    /// the socket within the write timeout.
+    async fn write_rest(&self, batch: &[Outgoing], skip: usize) -> Result<(), ConnError> {
+        let prefixes: Vec<([u8; 26], usize)> =
+            batch.iter().map(|i| prefix(self.transport, i)).collect();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * batch.len());
+        if !self.out.is_empty() {
+            slices.push(IoSlice::new(&self.out));
+        }
+        for ((p, len), item) in prefixes.iter().zip(batch) {
+            if *len > 0 {
+                slices.push(IoSlice::new(&p[..*len]));
+            }
+            if !body(item).is_empty() {
+                slices.push(IoSlice::new(body(item)));
+            }
+        }
+        let mut bufs = &mut slices[..];
+        IoSlice::advance_slices(&mut bufs, skip);
+        write_all(&self.stream, bufs, self.limits.write_timeout).await
+    }
+}
+
+fn body(item: &Outgoing) -> &Bytes {
+    match item {
+        Outgoing::Raw(b) | Outgoing::Packet { body: b, .. } => b,
+    }
+}
+
+/// What goes before a push's body on this transport: nothing for a raw batch on TCP, the
+/// packet header for a single packet, plus the frame header (and for raw, goim's op-9 wrapper)
+/// on WebSocket.
+fn prefix(transport: Transport, item: &Outgoing) -> ([u8; 26], usize) {
+    let mut p = [0u8; 26];
+    let (packet_header, body_len) = match item {
+        Outgoing::Raw(b) => (
+            (transport == Transport::WebSocket)
+                .then(|| Header::new(b.len(), SERVER_VER, op::RAW, 0).encode()),
+            b.len(),
+        ),
+        Outgoing::Packet { header, body } => (Some(*header), body.len()),
+    };
+    let mut n = 0;
+    if transport == Transport::WebSocket {
+        let total = body_len + packet_header.map_or(0, |_| HEADER_LEN);
+        let (h, hn) = ws::frame_header(ws::OP_BINARY, total);
+        p[..hn].copy_from_slice(&h[..hn]);
+        n = hn;
+    }
+    if let Some(h) = packet_header {
+        p[n..n + HEADER_LEN].copy_from_slice(&h);
+        n += HEADER_LEN;
+    }
+    (p, n)
+}
+
+/// Writes every slice. The common case completes in one non-blocking call with no timer; only
+/// a stalled client pays for the timeout.
+async fn write_all(
+    stream: &TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+    timeout: Duration,
+) -> Result<(), ConnError> {
+    let deadline = Instant::now() + timeout;
+    while !bufs.is_empty() {
+        match stream.try_write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::timeout_at(deadline, stream.writable())
+                    .await
+                    .map_err(|_| ConnError::WriteTimeout)??;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const LIMITS: Limits = Limits {
+        max_frame: 64 * 1024,
+        max_fragments: 16,
+        write_timeout: Duration::from_secs(10),
+    };
+
+    /// A connected pair of real sockets: the connection's end, and the client's.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (server, client)
+    }
+
+    /// A 64 KB burst of valid packets is read and answered, and then the connection holds no
+    /// buffer, as before it (issue: one burst pinned ~200 KB per connection for its life).
+    #[tokio::test]
+    async fn a_burst_leaves_no_buffer_behind() {
+        let (server, mut client) = pair().await;
+        let mut conn = Connection::new(server, Transport::Tcp, LIMITS);
+        assert_eq!(conn.buffered(), 0);
+        let burst: Vec<u8> = (0..4096)
+            .flat_map(|seq| Packet::new(1, op::HEARTBEAT, seq, Bytes::new()).encode())
+            .collect();
+        assert_eq!(burst.len(), 64 * 1024);
+        client.write_all(&burst).await.unwrap();
+        let mut packets = VecDeque::new();
+        while packets.len() < 4096 {
+            conn.read(&mut packets).await.unwrap();
+        }
+        for p in &packets {
+            conn.reply(p.ver, op::HEARTBEAT_REPLY, p.seq, &[0; 4]);
+        }
+        assert!(conn.buffered() >= 4096 * 20, "the replies are queued");
+        let reader = tokio::spawn(async move {
+            let mut replies = vec![0u8; 4096 * 20];
+            client.read_exact(&mut replies).await.unwrap();
+            replies
+        });
+        conn.flush(VecDeque::new()).await.unwrap();
+        let replies = reader.await.unwrap();
+        // The last reply answers the last heartbeat.
+        let at = replies.len() - 20;
+        let last = Header::parse(replies[at..at + HEADER_LEN].try_into().unwrap());
+        assert_eq!((last.op, last.seq), (op::HEARTBEAT_REPLY, 4095));
+        assert_eq!(conn.buffered(), 0);
+    }
+
+    #[test]
+    fn prefixes_per_transport() {
+        let raw = Outgoing::Raw(Bytes::from_static(&[0u8; 26]));
+        assert_eq!(prefix(Transport::Tcp, &raw).1, 0);
+        let (p, n) = prefix(Transport::WebSocket, &raw);
+        // Frame header 82 2a, then goim's outer packet header with op 9 (GOIM.md §2.2).
+        assert_eq!(
+            &p[..n],
+            &[0x82, 0x2a, 0, 0, 0, 0x2a, 0, 0x10, 0, 1, 0, 0, 0, 9, 0, 0, 0, 0]
+        );
+        let pkt = Outgoing::Packet {
+            header: Header::new(2, 1, 5, 0).encode(),
+            body: Bytes::from_static(b"hi"),
+        };
+        assert_eq!(prefix(Transport::Tcp, &pkt).1, 16);
+        assert_eq!(prefix(Transport::WebSocket, &pkt).1, 18);
+    }
+}

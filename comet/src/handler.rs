@@ -1,0 +1,389 @@
+//! The protocol half of a client connection after auth (GOIM.md §2.4, §2.8): answers each
+//! client packet, keeps the heartbeat and the per-connection op budget, and asks the comet
+//! around it (a [`Session`]) for what it cannot do alone. No socket and no server here, so it
+//! is tested on packets.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use goim_proto::logic::ReceiveReq;
+use goim_proto::op;
+use goim_proto::packet::Packet;
+use goim_proto::protocol::Proto;
+use tokio::time::Instant;
+use tonic::Status;
+
+use crate::channel::Channel;
+
+/// What a connection's protocol needs from the comet it runs in.
+pub trait Session {
+    /// Moves the connection to `room` ("" leaves every room).
+    fn change_room(&self, ch: &Arc<Channel>, room: &str);
+    /// Hands a packet of an op the comet does not answer itself to logic.
+    fn receive(&self, req: ReceiveReq) -> impl Future<Output = Result<(), Status>> + Send;
+    /// Renews the connection's presence (in the background: a heartbeat never waits on it).
+    fn renew_presence(&self, ch: &Arc<Channel>);
+}
+
+/// Where replies go: the connection's write buffer, or a list in tests.
+pub trait Replies {
+    fn reply(&mut self, ver: i16, op: i32, seq: i32, body: &[u8]);
+}
+
+/// How often a connection may send, and how often its presence is renewed.
+#[derive(Debug, Clone, Copy)]
+pub struct HandlerLimits {
+    pub ops_per_sec: u32,
+    pub ops_burst: u32,
+    pub presence_renew: Duration,
+}
+
+/// A client sent more packets than its budget allows; the connection is closed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RateLimited;
+
+/// Packets a read decoded beyond this many leave the queue's memory to be given back.
+const IDLE_QUEUE: usize = 16;
+/// Packets answered before the task yields to other connections.
+const YIELD_EVERY: u32 = 64;
+
+pub struct Handler {
+    ch: Arc<Channel>,
+    heartbeat: Duration,
+    /// When the client must have sent its next heartbeat.
+    deadline: Instant,
+    renew_every: Duration,
+    last_renew: Instant,
+    budget: OpBudget,
+    /// Packets read and not answered yet.
+    pending: VecDeque<Packet>,
+}
+
+impl Handler {
+    /// `pending`: packets that arrived with the auth packet, answered first.
+    pub fn new(
+        ch: Arc<Channel>,
+        heartbeat: Duration,
+        limits: HandlerLimits,
+        pending: VecDeque<Packet>,
+    ) -> Self {
+        let now = Instant::now();
+        // Spread renewals so connections made together do not renew together.
+        let base = limits.presence_renew;
+        Handler {
+            ch,
+            heartbeat,
+            deadline: now + heartbeat,
+            renew_every: base + base.mul_f64(2.0 * fastrand::f64()),
+            last_renew: now,
+            budget: OpBudget::new(limits.ops_per_sec, limits.ops_burst),
+            pending,
+        }
+    }
+
+    pub fn channel(&self) -> &Arc<Channel> {
+        &self.ch
+    }
+
+    /// Where a read puts the packets it decoded.
+    pub fn pending_mut(&mut self) -> &mut VecDeque<Packet> {
+        &mut self.pending
+    }
+
+    /// When the connection times out unless a heartbeat comes first.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Bytes of queue this handler holds now: what a burst must give back.
+    pub fn buffered(&self) -> usize {
+        self.pending.capacity() * std::mem::size_of::<Packet>()
+    }
+
+    /// Answers every pending packet in order, replies into `out`.
+    pub async fn answer<S: Session>(
+        &mut self,
+        session: &S,
+        out: &mut impl Replies,
+    ) -> Result<(), RateLimited> {
+        let mut handled = 0u32;
+        while let Some(p) = self.pending.pop_front() {
+            if !self.budget.take() {
+                return Err(RateLimited);
+            }
+            self.handle(session, out, p).await;
+            handled += 1;
+            // A read can hold thousands of packets: let other connections run between.
+            if handled.is_multiple_of(YIELD_EVERY) {
+                tokio::task::yield_now().await;
+            }
+        }
+        // After a burst, give the queue's memory back: an idle connection holds none.
+        if self.pending.capacity() > IDLE_QUEUE {
+            self.pending = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    async fn handle<S: Session>(&mut self, session: &S, out: &mut impl Replies, p: Packet) {
+        let ch = &self.ch;
+        match p.op {
+            op::HEARTBEAT => {
+                let now = Instant::now();
+                self.deadline = now + self.heartbeat;
+                if now.duration_since(self.last_renew) >= self.renew_every {
+                    self.last_renew = now;
+                    session.renew_presence(ch);
+                }
+                let online = ch.online().to_be_bytes();
+                out.reply(p.ver, op::HEARTBEAT_REPLY, p.seq, &online);
+            }
+            op::CHANGE_ROOM => {
+                match std::str::from_utf8(&p.body) {
+                    // Room ids become etcd records: same bound as logic puts on tokens.
+                    Ok(room) if room.len() <= goim_proto::MAX_ID => session.change_room(ch, room),
+                    _ => {
+                        tracing::debug!(key = %ch.key, "change room: room id not utf-8 or too long")
+                    }
+                }
+                // goim echoes the body whether or not the change happened.
+                out.reply(p.ver, op::CHANGE_ROOM_REPLY, p.seq, &p.body);
+            }
+            op::SUB | op::UNSUB => {
+                if let Some(ops) = parse_ops(&p.body) {
+                    if p.op == op::SUB {
+                        ch.watch(&ops);
+                    } else {
+                        ch.unwatch(&ops);
+                    }
+                }
+                out.reply(p.ver, p.op + 1, p.seq, &p.body);
+            }
+            other => {
+                let req = ReceiveReq {
+                    mid: ch.mid,
+                    proto: Some(Proto {
+                        ver: p.ver as i32,
+                        op: other,
+                        seq: p.seq,
+                        body: p.body,
+                    }),
+                };
+                if let Err(e) = session.receive(req).await {
+                    tracing::debug!(key = %ch.key, error = %e, "receive failed");
+                }
+                out.reply(p.ver, other, p.seq, &[]);
+            }
+        }
+    }
+}
+
+/// A token bucket over the packets a client sends after auth: `per_sec` on average, `burst`
+/// at once. A few numbers in the handler, nothing while idle.
+struct OpBudget {
+    tokens: f64,
+    per_sec: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl OpBudget {
+    fn new(per_sec: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        OpBudget {
+            tokens: burst,
+            per_sec: f64::from(per_sec),
+            burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Spends one token; `false` when there is none.
+    fn take(&mut self) -> bool {
+        if self.tokens < 1.0 {
+            let now = Instant::now();
+            let refill = now.duration_since(self.at).as_secs_f64() * self.per_sec;
+            self.tokens = (self.tokens + refill).min(self.burst);
+            self.at = now;
+        }
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// goim's `SplitInt32s(body, ",")`: all or nothing; an empty body is an empty list.
+fn parse_ops(body: &[u8]) -> Option<Vec<i32>> {
+    let s = std::str::from_utf8(body).ok()?;
+    if s.is_empty() {
+        return Some(Vec::new());
+    }
+    s.split(',').map(|t| t.parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A comet that records what the handler asked of it.
+    #[derive(Default)]
+    struct Fake {
+        rooms: Mutex<Vec<String>>,
+        received: Mutex<Vec<i32>>,
+        renewals: Mutex<usize>,
+    }
+
+    impl Session for Fake {
+        fn change_room(&self, _: &Arc<Channel>, room: &str) {
+            self.rooms.lock().unwrap().push(room.to_string());
+        }
+        async fn receive(&self, req: ReceiveReq) -> Result<(), Status> {
+            self.received.lock().unwrap().push(req.proto.unwrap().op);
+            Ok(())
+        }
+        fn renew_presence(&self, _: &Arc<Channel>) {
+            *self.renewals.lock().unwrap() += 1;
+        }
+    }
+
+    type Reply = (i16, i32, i32, Vec<u8>);
+
+    impl Replies for Vec<Reply> {
+        fn reply(&mut self, ver: i16, op: i32, seq: i32, body: &[u8]) {
+            self.push((ver, op, seq, body.to_vec()));
+        }
+    }
+
+    const LIMITS: HandlerLimits = HandlerLimits {
+        ops_per_sec: 64,
+        ops_burst: 256,
+        presence_renew: Duration::from_secs(60),
+    };
+
+    fn handler(limits: HandlerLimits) -> Handler {
+        let ch = Arc::new(Channel::new(
+            "k".into(),
+            7,
+            "127.0.0.1".parse().unwrap(),
+            &[],
+        ));
+        Handler::new(ch, Duration::from_secs(30), limits, VecDeque::new())
+    }
+
+    fn packet(op: i32, seq: i32, body: &'static [u8]) -> Packet {
+        Packet::new(1, op, seq, body)
+    }
+
+    #[test]
+    fn ops_csv() {
+        assert_eq!(parse_ops(b"1000,1001"), Some(vec![1000, 1001]));
+        assert_eq!(parse_ops(b""), Some(vec![]));
+        assert_eq!(parse_ops(b"1000,x"), None);
+        assert_eq!(parse_ops(b"99999999999"), None);
+        assert_eq!(parse_ops(&[0xff]), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_each_op_as_goim_does() {
+        let fake = Fake::default();
+        let mut h = handler(LIMITS);
+        let long_room = [b'r'; goim_proto::MAX_ID + 1];
+        let long_room: &'static [u8] = Box::leak(Box::new(long_room));
+        h.pending_mut().extend([
+            packet(op::HEARTBEAT, 1, b""),
+            packet(op::CHANGE_ROOM, 2, b"live://2"),
+            packet(op::CHANGE_ROOM, 3, long_room),
+            packet(op::SUB, 4, b"1000,1001"),
+            packet(op::UNSUB, 5, b"1000"),
+            packet(1000, 6, b"hello"),
+        ]);
+        let mut out: Vec<Reply> = Vec::new();
+        h.answer(&fake, &mut out).await.unwrap();
+        let ops: Vec<(i32, i32)> = out.iter().map(|r| (r.1, r.2)).collect();
+        assert_eq!(
+            ops,
+            vec![
+                (op::HEARTBEAT_REPLY, 1),
+                (op::CHANGE_ROOM_REPLY, 2),
+                (op::CHANGE_ROOM_REPLY, 3),
+                (op::SUB_REPLY, 4),
+                (op::UNSUB_REPLY, 5),
+                (1000, 6),
+            ]
+        );
+        // The heartbeat reply carries the room's online count (4 bytes); echoes carry bodies.
+        assert_eq!(out[0].3.len(), 4);
+        assert_eq!(out[3].3, b"1000,1001");
+        // Too long a room id is echoed but not joined.
+        assert_eq!(*fake.rooms.lock().unwrap(), vec!["live://2".to_string()]);
+        assert_eq!(*fake.received.lock().unwrap(), vec![1000]);
+        assert!(h.channel().accepts(1001) && !h.channel().accepts(1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_move_the_deadline_and_renew_presence_now_and_then() {
+        let fake = Fake::default();
+        let limits = HandlerLimits {
+            presence_renew: Duration::from_secs(10),
+            ..LIMITS
+        };
+        let mut h = handler(limits);
+        let start = h.deadline();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        h.pending_mut().push_back(packet(op::HEARTBEAT, 1, b""));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        assert_eq!(h.deadline(), start + Duration::from_secs(5));
+        assert_eq!(*fake.renewals.lock().unwrap(), 0, "renewed too soon");
+        // Renewal comes between 1 and 3 periods after the last one.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        h.pending_mut().push_back(packet(op::HEARTBEAT, 2, b""));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        assert_eq!(*fake.renewals.lock().unwrap(), 1);
+    }
+
+    /// A burst of valid packets after auth is answered, and then the handler holds no more
+    /// memory than an idle one (issue: a 64 KB burst pinned ~200 KB per connection).
+    #[tokio::test(start_paused = true)]
+    async fn memory_returns_to_idle_after_a_burst() {
+        let fake = Fake::default();
+        let limits = HandlerLimits {
+            ops_burst: 5000,
+            ..LIMITS
+        };
+        let mut h = handler(limits);
+        let idle = h.buffered();
+        h.pending_mut()
+            .extend((0..4096).map(|i| packet(op::HEARTBEAT, i, b"")));
+        assert!(h.buffered() > 100_000, "the burst is queued");
+        let mut out: Vec<Reply> = Vec::new();
+        h.answer(&fake, &mut out).await.unwrap();
+        assert_eq!(out.len(), 4096);
+        assert_eq!(h.buffered(), idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_over_its_op_budget_is_cut_off() {
+        let fake = Fake::default();
+        let limits = HandlerLimits {
+            ops_per_sec: 10,
+            ops_burst: 20,
+            ..LIMITS
+        };
+        let mut h = handler(limits);
+        h.pending_mut()
+            .extend((0..20).map(|i| packet(op::SUB, i, b"1")));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        // A second later the bucket holds 10 more.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        h.pending_mut()
+            .extend((0..10).map(|i| packet(op::SUB, i, b"1")));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        h.pending_mut().push_back(packet(op::SUB, 99, b"1"));
+        assert_eq!(h.answer(&fake, &mut Vec::new()).await, Err(RateLimited));
+    }
+}
