@@ -74,7 +74,7 @@ impl Registrar {
                 }
                 _ = tick.tick() => {
                     if current != 0 {
-                        if let Err(e) = self.put_load(current).await {
+                        if let Err(e) = self.put_load(current, false).await {
                             tracing::warn!(error = %e, "load report failed");
                         }
                     }
@@ -83,13 +83,19 @@ impl Registrar {
         }
     }
 
-    async fn put_load(&self, lease: i64) -> Result<(), goim_discovery::etcd_client::Error> {
+    /// `presence_pending`: the presence of this comet's connections is being put back.
+    async fn put_load(
+        &self,
+        lease: i64,
+        presence_pending: bool,
+    ) -> Result<(), goim_discovery::etcd_client::Error> {
         let load = self.comet.load();
         let rec = LoadRecord {
             conn_count: load.conn_count,
             ip_count: load.ip_count,
             rooms: self.comet.shared.rooms.len() as u64,
             updated: now_ms(),
+            presence_pending,
         };
         let value = serde_json::to_vec(&rec).unwrap_or_default();
         self.client
@@ -117,8 +123,9 @@ impl Registrar {
                 .await?;
         }
         // The load report first: job takes a comet as alive while it is there, and the
-        // presence re-put below can take a while.
-        self.put_load(lease).await?;
+        // presence re-put below can take a while. Until it is done, logic tells the callers
+        // of key and user pushes that presence is incomplete, and counts those pushes.
+        self.put_load(lease, true).await?;
         let snapshot: Vec<_> = self
             .comet
             .buckets
@@ -182,6 +189,7 @@ impl Registrar {
                 }
             }
         }
+        self.put_load(lease, false).await?;
         tracing::info!(lease, presence_ops = n, "registered in etcd");
         Ok(())
     }

@@ -113,6 +113,9 @@ pub struct LoadRecord {
     pub rooms: u64,
     /// Unix milliseconds.
     pub updated: i64,
+    /// The comet is putting its connections' presence back (its lease changed, e.g. lapsed
+    /// during an etcd stall): a presence lookup may miss some of them until this is false.
+    pub presence_pending: bool,
 }
 
 /// `/goim/{cluster}/online/key/{key}`, on the owning comet's lease.

@@ -2,11 +2,13 @@
 //! re-granted if it expires), and a watched prefix that survives etcd restarts and compactions.
 
 pub mod backoff;
+pub mod departures;
 pub mod keys;
 pub mod lease;
 pub mod watch;
 
 pub use backoff::Backoff;
+pub use departures::Departures;
 pub use etcd_client;
 pub use etcd_client::Client;
 pub use keys::{CometRecord, CometState, JobRecord, Keys, LoadRecord, OnlineRecord};

@@ -245,7 +245,7 @@ async fn http_errors_are_clear() {
     let v = api(&s, "POST", "/goim/push/keys?operation=1&keys=nobody", b"x").await;
     assert_eq!(
         v,
-        serde_json::json!({"code": 0, "message": "", "data": {"keys_found": 0}})
+        serde_json::json!({"code": 0, "message": "", "data": {"keys_found": 0, "presence_complete": true}})
     );
     // A body goim clients could not read is refused.
     let v = api(

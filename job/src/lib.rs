@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use goim_discovery::Departures;
 use goim_proto::comet::{BroadcastReq, PushMsgReq};
 use goim_proto::job::PushReply;
 use goim_proto::logic::push_msg::Type as PushType;
@@ -107,11 +108,11 @@ pub(crate) struct Inner {
     metrics: Arc<JobMetrics>,
     rooms: Mutex<HashMap<String, mpsc::Sender<RoomMsg>>>,
     outboxes: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
-    /// Comets the directory lists (`None`) or dropped, and when (`Some`): a comet that drops
-    /// out for a moment (its lease lapsed during an etcd stall and it is re-registering)
-    /// still gets room batches and broadcasts for `unknown_comet_wait`, delivered once it is
-    /// back or counted. Updated on every directory change, so the time is when it dropped out.
-    recent: Mutex<HashMap<String, Option<tokio::time::Instant>>>,
+    /// Comets the directory lists, and those it dropped within `unknown_comet_wait`: a comet
+    /// that drops out for a moment (its lease lapsed during an etcd stall and it is
+    /// re-registering) still gets room batches and broadcasts, delivered once it is back or
+    /// counted. Follows every directory change, so a departure is timed when it happens.
+    recent: Arc<Departures>,
     /// Room batchers, then comet queues: a drain waits for each in turn.
     room_tasks: TaskTracker,
     tasks: TaskTracker,
@@ -165,37 +166,18 @@ impl Inner {
     /// The comets a room batch or broadcast goes to: those the directory lists, and those it
     /// listed within `unknown_comet_wait`.
     pub(crate) fn targets(&self) -> Vec<String> {
-        let now = tokio::time::Instant::now();
-        let listed = self.comets.names();
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        // Every comet listed before and not now dropped out now; earlier drops keep their time.
-        for gone in recent.values_mut() {
-            gone.get_or_insert(now);
-        }
-        for name in listed {
-            recent.insert(name, None);
-        }
-        let keep = self.cfg.unknown_comet_wait;
-        recent.retain(|_, gone| gone.is_none_or(|t| now.duration_since(t) <= keep));
-        let mut names: Vec<String> = recent.keys().cloned().collect();
-        names.sort();
-        names
-    }
-}
-
-/// Notes every change of the directory as it happens, so `recent` knows when a comet
-/// dropped out even when no push came for a while. Ends with the job or the directory.
-async fn watch_directory(inner: std::sync::Weak<Inner>, mut changes: watch::Receiver<u64>) {
-    while changes.changed().await.is_ok() {
-        let Some(inner) = inner.upgrade() else { return };
-        inner.targets();
+        self.recent.observe(self.comets.names())
     }
 }
 
 impl Job {
     /// Call within a tokio runtime: a task follows the directory's changes.
     pub fn new(cfg: JobConfig, comets: Arc<dyn CometDirectory>, metrics: Arc<JobMetrics>) -> Self {
-        let changes = comets.changes();
+        let recent = Arc::new(Departures::new(cfg.unknown_comet_wait));
+        if let Some(changes) = comets.changes() {
+            let dir = comets.clone();
+            Departures::follow(Arc::downgrade(&recent), changes, move || dir.names());
+        }
         let job = Job {
             inner: Arc::new(Inner {
                 cfg,
@@ -203,7 +185,7 @@ impl Job {
                 metrics,
                 rooms: Mutex::new(HashMap::new()),
                 outboxes: Mutex::new(HashMap::new()),
-                recent: Mutex::new(HashMap::new()),
+                recent,
                 room_tasks: TaskTracker::new(),
                 tasks: TaskTracker::new(),
                 draining: AtomicBool::new(false),
@@ -211,9 +193,6 @@ impl Job {
             }),
         };
         job.inner.targets();
-        if let Some(changes) = changes {
-            tokio::spawn(watch_directory(Arc::downgrade(&job.inner), changes));
-        }
         job
     }
 

@@ -14,7 +14,7 @@ use axum::Router;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Map, Value};
 
-use crate::logic::{Logic, PushError};
+use crate::logic::{Logic, PushError, Targeted};
 
 const OK: i32 = 0;
 const REQUEST_ERR: i32 = -400;
@@ -94,10 +94,14 @@ fn push_result(r: Result<(), PushError>) -> Response {
 }
 
 /// A key or mid push: goim's envelope, plus how many connections logic found for it
-/// (`data.keys_found`; goim's callers ignore `data`).
-fn targeted_result(r: Result<usize, PushError>) -> Response {
+/// (`data.keys_found`) and whether presence could have missed some
+/// (`data.presence_complete`); goim's callers ignore `data`.
+fn targeted_result(r: Result<Targeted, PushError>) -> Response {
     match r {
-        Ok(n) => ok(Some(json!({ "keys_found": n }))),
+        Ok(t) => ok(Some(json!({
+            "keys_found": t.keys_found,
+            "presence_complete": t.presence_complete,
+        }))),
         Err(e) => push_result(Err(e)),
     }
 }

@@ -10,4 +10,4 @@ pub mod online;
 pub mod serve;
 
 pub use config::LogicConfig;
-pub use logic::{Logic, LogicMetrics};
+pub use logic::{Logic, LogicMetrics, Targeted};

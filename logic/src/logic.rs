@@ -48,6 +48,19 @@ pub struct LogicMetrics {
     pub pushes: Family<Kind, Counter>,
     /// Keys or mids a push named that are not online anywhere.
     pub unknown_targets: Counter,
+    /// Key and user pushes made while presence could miss connections (a comet was putting
+    /// its presence back after its etcd lease lapsed, or had just vanished).
+    pub presence_incomplete: Counter,
+}
+
+/// What logic knows of a key or user push it accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Targeted {
+    /// Connections presence named for it.
+    pub keys_found: usize,
+    /// False when presence could have missed some (the push is counted
+    /// `goim_logic_presence_incomplete_total`).
+    pub presence_complete: bool,
 }
 
 impl LogicMetrics {
@@ -69,6 +82,11 @@ impl LogicMetrics {
             "unknown_targets",
             "Pushed keys or mids with no connection",
             self.unknown_targets.clone(),
+        );
+        r.register(
+            "presence_incomplete",
+            "Key and user pushes made while presence could miss connections (a comet was re-putting it)",
+            self.presence_incomplete.clone(),
         );
     }
 }
@@ -153,13 +171,14 @@ impl Logic {
         self.metrics.pushes.get_or_create(&Kind { kind }).inc();
     }
 
-    /// Pushes to connections by key; returns how many of the keys are online.
+    /// Pushes to connections by key; returns how many of the keys are online, and whether
+    /// presence can have missed some (counted `presence_incomplete`).
     pub async fn push_keys(
         &self,
         op: i32,
         keys: Vec<String>,
         msg: Bytes,
-    ) -> Result<usize, PushError> {
+    ) -> Result<Targeted, PushError> {
         if keys.is_empty() {
             return Err(PushError::BadRequest(
                 "keys: at least one key is required".into(),
@@ -167,18 +186,30 @@ impl Logic {
         }
         self.check_body(&msg)?;
         let by = self.online.servers_by_keys(&keys).await?;
-        let found: usize = by.values().map(Vec::len).sum();
+        let found: usize = by.servers.values().map(Vec::len).sum();
         self.metrics
             .unknown_targets
             .inc_by((keys.len().saturating_sub(found)) as u64);
+        // Only a key that was not found can be on a comet whose presence is incomplete.
+        let complete = by.complete || found >= keys.len();
         self.count("keys");
-        self.push_by_server(op, by.into_iter().map(|(s, k)| (s, k, Vec::new())), msg)
-            .await?;
-        Ok(found)
+        self.push_by_server(
+            op,
+            by.servers.into_iter().map(|(s, k)| (s, k, Vec::new())),
+            msg,
+        )
+        .await?;
+        Ok(self.targeted(found, complete))
     }
 
-    /// Pushes to every connection of the users; returns how many keys they hold online.
-    pub async fn push_mids(&self, op: i32, mids: Vec<i64>, msg: Bytes) -> Result<usize, PushError> {
+    /// Pushes to every connection of the users; returns how many keys they hold online, and
+    /// whether presence can have missed some (counted `presence_incomplete`).
+    pub async fn push_mids(
+        &self,
+        op: i32,
+        mids: Vec<i64>,
+        msg: Bytes,
+    ) -> Result<Targeted, PushError> {
         if mids.is_empty() {
             return Err(PushError::BadRequest(
                 "mids: at least one mid is required".into(),
@@ -186,17 +217,28 @@ impl Logic {
         }
         self.check_body(&msg)?;
         let by = self.online.servers_by_mids(&mids).await?;
-        let found: usize = by.values().map(Vec::len).sum();
-        if by.is_empty() {
+        let found: usize = by.servers.values().map(Vec::len).sum();
+        if by.servers.is_empty() {
             self.metrics.unknown_targets.inc_by(mids.len() as u64);
         }
         self.count("mids");
-        let by = by.into_iter().map(|(server, pairs)| {
+        let complete = by.complete;
+        let servers = by.servers.into_iter().map(|(server, pairs)| {
             let (keys, mids) = pairs.into_iter().unzip();
             (server, keys, mids)
         });
-        self.push_by_server(op, by, msg).await?;
-        Ok(found)
+        self.push_by_server(op, servers, msg).await?;
+        Ok(self.targeted(found, complete))
+    }
+
+    fn targeted(&self, keys_found: usize, presence_complete: bool) -> Targeted {
+        if !presence_complete {
+            self.metrics.presence_incomplete.inc();
+        }
+        Targeted {
+            keys_found,
+            presence_complete,
+        }
     }
 
     pub async fn push_room(

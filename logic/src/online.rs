@@ -20,6 +20,25 @@ pub type KeysByServer = BTreeMap<String, Vec<String>>;
 /// comet checks it again before delivering).
 pub type UserKeysByServer = BTreeMap<String, Vec<(String, i64)>>;
 
+/// What a presence lookup found, and whether it can have missed connections: `complete` is
+/// false while a comet puts its connections' presence back (after its etcd lease lapsed) or
+/// has just vanished from the registry; connections there may be missing from `servers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found<T> {
+    pub servers: T,
+    pub complete: bool,
+}
+
+impl<T> Found<T> {
+    /// A lookup that cannot miss anything (the in-memory store).
+    pub fn complete(servers: T) -> Self {
+        Found {
+            servers,
+            complete: true,
+        }
+    }
+}
+
 /// The comet a call comes from, and the etcd lease it says its state hangs on (0: it keeps
 /// none, as goim's own comets).
 #[derive(Debug, Clone, Copy)]
@@ -56,8 +75,8 @@ pub trait OnlineStore: Send + Sync + 'static {
         key: &str,
         revision: i64,
     ) -> Result<bool, OnlineError>;
-    async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError>;
-    async fn servers_by_mids(&self, mids: &[i64]) -> Result<UserKeysByServer, OnlineError>;
+    async fn servers_by_keys(&self, keys: &[String]) -> Result<Found<KeysByServer>, OnlineError>;
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<Found<UserKeysByServer>, OnlineError>;
     /// Stores one comet's room counts (replacing its previous report).
     async fn renew_rooms(
         &self,
@@ -165,7 +184,7 @@ impl OnlineStore for MemoryOnline {
         Ok(true)
     }
 
-    async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError> {
+    async fn servers_by_keys(&self, keys: &[String]) -> Result<Found<KeysByServer>, OnlineError> {
         let m = self.lock();
         let mut out = KeysByServer::new();
         for k in keys {
@@ -173,10 +192,10 @@ impl OnlineStore for MemoryOnline {
                 out.entry(server.clone()).or_default().push(k.clone());
             }
         }
-        Ok(out)
+        Ok(Found::complete(out))
     }
 
-    async fn servers_by_mids(&self, mids: &[i64]) -> Result<UserKeysByServer, OnlineError> {
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<Found<UserKeysByServer>, OnlineError> {
         let m = self.lock();
         let mut out = UserKeysByServer::new();
         for mid in mids {
@@ -188,7 +207,7 @@ impl OnlineStore for MemoryOnline {
                 }
             }
         }
-        Ok(out)
+        Ok(Found::complete(out))
     }
 
     async fn renew_rooms(
@@ -215,7 +234,7 @@ mod tests {
         s.add(Origin::new("a", 0), 1, "k1", "").await.unwrap();
         s.add(Origin::new("a", 0), 1, "k2", "").await.unwrap();
         s.add(Origin::new("b", 0), 2, "k3", "").await.unwrap();
-        let by = s.servers_by_mids(&[1, 2, 9]).await.unwrap();
+        let by = s.servers_by_mids(&[1, 2, 9]).await.unwrap().servers;
         assert_eq!(by["a"].len(), 2);
         assert_eq!(by["b"], vec![("k3".to_string(), 2)]);
         // k1 reconnects on comet b; a's late disconnect must not erase it.
@@ -229,10 +248,17 @@ mod tests {
             .servers_by_keys(&["k1".into(), "nope".into()])
             .await
             .unwrap();
+        assert!(by.complete);
+        let by = by.servers;
         assert_eq!(by.len(), 1);
         assert_eq!(by["b"], vec!["k1".to_string()]);
         assert!(s.del(Origin::new("b", 0), 1, "k1", second).await.unwrap());
-        assert!(s.servers_by_keys(&["k1".into()]).await.unwrap().is_empty());
+        assert!(s
+            .servers_by_keys(&["k1".into()])
+            .await
+            .unwrap()
+            .servers
+            .is_empty());
     }
 
     #[tokio::test]

@@ -10,13 +10,13 @@ use goim_discovery::etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 use goim_discovery::keys::RoomCounts;
-use goim_discovery::{Client, Keys, OnlineRecord, WatchCache, MAX_TXN_OPS};
+use goim_discovery::{Client, Departures, Keys, LoadRecord, OnlineRecord, WatchCache, MAX_TXN_OPS};
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 use super::writer::{WriteError, Writer, Written};
 use crate::online::{
-    sum_room_counts, KeysByServer, OnlineError, OnlineStore, Origin, UserKeysByServer,
+    sum_room_counts, Found, KeysByServer, OnlineError, OnlineStore, Origin, UserKeysByServer,
 };
 
 fn unavailable(e: impl std::fmt::Display) -> OnlineError {
@@ -25,6 +25,11 @@ fn unavailable(e: impl std::fmt::Display) -> OnlineError {
 
 /// Seconds an adopted comet's presence outlives its last RenewOnline (goim renews every 10 s).
 pub const ADOPTED_TTL: i64 = 30;
+
+/// How long after a comet's load report vanished a lookup still says presence may be
+/// incomplete: a comet whose lease lapsed while etcd stalled re-registers within about a
+/// third of its lease TTL of etcd answering again.
+pub const PRESENCE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most serialized bytes of room counts in one etcd value (etcd refuses requests over 1.5 MiB).
 const ROOM_CHUNK_BYTES: usize = 256 * 1024;
@@ -36,6 +41,10 @@ pub struct EtcdOnline {
     client: Client,
     keys: Keys,
     rooms: WatchCache<RoomCounts>,
+    /// Comets' load reports: one says when its comet is putting its presence back.
+    loads: WatchCache<LoadRecord>,
+    /// Comets whose load report vanished a moment ago (lease lapsed, or the comet died).
+    departed: std::sync::Arc<Departures>,
     writer: Writer,
     /// Leases logic holds for comets that keep none themselves (goim's own comets speak
     /// `goim.logic.Logic` but know nothing of etcd): kept alive by their RenewOnline calls.
@@ -47,18 +56,50 @@ pub struct EtcdOnline {
 impl EtcdOnline {
     pub fn new(client: Client, keys: Keys, stop: CancellationToken) -> Self {
         let rooms = WatchCache::spawn(client.clone(), keys.rooms_prefix(), stop.clone());
+        let loads: WatchCache<LoadRecord> =
+            WatchCache::spawn(client.clone(), keys.loads(), stop.clone());
+        let departed = std::sync::Arc::new(Departures::new(PRESENCE_GRACE));
+        let l = loads.clone();
+        Departures::follow(
+            std::sync::Arc::downgrade(&departed),
+            loads.subscribe(),
+            move || l.names(),
+        );
         EtcdOnline {
             writer: Writer::spawn(client.clone(), stop),
             client,
             keys,
             rooms,
+            loads,
+            departed,
             adopted: tokio::sync::Mutex::new(HashMap::new()),
             rooms_left_out: Counter::default(),
         }
     }
 
     pub fn synced(&self) -> bool {
-        self.rooms.synced()
+        self.rooms.synced() && self.loads.synced()
+    }
+
+    /// The read a lookup adds to its transaction: how many load reports exist at the revision
+    /// it reads presence at.
+    fn loads_count_op(&self) -> TxnOp {
+        TxnOp::get(
+            self.keys.loads(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+    }
+
+    /// Whether presence read when `loads_at_read` load reports existed can have missed a
+    /// connection: some comet is putting its presence back, vanished a moment ago, or
+    /// vanished at that revision and this mirror has not caught up yet.
+    fn presence_complete(&self, loads_at_read: Option<i64>) -> bool {
+        let listed = self.loads.snapshot();
+        let pending = listed.iter().any(|(_, e)| e.value.presence_pending);
+        let live = listed.len();
+        let known = self.departed.observe(listed.into_iter().map(|(n, _)| n));
+        let caught_up = loads_at_read.is_some_and(|n| n >= live as i64);
+        !pending && known.len() == live && caught_up
     }
 
     /// The lease a comet's state hangs on: the one it names (ours always do), or one logic
@@ -157,6 +198,14 @@ impl EtcdOnline {
             .ok()
             .filter(|old| old.mid > 0 && old.mid != mid && old.comet == server)
             .map(|old| old.mid))
+    }
+}
+
+/// The count a lookup's load-report read returned.
+fn loads_count(r: Option<TxnOpResponse>) -> Option<i64> {
+    match r {
+        Some(TxnOpResponse::Get(g)) => Some(g.count()),
+        _ => None,
     }
 }
 
@@ -308,13 +357,16 @@ impl OnlineStore for EtcdOnline {
         Ok(matches!(r.responses.first(), Some(TxnOpResponse::Txn(t)) if t.succeeded()))
     }
 
-    async fn servers_by_keys(&self, keys: &[String]) -> Result<KeysByServer, OnlineError> {
-        let ops = keys
+    async fn servers_by_keys(&self, keys: &[String]) -> Result<Found<KeysByServer>, OnlineError> {
+        let mut ops: Vec<TxnOp> = keys
             .iter()
             .map(|k| TxnOp::get(self.keys.online_key(k), None))
             .collect();
+        ops.push(self.loads_count_op());
+        let mut responses = read_all(&self.client, ops).await?;
+        let loads_at_read = loads_count(responses.pop());
         let mut out = KeysByServer::new();
-        for (key, resp) in keys.iter().zip(read_all(&self.client, ops).await?) {
+        for (key, resp) in keys.iter().zip(responses) {
             let TxnOpResponse::Get(g) = resp else {
                 continue;
             };
@@ -324,11 +376,14 @@ impl OnlineStore for EtcdOnline {
                 Err(e) => tracing::warn!(%key, error = %e, "skipping invalid online record"),
             }
         }
-        Ok(out)
+        Ok(Found {
+            servers: out,
+            complete: self.presence_complete(loads_at_read),
+        })
     }
 
-    async fn servers_by_mids(&self, mids: &[i64]) -> Result<UserKeysByServer, OnlineError> {
-        let ops = mids
+    async fn servers_by_mids(&self, mids: &[i64]) -> Result<Found<UserKeysByServer>, OnlineError> {
+        let mut ops: Vec<TxnOp> = mids
             .iter()
             .map(|m| {
                 TxnOp::get(
@@ -337,8 +392,11 @@ impl OnlineStore for EtcdOnline {
                 )
             })
             .collect();
+        ops.push(self.loads_count_op());
+        let mut responses = read_all(&self.client, ops).await?;
+        let loads_at_read = loads_count(responses.pop());
         let mut out = UserKeysByServer::new();
-        for (mid, resp) in mids.iter().zip(read_all(&self.client, ops).await?) {
+        for (mid, resp) in mids.iter().zip(responses) {
             let TxnOpResponse::Get(g) = resp else {
                 continue;
             };
@@ -357,7 +415,10 @@ impl OnlineStore for EtcdOnline {
                 }
             }
         }
-        Ok(out)
+        Ok(Found {
+            servers: out,
+            complete: self.presence_complete(loads_at_read),
+        })
     }
 
     async fn renew_rooms(
@@ -542,6 +603,53 @@ mod tests {
 
     /// A client reconnects with the same key to the same comet while its old connection's
     /// Disconnect is still on the way: that late Disconnect must not remove the new presence.
+    /// Waits until the store's mirror of load reports satisfies `f`.
+    async fn until_loads(s: &EtcdOnline, f: impl Fn(&WatchCache<LoadRecord>) -> bool) {
+        let mut changes = s.loads.subscribe();
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while !f(&s.loads) {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("load reports not mirrored");
+    }
+
+    /// A key or user lookup says presence may be incomplete while a comet puts its presence
+    /// back (its load report says so) and for a while after a comet's load report vanished.
+    #[tokio::test]
+    async fn lookups_say_when_presence_may_be_incomplete() {
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+        let (s, mut client, stop) = store(&etcd).await;
+        let lease = client.lease_grant(30, None).await.unwrap().id();
+        s.add(Origin::new("c", lease), 5, "k", "").await.unwrap();
+        let load = "/goim/t/load/c";
+        for pending in [false, true, false] {
+            let rec = LoadRecord {
+                presence_pending: pending,
+                ..Default::default()
+            };
+            let value = serde_json::to_vec(&rec).unwrap();
+            let opts = PutOptions::new().with_lease(lease);
+            client.put(load, value, Some(opts)).await.unwrap();
+            until_loads(&s, |l| {
+                l.get("c")
+                    .is_some_and(|e| e.value.presence_pending == pending)
+            })
+            .await;
+            let by_mid = s.servers_by_mids(&[5]).await.unwrap();
+            assert_eq!(by_mid.servers["c"], vec![("k".to_string(), 5)]);
+            assert_eq!(by_mid.complete, !pending, "pending {pending}");
+            let by_key = s.servers_by_keys(&["k".into()]).await.unwrap();
+            assert_eq!(by_key.complete, !pending, "pending {pending}");
+        }
+        // The comet's load report vanishes (its lease lapsed; it will re-register).
+        client.delete(load, None).await.unwrap();
+        until_loads(&s, |l| l.get("c").is_none()).await;
+        assert!(!s.servers_by_mids(&[5]).await.unwrap().complete);
+        stop.cancel();
+    }
+
     #[tokio::test]
     async fn a_late_disconnect_spares_a_reconnect_of_the_same_key() {
         let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
