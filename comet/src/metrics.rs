@@ -28,6 +28,8 @@ pub struct CometMetrics {
     pub writes: Counter,
     /// Presence keys in etcd removed because no live connection backed them.
     pub presence_swept: Counter,
+    /// Attempts to register in etcd (record, load, presence) that failed and were retried.
+    pub registry_failures: Counter,
     last_drop_log: AtomicU64,
 }
 
@@ -60,6 +62,11 @@ impl CometMetrics {
             "presence_swept",
             "Presence keys removed from etcd that no connection backed",
             self.presence_swept.clone(),
+        );
+        r.register(
+            "registry_failures",
+            "Failed attempts to register in etcd, each retried after a backoff",
+            self.registry_failures.clone(),
         );
     }
 

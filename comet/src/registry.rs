@@ -65,6 +65,7 @@ impl Registrar {
                             }
                         }
                         Err(e) => {
+                            self.comet.metrics.registry_failures.inc();
                             tracing::warn!(lease = id, error = %e, "registering in etcd failed; retrying");
                             if !backoff.wait(&stop).await {
                                 return;

@@ -32,6 +32,12 @@ impl LeaseHandle {
         }
     }
 
+    /// A handle on a lease some other process keeps (tests pass one etcd does not know).
+    pub fn fixed(id: i64) -> LeaseHandle {
+        let (_tx, rx) = watch::channel(id);
+        LeaseHandle { rx }
+    }
+
     /// Starts the keeper. `ttl` in seconds.
     pub fn spawn(client: Client, ttl: i64, stop: CancellationToken) -> LeaseHandle {
         let (tx, rx) = watch::channel(0);

@@ -201,3 +201,51 @@ async fn a_job_rollout_loses_no_accepted_push() {
     sent.sort();
     assert_eq!(got, sent);
 }
+
+/// Defect 5: a registration etcd refuses (here: a lease etcd does not know) is retried after
+/// a growing delay, not in a hot loop (it retried at once, hundreds of times a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_registration_is_retried_with_backoff() {
+    use goim_comet::registry::Registrar;
+    use goim_comet::{Comet, CometConfig, CometMetrics};
+    use goim_discovery::{CometRecord, Keys, LeaseHandle};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let etcd = tokio::task::spawn_blocking(goim_testkit::Etcd::start)
+        .await
+        .unwrap();
+    let client = goim_discovery::connect(&[etcd.endpoint()]).await.unwrap();
+    // No client ever connects: logic is never called.
+    let logic =
+        goim_proto::grpc::RemoteLogic::new(goim_proto::grpc::channel("127.0.0.1:9").unwrap());
+    let metrics = Arc::new(CometMetrics::default());
+    let comet = Comet::new(CometConfig::default(), Arc::new(logic), metrics.clone());
+    let registrar = Arc::new(Registrar {
+        comet,
+        client,
+        keys: Keys::new("backoff"),
+        record: CometRecord::default(),
+        self_register: true,
+        lease: LeaseHandle::fixed(0x5eed),
+        load_interval: Duration::from_secs(5),
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(registrar.run(stop.clone()));
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while metrics.registry_failures.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the registration fails");
+    // Over the next second: delays of 100 ms doubling (with jitter) allow a handful of tries;
+    // a hot loop against a local etcd makes hundreds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tries = metrics.registry_failures.get();
+    stop.cancel();
+    assert!(
+        (2..=20).contains(&tries),
+        "{tries} failed registrations in about a second"
+    );
+}
