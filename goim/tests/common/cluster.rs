@@ -53,9 +53,19 @@ impl Role {
 
     /// SIGTERM, then waits for the process to exit (bounded); returns whether it exited 0.
     pub fn terminate(&mut self) -> bool {
+        self.signal_term();
+        self.wait_exit()
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn signal_term(&self) {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status();
         assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+    }
+
+    /// Waits (at most 30 s) for the process to exit; returns whether it exited 0.
+    pub fn wait_exit(&mut self) -> bool {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -63,7 +73,8 @@ impl Role {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "{pid} ignored SIGTERM"
+                "{} did not exit",
+                self.child.id()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -197,6 +208,19 @@ impl Cluster {
         wait_until("logic ready", || {
             http_status(c.logic.addr("http"), "/readyz") == 200
         });
+        // Jobs register in etcd after they print their ready line: logic must see one before
+        // a push is expected to be taken (a push to a room nobody is in is harmless).
+        if !c.jobs.is_empty() {
+            wait_until("logic sees a job", || {
+                blocking_api(
+                    c.http(),
+                    "POST",
+                    "/goim/push/room?operation=1&type=probe&room=start",
+                    b"",
+                )["code"]
+                    == 0
+            });
+        }
         // Every job must know every comet before pushes are expected to reach them.
         for j in &c.jobs {
             let addr = j.addr("http");
