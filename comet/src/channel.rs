@@ -56,6 +56,8 @@ pub(crate) struct State {
     pub registered: bool,
     pub closed: bool,
     pub kicked: bool,
+    /// The client said `HELLO`: it understands goim-rs's extension ops.
+    pub extended: bool,
 }
 
 #[derive(Debug)]
@@ -153,6 +155,15 @@ impl Channel {
         st.queue.clear();
         drop(st);
         self.notify.notify_one();
+    }
+
+    /// The client speaks the extensions (docs/PROTOCOL.md).
+    pub fn set_extended(&self) {
+        self.state().extended = true;
+    }
+
+    pub fn is_extended(&self) -> bool {
+        self.state().extended
     }
 
     pub fn is_closed(&self) -> bool {

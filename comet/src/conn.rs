@@ -89,6 +89,7 @@ pub(crate) async fn serve(
         }
         Exit::Timeout => comet.metrics.closed("heartbeat_timeout"),
         Exit::Kicked => comet.metrics.closed("duplicate_key"),
+        Exit::Shutdown if comet.is_draining() => comet.metrics.closed("drain"),
         Exit::Shutdown => comet.metrics.closed("shutdown"),
         Exit::RateLimited => comet.metrics.closed("rate_limited"),
     }

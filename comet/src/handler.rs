@@ -44,6 +44,9 @@ pub struct HandlerLimits {
 #[derive(Debug, PartialEq, Eq)]
 pub struct RateLimited;
 
+/// What `HELLO_REPLY` says this server does (docs/PROTOCOL.md).
+pub const FEATURES: &[&str] = &["reconnect"];
+
 /// Packets a read decoded beyond this many leave the queue's memory to be given back.
 const IDLE_QUEUE: usize = 16;
 /// Packets answered before the task yields to other connections.
@@ -150,6 +153,13 @@ impl Handler {
                 }
                 // goim echoes the body whether or not the change happened.
                 out.reply(p.ver, op::CHANGE_ROOM_REPLY, p.seq, &p.body);
+            }
+            op::HELLO => {
+                // Any body: version 1 is the only one, and a client that said HELLO at all
+                // understands every extension op this server sends.
+                ch.set_extended();
+                let reply = serde_json::json!({ "v": 1, "features": FEATURES }).to_string();
+                out.reply(p.ver, op::HELLO_REPLY, p.seq, reply.as_bytes());
             }
             op::SUB | op::UNSUB => {
                 if let Some(ops) = parse_ops(&p.body) {
@@ -301,6 +311,7 @@ mod tests {
             packet(op::SUB, 4, b"1000,1001"),
             packet(op::UNSUB, 5, b"1000"),
             packet(1000, 6, b"hello"),
+            packet(op::HELLO, 7, b"{\"v\":1}"),
         ]);
         let mut out: Vec<Reply> = Vec::new();
         h.answer(&fake, &mut out).await.unwrap();
@@ -314,8 +325,15 @@ mod tests {
                 (op::SUB_REPLY, 4),
                 (op::UNSUB_REPLY, 5),
                 (1000, 6),
+                (op::HELLO_REPLY, 7),
             ]
         );
+        let hello: serde_json::Value = serde_json::from_slice(&out[6].3).unwrap();
+        assert_eq!(
+            hello,
+            serde_json::json!({"v": 1, "features": ["reconnect"]})
+        );
+        assert!(h.channel().is_extended());
         // The heartbeat reply carries the room's online count (4 bytes); echoes carry bodies.
         assert_eq!(out[0].3.len(), 4);
         assert_eq!(out[3].3, b"1000,1001");

@@ -47,9 +47,18 @@ impl Registrar {
         let mut renewing = false;
         let mut tick = tokio::time::interval(self.load_interval);
         let mut backoff = Backoff::standard();
+        let mut draining = self.comet.draining_changes();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                // Published at once: logic stops offering a draining comet to clients.
+                Ok(()) = draining.changed() => {
+                    if current != 0 {
+                        if let Err(e) = self.put_load(current, false).await {
+                            tracing::warn!(error = %e, "load report failed");
+                        }
+                    }
+                }
                 id = lease.changed_from(current) => {
                     let Some(id) = id else { return };
                     // New connections go on the new lease at once; the ones already here are
@@ -97,6 +106,7 @@ impl Registrar {
             rooms: self.comet.shared.rooms.len() as u64,
             updated: now_ms(),
             presence_pending,
+            draining: self.comet.is_draining(),
         };
         let value = serde_json::to_vec(&rec).unwrap_or_default();
         self.client

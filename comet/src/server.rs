@@ -11,7 +11,7 @@ use goim_proto::comet::{
 };
 use goim_proto::logic::OnlineReq;
 use goim_proto::op;
-use goim_proto::packet::Header;
+use goim_proto::packet::{Header, SERVER_VER};
 use goim_proto::protocol::Proto;
 use goim_proto::service::{CometService, LogicService};
 use tokio::net::TcpListener;
@@ -51,7 +51,12 @@ pub struct Comet {
     pub(crate) tasks: TaskTracker,
     workers: Vec<mpsc::Sender<BucketJob>>,
     limit: Arc<Semaphore>,
-    draining: std::sync::atomic::AtomicBool,
+    /// Draining (the operator's record says so, or the comet is stopping): new clients are
+    /// refused and the current ones closed evenly over `drain_period`. A watch, so the
+    /// registry can publish it at once.
+    draining: tokio::sync::watch::Sender<bool>,
+    /// Stopping for good (SIGTERM): the drain cannot be called off.
+    exiting: std::sync::atomic::AtomicBool,
     /// Distributed mode: no client is taken before the comet holds its etcd lease (a Connect
     /// naming no lease would hang its presence on one nobody renews).
     lease_required: std::sync::atomic::AtomicBool,
@@ -67,6 +72,9 @@ impl std::fmt::Debug for Comet {
             .finish()
     }
 }
+
+/// How long before closing it a draining comet tells an extension client to reconnect.
+const RECONNECT_LEAD: Duration = Duration::from_secs(1);
 
 /// Turns a job's `Proto` into what is queued: `OpRaw` bodies go out as they are.
 pub fn outgoing(p: Proto) -> Outgoing {
@@ -117,7 +125,8 @@ impl Comet {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             workers,
-            draining: Default::default(),
+            draining: tokio::sync::watch::channel(false).0,
+            exiting: Default::default(),
             lease_required: Default::default(),
             lease: Default::default(),
         })
@@ -274,32 +283,79 @@ impl Comet {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+        *self.draining.borrow()
+    }
+
+    /// Changes of the drain state, for the registry to publish.
+    pub fn draining_changes(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     /// Draining: refuse new clients and close the current ones evenly over `drain_period`,
-    /// so they reconnect elsewhere without a thundering herd.
+    /// so they reconnect elsewhere without a thundering herd. A drain for exit
+    /// ([`Comet::drain_and_wait`]) cannot be called off.
     pub fn set_draining(self: &Arc<Self>, on: bool) {
-        let was = self.draining.swap(on, std::sync::atomic::Ordering::Relaxed);
+        if !on && self.exiting.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let was = self.draining.send_replace(on);
         if !on || was {
             return;
         }
-        let comet = self.clone();
-        tokio::spawn(async move {
-            let chans: Vec<Arc<Channel>> =
-                comet.buckets.iter().flat_map(|b| b.channels()).collect();
-            let steps = (comet.cfg.drain_period.as_millis() / 100).max(1) as usize;
-            let per_step = chans.len().div_ceil(steps).max(1);
-            for chunk in chans.chunks(per_step) {
-                if !comet.is_draining() || comet.shutdown.is_cancelled() {
-                    return;
-                }
-                for ch in chunk {
-                    ch.close(false);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::spawn(self.clone().drain_clients());
+    }
+
+    /// Drains (as [`Comet::set_draining`]) and waits until no client is left or
+    /// `drain_period` plus `grace` has passed; returns how many clients were still connected.
+    pub async fn drain_and_wait(self: &Arc<Self>, grace: Duration) -> u64 {
+        self.exiting
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.set_draining(true);
+        let deadline = tokio::time::Instant::now() + self.cfg.drain_period + grace;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            let left = self.load().conn_count;
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
             }
-        });
+            tick.tick().await;
+        }
+    }
+
+    /// Closes every client evenly over `drain_period`. A client that speaks the extensions is
+    /// told at once when to reconnect elsewhere ([`op::RECONNECT`]) and is closed
+    /// `RECONNECT_LEAD` later, so it can connect to another comet before this one lets go.
+    async fn drain_clients(self: Arc<Self>) {
+        let chans: Vec<Arc<Channel>> = self.buckets.iter().flat_map(|b| b.channels()).collect();
+        let n = chans.len().max(1) as u32;
+        let period = self.cfg.drain_period;
+        let lead = RECONNECT_LEAD.min(period / 2);
+        let spread = period - lead;
+        let start = tokio::time::Instant::now();
+        let advice_at = |i: usize| spread * i as u32 / n;
+        for (i, ch) in chans.iter().enumerate() {
+            if ch.is_extended() {
+                let body = serde_json::json!({
+                    "reason": "drain",
+                    "after_ms": advice_at(i).as_millis() as u64,
+                })
+                .to_string();
+                let header = Header::new(body.len(), SERVER_VER, op::RECONNECT, 0).encode();
+                let out = Outgoing::Packet {
+                    header,
+                    body: body.into(),
+                };
+                // Past the queue bound, like any push: advice is worth a slot.
+                ch.offer(None, out, self.cfg.push_queue + 1);
+            }
+        }
+        for (i, ch) in chans.iter().enumerate() {
+            tokio::time::sleep_until(start + advice_at(i) + lead).await;
+            if !self.is_draining() || self.shutdown.is_cancelled() {
+                return;
+            }
+            ch.close(false);
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -116,6 +116,8 @@ pub struct LoadRecord {
     /// The comet is putting its connections' presence back (its lease changed, e.g. lapsed
     /// during an etcd stall): a presence lookup may miss some of them until this is false.
     pub presence_pending: bool,
+    /// The comet is draining (stopping, or told to by the operator): not offered to clients.
+    pub draining: bool,
 }
 
 /// `/goim/{cluster}/online/key/{key}`, on the owning comet's lease.

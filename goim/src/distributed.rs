@@ -150,8 +150,9 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(comet.clone().serve(tcp, Transport::Tcp));
     tokio::spawn(comet.clone().serve(ws, Transport::WebSocket));
     spawn_grpc(grpc, comet_server(comet.clone()), stop.clone());
-    let l = lease.clone();
-    let ready: Ready = Arc::new(move || l.id() != 0);
+    let (l, c) = (lease.clone(), comet.clone());
+    // Not ready while draining: the Service stops sending this pod new clients at once.
+    let ready: Ready = Arc::new(move || l.id() != 0 && !c.is_draining());
     let refused = refused_counter(&mut registry);
     spawn_http(
         http,
@@ -166,7 +167,13 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(name = comet.name(), tcp = %tcp_a, ws = %ws_a, grpc = %grpc_a, "comet started");
 
     wait_for_signal().await?;
-    // Clients are closed and logic told; then the lease goes, taking this comet's keys.
+    // A drain, not a mass close: not ready at once, clients told to move and closed evenly
+    // over `drain_period`; then the rest are closed, logic is told, and the lease goes,
+    // taking this comet's keys.
+    let left = comet
+        .drain_and_wait(std::time::Duration::from_secs(1))
+        .await;
+    tracing::info!(left, "drained");
     comet.shutdown().await;
     lease.revoke(&mut client).await;
     stop.cancel();

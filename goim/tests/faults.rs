@@ -167,7 +167,8 @@ impl Faulty {
             self.dir.path(),
             &format!("comet-{i}"),
             &logics,
-            "presence_sweep = \"500ms\"",
+            // A SIGTERM drains the comet's clients over a second, not the default 30 s.
+            "presence_sweep = \"500ms\"\ndrain_period = \"1s\"",
         );
         let http = c.addr("http");
         wait_until("comet ready", || http_status(http, "/readyz") == 200);

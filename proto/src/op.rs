@@ -18,3 +18,14 @@ pub const SUB: i32 = 14;
 pub const SUB_REPLY: i32 = 15;
 pub const UNSUB: i32 = 16;
 pub const UNSUB_REPLY: i32 = 17;
+
+// goim-rs extensions (docs/PROTOCOL.md): ops goim leaves unused, sent by the server only to
+// clients that said `HELLO`; goim's clients never see them.
+
+/// c→s: the client speaks the extensions; JSON body `{"v":1}`.
+pub const HELLO: i32 = 20;
+/// s→c: JSON body `{"v":1,"features":[...]}`.
+pub const HELLO_REPLY: i32 = 21;
+/// s→c: the server is draining; reconnect (to another node) after `after_ms`. JSON body
+/// `{"reason":"drain","after_ms":N}`. The server closes the connection soon after.
+pub const RECONNECT: i32 = 22;

@@ -27,7 +27,7 @@ impl NodeSource for EtcdNodes {
                     grpc_addr: format!("grpc://{}", r.grpc),
                     addrs: r.addrs,
                     weight: r.weight,
-                    draining: r.state == CometState::Draining,
+                    draining: r.state == CometState::Draining || load.draining,
                     conn_count: load.conn_count as i64,
                     ip_count: load.ip_count as i64,
                     updated: load.updated.saturating_mul(1_000_000),
