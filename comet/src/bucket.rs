@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::channel::{Channel, Offer, Outgoing};
+use crate::channel::{Channel, Numbered, Offer, Outgoing};
 use crate::rooms::Rooms;
 
 /// goim's bucket index: CityHash32 v1.1 of the key, modulo the bucket count.
@@ -145,11 +145,17 @@ impl Bucket {
     }
 
     /// Pushes to every member of `room`, ignoring watched ops (goim's `BroadcastRoom`).
-    pub fn push_room(&self, room: &str, out: &Outgoing, cap: usize) -> Delivery {
+    pub fn push_room(
+        &self,
+        room: &str,
+        out: &Outgoing,
+        numbered: Option<&Numbered>,
+        cap: usize,
+    ) -> Delivery {
         let mut d = Delivery::default();
         if let Some(members) = self.read().rooms.get(room) {
             for ch in members {
-                d.add(ch.offer(None, out.clone(), cap));
+                d.add(ch.offer_room(out, numbered, cap));
             }
         }
         d
@@ -251,7 +257,7 @@ mod tests {
         assert_eq!(b.room_members("s"), 1);
         assert_eq!(rooms.get("r").unwrap().local(), 3);
         let out = Outgoing::Raw(Bytes::from_static(b"x"));
-        assert_eq!(b.push_room("r", &out, 8).queued, 3);
+        assert_eq!(b.push_room("r", &out, None, 8).queued, 3);
         for c in &chans[2..] {
             b.change_room(c, "", rooms);
         }

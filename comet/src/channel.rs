@@ -28,6 +28,23 @@ pub enum Outgoing {
     },
 }
 
+/// A room batch's place in its room's numbering (the room keeps history), for connections
+/// that speak the extensions: they get `position` (a `POSITION` packet) before the batch.
+#[derive(Debug, Clone)]
+pub struct Numbered {
+    pub epoch: Arc<str>,
+    /// Offset of the batch's first message; the rest follow one by one.
+    pub offset: u64,
+    pub count: u64,
+    pub position: Outgoing,
+}
+
+impl Numbered {
+    pub fn last(&self) -> u64 {
+        self.offset + self.count.saturating_sub(1)
+    }
+}
+
 /// Result of offering a push to a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -58,6 +75,11 @@ pub(crate) struct State {
     pub kicked: bool,
     /// The client said `HELLO`: it understands goim-rs's extension ops.
     pub extended: bool,
+    /// While a `JOIN` recovers history: the room's numbered batches that arrived meanwhile,
+    /// written after the history (and without what it already holds).
+    pub held: Option<Vec<(Numbered, Outgoing)>>,
+    /// A batch did not fit in `held`: what the recovery returns is not complete.
+    pub held_overflow: bool,
 }
 
 #[derive(Debug)]
@@ -164,6 +186,70 @@ impl Channel {
 
     pub fn is_extended(&self) -> bool {
         self.state().extended
+    }
+
+    /// Offers a room batch: with its position first to a connection that speaks the
+    /// extensions, held back while that connection recovers the room's history.
+    pub fn offer_room(&self, out: &Outgoing, numbered: Option<&Numbered>, cap: usize) -> Offer {
+        let mut st = self.state();
+        if st.closed {
+            return Offer::Closed;
+        }
+        let numbered = numbered.filter(|_| st.extended);
+        if let (Some(n), Some(held)) = (numbered, st.held.as_mut()) {
+            if held.len() >= cap {
+                st.held_overflow = true;
+                return Offer::Full;
+            }
+            held.push((n.clone(), out.clone()));
+            return Offer::Queued;
+        }
+        if st.queue.len() >= cap {
+            return Offer::Full;
+        }
+        let wake = st.queue.is_empty();
+        if let Some(n) = numbered {
+            st.queue.push_back(n.position.clone());
+        }
+        st.queue.push_back(out.clone());
+        drop(st);
+        if wake {
+            self.notify.notify_one();
+        }
+        Offer::Queued
+    }
+
+    /// From now on the room's numbered batches are held until [`Channel::end_recovery`].
+    pub fn begin_recovery(&self) {
+        let mut st = self.state();
+        st.held = Some(Vec::new());
+        st.held_overflow = false;
+    }
+
+    /// Queues what `first` returns (given whether held batches were lost), then the held
+    /// batches that `keep` accepts, and stops holding. Not bounded by the queue's limit:
+    /// history is bounded by the job's, held batches by the queue's.
+    pub fn end_recovery(
+        &self,
+        first: impl FnOnce(bool) -> Vec<Outgoing>,
+        keep: impl Fn(&Numbered) -> bool,
+    ) {
+        let mut st = self.state();
+        let held = st.held.take().unwrap_or_default();
+        let overflow = std::mem::take(&mut st.held_overflow);
+        let wake = st.queue.is_empty();
+        st.queue.extend(first(overflow));
+        for (n, out) in held {
+            if keep(&n) {
+                st.queue.push_back(n.position);
+                st.queue.push_back(out);
+            }
+        }
+        let queued = !st.queue.is_empty();
+        drop(st);
+        if wake && queued {
+            self.notify.notify_one();
+        }
     }
 
     pub fn is_closed(&self) -> bool {

@@ -11,17 +11,21 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use goim_proto::logic::{ConnectReq, DisconnectReq, HeartbeatReq, ReceiveReq};
+use bytes::Bytes;
+use goim_proto::logic::{
+    ConnectReq, DisconnectReq, HeartbeatReq, HistoryReply, HistoryReq, ReceiveReq,
+};
 use goim_proto::op;
-use goim_proto::packet::Packet;
+use goim_proto::packet::{raw_packets, Packet};
+use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tonic::Status;
 
-use crate::channel::Channel;
+use crate::channel::{Channel, Outgoing};
 use crate::connection::{ConnError, Connection, Limits, Transport};
 use crate::handler::{Handler, HandlerLimits, RateLimited, Replies, Session};
-use crate::server::Comet;
+use crate::server::{extension_packet, numbered, Comet};
 use crate::ws;
 
 /// How a connection ended.
@@ -254,8 +258,108 @@ impl Replies for Connection {
     }
 }
 
+/// The body of an extension `JOIN` (docs/PROTOCOL.md).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinReq {
+    room: String,
+    #[serde(default)]
+    recover: Option<Position>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Position {
+    epoch: String,
+    offset: u64,
+}
+
+/// How long a `JOIN` waits for the room's history before answering "not recovered".
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Joins the room and recovers what the client missed since its position: the room's
+/// numbered batches are held from before the join until the history is in, then written
+/// after it without what it already holds, so nothing comes twice, out of order or with a
+/// gap; or the reply says "not recovered".
+async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: Bytes) {
+    let reply = |v: serde_json::Value| extension_packet(op::JOIN_REPLY, seq, ver, &v);
+    let req = match serde_json::from_slice::<JoinReq>(&body) {
+        Ok(r) if r.room.len() <= goim_proto::MAX_ID => r,
+        Ok(_) => {
+            ch.end_recovery(
+                |_| vec![reply(json!({"error": "room id too long"}))],
+                |_| true,
+            );
+            return;
+        }
+        Err(e) => {
+            let err = format!("bad join: {e}");
+            ch.end_recovery(|_| vec![reply(json!({ "error": err }))], |_| true);
+            return;
+        }
+    };
+    let room = req.room;
+    let Some(from) = req.recover else {
+        comet.change_room(ch, &room);
+        ch.end_recovery(|_| vec![reply(json!({ "room": room }))], |_| true);
+        return;
+    };
+    ch.begin_recovery();
+    comet.change_room(ch, &room);
+    let asked = HistoryReq {
+        room: room.clone(),
+        epoch: from.epoch,
+        offset: from.offset,
+    };
+    let got = tokio::time::timeout(HISTORY_TIMEOUT, comet.logic.history(asked)).await;
+    let h = match got {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::debug!(key = %ch.key, %room, error = %e.message(), "history failed");
+            HistoryReply::default()
+        }
+        Err(_) => {
+            tracing::debug!(key = %ch.key, %room, "history timed out");
+            HistoryReply::default()
+        }
+    };
+    let recovered = h.recovered;
+    let (epoch, top) = (h.epoch.clone(), h.offset);
+    ch.end_recovery(
+        |overflow| {
+            // A batch that did not fit while held is lost: then nothing is complete.
+            let recovered = recovered && !overflow;
+            let mut items = vec![reply(json!({
+                "room": room,
+                "recovered": recovered,
+                "epoch": h.epoch,
+                "offset": h.offset,
+            }))];
+            let count = raw_packets(h.batch.clone()).count() as u64;
+            if recovered && count > 0 {
+                let n = numbered(&room, &h.epoch, from.offset + 1, count);
+                items.push(n.position);
+                items.push(Outgoing::Raw(h.batch));
+            }
+            items
+        },
+        // What the history holds already (same epoch, up to its top) is not written again.
+        |n| !(recovered && *n.epoch == *epoch && n.last() <= top),
+    );
+}
+
 /// What a client's packets may ask of the comet.
 impl Session for Arc<Comet> {
+    fn join(
+        &self,
+        ch: &Arc<Channel>,
+        ver: i16,
+        seq: i32,
+        body: Bytes,
+    ) -> impl Future<Output = ()> + Send {
+        join(self, ch, ver, seq, body)
+    }
+
     fn change_room(&self, ch: &Arc<Channel>, room: &str) {
         Comet::change_room(self, ch, room);
     }

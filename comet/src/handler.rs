@@ -25,6 +25,16 @@ pub trait Session {
     fn receive(&self, req: ReceiveReq) -> impl Future<Output = Result<(), Status>> + Send;
     /// Renews the connection's presence (in the background: a heartbeat never waits on it).
     fn renew_presence(&self, ch: &Arc<Channel>);
+    /// An extension `JOIN`: moves the connection to a room and recovers what it missed there;
+    /// the reply (and the history) go through the connection's queue, ahead of the room's
+    /// next messages.
+    fn join(
+        &self,
+        ch: &Arc<Channel>,
+        ver: i16,
+        seq: i32,
+        body: bytes::Bytes,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Where replies go: the connection's write buffer, or a list in tests.
@@ -45,7 +55,7 @@ pub struct HandlerLimits {
 pub struct RateLimited;
 
 /// What `HELLO_REPLY` says this server does (docs/PROTOCOL.md).
-pub const FEATURES: &[&str] = &["reconnect"];
+pub const FEATURES: &[&str] = &["reconnect", "recover"];
 
 /// Packets a read decoded beyond this many leave the queue's memory to be given back.
 const IDLE_QUEUE: usize = 16;
@@ -161,6 +171,7 @@ impl Handler {
                 let reply = serde_json::json!({ "v": 1, "features": FEATURES }).to_string();
                 out.reply(p.ver, op::HELLO_REPLY, p.seq, reply.as_bytes());
             }
+            op::JOIN if ch.is_extended() => session.join(ch, p.ver, p.seq, p.body).await,
             op::SUB | op::UNSUB => {
                 if let Some(ops) = parse_ops(&p.body) {
                     if p.op == op::SUB {
@@ -246,6 +257,7 @@ mod tests {
         rooms: Mutex<Vec<String>>,
         received: Mutex<Vec<i32>>,
         renewals: Mutex<usize>,
+        joins: Mutex<Vec<Vec<u8>>>,
     }
 
     impl Session for Fake {
@@ -258,6 +270,9 @@ mod tests {
         }
         fn renew_presence(&self, _: &Arc<Channel>) {
             *self.renewals.lock().unwrap() += 1;
+        }
+        async fn join(&self, _: &Arc<Channel>, _: i16, _: i32, body: bytes::Bytes) {
+            self.joins.lock().unwrap().push(body.to_vec());
         }
     }
 
@@ -331,7 +346,7 @@ mod tests {
         let hello: serde_json::Value = serde_json::from_slice(&out[6].3).unwrap();
         assert_eq!(
             hello,
-            serde_json::json!({"v": 1, "features": ["reconnect"]})
+            serde_json::json!({"v": 1, "features": ["reconnect", "recover"]})
         );
         assert!(h.channel().is_extended());
         // The heartbeat reply carries the room's online count (4 bytes); echoes carry bodies.
@@ -341,6 +356,26 @@ mod tests {
         assert_eq!(*fake.rooms.lock().unwrap(), vec!["live://2".to_string()]);
         assert_eq!(*fake.received.lock().unwrap(), vec![1000]);
         assert!(h.channel().accepts(1001) && !h.channel().accepts(1000));
+    }
+
+    /// `JOIN` is an extension op only for a client that said `HELLO`; for a goim client it
+    /// is an unknown op like any other (forwarded to logic and echoed).
+    #[tokio::test(start_paused = true)]
+    async fn join_is_for_clients_that_said_hello() {
+        let fake = Fake::default();
+        let mut h = handler(LIMITS);
+        let join: &'static [u8] = br#"{"room":"chat://1"}"#;
+        h.pending_mut().push_back(packet(op::JOIN, 1, join));
+        let mut out: Vec<Reply> = Vec::new();
+        h.answer(&fake, &mut out).await.unwrap();
+        assert_eq!(*fake.received.lock().unwrap(), vec![op::JOIN]);
+        assert!(fake.joins.lock().unwrap().is_empty());
+        h.pending_mut()
+            .extend([packet(op::HELLO, 2, b"{}"), packet(op::JOIN, 3, join)]);
+        h.answer(&fake, &mut out).await.unwrap();
+        assert_eq!(*fake.joins.lock().unwrap(), vec![join.to_vec()]);
+        // The join's reply comes from the session, through the queue.
+        assert_eq!(out.last().unwrap().1, op::HELLO_REPLY);
     }
 
     #[tokio::test(start_paused = true)]

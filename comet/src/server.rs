@@ -11,7 +11,7 @@ use goim_proto::comet::{
 };
 use goim_proto::logic::OnlineReq;
 use goim_proto::op;
-use goim_proto::packet::{Header, SERVER_VER};
+use goim_proto::packet::{raw_packets, Header, SERVER_VER};
 use goim_proto::protocol::Proto;
 use goim_proto::service::{CometService, LogicService};
 use tokio::net::TcpListener;
@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use crate::bucket::{bucket_index, Bucket, Delivery, Shared};
-use crate::channel::{Channel, Outgoing};
+use crate::channel::{Channel, Numbered, Outgoing};
 use crate::config::CometConfig;
 use crate::conn;
 use crate::connection::Transport;
@@ -30,7 +30,7 @@ use crate::metrics::CometMetrics;
 /// Fan-out work handed to a bucket's worker, so one room's or broadcast's messages reach each
 /// connection in the order job sent them, and the shards of a big room run in parallel.
 enum BucketJob {
-    Room(Arc<str>, Outgoing),
+    Room(Arc<str>, Outgoing, Option<Arc<Numbered>>),
     All(i32, Outgoing),
 }
 
@@ -76,6 +76,31 @@ impl std::fmt::Debug for Comet {
 /// How long before closing it a draining comet tells an extension client to reconnect.
 const RECONNECT_LEAD: Duration = Duration::from_secs(1);
 
+/// A packet of one of the extension ops (docs/PROTOCOL.md), with a JSON body.
+pub(crate) fn extension_packet(op: i32, seq: i32, ver: i16, body: &serde_json::Value) -> Outgoing {
+    let body = body.to_string();
+    Outgoing::Packet {
+        header: Header::new(body.len(), ver, op, seq).encode(),
+        body: body.into(),
+    }
+}
+
+/// The numbering of `count` room messages from `offset`, with its `POSITION` packet.
+pub(crate) fn numbered(room: &str, epoch: &str, offset: u64, count: u64) -> Numbered {
+    let body = serde_json::json!({
+        "room": room,
+        "epoch": epoch,
+        "offset": offset,
+        "count": count,
+    });
+    Numbered {
+        epoch: epoch.into(),
+        offset,
+        count,
+        position: extension_packet(op::POSITION, 0, SERVER_VER, &body),
+    }
+}
+
 /// Turns a job's `Proto` into what is queued: `OpRaw` bodies go out as they are.
 pub fn outgoing(p: Proto) -> Outgoing {
     if p.op == op::RAW {
@@ -105,7 +130,9 @@ impl Comet {
             tokio::spawn(async move {
                 while let Some(job) = rx.recv().await {
                     let d = match &job {
-                        BucketJob::Room(room, out) => buckets[i].push_room(room, out, cap),
+                        BucketJob::Room(room, out, numbered) => {
+                            buckets[i].push_room(room, out, numbered.as_deref(), cap)
+                        }
                         BucketJob::All(op, out) => buckets[i].push_all(*op, out, cap),
                     };
                     record(&metrics, d);
@@ -338,13 +365,8 @@ impl Comet {
                 let body = serde_json::json!({
                     "reason": "drain",
                     "after_ms": advice_at(i).as_millis() as u64,
-                })
-                .to_string();
-                let header = Header::new(body.len(), SERVER_VER, op::RECONNECT, 0).encode();
-                let out = Outgoing::Packet {
-                    header,
-                    body: body.into(),
-                };
+                });
+                let out = extension_packet(op::RECONNECT, 0, SERVER_VER, &body);
                 // Past the queue bound, like any push: advice is worth a slot.
                 ch.offer(None, out, self.cfg.push_queue + 1);
             }
@@ -444,9 +466,17 @@ impl CometService for Comet {
         let Some(proto) = req.proto.filter(|_| !req.room_id.is_empty()) else {
             return Err(Status::invalid_argument("rpc broadcast room arg error"));
         };
+        let numbered = (req.offset > 0).then(|| {
+            let count = if proto.op == op::RAW {
+                raw_packets(proto.body.clone()).count() as u64
+            } else {
+                1
+            };
+            Arc::new(numbered(&req.room_id, &req.epoch, req.offset, count))
+        });
         let out = outgoing(proto);
         let room: Arc<str> = req.room_id.into();
-        self.to_buckets(|| BucketJob::Room(room.clone(), out.clone()))
+        self.to_buckets(|| BucketJob::Room(room.clone(), out.clone(), numbered.clone()))
             .await?;
         Ok(BroadcastRoomReply {})
     }

@@ -5,11 +5,12 @@
 //! that is counted by reason in `goim_job_undeliverable`.
 
 pub mod etcd;
+mod history;
 mod metrics;
 mod outbox;
 mod rooms;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use goim_discovery::Departures;
 use goim_proto::comet::{BroadcastReq, PushMsgReq};
 use goim_proto::job::PushReply;
 use goim_proto::logic::push_msg::Type as PushType;
-use goim_proto::logic::PushMsg;
+use goim_proto::logic::{HistoryReply, HistoryReq, PushMsg};
 use goim_proto::op;
 use goim_proto::packet::{Packet, SERVER_VER};
 use goim_proto::protocol::Proto;
@@ -30,6 +31,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
+use history::History;
+pub use history::HistoryConfig;
 pub use metrics::{JobMetrics, Reason};
 use outbox::Delivery;
 use rooms::RoomMsg;
@@ -72,6 +75,16 @@ pub struct JobConfig {
     /// `job_shutdown`.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Room history by room type (the part of the room id before `://`): rooms of a type
+    /// listed here are numbered and their last messages kept, so clients that reconnect can
+    /// recover what they missed (docs/PROTOCOL.md). Types not listed keep none.
+    pub history: BTreeMap<String, HistoryConfig>,
+    /// Most bytes of message bodies all rooms' history holds together.
+    pub history_bytes: usize,
+    /// How long a room's position is remembered after its last message (its messages go
+    /// after their TTL), so a client that missed nothing is told so.
+    #[serde(with = "humantime_serde")]
+    pub history_meta_ttl: Duration,
 }
 
 impl Default for JobConfig {
@@ -87,6 +100,9 @@ impl Default for JobConfig {
             comet_queue: 4096,
             unknown_comet_wait: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
+            history: BTreeMap::new(),
+            history_bytes: 64 << 20,
+            history_meta_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -113,6 +129,8 @@ pub(crate) struct Inner {
     /// re-registering) still gets room batches and broadcasts, delivered once it is back or
     /// counted. Follows every directory change, so a departure is timed when it happens.
     recent: Arc<Departures>,
+    /// Positions and recent messages of rooms whose type keeps history.
+    pub(crate) history: History,
     /// Room batchers, then comet queues: a drain waits for each in turn.
     room_tasks: TaskTracker,
     tasks: TaskTracker,
@@ -178,8 +196,15 @@ impl Job {
             let dir = comets.clone();
             Departures::follow(Arc::downgrade(&recent), changes, move || dir.names());
         }
+        let history = History::new(
+            cfg.history.clone(),
+            cfg.history_bytes,
+            cfg.history_meta_ttl,
+            metrics.clone(),
+        );
         let job = Job {
             inner: Arc::new(Inner {
+                history,
                 cfg,
                 comets,
                 metrics,
@@ -193,6 +218,16 @@ impl Job {
             }),
         };
         job.inner.targets();
+        // Expired history goes even from rooms nobody pushes to any more.
+        let weak = Arc::downgrade(&job.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.history.sweep();
+            }
+        });
         job
     }
 
@@ -296,6 +331,20 @@ impl JobService for Job {
             }
         }
         Ok(PushReply {})
+    }
+
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, Status> {
+        // A draining job numbers nothing more: the next job on the ring does, under its own
+        // epoch, and answers for the room.
+        if self.inner.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("job is draining"));
+        }
+        if req.room.is_empty() || req.room.len() > MAX_ROOM_ID {
+            return Err(Status::invalid_argument(format!(
+                "history needs a room id of 1 to {MAX_ROOM_ID} bytes"
+            )));
+        }
+        Ok(self.inner.history.since(&req))
     }
 }
 

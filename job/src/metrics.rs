@@ -27,6 +27,11 @@ pub struct JobMetrics {
     pub queued: Gauge,
     /// Room batchers alive.
     pub rooms: Gauge,
+    /// Bytes of message bodies kept as room history, and the rooms numbered.
+    pub history_bytes: Gauge,
+    pub history_rooms: Gauge,
+    /// Messages dropped from history before their TTL to keep it under `history_bytes`.
+    pub history_evicted: Counter,
 }
 
 impl JobMetrics {
@@ -54,6 +59,21 @@ impl JobMetrics {
             self.queued.clone(),
         );
         r.register("rooms", "Room batchers alive", self.rooms.clone());
+        r.register(
+            "history_bytes",
+            "Bytes of message bodies kept as room history",
+            self.history_bytes.clone(),
+        );
+        r.register(
+            "history_rooms",
+            "Rooms whose position (and history) this job keeps",
+            self.history_rooms.clone(),
+        );
+        r.register(
+            "history_evicted",
+            "Messages dropped from history early to stay under history_bytes",
+            self.history_evicted.clone(),
+        );
     }
 
     pub(crate) fn undeliverable(&self, reason: &'static str, n: u64) {

@@ -119,7 +119,8 @@ async fn batcher(
     inner.metrics.rooms.dec();
 }
 
-/// Packs a batch into one raw packet and queues it for every comet.
+/// Packs a batch into one raw packet and queues it for every comet, numbered first when the
+/// room keeps history.
 fn flush(inner: &Arc<Inner>, room: &str, batch: Vec<RoomMsg>) {
     let n = batch.len() as u64;
     inner.metrics.queued.dec_by(n as i64);
@@ -136,16 +137,22 @@ fn flush(inner: &Arc<Inner>, room: &str, batch: Vec<RoomMsg>) {
         seq: 0,
         body: buf.freeze(),
     };
-    let comets = inner.targets();
-    if comets.is_empty() {
-        inner.metrics.undeliverable("no_comets", n);
-        return;
-    }
-    for name in comets {
-        let req = BroadcastRoomReq {
-            room_id: room.to_string(),
-            proto: Some(proto.clone()),
-        };
-        inner.enqueue(&name, Delivery::Room(req, n));
-    }
+    let msgs: Vec<(i32, Bytes)> = batch.into_iter().map(|m| (m.op, m.msg)).collect();
+    inner.history.append(room, &msgs, |position| {
+        let comets = inner.targets();
+        if comets.is_empty() {
+            inner.metrics.undeliverable("no_comets", n);
+            return;
+        }
+        let (epoch, offset) = position.map_or((String::new(), 0), |(e, o)| (e.to_string(), o));
+        for name in comets {
+            let req = BroadcastRoomReq {
+                room_id: room.to_string(),
+                proto: Some(proto.clone()),
+                epoch: epoch.clone(),
+                offset,
+            };
+            inner.enqueue(&name, Delivery::Room(req, n));
+        }
+    });
 }

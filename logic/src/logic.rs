@@ -8,7 +8,8 @@ use bytes::Bytes;
 use goim_proto::logic::push_msg::Type as PushType;
 use goim_proto::logic::{
     Backoff, ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply,
-    HeartbeatReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
+    HeartbeatReq, HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg,
+    ReceiveReply, ReceiveReq,
 };
 use goim_proto::service::{JobService, LogicService};
 use goim_proto::MAX_ID;
@@ -407,6 +408,11 @@ impl LogicService for Logic {
             .await
             .map_err(online_status)?;
         Ok(DisconnectReply { has })
+    }
+
+    /// A room's history for a client that reconnects, from the job numbering the room.
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, Status> {
+        self.job.history(req).await
     }
 
     async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status> {

@@ -82,6 +82,9 @@ impl Logic for LogicGrpc {
     async fn receive(&self, r: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
         self.0.receive(r.into_inner()).await.map(Response::new)
     }
+    async fn history(&self, r: Request<HistoryReq>) -> Result<Response<HistoryReply>, Status> {
+        self.0.history(r.into_inner()).await.map(Response::new)
+    }
     async fn nodes(&self, r: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
         self.0.nodes(r.into_inner()).await.map(Response::new)
     }
@@ -101,6 +104,9 @@ pub struct JobGrpc(pub Arc<dyn JobService>);
 impl Job for JobGrpc {
     async fn push(&self, r: Request<PushMsg>) -> Result<Response<PushReply>, Status> {
         self.0.push(r.into_inner()).await.map(Response::new)
+    }
+    async fn history(&self, r: Request<HistoryReq>) -> Result<Response<HistoryReply>, Status> {
+        self.0.history(r.into_inner()).await.map(Response::new)
     }
 }
 
@@ -202,6 +208,10 @@ impl LogicService for RemoteLogic {
         let (mut c, _p) = self.slot().await?;
         Ok(c.nodes(req).await?.into_inner())
     }
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, Status> {
+        let (mut c, _p) = self.slot().await?;
+        Ok(c.history(req).await?.into_inner())
+    }
 }
 
 /// A remote job behind [`JobService`].
@@ -218,6 +228,9 @@ impl RemoteJob {
 impl JobService for RemoteJob {
     async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
         Ok(self.0.clone().push(msg).await?.into_inner())
+    }
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, Status> {
+        Ok(self.0.clone().history(req).await?.into_inner())
     }
 }
 

@@ -13,7 +13,8 @@ use crate::comet::{
 use crate::job::PushReply;
 use crate::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
-    NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
+    HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply,
+    ReceiveReq,
 };
 
 /// comet -> logic (`goim.logic.Logic`).
@@ -27,6 +28,10 @@ pub trait LogicService: Send + Sync + 'static {
     /// goim's `Nodes` RPC (unused by goim itself; the HTTP API is what clients call).
     async fn nodes(&self, _req: NodesReq) -> Result<NodesReply, Status> {
         Err(Status::unimplemented("nodes"))
+    }
+    /// A room's messages after a position (goim-rs; answered by the job sequencing the room).
+    async fn history(&self, _req: HistoryReq) -> Result<HistoryReply, Status> {
+        Err(Status::unimplemented("history"))
     }
 }
 
@@ -44,4 +49,8 @@ pub trait CometService: Send + Sync + 'static {
 #[async_trait]
 pub trait JobService: Send + Sync + 'static {
     async fn push(&self, msg: PushMsg) -> Result<PushReply, Status>;
+    /// A room's messages after a position, from the history this job keeps.
+    async fn history(&self, _req: HistoryReq) -> Result<HistoryReply, Status> {
+        Err(Status::unimplemented("history"))
+    }
 }

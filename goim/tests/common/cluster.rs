@@ -136,15 +136,24 @@ pub fn start_logic(etcd: &Etcd, dir: &std::path::Path, grpc: &str) -> Role {
 }
 
 pub fn start_job(etcd: &Etcd, dir: &std::path::Path, id: &str) -> Role {
-    Role::start(
-        dir,
+    start_job_with(etcd, dir, id, "")
+}
+
+/// A job with extra settings from a config file (`[job]` and its sub-tables).
+pub fn start_job_with(etcd: &Etcd, dir: &std::path::Path, id: &str, job_toml: &str) -> Role {
+    let file = dir.join(format!("{id}.toml"));
+    std::fs::write(&file, format!("[job]\n{job_toml}\n")).unwrap();
+    let a = [
+        "--config",
+        file.to_str().unwrap(),
+        "--grpc",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--id",
         id,
-        &args(
-            etcd,
-            "job",
-            &["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--id", id],
-        ),
-    )
+    ];
+    Role::start(dir, id, &args(etcd, "job", &a))
 }
 
 /// A comet with extra `[comet]` settings from a config file.
@@ -182,12 +191,17 @@ pub fn start_comet(etcd: &Etcd, dir: &std::path::Path, name: &str, logic: &str) 
 
 impl Cluster {
     pub fn start(comets: usize, jobs: usize) -> Cluster {
+        Cluster::start_with(comets, jobs, "")
+    }
+
+    /// With extra `[job]` settings for every job.
+    pub fn start_with(comets: usize, jobs: usize, job_toml: &str) -> Cluster {
         let etcd = Etcd::start();
         let dir = tempfile::tempdir().unwrap();
         let logic = start_logic(&etcd, dir.path(), "127.0.0.1:0");
         let logic_grpc = logic.addr("grpc").to_string();
         let jobs = (0..jobs)
-            .map(|i| start_job(&etcd, dir.path(), &format!("job-{i}")))
+            .map(|i| start_job_with(&etcd, dir.path(), &format!("job-{i}"), job_toml))
             .collect();
         let comets = (0..comets)
             .map(|i| start_comet(&etcd, dir.path(), &format!("comet-{i}"), &logic_grpc))

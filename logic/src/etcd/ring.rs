@@ -8,7 +8,7 @@ use goim_discovery::{JobRecord, WatchCache};
 use goim_proto::grpc::{channel, RemoteJob};
 use goim_proto::job::PushReply;
 use goim_proto::logic::push_msg::Type as PushType;
-use goim_proto::logic::PushMsg;
+use goim_proto::logic::{HistoryReply, HistoryReq, PushMsg};
 use goim_proto::service::JobService;
 use tonic::Status;
 
@@ -113,34 +113,59 @@ pub fn route_of(m: &PushMsg) -> String {
     }
 }
 
-#[async_trait]
-impl JobService for JobRing {
-    async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
-        // The owner first; a job that did not take the push (unreachable, or draining for a
-        // shutdown) passes it to the next one on the ring, so a job restart loses nothing
-        // logic was still handing over. A room's order holds except across such a move.
+impl JobRing {
+    /// Calls the jobs for `route` in ring order until one answers: the owner first; a job
+    /// that did not take the call (unreachable, or draining for a shutdown) passes it to the
+    /// next one, so a job restart loses nothing logic was still handing over.
+    async fn first_that_takes<T, F, Fut>(&self, route: &str, call: F) -> Result<T, Status>
+    where
+        F: Fn(RemoteJob) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
         let mut last = Status::unavailable("no job registered in etcd");
-        for (id, addr) in self.candidates(&route_of(&msg)) {
+        for (id, addr) in self.candidates(route) {
             let r = match self.client(&id, &addr) {
-                Ok(job) => job.push(msg.clone()).await,
+                Ok(job) => call(job).await,
                 Err(e) => Err(e),
             };
             match r {
                 // Refused by a draining job, or the connection failed (a job that exited
-                // meanwhile): the push was not taken there.
+                // meanwhile): the call was not taken there.
                 Err(e)
                     if matches!(
                         e.code(),
                         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                     ) =>
                 {
-                    tracing::debug!(job = %id, error = %e, "job did not take the push; trying the next");
+                    tracing::debug!(job = %id, error = %e, "job did not take the call; trying the next");
                     last = e;
                 }
                 other => return other,
             }
         }
         Err(last)
+    }
+}
+
+#[async_trait]
+impl JobService for JobRing {
+    /// A room's order holds except across a move to the next job (which numbers the room
+    /// under a new epoch, so clients with recovery can tell).
+    async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
+        self.first_that_takes(&route_of(&msg), |job| {
+            let msg = msg.clone();
+            async move { job.push(msg).await }
+        })
+        .await
+    }
+
+    /// Asked of the job that numbers the room now (the same order pushes take).
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, Status> {
+        self.first_that_takes(&req.room.clone(), |job| {
+            let req = req.clone();
+            async move { job.history(req).await }
+        })
+        .await
     }
 }
 
