@@ -75,11 +75,22 @@ pub(crate) struct State {
     pub kicked: bool,
     /// The client said `HELLO`: it understands goim-rs's extension ops.
     pub extended: bool,
-    /// While a `JOIN` recovers history: the room's numbered batches that arrived meanwhile,
-    /// written after the history (and without what it already holds).
-    pub held: Option<Vec<(Numbered, Outgoing)>>,
+    /// A `JOIN` in progress or just done (boxed: nothing while idle).
+    pub recovery: Option<Box<Recovery>>,
+}
+
+/// What a `JOIN` keeps on the channel so the room's batches come once each, after the reply.
+#[derive(Debug, Default)]
+pub(crate) struct Recovery {
+    /// While the room's position (and history) is fetched: its numbered batches that arrived
+    /// meanwhile, written after the reply.
+    held: Option<Vec<(Numbered, Outgoing)>>,
     /// A batch did not fit in `held`: what the recovery returns is not complete.
-    pub held_overflow: bool,
+    overflow: bool,
+    /// After: batches of this epoch up to this offset were in the history sent or came
+    /// before this client's start; some may still be on their way from the job, and are
+    /// not written. Cleared by the first batch past it (nothing older follows it).
+    covered: Option<(Arc<str>, u64)>,
 }
 
 #[derive(Debug)]
@@ -189,20 +200,29 @@ impl Channel {
     }
 
     /// Offers a room batch: with its position first to a connection that speaks the
-    /// extensions, held back while that connection recovers the room's history.
+    /// extensions, held back while that connection's `JOIN` fetches history, and dropped
+    /// when the history it was sent already held it.
     pub fn offer_room(&self, out: &Outgoing, numbered: Option<&Numbered>, cap: usize) -> Offer {
         let mut st = self.state();
         if st.closed {
             return Offer::Closed;
         }
         let numbered = numbered.filter(|_| st.extended);
-        if let (Some(n), Some(held)) = (numbered, st.held.as_mut()) {
-            if held.len() >= cap {
-                st.held_overflow = true;
-                return Offer::Full;
+        if let (Some(n), Some(r)) = (numbered, st.recovery.as_mut()) {
+            if let Some(held) = r.held.as_mut() {
+                if held.len() >= cap {
+                    r.overflow = true;
+                    return Offer::Full;
+                }
+                held.push((n.clone(), out.clone()));
+                return Offer::Queued;
             }
-            held.push((n.clone(), out.clone()));
-            return Offer::Queued;
+            if let Some((epoch, top)) = &r.covered {
+                if **epoch == *n.epoch && n.last() <= *top {
+                    return Offer::Filtered;
+                }
+            }
+            st.recovery = None;
         }
         if st.queue.len() >= cap {
             return Offer::Full;
@@ -221,29 +241,40 @@ impl Channel {
 
     /// From now on the room's numbered batches are held until [`Channel::end_recovery`].
     pub fn begin_recovery(&self) {
-        let mut st = self.state();
-        st.held = Some(Vec::new());
-        st.held_overflow = false;
+        self.state().recovery = Some(Box::new(Recovery {
+            held: Some(Vec::new()),
+            ..Default::default()
+        }));
     }
 
     /// Queues what `first` returns (given whether held batches were lost), then the held
-    /// batches that `keep` accepts, and stops holding. Not bounded by the queue's limit:
-    /// history is bounded by the job's, held batches by the queue's.
+    /// batches past `covered` (the position the reply gave: same epoch, up to that offset),
+    /// and stops holding; batches up to `covered` that arrive later are dropped. Not bounded
+    /// by the queue's limit: history is bounded by the job's, held batches by the queue's.
     pub fn end_recovery(
         &self,
+        covered: (Arc<str>, u64),
         first: impl FnOnce(bool) -> Vec<Outgoing>,
-        keep: impl Fn(&Numbered) -> bool,
     ) {
         let mut st = self.state();
-        let held = st.held.take().unwrap_or_default();
-        let overflow = std::mem::take(&mut st.held_overflow);
+        let r = st.recovery.take().unwrap_or_default();
+        let (epoch, top) = &covered;
+        let is_covered = |n: &Numbered| *n.epoch == **epoch && n.last() <= *top;
         let wake = st.queue.is_empty();
-        st.queue.extend(first(overflow));
-        for (n, out) in held {
-            if keep(&n) {
+        st.queue.extend(first(r.overflow));
+        let mut past = false;
+        for (n, out) in r.held.unwrap_or_default() {
+            if !is_covered(&n) {
+                past = true;
                 st.queue.push_back(n.position);
                 st.queue.push_back(out);
             }
+        }
+        if !past && !epoch.is_empty() {
+            st.recovery = Some(Box::new(Recovery {
+                covered: Some(covered),
+                ..Default::default()
+            }));
         }
         let queued = !st.queue.is_empty();
         drop(st);
@@ -282,6 +313,77 @@ mod tests {
             IpAddr::from([127, 0, 0, 1]),
             &[1000, 1000, 1001],
         )
+    }
+
+    fn numbered(epoch: &str, offset: u64, count: u64) -> Numbered {
+        Numbered {
+            epoch: epoch.into(),
+            offset,
+            count,
+            position: Outgoing::Raw(Bytes::from(format!("pos {offset}"))),
+        }
+    }
+
+    fn queued(c: &Channel) -> Vec<String> {
+        c.take_queue()
+            .into_iter()
+            .map(|o| match o {
+                Outgoing::Raw(b) | Outgoing::Packet { body: b, .. } => {
+                    String::from_utf8(b.to_vec()).unwrap()
+                }
+            })
+            .collect()
+    }
+
+    /// A JOIN's recovery: the room's batches are held while history is fetched, written
+    /// after the reply unless the history covered them, and a covered batch still on its way
+    /// from the job is dropped when it arrives (it came twice before this).
+    #[test]
+    fn recovery_holds_then_writes_each_batch_once() {
+        let c = ch();
+        c.set_extended();
+        let batch = |s: &'static str| Outgoing::Raw(Bytes::from_static(s.as_bytes()));
+        c.begin_recovery();
+        assert_eq!(
+            c.offer_room(&batch("3-4"), Some(&numbered("e", 3, 2)), 8),
+            Offer::Queued
+        );
+        assert_eq!(
+            c.offer_room(&batch("5"), Some(&numbered("e", 5, 1)), 8),
+            Offer::Queued
+        );
+        assert!(queued(&c).is_empty(), "held during the recovery");
+        // History covered up to 4 and was sent with the reply.
+        c.end_recovery(("e".into(), 4), |overflow| {
+            assert!(!overflow);
+            vec![batch("reply"), batch("history 1-4")]
+        });
+        assert_eq!(queued(&c), ["reply", "history 1-4", "pos 5", "5"]);
+        // A batch past the covered one was held, so nothing covered is still on its way (a
+        // job sends a comet its batches in order): no filter is kept.
+        assert!(c.state().recovery.is_none());
+        // Here the history covered up to 9 and nothing past it was held: 8-9, still on its
+        // way from the job when the reply went, is dropped when it arrives.
+        c.begin_recovery();
+        c.end_recovery(("e".into(), 9), |_| vec![batch("reply")]);
+        assert_eq!(
+            c.offer_room(&batch("8-9"), Some(&numbered("e", 8, 2)), 8),
+            Offer::Filtered
+        );
+        assert_eq!(
+            c.offer_room(&batch("10"), Some(&numbered("e", 10, 1)), 8),
+            Offer::Queued
+        );
+        assert_eq!(queued(&c), ["reply", "pos 10", "10"]);
+        // Held batches beyond the queue's bound make the recovery incomplete.
+        c.begin_recovery();
+        for i in 0..3 {
+            c.offer_room(&batch("x"), Some(&numbered("e", 11 + i, 1)), 2);
+        }
+        c.end_recovery(("e".into(), 10), |overflow| {
+            assert!(overflow);
+            Vec::new()
+        });
     }
 
     #[test]

@@ -286,30 +286,28 @@ async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: B
     let req = match serde_json::from_slice::<JoinReq>(&body) {
         Ok(r) if r.room.len() <= goim_proto::MAX_ID => r,
         Ok(_) => {
-            ch.end_recovery(
-                |_| vec![reply(json!({"error": "room id too long"}))],
-                |_| true,
-            );
+            let body = json!({"error": "room id too long"});
+            ch.end_recovery(no_cover(), |_| vec![reply(body)]);
             return;
         }
         Err(e) => {
             let err = format!("bad join: {e}");
-            ch.end_recovery(|_| vec![reply(json!({ "error": err }))], |_| true);
+            ch.end_recovery(no_cover(), |_| vec![reply(json!({ "error": err }))]);
             return;
         }
     };
     let room = req.room;
-    let Some(from) = req.recover else {
-        comet.change_room(ch, &room);
-        ch.end_recovery(|_| vec![reply(json!({ "room": room }))], |_| true);
-        return;
-    };
+    // The room's numbered batches are held from before the join: the reply's position is
+    // where this client starts, and it gets exactly what comes after.
     ch.begin_recovery();
     comet.change_room(ch, &room);
     let asked = HistoryReq {
         room: room.clone(),
-        epoch: from.epoch,
-        offset: from.offset,
+        epoch: req
+            .recover
+            .as_ref()
+            .map_or(String::new(), |p| p.epoch.clone()),
+        offset: req.recover.as_ref().map_or(0, |p| p.offset),
     };
     let got = tokio::time::timeout(HISTORY_TIMEOUT, comet.logic.history(asked)).await;
     let h = match got {
@@ -323,29 +321,32 @@ async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: B
             HistoryReply::default()
         }
     };
-    let recovered = h.recovered;
-    let (epoch, top) = (h.epoch.clone(), h.offset);
-    ch.end_recovery(
-        |overflow| {
-            // A batch that did not fit while held is lost: then nothing is complete.
-            let recovered = recovered && !overflow;
-            let mut items = vec![reply(json!({
-                "room": room,
-                "recovered": recovered,
-                "epoch": h.epoch,
-                "offset": h.offset,
-            }))];
-            let count = raw_packets(h.batch.clone()).count() as u64;
-            if recovered && count > 0 {
-                let n = numbered(&room, &h.epoch, from.offset + 1, count);
-                items.push(n.position);
-                items.push(Outgoing::Raw(h.batch));
-            }
-            items
-        },
-        // What the history holds already (same epoch, up to its top) is not written again.
-        |n| !(recovered && *n.epoch == *epoch && n.last() <= top),
-    );
+    let from = req.recover.map(|p| p.offset);
+    // Numbered up to the reply's position: in the history sent, or before this client's
+    // start. Not written again, even when still on its way.
+    let covered = (Arc::from(h.epoch.as_str()), h.offset);
+    ch.end_recovery(covered, |overflow| {
+        let mut reply_body = json!({ "room": room, "epoch": h.epoch, "offset": h.offset });
+        let Some(from) = from else {
+            return vec![reply(reply_body)];
+        };
+        // A batch that did not fit while held is lost: then nothing is complete.
+        let recovered = h.recovered && !overflow;
+        reply_body["recovered"] = json!(recovered);
+        let mut items = vec![reply(reply_body)];
+        let count = raw_packets(h.batch.clone()).count() as u64;
+        if recovered && count > 0 {
+            let n = numbered(&room, &h.epoch, from + 1, count);
+            items.push(n.position);
+            items.push(Outgoing::Raw(h.batch));
+        }
+        items
+    });
+}
+
+/// No position: nothing is covered.
+fn no_cover() -> (Arc<str>, u64) {
+    (Arc::from(""), 0)
 }
 
 /// What a client's packets may ask of the comet.

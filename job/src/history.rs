@@ -75,6 +75,7 @@ pub(crate) struct History {
     types: BTreeMap<String, HistoryConfig>,
     max_bytes: usize,
     meta_ttl: Duration,
+    max_rooms: usize,
     rooms: Mutex<HashMap<String, Arc<Mutex<Stream>>>>,
     metrics: Arc<JobMetrics>,
 }
@@ -89,12 +90,14 @@ impl History {
         types: BTreeMap<String, HistoryConfig>,
         max_bytes: usize,
         meta_ttl: Duration,
+        max_rooms: usize,
         metrics: Arc<JobMetrics>,
     ) -> Self {
         History {
             types,
             max_bytes,
             meta_ttl,
+            max_rooms,
             rooms: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -110,7 +113,8 @@ impl History {
         if let Some(s) = rooms.get(room) {
             return Some(s.clone());
         }
-        if !create {
+        // Positions are small, but clients can name rooms: bounded like the room batchers.
+        if !create || rooms.len() >= self.max_rooms {
             return None;
         }
         let s = Arc::new(Mutex::new(Stream {
@@ -185,9 +189,10 @@ impl History {
         let Some(cfg) = self.config(&req.room) else {
             return not_recovered(String::new(), 0);
         };
-        let Some(stream) = self.stream(&req.room, false) else {
-            // This job has numbered nothing for the room: whatever the client saw was
-            // numbered by another job or an earlier run.
+        // A room this job has not numbered yet gets its epoch now, so a client that joins
+        // before the first message can still recover from (epoch, 0) later. Whatever a
+        // client saw before was numbered by another job or an earlier run.
+        let Some(stream) = self.stream(&req.room, true) else {
             return not_recovered(String::new(), 0);
         };
         let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
@@ -248,6 +253,7 @@ mod tests {
             types,
             max_bytes,
             Duration::from_secs(600),
+            2,
             Arc::new(JobMetrics::default()),
         )
     }
@@ -313,8 +319,15 @@ mod tests {
         assert!(!h.since(&req("chat://1", "0000000000000000", 5)).recovered);
         // A position past the top is not one this job gave.
         assert!(!h.since(&req("chat://1", &epoch, 9)).recovered);
-        // A room this job never numbered.
-        assert!(!h.since(&req("chat://9", &epoch, 1)).recovered);
+        // A room this job never numbered: not what the client saw, but it is numbered from
+        // now on, so a client that joins now can recover from (epoch, 0) later.
+        let r = h.since(&req("chat://9", &epoch, 1));
+        assert!(!r.recovered && !r.epoch.is_empty() && r.offset == 0);
+        let (e9, first) = append(&h, "chat://9", &msgs(1, 1)).unwrap();
+        assert_eq!((e9.as_str(), first), (r.epoch.as_str(), 1));
+        assert!(h.since(&req("chat://9", &r.epoch, 0)).recovered);
+        // Rooms are bounded (2 here): a third one gets no position.
+        assert!(h.since(&req("chat://10", "", 0)).epoch.is_empty());
         // Expired with time.
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(!h.since(&req("chat://1", &epoch, 4)).recovered);

@@ -200,6 +200,7 @@ impl Job {
             cfg.history.clone(),
             cfg.history_bytes,
             cfg.history_meta_ttl,
+            cfg.max_rooms,
             metrics.clone(),
         );
         let job = Job {
