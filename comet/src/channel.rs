@@ -28,10 +28,13 @@ pub enum Outgoing {
     },
 }
 
-/// A room batch's place in its room's numbering (the room keeps history), for connections
-/// that speak the extensions: they get `position` (a `POSITION` packet) before the batch.
+/// A batch's place in its stream's numbering (a room's, or a user's, when the jobs keep its
+/// history), for connections that speak the extensions: they get `position` (a `POSITION`
+/// packet) before the batch.
 #[derive(Debug, Clone)]
 pub struct Numbered {
+    /// What is numbered: a room id, or `user` (the connection's user).
+    pub stream: Arc<str>,
     pub epoch: Arc<str>,
     /// Offset of the batch's first message; the rest follow one by one.
     pub offset: u64,
@@ -75,13 +78,17 @@ pub(crate) struct State {
     pub kicked: bool,
     /// The client said `HELLO`: it understands goim-rs's extension ops.
     pub extended: bool,
-    /// A `JOIN` in progress or just done (boxed: nothing while idle).
-    pub recovery: Option<Box<Recovery>>,
+    /// `JOIN`s or `RECOVER`s in progress or just done, one per stream. Boxed: 8 bytes on
+    /// every connection instead of a Vec's 24 (bytes per idle connection are a measured goal).
+    #[allow(clippy::box_collection)]
+    pub recovery: Option<Box<Vec<Recovery>>>,
 }
 
-/// What a `JOIN` keeps on the channel so the room's batches come once each, after the reply.
+/// What a recovery keeps on the channel so its stream's batches come once each, after the
+/// reply.
 #[derive(Debug, Default)]
 pub(crate) struct Recovery {
+    stream: Arc<str>,
     /// While the room's position (and history) is fetched: its numbered batches that arrived
     /// meanwhile, written after the reply.
     held: Option<Vec<(Numbered, Outgoing)>>,
@@ -199,30 +206,54 @@ impl Channel {
         self.state().extended
     }
 
-    /// Offers a room batch: with its position first to a connection that speaks the
-    /// extensions, held back while that connection's `JOIN` fetches history, and dropped
-    /// when the history it was sent already held it.
+    /// Offers a room batch (see [`Channel::offer_numbered`]); rooms are not filtered by op.
     pub fn offer_room(&self, out: &Outgoing, numbered: Option<&Numbered>, cap: usize) -> Offer {
+        self.offer_numbered(out, numbered, None, cap)
+    }
+
+    /// Offers a push that may be numbered: with its position first to a connection that
+    /// speaks the extensions (which then gets every message of the stream, whatever ops it
+    /// watches, so offsets have no holes), held back while that connection recovers the
+    /// stream, and dropped when the history it was sent already held it. Otherwise as
+    /// [`Channel::offer`].
+    pub fn offer_numbered(
+        &self,
+        out: &Outgoing,
+        numbered: Option<&Numbered>,
+        op: Option<i32>,
+        cap: usize,
+    ) -> Offer {
         let mut st = self.state();
         if st.closed {
             return Offer::Closed;
         }
         let numbered = numbered.filter(|_| st.extended);
-        if let (Some(n), Some(r)) = (numbered, st.recovery.as_mut()) {
-            if let Some(held) = r.held.as_mut() {
-                if held.len() >= cap {
-                    r.overflow = true;
-                    return Offer::Full;
+        match (numbered, op) {
+            (None, Some(op)) if st.accepts.binary_search(&op).is_err() => return Offer::Filtered,
+            _ => {}
+        }
+        if let (Some(n), Some(list)) = (numbered, st.recovery.as_mut()) {
+            if let Some(i) = list.iter().position(|r| r.stream == n.stream) {
+                let r = &mut list[i];
+                if let Some(held) = r.held.as_mut() {
+                    if held.len() >= cap {
+                        r.overflow = true;
+                        return Offer::Full;
+                    }
+                    held.push((n.clone(), out.clone()));
+                    return Offer::Queued;
                 }
-                held.push((n.clone(), out.clone()));
-                return Offer::Queued;
-            }
-            if let Some((epoch, top)) = &r.covered {
-                if **epoch == *n.epoch && n.last() <= *top {
-                    return Offer::Filtered;
+                if let Some((epoch, top)) = &r.covered {
+                    if **epoch == *n.epoch && n.last() <= *top {
+                        return Offer::Filtered;
+                    }
+                }
+                // Past the covered position: nothing older can follow.
+                list.remove(i);
+                if list.is_empty() {
+                    st.recovery = None;
                 }
             }
-            st.recovery = None;
         }
         if st.queue.len() >= cap {
             return Offer::Full;
@@ -239,25 +270,46 @@ impl Channel {
         Offer::Queued
     }
 
-    /// From now on the room's numbered batches are held until [`Channel::end_recovery`].
-    pub fn begin_recovery(&self) {
-        self.state().recovery = Some(Box::new(Recovery {
-            held: Some(Vec::new()),
-            ..Default::default()
-        }));
+    /// From now on `stream`'s numbered batches are held until [`Channel::end_recovery`]. A
+    /// recovery of the stream that is already holding goes on holding.
+    pub fn begin_recovery(&self, stream: &str) {
+        let mut st = self.state();
+        let list = st.recovery.get_or_insert_with(Default::default);
+        match list.iter_mut().find(|r| &*r.stream == stream) {
+            Some(r) if r.held.is_some() => {}
+            Some(r) => {
+                r.held = Some(Vec::new());
+                r.overflow = false;
+                r.covered = None;
+            }
+            None => list.push(Recovery {
+                stream: stream.into(),
+                held: Some(Vec::new()),
+                ..Default::default()
+            }),
+        }
     }
 
     /// Queues what `first` returns (given whether held batches were lost), then the held
-    /// batches past `covered` (the position the reply gave: same epoch, up to that offset),
-    /// and stops holding; batches up to `covered` that arrive later are dropped. Not bounded
-    /// by the queue's limit: history is bounded by the job's, held batches by the queue's.
+    /// batches of `stream` past `covered` (the position the reply gave: same epoch, up to
+    /// that offset), and stops holding; batches up to `covered` that arrive later are
+    /// dropped. Not bounded by the queue's limit: history is bounded by the job's, held
+    /// batches by the queue's.
     pub fn end_recovery(
         &self,
+        stream: &str,
         covered: (Arc<str>, u64),
         first: impl FnOnce(bool) -> Vec<Outgoing>,
     ) {
         let mut st = self.state();
-        let r = st.recovery.take().unwrap_or_default();
+        let r = st
+            .recovery
+            .as_mut()
+            .and_then(|list| {
+                let i = list.iter().position(|r| &*r.stream == stream)?;
+                Some(list.remove(i))
+            })
+            .unwrap_or_default();
         let (epoch, top) = &covered;
         let is_covered = |n: &Numbered| *n.epoch == **epoch && n.last() <= *top;
         let wake = st.queue.is_empty();
@@ -271,10 +323,16 @@ impl Channel {
             }
         }
         if !past && !epoch.is_empty() {
-            st.recovery = Some(Box::new(Recovery {
-                covered: Some(covered),
-                ..Default::default()
-            }));
+            st.recovery
+                .get_or_insert_with(Default::default)
+                .push(Recovery {
+                    stream: stream.into(),
+                    covered: Some(covered),
+                    ..Default::default()
+                });
+        }
+        if st.recovery.as_ref().is_some_and(|l| l.is_empty()) {
+            st.recovery = None;
         }
         let queued = !st.queue.is_empty();
         drop(st);
@@ -317,6 +375,7 @@ mod tests {
 
     fn numbered(epoch: &str, offset: u64, count: u64) -> Numbered {
         Numbered {
+            stream: "chat://1".into(),
             epoch: epoch.into(),
             offset,
             count,
@@ -343,7 +402,7 @@ mod tests {
         let c = ch();
         c.set_extended();
         let batch = |s: &'static str| Outgoing::Raw(Bytes::from_static(s.as_bytes()));
-        c.begin_recovery();
+        c.begin_recovery("chat://1");
         assert_eq!(
             c.offer_room(&batch("3-4"), Some(&numbered("e", 3, 2)), 8),
             Offer::Queued
@@ -354,7 +413,7 @@ mod tests {
         );
         assert!(queued(&c).is_empty(), "held during the recovery");
         // History covered up to 4 and was sent with the reply.
-        c.end_recovery(("e".into(), 4), |overflow| {
+        c.end_recovery("chat://1", ("e".into(), 4), |overflow| {
             assert!(!overflow);
             vec![batch("reply"), batch("history 1-4")]
         });
@@ -364,8 +423,8 @@ mod tests {
         assert!(c.state().recovery.is_none());
         // Here the history covered up to 9 and nothing past it was held: 8-9, still on its
         // way from the job when the reply went, is dropped when it arrives.
-        c.begin_recovery();
-        c.end_recovery(("e".into(), 9), |_| vec![batch("reply")]);
+        c.begin_recovery("chat://1");
+        c.end_recovery("chat://1", ("e".into(), 9), |_| vec![batch("reply")]);
         assert_eq!(
             c.offer_room(&batch("8-9"), Some(&numbered("e", 8, 2)), 8),
             Offer::Filtered
@@ -376,11 +435,11 @@ mod tests {
         );
         assert_eq!(queued(&c), ["reply", "pos 10", "10"]);
         // Held batches beyond the queue's bound make the recovery incomplete.
-        c.begin_recovery();
+        c.begin_recovery("chat://1");
         for i in 0..3 {
             c.offer_room(&batch("x"), Some(&numbered("e", 11 + i, 1)), 2);
         }
-        c.end_recovery(("e".into(), 10), |overflow| {
+        c.end_recovery("chat://1", ("e".into(), 10), |overflow| {
             assert!(overflow);
             Vec::new()
         });

@@ -25,7 +25,7 @@ use tonic::Status;
 use crate::channel::{Channel, Outgoing};
 use crate::connection::{ConnError, Connection, Limits, Transport};
 use crate::handler::{Handler, HandlerLimits, RateLimited, Replies, Session};
-use crate::server::{extension_packet, numbered, Comet};
+use crate::server::{extension_packet, numbered, Comet, USER_STREAM};
 use crate::ws;
 
 /// How a connection ended.
@@ -165,6 +165,14 @@ async fn handshake(
         reply.presence_revision,
         std::sync::atomic::Ordering::Relaxed,
     );
+    // A client that sends HELLO and RECOVER with its AUTH (in one write) has its user's
+    // numbered pushes held from the start: none reaches it before the recovery's reply.
+    if pending.front().is_some_and(|p| p.op == op::HELLO) {
+        ch.set_extended();
+        if pending.get(1).is_some_and(|p| p.op == op::RECOVER) {
+            ch.begin_recovery(USER_STREAM);
+        }
+    }
     comet.register(&ch, &reply.room_id);
     // Registration is the last step under the handshake deadline and has no await after it:
     // a timeout can never leave a registered channel behind. The reply is written by the
@@ -287,45 +295,30 @@ async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: B
         Ok(r) if r.room.len() <= goim_proto::MAX_ID => r,
         Ok(_) => {
             let body = json!({"error": "room id too long"});
-            ch.end_recovery(no_cover(), |_| vec![reply(body)]);
+            ch.end_recovery("", no_cover(), |_| vec![reply(body)]);
             return;
         }
         Err(e) => {
             let err = format!("bad join: {e}");
-            ch.end_recovery(no_cover(), |_| vec![reply(json!({ "error": err }))]);
+            ch.end_recovery("", no_cover(), |_| vec![reply(json!({ "error": err }))]);
             return;
         }
     };
     let room = req.room;
     // The room's numbered batches are held from before the join: the reply's position is
     // where this client starts, and it gets exactly what comes after.
-    ch.begin_recovery();
+    ch.begin_recovery(&room);
     comet.change_room(ch, &room);
-    let asked = HistoryReq {
-        room: room.clone(),
-        epoch: req
-            .recover
-            .as_ref()
-            .map_or(String::new(), |p| p.epoch.clone()),
-        offset: req.recover.as_ref().map_or(0, |p| p.offset),
-    };
-    let got = tokio::time::timeout(HISTORY_TIMEOUT, comet.logic.history(asked)).await;
-    let h = match got {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            tracing::debug!(key = %ch.key, %room, error = %e.message(), "history failed");
-            HistoryReply::default()
-        }
-        Err(_) => {
-            tracing::debug!(key = %ch.key, %room, "history timed out");
-            HistoryReply::default()
-        }
-    };
-    let from = req.recover.map(|p| p.offset);
+    let from = req.recover.as_ref().map(|p| p.offset);
+    let since = req.recover.unwrap_or(Position {
+        epoch: String::new(),
+        offset: 0,
+    });
+    let h = history(comet, ch, room.clone(), since).await;
     // Numbered up to the reply's position: in the history sent, or before this client's
     // start. Not written again, even when still on its way.
     let covered = (Arc::from(h.epoch.as_str()), h.offset);
-    ch.end_recovery(covered, |overflow| {
+    ch.end_recovery(&room.clone(), covered, |overflow| {
         let mut reply_body = json!({ "room": room, "epoch": h.epoch, "offset": h.offset });
         let Some(from) = from else {
             return vec![reply(reply_body)];
@@ -337,6 +330,72 @@ async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: B
         let count = raw_packets(h.batch.clone()).count() as u64;
         if recovered && count > 0 {
             let n = numbered(&room, &h.epoch, from + 1, count);
+            items.push(n.position);
+            items.push(Outgoing::Raw(h.batch));
+        }
+        items
+    });
+}
+
+/// The body of an extension `RECOVER` (docs/PROTOCOL.md).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverReq {
+    user: Position,
+}
+
+/// The history of `stream` (job's name for it) after `from`, or "not recovered" when it
+/// cannot be had within [`HISTORY_TIMEOUT`].
+async fn history(comet: &Comet, ch: &Channel, stream: String, from: Position) -> HistoryReply {
+    let asked = HistoryReq {
+        room: stream,
+        epoch: from.epoch,
+        offset: from.offset,
+    };
+    match tokio::time::timeout(HISTORY_TIMEOUT, comet.logic.history(asked)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::debug!(key = %ch.key, error = %e.message(), "history failed");
+            HistoryReply::default()
+        }
+        Err(_) => {
+            tracing::debug!(key = %ch.key, "history timed out");
+            HistoryReply::default()
+        }
+    }
+}
+
+/// Recovers the pushes to this connection's user since its position, as `join` does for a
+/// room: numbered user pushes are held meanwhile (from the handshake on, when the client
+/// sent `HELLO` and `RECOVER` with its `AUTH`), then written after the missed ones.
+async fn recover(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: Bytes) {
+    let reply = |v: serde_json::Value| extension_packet(op::RECOVER_REPLY, seq, ver, &v);
+    let req = match serde_json::from_slice::<RecoverReq>(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let err = format!("bad recover: {e}");
+            // A hold begun at the handshake ends here too.
+            ch.end_recovery(USER_STREAM, no_cover(), |_| {
+                vec![reply(json!({ "error": err }))]
+            });
+            return;
+        }
+    };
+    ch.begin_recovery(USER_STREAM);
+    let from = req.user.offset;
+    let h = history(comet, ch, format!("user://{}", ch.mid), req.user).await;
+    let covered = (Arc::from(h.epoch.as_str()), h.offset);
+    ch.end_recovery(USER_STREAM, covered, |overflow| {
+        let recovered = h.recovered && !overflow;
+        let mut items = vec![reply(json!({
+            "stream": USER_STREAM,
+            "recovered": recovered,
+            "epoch": h.epoch,
+            "offset": h.offset,
+        }))];
+        let count = raw_packets(h.batch.clone()).count() as u64;
+        if recovered && count > 0 {
+            let n = numbered(USER_STREAM, &h.epoch, from + 1, count);
             items.push(n.position);
             items.push(Outgoing::Raw(h.batch));
         }
@@ -359,6 +418,16 @@ impl Session for Arc<Comet> {
         body: Bytes,
     ) -> impl Future<Output = ()> + Send {
         join(self, ch, ver, seq, body)
+    }
+
+    fn recover(
+        &self,
+        ch: &Arc<Channel>,
+        ver: i16,
+        seq: i32,
+        body: Bytes,
+    ) -> impl Future<Output = ()> + Send {
+        recover(self, ch, ver, seq, body)
     }
 
     fn change_room(&self, ch: &Arc<Channel>, room: &str) {

@@ -35,6 +35,15 @@ pub trait Session {
         seq: i32,
         body: bytes::Bytes,
     ) -> impl Future<Output = ()> + Send;
+    /// An extension `RECOVER`: what was pushed to this connection's user since a position,
+    /// ahead of the next pushes, as for `join`.
+    fn recover(
+        &self,
+        ch: &Arc<Channel>,
+        ver: i16,
+        seq: i32,
+        body: bytes::Bytes,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Where replies go: the connection's write buffer, or a list in tests.
@@ -172,6 +181,7 @@ impl Handler {
                 out.reply(p.ver, op::HELLO_REPLY, p.seq, reply.as_bytes());
             }
             op::JOIN if ch.is_extended() => session.join(ch, p.ver, p.seq, p.body).await,
+            op::RECOVER if ch.is_extended() => session.recover(ch, p.ver, p.seq, p.body).await,
             op::SUB | op::UNSUB => {
                 if let Some(ops) = parse_ops(&p.body) {
                     if p.op == op::SUB {
@@ -272,6 +282,9 @@ mod tests {
             *self.renewals.lock().unwrap() += 1;
         }
         async fn join(&self, _: &Arc<Channel>, _: i16, _: i32, body: bytes::Bytes) {
+            self.joins.lock().unwrap().push(body.to_vec());
+        }
+        async fn recover(&self, _: &Arc<Channel>, _: i16, _: i32, body: bytes::Bytes) {
             self.joins.lock().unwrap().push(body.to_vec());
         }
     }

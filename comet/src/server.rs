@@ -85,15 +85,19 @@ pub(crate) fn extension_packet(op: i32, seq: i32, ver: i16, body: &serde_json::V
     }
 }
 
-/// The numbering of `count` room messages from `offset`, with its `POSITION` packet.
-pub(crate) fn numbered(room: &str, epoch: &str, offset: u64, count: u64) -> Numbered {
+/// The user stream's name on the wire; job numbers it as `user://{mid}`.
+pub(crate) const USER_STREAM: &str = "user";
+
+/// The numbering of `count` messages of `stream` from `offset`, with its `POSITION` packet.
+pub(crate) fn numbered(stream: &str, epoch: &str, offset: u64, count: u64) -> Numbered {
     let body = serde_json::json!({
-        "room": room,
+        "stream": stream,
         "epoch": epoch,
         "offset": offset,
         "count": count,
     });
     Numbered {
+        stream: stream.into(),
         epoch: epoch.into(),
         offset,
         count,
@@ -410,16 +414,22 @@ impl CometService for Comet {
                 "rpc pushmsg: mids must be parallel to keys",
             ));
         }
+        // A numbered push to a user: its position goes first to clients that speak the
+        // extensions.
+        let numbered = (req.offset > 0).then(|| numbered(USER_STREAM, &req.epoch, req.offset, 1));
         let out = outgoing(proto);
         let mut d = Delivery::default();
         let (mut absent, mut wrong_user) = (0, 0);
+        let cap = self.cfg.push_queue;
         // Unlike goim, a full queue on one key does not skip the remaining keys.
         for (i, key) in req.keys.iter().enumerate() {
             match self.bucket(key).get(key) {
                 // A push to a user goes only to that user's connection: the key may have
                 // been reused by another user since logic looked it up.
                 Some(ch) if req.mids.get(i).is_some_and(|&mid| mid != ch.mid) => wrong_user += 1,
-                Some(ch) => d.add(ch.offer(Some(req.proto_op), out.clone(), self.cfg.push_queue)),
+                Some(ch) => {
+                    d.add(ch.offer_numbered(&out, numbered.as_ref(), Some(req.proto_op), cap))
+                }
                 None => absent += 1,
             }
         }

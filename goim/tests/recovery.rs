@@ -119,7 +119,7 @@ async fn push_room(http: SocketAddr, n: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reconnects_gets_what_it_missed_once_and_in_order() {
-    let c = tokio::task::spawn_blocking(|| Cluster::start_with(2, 2, HISTORY))
+    let c = tokio::task::spawn_blocking(|| Cluster::start_with(2, 2, HISTORY, ""))
         .await
         .unwrap();
     let http = c.http();
@@ -166,7 +166,7 @@ async fn a_client_that_reconnects_gets_what_it_missed_once_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_rooms_job_dies_a_rejoining_client_is_told_not_recovered() {
-    let mut c = tokio::task::spawn_blocking(|| Cluster::start_with(1, 2, HISTORY))
+    let mut c = tokio::task::spawn_blocking(|| Cluster::start_with(1, 2, HISTORY, ""))
         .await
         .unwrap();
     let http = c.http();
@@ -263,7 +263,7 @@ async fn rolling_every_comet_loses_nothing_for_clients_that_recover() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
 
-    let mut c = tokio::task::spawn_blocking(|| Cluster::start_with(0, 1, HISTORY))
+    let mut c = tokio::task::spawn_blocking(|| Cluster::start_with(0, 1, HISTORY, ""))
         .await
         .unwrap();
     let logic_grpc = c.logic.addr("grpc").to_string();
@@ -355,4 +355,94 @@ async fn rolling_every_comet_loses_nothing_for_clients_that_recover() {
     );
     drop(comets);
     c.comets.clear();
+}
+
+const USER_STREAMS: &str = "[job.history.user]\nsize = 1000\nttl = \"5m\"";
+
+impl Ext {
+    /// Connects as user `mid` sending AUTH, HELLO and RECOVER in one write (so nothing
+    /// pushed to the user can come before the recovery's reply); returns the RECOVER_REPLY.
+    async fn recovering_user(
+        addr: SocketAddr,
+        mid: i64,
+        key: &str,
+        from: (&str, u64),
+    ) -> (Ext, Value) {
+        let mut c = Client::connect(Transport::Tcp, addr, None).await.unwrap();
+        let recover = json!({"user": {"epoch": from.0, "offset": from.1}}).to_string();
+        let mut hello = goim_client::encode(1, op::AUTH, 1, &token(mid, key, "", &[]));
+        hello.extend(goim_client::encode(1, op::HELLO, 2, br#"{"v":1}"#));
+        hello.extend(goim_client::encode(1, op::RECOVER, 3, recover.as_bytes()));
+        c.send_bytes(&hello).await.unwrap();
+        let mut ext = Ext {
+            c,
+            got: Vec::new(),
+            next: None,
+            pos: None,
+        };
+        loop {
+            let p = ext.recv().await;
+            if p.op == op::RECOVER_REPLY {
+                let v: Value = serde_json::from_slice(&p.body).unwrap();
+                ext.pos = Some((
+                    v["epoch"].as_str().unwrap().to_string(),
+                    v["offset"].as_u64().unwrap(),
+                ));
+                return (ext, v);
+            }
+        }
+    }
+}
+
+async fn push_user(http: SocketAddr, mid: i64, n: u32) {
+    push(
+        http,
+        &format!("/goim/push/mids?operation=1000&mids={mid}"),
+        n.to_string().as_bytes(),
+    )
+    .await;
+}
+
+/// Issue 9 for users: pushes to a user are numbered in the user's stream (also while the
+/// user is offline); a client that comes back with its last position gets what it missed,
+/// once and in order, then the live pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_reconnects_gets_the_pushes_it_missed_once_and_in_order() {
+    let c = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(2, 2, USER_STREAMS, "user_streams = true")
+    })
+    .await
+    .unwrap();
+    let http = c.http();
+    let (mut a, reply) =
+        Ext::recovering_user(c.comet(0, Transport::Tcp), 7, "phone", ("", 0)).await;
+    // Nothing to recover the first time, but the stream's position is known from here on.
+    assert_eq!(reply["recovered"], false, "{reply}");
+    for n in 1..=5 {
+        push_user(http, 7, n).await;
+    }
+    a.until("5").await;
+    let (epoch, seen) = a.last();
+    assert_eq!(seen, 5);
+    drop(a);
+    // Missed while offline, then more while it comes back on the other comet.
+    for n in 6..=10 {
+        push_user(http, 7, n).await;
+    }
+    let pusher = tokio::spawn(async move {
+        for n in 11..=40 {
+            push_user(http, 7, n).await;
+        }
+    });
+    let (mut b, reply) =
+        Ext::recovering_user(c.comet(1, Transport::Tcp), 7, "phone", (&epoch, seen)).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(reply["stream"], "user");
+    pusher.await.unwrap();
+    b.until("40").await;
+    let bodies: Vec<String> = b.got.iter().map(|g| g.2.clone()).collect();
+    let want: Vec<String> = (6..=40).map(|n| n.to_string()).collect();
+    assert_eq!(bodies, want, "every missed and live push once, in order");
+    let offsets: Vec<u64> = b.got.iter().map(|g| g.1).collect();
+    assert_eq!(offsets, (6..=40).collect::<Vec<u64>>());
 }

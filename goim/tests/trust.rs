@@ -65,6 +65,7 @@ async fn comet_refuses_a_user_push_to_another_users_connection() {
             body: body.into(),
         }),
         mids: vec![mid],
+        ..Default::default()
     };
     s.comet().push_msg(req(100, b"for-A")).await.unwrap();
     s.comet().push_msg(req(200, b"for-B")).await.unwrap();

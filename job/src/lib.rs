@@ -238,8 +238,53 @@ impl Job {
             proto_op: m.operation,
             proto: Some(raw_single(m.operation, m.msg)),
             mids: m.mids,
+            ..Default::default()
         };
         self.inner.enqueue(&m.server, Delivery::Keys(req));
+    }
+
+    /// A push to one user whose messages are numbered: numbered once in the user's stream
+    /// (and kept, when `[job.history.user]` says so), even with no connection to deliver to
+    /// (the user may be reconnecting), then handed to the comet of each key with its
+    /// position.
+    fn push_user(&self, m: PushMsg) -> Result<(), Status> {
+        if !m.stream.starts_with("user://") || m.stream.len() > MAX_ROOM_ID {
+            return Err(Status::invalid_argument(format!(
+                "a numbered push names a user://{{mid}} stream of at most {MAX_ROOM_ID} bytes"
+            )));
+        }
+        if m.servers.len() != m.keys.len() || m.mids.len() != m.keys.len() {
+            return Err(Status::invalid_argument(
+                "a numbered push names a comet and a user for every key",
+            ));
+        }
+        let inner = &self.inner;
+        let proto = raw_single(m.operation, m.msg.clone());
+        inner
+            .history
+            .append(&m.stream, &[(m.operation, m.msg)], |position| {
+                let (epoch, offset) =
+                    position.map_or((String::new(), 0), |(e, o)| (e.to_string(), o));
+                let mut by: BTreeMap<String, (Vec<String>, Vec<i64>)> = BTreeMap::new();
+                for ((key, mid), server) in m.keys.into_iter().zip(m.mids).zip(m.servers) {
+                    let e = by.entry(server).or_default();
+                    e.0.push(key);
+                    e.1.push(mid);
+                }
+                for (server, (keys, mids)) in by {
+                    let req = PushMsgReq {
+                        keys,
+                        proto_op: m.operation,
+                        proto: Some(proto.clone()),
+                        mids,
+                        stream: m.stream.clone(),
+                        epoch: epoch.clone(),
+                        offset,
+                    };
+                    inner.enqueue(&server, Delivery::Keys(req));
+                }
+            });
+        Ok(())
     }
 
     fn broadcast(&self, m: PushMsg) {
@@ -310,6 +355,7 @@ impl JobService for Job {
             return Err(Status::unavailable("job is draining"));
         }
         match PushType::try_from(m.r#type) {
+            Ok(PushType::Push) if !m.stream.is_empty() => self.push_user(m)?,
             Ok(PushType::Push) => self.push_keys(m),
             Ok(PushType::Room) => {
                 if m.room.is_empty() || m.room.len() > MAX_ROOM_ID {
@@ -591,6 +637,52 @@ mod tests {
         let other = &f.recs[1];
         until(other, || other.rooms.lock().unwrap().len() == 1).await;
         assert_eq!(f.metrics.undeliverable_count("unknown_comet"), 0);
+    }
+
+    /// A push to a numbered user: one position for the message, whichever comets its keys
+    /// are on; numbered (and kept) with no key at all, for the user's next recovery.
+    #[tokio::test]
+    async fn a_numbered_user_push_is_numbered_once_and_kept_while_offline() {
+        let cfg = JobConfig {
+            history: BTreeMap::from([("user".to_string(), HistoryConfig::default())]),
+            ..Default::default()
+        };
+        let f = job_with(cfg, vec![Recorder::default(), Recorder::default()]);
+        let mut m = msg(PushType::Push);
+        m.stream = "user://7".into();
+        m.keys = vec!["a".into(), "b".into(), "c".into()];
+        m.mids = vec![7, 7, 7];
+        m.servers = vec!["c0".into(), "c1".into(), "c0".into()];
+        f.job.push(m.clone()).await.unwrap();
+        for (r, keys) in f.recs.iter().zip([vec!["a", "c"], vec!["b"]]) {
+            until(r, || !r.pushes.lock().unwrap().is_empty()).await;
+            let got = r.pushes.lock().unwrap()[0].clone();
+            assert_eq!(got.keys, keys);
+            assert_eq!((got.stream.as_str(), got.offset), ("user://7", 1));
+        }
+        // Offline: nothing to deliver, numbered and kept all the same.
+        m.keys.clear();
+        m.mids.clear();
+        m.servers.clear();
+        f.job.push(m.clone()).await.unwrap();
+        let epoch = f.recs[0].pushes.lock().unwrap()[0].epoch.clone();
+        let h = f
+            .job
+            .history(HistoryReq {
+                room: "user://7".into(),
+                epoch,
+                offset: 1,
+            })
+            .await
+            .unwrap();
+        assert!(h.recovered);
+        assert_eq!(h.offset, 2);
+        // Keys, users and comets must line up.
+        m.keys = vec!["a".into()];
+        assert_eq!(
+            f.job.push(m).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 
     #[tokio::test]

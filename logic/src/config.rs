@@ -17,6 +17,10 @@ pub struct LogicConfig {
     /// Largest push body accepted by the HTTP API. goim clients refuse packets over 4112
     /// bytes, so a larger body would break every recipient; it is refused with -400 instead.
     pub max_message: usize,
+    /// Number the pushes to each user (`/goim/push/mids`) in a stream of its own, so clients
+    /// that speak the extensions can recover them after a reconnect (docs/PROTOCOL.md). The
+    /// jobs keep them with `[job.history.user]`. Each user in a push is then its own job call.
+    pub user_streams: bool,
     pub node: NodeConfig,
     pub backoff: BackoffConfig,
 }
@@ -48,6 +52,7 @@ impl Default for LogicConfig {
             heartbeat: Duration::from_secs(240),
             heartbeat_max: 2,
             max_message: goim_proto::packet::MAX_BODY,
+            user_streams: false,
             node: NodeConfig::default(),
             backoff: BackoffConfig::default(),
         }

@@ -1,6 +1,6 @@
 //! The logic role: auth and presence for comets, push requests for the HTTP API, room counts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -22,7 +22,7 @@ use tonic::Status;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::LogicConfig;
 use crate::nodes::{Balancer, CometInstance, NodeSource};
-use crate::online::{OnlineError, OnlineStore, Origin};
+use crate::online::{OnlineError, OnlineStore, Origin, UserKeysByServer};
 
 /// Why a push request failed; the HTTP layer maps these to goim's codes.
 #[derive(Debug, thiserror::Error)]
@@ -224,12 +224,54 @@ impl Logic {
         }
         self.count("mids");
         let complete = by.complete;
+        if self.cfg.user_streams {
+            self.push_user_streams(op, &mids, by.servers, msg).await?;
+            return Ok(self.targeted(found, complete));
+        }
         let servers = by.servers.into_iter().map(|(server, pairs)| {
             let (keys, mids) = pairs.into_iter().unzip();
             (server, keys, mids)
         });
         self.push_by_server(op, servers, msg).await?;
         Ok(self.targeted(found, complete))
+    }
+
+    /// One call per user, to the job numbering that user's stream: every key of the user
+    /// (on any comet), or none when the user is offline (the message is still numbered and
+    /// kept for the user's next recovery).
+    async fn push_user_streams(
+        &self,
+        op: i32,
+        mids: &[i64],
+        servers: UserKeysByServer,
+        msg: Bytes,
+    ) -> Result<(), PushError> {
+        let mut per_user: BTreeMap<i64, PushMsg> = mids
+            .iter()
+            .map(|&mid| {
+                let m = PushMsg {
+                    r#type: PushType::Push as i32,
+                    operation: op,
+                    stream: format!("user://{mid}"),
+                    msg: msg.clone(),
+                    ..Default::default()
+                };
+                (mid, m)
+            })
+            .collect();
+        for (server, pairs) in servers {
+            for (key, mid) in pairs {
+                if let Some(m) = per_user.get_mut(&mid) {
+                    m.keys.push(key);
+                    m.mids.push(mid);
+                    m.servers.push(server.clone());
+                }
+            }
+        }
+        for m in per_user.into_values() {
+            self.to_job(m).await?;
+        }
+        Ok(())
     }
 
     fn targeted(&self, keys_found: usize, presence_complete: bool) -> Targeted {

@@ -29,11 +29,16 @@ pub const HELLO_REPLY: i32 = 21;
 /// s→c: the server is draining; reconnect (to another node) after `after_ms`. JSON body
 /// `{"reason":"drain","after_ms":N}`. The server closes the connection soon after.
 pub const RECONNECT: i32 = 22;
-/// s→c: the next `count` packets are room messages numbered `offset`.. in the room's
-/// `epoch`. JSON body `{"room":R,"epoch":E,"offset":N,"count":C}`.
+/// s→c: the next `count` packets are messages of `stream` (a room id, or `user`) numbered
+/// `offset`.. in its `epoch`. JSON body `{"stream":S,"epoch":E,"offset":N,"count":C}`.
 pub const POSITION: i32 = 23;
 /// c→s: join a room, optionally recovering what was missed since a position. JSON body
 /// `{"room":R,"recover":{"epoch":E,"offset":N}}` (`recover` optional).
 pub const JOIN: i32 = 24;
 /// s→c: JSON body `{"room":R,"recovered":B,"epoch":E,"offset":N}` (or `{"error":...}`).
 pub const JOIN_REPLY: i32 = 25;
+/// c→s: recover the user's stream (pushes to this user) since a position. JSON body
+/// `{"user":{"epoch":E,"offset":N}}`.
+pub const RECOVER: i32 = 26;
+/// s→c: JSON body `{"stream":"user","recovered":B,"epoch":E,"offset":N}` (or `{"error":...}`).
+pub const RECOVER_REPLY: i32 = 27;

@@ -128,11 +128,22 @@ pub fn args(etcd: &Etcd, role: &str, extra: &[&str]) -> Vec<String> {
 }
 
 pub fn start_logic(etcd: &Etcd, dir: &std::path::Path, grpc: &str) -> Role {
-    Role::start(
-        dir,
-        "logic",
-        &args(etcd, "logic", &["--http", "127.0.0.1:0", "--grpc", grpc]),
-    )
+    start_logic_with(etcd, dir, grpc, "")
+}
+
+/// A logic with extra `[logic]` settings from a config file.
+pub fn start_logic_with(etcd: &Etcd, dir: &std::path::Path, grpc: &str, logic_toml: &str) -> Role {
+    let file = dir.join("logic.toml");
+    std::fs::write(&file, format!("[logic]\n{logic_toml}\n")).unwrap();
+    let a = [
+        "--config",
+        file.to_str().unwrap(),
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        grpc,
+    ];
+    Role::start(dir, "logic", &args(etcd, "logic", &a))
 }
 
 pub fn start_job(etcd: &Etcd, dir: &std::path::Path, id: &str) -> Role {
@@ -191,14 +202,14 @@ pub fn start_comet(etcd: &Etcd, dir: &std::path::Path, name: &str, logic: &str) 
 
 impl Cluster {
     pub fn start(comets: usize, jobs: usize) -> Cluster {
-        Cluster::start_with(comets, jobs, "")
+        Cluster::start_with(comets, jobs, "", "")
     }
 
-    /// With extra `[job]` settings for every job.
-    pub fn start_with(comets: usize, jobs: usize, job_toml: &str) -> Cluster {
+    /// With extra `[job]` settings for every job, and `[logic]` settings.
+    pub fn start_with(comets: usize, jobs: usize, job_toml: &str, logic_toml: &str) -> Cluster {
         let etcd = Etcd::start();
         let dir = tempfile::tempdir().unwrap();
-        let logic = start_logic(&etcd, dir.path(), "127.0.0.1:0");
+        let logic = start_logic_with(&etcd, dir.path(), "127.0.0.1:0", logic_toml);
         let logic_grpc = logic.addr("grpc").to_string();
         let jobs = (0..jobs)
             .map(|i| start_job_with(&etcd, dir.path(), &format!("job-{i}"), job_toml))

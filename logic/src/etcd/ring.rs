@@ -106,6 +106,10 @@ impl JobRing {
 
 /// What a push is routed by: the room, the first key, or the op (goim's Kafka keys).
 pub fn route_of(m: &PushMsg) -> String {
+    // A numbered stream goes to the one job numbering it.
+    if !m.stream.is_empty() {
+        return m.stream.clone();
+    }
     match PushType::try_from(m.r#type) {
         Ok(PushType::Room) => m.room.clone(),
         Ok(PushType::Push) => m.keys.first().cloned().unwrap_or_default(),
