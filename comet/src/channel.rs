@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use goim_proto::packet::HEADER_LEN;
@@ -82,6 +83,35 @@ pub(crate) struct State {
     /// every connection instead of a Vec's 24 (bytes per idle connection are a measured goal).
     #[allow(clippy::box_collection)]
     pub recovery: Option<Box<Vec<Recovery>>>,
+    /// The client acks numbered pushes to its user: those sent and not acked yet (boxed:
+    /// nothing for clients that do not ack).
+    pub acks: Option<Box<Acks>>,
+}
+
+/// Numbered user pushes sent to a client that acks, oldest first.
+#[derive(Debug, Default)]
+pub struct Acks {
+    pending: VecDeque<Unacked>,
+    window: usize,
+    /// Pushed out of the window since the last resend pass.
+    given_up: u64,
+}
+
+#[derive(Debug)]
+struct Unacked {
+    offset: u64,
+    position: Outgoing,
+    out: Outgoing,
+    sent: tokio::time::Instant,
+    tries: u32,
+}
+
+/// What a resend pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resent {
+    pub resent: u64,
+    /// Given up after `ack_retries` resends, or pushed out of the window.
+    pub given_up: u64,
 }
 
 /// What a recovery keeps on the channel so its stream's batches come once each, after the
@@ -261,6 +291,20 @@ impl Channel {
         let wake = st.queue.is_empty();
         if let Some(n) = numbered {
             st.queue.push_back(n.position.clone());
+            if let Some(acks) = st.acks.as_mut().filter(|_| &*n.stream == "user") {
+                // Bounded: past the window the oldest is given up (counted at the next pass).
+                if acks.pending.len() >= acks.window {
+                    acks.pending.pop_front();
+                    acks.given_up += 1;
+                }
+                acks.pending.push_back(Unacked {
+                    offset: n.offset,
+                    position: n.position.clone(),
+                    out: out.clone(),
+                    sent: tokio::time::Instant::now(),
+                    tries: 0,
+                });
+            }
         }
         st.queue.push_back(out.clone());
         drop(st);
@@ -268,6 +312,59 @@ impl Channel {
             self.notify.notify_one();
         }
         Offer::Queued
+    }
+
+    /// The client acks numbered pushes to its user from now on; at most `window` wait.
+    pub fn enable_acks(&self, window: usize) {
+        self.state().acks.get_or_insert_with(|| {
+            Box::new(Acks {
+                window: window.max(1),
+                ..Default::default()
+            })
+        });
+    }
+
+    /// The client has every numbered push to its user up to `offset`.
+    pub fn ack(&self, offset: u64) {
+        if let Some(acks) = self.state().acks.as_mut() {
+            acks.pending.retain(|u| u.offset > offset);
+        }
+    }
+
+    /// When the oldest unacked push is due for a resend (`None`: nothing waits for an ack).
+    pub fn resend_due(&self, timeout: Duration) -> Option<tokio::time::Instant> {
+        let st = self.state();
+        let oldest = st.acks.as_ref()?.pending.iter().map(|u| u.sent).min()?;
+        Some(oldest + timeout)
+    }
+
+    /// Sends again every push not acked within `timeout` (same position), at most `retries`
+    /// times each; beyond, they are given up (as are those pushed out of the window).
+    pub fn resend(&self, timeout: Duration, retries: u32) -> Resent {
+        let mut r = Resent::default();
+        let now = tokio::time::Instant::now();
+        let mut st = self.state();
+        let st = &mut *st;
+        let Some(acks) = st.acks.as_mut() else {
+            return r;
+        };
+        r.given_up = std::mem::take(&mut acks.given_up);
+        let before = acks.pending.len() as u64;
+        acks.pending
+            .retain(|u| u.tries < retries || now < u.sent + timeout);
+        r.given_up += before - acks.pending.len() as u64;
+        let wake = st.queue.is_empty();
+        for u in acks.pending.iter_mut().filter(|u| now >= u.sent + timeout) {
+            u.tries += 1;
+            u.sent = now;
+            st.queue.push_back(u.position.clone());
+            st.queue.push_back(u.out.clone());
+            r.resent += 1;
+        }
+        if wake && r.resent > 0 {
+            self.notify.notify_one();
+        }
+        r
     }
 
     /// From now on `stream`'s numbered batches are held until [`Channel::end_recovery`]. A
@@ -443,6 +540,58 @@ mod tests {
             assert!(overflow);
             Vec::new()
         });
+    }
+
+    /// A client that acks: what it does not ack is sent again after the timeout, at most
+    /// `retries` times, then given up; an ack (cumulative) stops it; the window is bounded.
+    #[tokio::test(start_paused = true)]
+    async fn unacked_user_pushes_are_resent_then_given_up() {
+        let c = ch();
+        c.set_extended();
+        c.enable_acks(3);
+        let user = |offset| Numbered {
+            stream: "user".into(),
+            ..numbered("e", offset, 1)
+        };
+        let msg = |s: &'static str| Outgoing::Raw(Bytes::from_static(s.as_bytes()));
+        for (i, body) in ["1", "2"].into_iter().enumerate() {
+            c.offer_numbered(&msg(body), Some(&user(i as u64 + 1)), Some(1000), 8);
+        }
+        assert_eq!(queued(&c), ["pos 1", "1", "pos 2", "2"]);
+        let timeout = Duration::from_secs(5);
+        let due = c.resend_due(timeout).unwrap();
+        c.ack(1);
+        tokio::time::advance(timeout).await;
+        assert!(tokio::time::Instant::now() >= due);
+        assert_eq!(
+            c.resend(timeout, 2),
+            Resent {
+                resent: 1,
+                given_up: 0
+            }
+        );
+        assert_eq!(queued(&c), ["pos 2", "2"], "only what was not acked");
+        tokio::time::advance(timeout).await;
+        assert_eq!(c.resend(timeout, 2).resent, 1);
+        tokio::time::advance(timeout).await;
+        assert_eq!(
+            c.resend(timeout, 2),
+            Resent {
+                resent: 0,
+                given_up: 1
+            }
+        );
+        assert!(c.resend_due(timeout).is_none());
+        // The window: a fourth push waiting gives up the oldest.
+        queued(&c);
+        for o in 3..=6 {
+            c.offer_numbered(&msg("x"), Some(&user(o)), Some(1000), 64);
+        }
+        assert_eq!(c.resend(timeout, 2).given_up, 1);
+        // Room batches are not acked.
+        c.ack(6);
+        c.offer_room(&msg("r"), Some(&numbered("e", 1, 1)), 64);
+        assert!(c.resend_due(timeout).is_none());
     }
 
     #[test]

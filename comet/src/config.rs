@@ -55,6 +55,14 @@ pub struct CometConfig {
     /// How long a drain spreads the closing of clients over.
     #[serde(with = "humantime_serde")]
     pub drain_period: Duration,
+    /// Clients that ask for acks (`HELLO` with `"acks":true`): a numbered push to the user
+    /// not acknowledged within this long is sent again ...
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// ... at most this many times, then given up and counted (`unacked`) ...
+    pub ack_retries: u32,
+    /// ... and at most this many wait for an ack per connection; beyond, the oldest is given up.
+    pub ack_window: usize,
     /// Public addresses advertised to non-web clients by `/goim/nodes/weighted` (goim -addrs).
     pub addrs: Vec<String>,
     /// Node weight for client balancing (goim -weight).
@@ -84,6 +92,9 @@ impl Default for CometConfig {
             client_ops_burst: 256,
             shutdown_timeout: Duration::from_secs(10),
             drain_period: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(5),
+            ack_retries: 3,
+            ack_window: 64,
             addrs: Vec::new(),
             weight: 10,
             region: String::new(),
@@ -103,6 +114,8 @@ impl CometConfig {
         let min = std::time::Duration::from_millis(10);
         self.presence_sweep = self.presence_sweep.max(min);
         self.renew_interval = self.renew_interval.max(min);
+        self.ack_timeout = self.ack_timeout.max(min);
+        self.ack_window = self.ack_window.max(1);
         if self.name.is_empty() {
             self.name = std::env::var("HOSTNAME")
                 .ok()

@@ -76,6 +76,7 @@ pub(crate) async fn serve(
         ops_per_sec: cfg.client_ops_per_sec,
         ops_burst: cfg.client_ops_burst,
         presence_renew: cfg.presence_renew,
+        ack_window: cfg.ack_window,
     };
     let handler = Handler::new(ch.clone(), heartbeat, limits, pending);
     let exit = match conn.flush(VecDeque::new()).await {
@@ -192,6 +193,11 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
     tokio::pin!(timer);
     let notified = ch.notify.notified();
     tokio::pin!(notified);
+    // Armed only while pushes wait for the client's ack.
+    let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+    let resend = sleep_until(far());
+    tokio::pin!(resend);
+    let cfg = &comet.cfg;
     loop {
         if !handler.pending_mut().is_empty() {
             if let Err(RateLimited) = handler.answer(comet, conn).await {
@@ -207,6 +213,12 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
                 return Exit::Error(e);
             }
         }
+        if handler.acks() {
+            let due = ch.resend_due(cfg.ack_timeout).unwrap_or_else(far);
+            if resend.deadline() != due {
+                resend.as_mut().reset(due);
+            }
+        }
         // One hand-rolled poll instead of `select!`: the notification future lives across
         // iterations and read readiness is polled directly, so a delivery costs no waiter
         // registration on shared structures (shutdown closes channels one by one instead).
@@ -219,6 +231,9 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
             }
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Timeout);
+            }
+            if resend.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Resend);
             }
             Poll::Pending
         })
@@ -250,6 +265,11 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
                 }
             }
             Event::Timeout => return Exit::Timeout,
+            Event::Resend => {
+                let r = ch.resend(cfg.ack_timeout, cfg.ack_retries);
+                comet.metrics.dropped("unacked", r.given_up);
+                resend.as_mut().reset(far());
+            }
         }
     }
 }
@@ -258,6 +278,8 @@ enum Event {
     Notified,
     Readable(io::Result<()>),
     Timeout,
+    /// Pushes the client did not ack in time are due again.
+    Resend,
 }
 
 impl Replies for Connection {

@@ -57,6 +57,8 @@ pub struct HandlerLimits {
     pub ops_per_sec: u32,
     pub ops_burst: u32,
     pub presence_renew: Duration,
+    /// Pushes waiting for an ack, for a client that acks.
+    pub ack_window: usize,
 }
 
 /// A client sent more packets than its budget allows; the connection is closed.
@@ -64,7 +66,20 @@ pub struct HandlerLimits {
 pub struct RateLimited;
 
 /// What `HELLO_REPLY` says this server does (docs/PROTOCOL.md).
-pub const FEATURES: &[&str] = &["reconnect", "recover"];
+pub const FEATURES: &[&str] = &["reconnect", "recover", "acks"];
+
+/// A `HELLO` body; anything else in it is ignored.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Hello {
+    acks: bool,
+}
+
+/// An `ACK` body.
+#[derive(Debug, serde::Deserialize)]
+struct Ack {
+    user: u64,
+}
 
 /// Packets a read decoded beyond this many leave the queue's memory to be given back.
 const IDLE_QUEUE: usize = 16;
@@ -81,6 +96,9 @@ pub struct Handler {
     budget: OpBudget,
     /// Packets read and not answered yet.
     pending: VecDeque<Packet>,
+    ack_window: usize,
+    /// The client asked for acks (the connection then resends what it does not ack).
+    acks: bool,
 }
 
 impl Handler {
@@ -102,6 +120,8 @@ impl Handler {
             last_renew: now,
             budget: OpBudget::new(limits.ops_per_sec, limits.ops_burst),
             pending,
+            ack_window: limits.ack_window,
+            acks: false,
         }
     }
 
@@ -112,6 +132,11 @@ impl Handler {
     /// Where a read puts the packets it decoded.
     pub fn pending_mut(&mut self) -> &mut VecDeque<Packet> {
         &mut self.pending
+    }
+
+    /// Whether the client acks numbered pushes to its user.
+    pub fn acks(&self) -> bool {
+        self.acks
     }
 
     /// When the connection times out unless a heartbeat comes first.
@@ -174,11 +199,22 @@ impl Handler {
                 out.reply(p.ver, op::CHANGE_ROOM_REPLY, p.seq, &p.body);
             }
             op::HELLO => {
-                // Any body: version 1 is the only one, and a client that said HELLO at all
-                // understands every extension op this server sends.
+                // Version 1 is the only one, and a client that said HELLO at all understands
+                // every extension op this server sends. It may ask for acks.
                 ch.set_extended();
+                let hello: Hello = serde_json::from_slice(&p.body).unwrap_or_default();
+                if hello.acks {
+                    ch.enable_acks(self.ack_window);
+                    self.acks = true;
+                }
                 let reply = serde_json::json!({ "v": 1, "features": FEATURES }).to_string();
                 out.reply(p.ver, op::HELLO_REPLY, p.seq, reply.as_bytes());
+            }
+            op::ACK if ch.is_extended() => {
+                // No reply: acks must not double the traffic.
+                if let Ok(ack) = serde_json::from_slice::<Ack>(&p.body) {
+                    ch.ack(ack.user);
+                }
             }
             op::JOIN if ch.is_extended() => session.join(ch, p.ver, p.seq, p.body).await,
             op::RECOVER if ch.is_extended() => session.recover(ch, p.ver, p.seq, p.body).await,
@@ -301,6 +337,7 @@ mod tests {
         ops_per_sec: 64,
         ops_burst: 256,
         presence_renew: Duration::from_secs(60),
+        ack_window: 64,
     };
 
     fn handler(limits: HandlerLimits) -> Handler {
@@ -359,7 +396,7 @@ mod tests {
         let hello: serde_json::Value = serde_json::from_slice(&out[6].3).unwrap();
         assert_eq!(
             hello,
-            serde_json::json!({"v": 1, "features": ["reconnect", "recover"]})
+            serde_json::json!({"v": 1, "features": ["reconnect", "recover", "acks"]})
         );
         assert!(h.channel().is_extended());
         // The heartbeat reply carries the room's online count (4 bytes); echoes carry bodies.

@@ -657,3 +657,69 @@ async fn rolling_every_comet_loses_nothing_for_rooms_or_users() {
     drop(comets);
     c.comets.clear();
 }
+
+/// Optional acks (standalone): a client that asks for them in HELLO gets a numbered push to
+/// its user again when it does not ack it in time, at most `ack_retries` times (then it is
+/// given up and counted); an acked push is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_user_pushes_are_sent_again_and_then_counted() {
+    use goim_job::HistoryConfig;
+    let mut cfg = common::config();
+    cfg.logic.user_streams = true;
+    cfg.job
+        .history
+        .insert("user".into(), HistoryConfig::default());
+    cfg.comet.ack_timeout = std::time::Duration::from_millis(200);
+    cfg.comet.ack_retries = 2;
+    let s = common::start_with(cfg).await;
+    let mut c = Client::connect(Transport::Tcp, s.tcp, None).await.unwrap();
+    let mut hello = goim_client::encode(1, op::AUTH, 1, &token(5, "k", "", &[]));
+    hello.extend(goim_client::encode(
+        1,
+        op::HELLO,
+        2,
+        br#"{"v":1,"acks":true}"#,
+    ));
+    hello.extend(goim_client::encode(
+        1,
+        op::RECOVER,
+        3,
+        br#"{"user":{"epoch":"","offset":0}}"#,
+    ));
+    c.send_bytes(&hello).await.unwrap();
+    // Until the recovery's reply.
+    while common::recv(&mut c).await.op != op::RECOVER_REPLY {}
+    let push =
+        |body: &'static [u8]| common::push_ok(&s, "/goim/push/mids?operation=1000&mids=5", body);
+    // The next user push (and its position), skipping nothing else.
+    async fn next_push(c: &mut Client) -> (u64, Vec<u8>) {
+        let p = common::recv(c).await;
+        assert_eq!(p.op, op::POSITION, "{p:?}");
+        let v: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(v["stream"], "user");
+        let m = common::recv(c).await;
+        assert_eq!(m.op, 1000);
+        (v["offset"].as_u64().unwrap(), m.body)
+    }
+    push(b"one").await;
+    assert_eq!(next_push(&mut c).await, (1, b"one".to_vec()));
+    c.send(op::ACK, br#"{"user":1}"#).await.unwrap();
+    push(b"two").await;
+    assert_eq!(next_push(&mut c).await, (2, b"two".to_vec()));
+    // Not acked: sent again twice (after 200 ms each), with its position; "one" never again.
+    assert_eq!(next_push(&mut c).await, (2, b"two".to_vec()));
+    assert_eq!(next_push(&mut c).await, (2, b"two".to_vec()));
+    // Then given up and counted.
+    let dropped = || async {
+        let (_, m) = common::http(s.http, "GET", "/metrics", b"").await;
+        m.lines()
+            .any(|l| l.starts_with("goim_comet_pushes_dropped_total{reason=\"unacked\"} 1"))
+    };
+    cluster::wait_until_async(dropped).await;
+    // The connection is fine: the next push comes, acked at once, and nothing follows it.
+    push(b"three").await;
+    assert_eq!(next_push(&mut c).await, (3, b"three".to_vec()));
+    c.send(op::ACK, br#"{"user":3}"#).await.unwrap();
+    push(b"four").await;
+    assert_eq!(next_push(&mut c).await, (4, b"four".to_vec()));
+}

@@ -42,3 +42,6 @@ pub const JOIN_REPLY: i32 = 25;
 pub const RECOVER: i32 = 26;
 /// s→c: JSON body `{"stream":"user","recovered":B,"epoch":E,"offset":N}` (or `{"error":...}`).
 pub const RECOVER_REPLY: i32 = 27;
+/// c→s: the client has every push to its user up to `offset` (cumulative; only after `HELLO`
+/// with `"acks":true`). JSON body `{"user":N}`. No reply.
+pub const ACK: i32 = 28;
