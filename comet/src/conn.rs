@@ -193,10 +193,10 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
     tokio::pin!(timer);
     let notified = ch.notify.notified();
     tokio::pin!(notified);
-    // Armed only while pushes wait for the client's ack.
+    // Only for a client that acks, and boxed: a timer on every idle connection would cost
+    // ~100 bytes each (bytes per idle connection are a measured goal).
     let far = || Instant::now() + Duration::from_secs(86_400 * 365);
-    let resend = sleep_until(far());
-    tokio::pin!(resend);
+    let mut resend: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let cfg = &comet.cfg;
     loop {
         if !handler.pending_mut().is_empty() {
@@ -215,8 +215,9 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
         }
         if handler.acks() {
             let due = ch.resend_due(cfg.ack_timeout).unwrap_or_else(far);
-            if resend.deadline() != due {
-                resend.as_mut().reset(due);
+            let timer = resend.get_or_insert_with(|| Box::pin(sleep_until(due)));
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
             }
         }
         // One hand-rolled poll instead of `select!`: the notification future lives across
@@ -232,7 +233,10 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Timeout);
             }
-            if resend.as_mut().poll(cx).is_ready() {
+            if resend
+                .as_mut()
+                .is_some_and(|r| r.as_mut().poll(cx).is_ready())
+            {
                 return Poll::Ready(Event::Resend);
             }
             Poll::Pending
@@ -268,7 +272,9 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
             Event::Resend => {
                 let r = ch.resend(cfg.ack_timeout, cfg.ack_retries);
                 comet.metrics.dropped("unacked", r.given_up);
-                resend.as_mut().reset(far());
+                if let Some(timer) = resend.as_mut() {
+                    timer.as_mut().reset(far());
+                }
             }
         }
     }
