@@ -87,6 +87,10 @@ impl ClusterConfig {
     }
 }
 
+/// Where standalone's HTTP API listens by default: this machine only, since it pushes to
+/// everyone and takes no key unless one is configured.
+pub const STANDALONE_HTTP: &str = "127.0.0.1:3111";
+
 impl Config {
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         let Some(path) = path else {
@@ -95,6 +99,25 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    /// As [`Config::load`] for standalone: the HTTP API listens on loopback unless the file
+    /// says where (the client listeners stay on every interface). Flags and environment
+    /// still apply after this.
+    pub fn load_standalone(path: Option<&Path>) -> anyhow::Result<Config> {
+        let mut cfg = Config::load(path)?;
+        let http_in_file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)?;
+                let table: toml::Table = toml::from_str(&text)?;
+                table.get("logic").and_then(|l| l.get("http")).is_some()
+            }
+            None => false,
+        };
+        if !http_in_file {
+            cfg.logic.http = STANDALONE_HTTP.into();
+        }
+        Ok(cfg)
     }
 }
 
@@ -114,6 +137,28 @@ mod tests {
         assert_eq!(c.comet.ws, CometConfig::default().ws);
         assert_eq!(c.logic.heartbeat, Duration::from_secs(30));
         assert_eq!(c.job.room_batch, 7);
+    }
+
+    /// Standalone's push API listens on loopback unless the file says otherwise.
+    #[test]
+    fn standalone_http_defaults_to_loopback() {
+        assert_eq!(
+            Config::load_standalone(None).unwrap().logic.http,
+            STANDALONE_HTTP
+        );
+        assert_eq!(Config::load(None).unwrap().logic.http, "0.0.0.0:3111");
+        let dir = std::env::temp_dir().join(format!("goim-cfg-{}", std::process::id()));
+        std::fs::write(&dir, "[logic]\nhttp = \"0.0.0.0:9\"\n").unwrap();
+        assert_eq!(
+            Config::load_standalone(Some(&dir)).unwrap().logic.http,
+            "0.0.0.0:9"
+        );
+        std::fs::write(&dir, "[comet]\ntcp = \"0.0.0.0:1\"\n").unwrap();
+        assert_eq!(
+            Config::load_standalone(Some(&dir)).unwrap().logic.http,
+            STANDALONE_HTTP
+        );
+        std::fs::remove_file(&dir).unwrap();
     }
 
     #[test]

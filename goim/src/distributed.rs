@@ -16,6 +16,7 @@ use goim_logic::auth::JsonTokenAuth;
 use goim_logic::etcd::{EtcdNodes, EtcdOnline, JobRing};
 use goim_logic::http::{ops_router, router, Ready};
 use goim_logic::serve::{refused_counter, serve};
+use goim_logic::ApiKeys;
 use goim_logic::{Logic, LogicMetrics};
 use goim_proto::grpc::{balanced_channel, comet_server, job_server, logic_server, RemoteLogic};
 use prometheus_client::metrics::counter::Counter;
@@ -217,7 +218,9 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
     spawn_grpc(grpc, logic_server(logic.clone()), stop.clone());
     let ready: Ready = Arc::new(move || online.synced() && ring.synced() && comets.synced());
     let refused = refused_counter(&mut registry);
-    let app = router(logic, Arc::new(registry), ready);
+    let keys = ApiKeys::from_config(logic.config())?;
+    keys.warn_if_open(http_a);
+    let app = router(logic, Arc::new(registry), ready, keys);
     spawn_http(http, app, &http_cfg, refused, stop.clone());
     ready_line(json!({"role": "logic", "http": http_a, "grpc": grpc_a}));
     tracing::info!(http = %http_a, grpc = %grpc_a, "logic started");

@@ -14,7 +14,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let mut cfg = Config::load(cli.config.as_deref())?;
+    let mut cfg = if matches!(cli.command, Command::Standalone(_)) {
+        Config::load_standalone(cli.config.as_deref())?
+    } else {
+        Config::load(cli.config.as_deref())?
+    };
     match cli.command {
         Command::Standalone(args) => {
             args.apply(&mut cfg);

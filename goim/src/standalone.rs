@@ -120,7 +120,9 @@ impl Standalone {
         tasks.spawn(comet.clone().serve(ws, Transport::WebSocket));
         tasks.spawn(comet.clone().renew_online_loop());
         let refused = goim_logic::serve::refused_counter(&mut registry);
-        let router = goim_logic::http::router(logic, Arc::new(registry), Arc::new(|| true));
+        let keys = goim_logic::ApiKeys::from_config(logic.config())?;
+        keys.warn_if_open(http_addr);
+        let router = goim_logic::http::router(logic, Arc::new(registry), Arc::new(|| true), keys);
         tasks.spawn(goim_logic::serve::serve(
             http,
             router,

@@ -21,6 +21,14 @@ pub struct LogicConfig {
     /// that speak the extensions can recover them after a reconnect (docs/PROTOCOL.md). The
     /// jobs keep them with `[job.history.user]`. Each user in a push is then its own job call.
     pub user_streams: bool,
+    /// Keys the HTTP API's push routes require (`Authorization: Bearer KEY` or
+    /// `X-Api-Key: KEY`); none: the API is open (fine on loopback only).
+    pub api_keys: Vec<String>,
+    /// A file with more keys, one per line (a mounted Secret); read at start.
+    pub api_keys_file: String,
+    /// Whether the read-only routes (`/goim/online/*`, `/goim/nodes/*`) need a key too.
+    /// goim's clients fetch `/goim/nodes/weighted` without one.
+    pub protect_reads: bool,
     pub node: NodeConfig,
     pub backoff: BackoffConfig,
 }
@@ -53,6 +61,9 @@ impl Default for LogicConfig {
             heartbeat_max: 2,
             max_message: goim_proto::packet::MAX_BODY,
             user_streams: false,
+            api_keys: Vec::new(),
+            api_keys_file: String::new(),
+            protect_reads: false,
             node: NodeConfig::default(),
             backoff: BackoffConfig::default(),
         }

@@ -6,19 +6,22 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Map, Value};
 
+use crate::api_keys::ApiKeys;
 use crate::logic::{Logic, PushError, Targeted};
 
 const OK: i32 = 0;
 const REQUEST_ERR: i32 = -400;
 const SERVER_ERR: i32 = -500;
+const UNAUTHORIZED: i32 = -401;
 
 /// Readiness of the process behind the API (standalone: always; distributed: etcd synced).
 pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -43,24 +46,43 @@ pub fn ops_router(registry: Arc<Registry>, ready: Ready) -> Router {
         .with_state(OpsState { registry, ready })
 }
 
-/// goim's HTTP API plus the ops routes.
-pub fn router(logic: Arc<Logic>, registry: Arc<Registry>, ready: Ready) -> Router {
+/// goim's HTTP API plus the ops routes. With `keys`, pushes need one (and the read-only
+/// routes too when `protect_reads` is set); the ops routes never do.
+pub fn router(logic: Arc<Logic>, registry: Arc<Registry>, ready: Ready, keys: ApiKeys) -> Router {
     // The body is a goim message; anything far beyond the configured limit is cut off early.
     let body_limit = logic.config().max_message.saturating_mul(2).max(64 * 1024);
-    Router::new()
+    let guard = || middleware::from_fn_with_state(keys.clone(), require_key);
+    let pushes = Router::new()
         .route("/goim/push/keys", post(push_keys))
         .route("/goim/push/mids", post(push_mids))
         .route("/goim/push/room", post(push_room))
         .route("/goim/push/all", post(push_all))
+        .route_layer(guard());
+    let mut reads = Router::new()
         .route("/goim/online/top", get(online_top))
         .route("/goim/online/room", get(online_room))
         .route("/goim/online/total", get(online_total))
         .route("/goim/nodes/weighted", get(nodes_weighted))
-        .route("/goim/nodes/instances", get(nodes_instances))
+        .route("/goim/nodes/instances", get(nodes_instances));
+    if logic.config().protect_reads {
+        reads = reads.route_layer(guard());
+    }
+    pushes
+        .merge(reads)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState { logic })
         .merge(ops_router(registry, ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
+}
+
+/// 401 with goim's envelope unless the request carries one of the keys.
+async fn require_key(State(keys): State<ApiKeys>, req: Request, next: Next) -> Response {
+    if keys.allows(req.headers()) {
+        return next.run(req).await;
+    }
+    let mut r = reply(UNAUTHORIZED, "missing or wrong API key", None);
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    r
 }
 
 fn reply(code: i32, message: impl Into<String>, data: Option<Value>) -> Response {

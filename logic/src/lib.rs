@@ -1,5 +1,6 @@
 //! goim logic: auth, online state, node selection and the HTTP push API.
 
+pub mod api_keys;
 pub mod auth;
 pub mod config;
 pub mod etcd;
@@ -9,5 +10,6 @@ pub mod nodes;
 pub mod online;
 pub mod serve;
 
+pub use api_keys::ApiKeys;
 pub use config::LogicConfig;
 pub use logic::{Logic, LogicMetrics, Targeted};

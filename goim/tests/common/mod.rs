@@ -67,10 +67,21 @@ pub async fn recv(c: &mut Client) -> Packet {
 
 /// One HTTP/1.1 request; returns status and body.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    http_with_headers(addr, method, path, "", body).await
+}
+
+/// As [`http`], with extra header lines (each ending in CRLF).
+pub async fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String) {
     within(async {
         let mut s = TcpStream::connect(addr).await.expect("http connect");
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: goim\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: goim\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).await.unwrap();
