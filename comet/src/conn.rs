@@ -72,15 +72,18 @@ pub(crate) async fn serve(
         }
     };
     comet.metrics.connections.inc();
-    let limits = HandlerLimits {
-        ops_per_sec: cfg.client_ops_per_sec,
-        ops_burst: cfg.client_ops_burst,
-        presence_renew: cfg.presence_renew,
-        ack_window: cfg.ack_window,
-    };
-    let handler = Handler::new(ch.clone(), heartbeat, limits, pending);
+    // The handler is made after the await: held across it, it would be stored twice in this
+    // future (here and in `run`'s), on every connection.
     let exit = match conn.flush(VecDeque::new()).await {
-        Ok(()) => run(comet, &mut conn, handler).await,
+        Ok(()) => {
+            let limits = HandlerLimits {
+                ops_per_sec: cfg.client_ops_per_sec,
+                ops_burst: cfg.client_ops_burst,
+                presence_renew: cfg.presence_renew,
+            };
+            let handler = Handler::new(ch.clone(), heartbeat, limits, pending);
+            run(comet, &mut conn, handler).await
+        }
         Err(e) => Exit::Error(e),
     };
     comet.metrics.connections.dec();
@@ -189,7 +192,7 @@ async fn handshake(
 
 async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) -> Exit {
     let ch = handler.channel().clone();
-    let timer = sleep_until(handler.deadline());
+    let timer = sleep_until(Instant::now() + handler.heartbeat());
     tokio::pin!(timer);
     let notified = ch.notify.notified();
     tokio::pin!(notified);
@@ -200,11 +203,10 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
     let cfg = &comet.cfg;
     loop {
         if !handler.pending_mut().is_empty() {
-            if let Err(RateLimited) = handler.answer(comet, conn).await {
-                return Exit::RateLimited;
-            }
-            if timer.deadline() != handler.deadline() {
-                timer.as_mut().reset(handler.deadline());
+            match handler.answer(comet, conn).await {
+                Err(RateLimited) => return Exit::RateLimited,
+                Ok(true) => timer.as_mut().reset(Instant::now() + handler.heartbeat()),
+                Ok(false) => {}
             }
         }
         // Replies, and pongs the WebSocket reader queued.
@@ -445,7 +447,8 @@ impl Session for Arc<Comet> {
         seq: i32,
         body: Bytes,
     ) -> impl Future<Output = ()> + Send {
-        join(self, ch, ver, seq, body)
+        // Boxed: rare, and its state would otherwise size every connection's task.
+        Box::pin(join(self, ch, ver, seq, body))
     }
 
     fn recover(
@@ -455,7 +458,7 @@ impl Session for Arc<Comet> {
         seq: i32,
         body: Bytes,
     ) -> impl Future<Output = ()> + Send {
-        recover(self, ch, ver, seq, body)
+        Box::pin(recover(self, ch, ver, seq, body))
     }
 
     fn change_room(&self, ch: &Arc<Channel>, room: &str) {
@@ -465,6 +468,14 @@ impl Session for Arc<Comet> {
     fn receive(&self, req: ReceiveReq) -> impl Future<Output = Result<(), Status>> + Send {
         let logic = self.logic.clone();
         async move { logic.receive(req).await.map(drop) }
+    }
+
+    fn presence_renew(&self) -> Duration {
+        self.cfg.presence_renew
+    }
+
+    fn ack_window(&self) -> usize {
+        self.cfg.ack_window
     }
 
     fn renew_presence(&self, ch: &Arc<Channel>) {

@@ -25,6 +25,10 @@ pub trait Session {
     fn receive(&self, req: ReceiveReq) -> impl Future<Output = Result<(), Status>> + Send;
     /// Renews the connection's presence (in the background: a heartbeat never waits on it).
     fn renew_presence(&self, ch: &Arc<Channel>);
+    /// How often presence is renewed (on average; each renewal is spread at random).
+    fn presence_renew(&self) -> Duration;
+    /// Pushes waiting for an ack, for a client that acks.
+    fn ack_window(&self) -> usize;
     /// An extension `JOIN`: moves the connection to a room and recovers what it missed there;
     /// the reply (and the history) go through the connection's queue, ahead of the room's
     /// next messages.
@@ -57,8 +61,6 @@ pub struct HandlerLimits {
     pub ops_per_sec: u32,
     pub ops_burst: u32,
     pub presence_renew: Duration,
-    /// Pushes waiting for an ack, for a client that acks.
-    pub ack_window: usize,
 }
 
 /// A client sent more packets than its budget allows; the connection is closed.
@@ -86,19 +88,24 @@ const IDLE_QUEUE: usize = 16;
 /// Packets answered before the task yields to other connections.
 const YIELD_EVERY: u32 = 64;
 
+/// Kept small: it lives in every connection's task (bytes per idle connection are a
+/// measured goal), so settings come from the [`Session`] when needed.
 pub struct Handler {
     ch: Arc<Channel>,
     heartbeat: Duration,
-    /// When the client must have sent its next heartbeat.
-    deadline: Instant,
-    renew_every: Duration,
-    last_renew: Instant,
+    /// When a heartbeat next renews presence.
+    next_renew: Instant,
     budget: OpBudget,
     /// Packets read and not answered yet.
     pending: VecDeque<Packet>,
-    ack_window: usize,
     /// The client asked for acks (the connection then resends what it does not ack).
     acks: bool,
+}
+
+/// A renewal period spread at random over one to three times `base`, so connections made
+/// together do not renew together.
+fn spread(base: Duration) -> Duration {
+    base + base.mul_f64(2.0 * fastrand::f64())
 }
 
 impl Handler {
@@ -109,18 +116,12 @@ impl Handler {
         limits: HandlerLimits,
         pending: VecDeque<Packet>,
     ) -> Self {
-        let now = Instant::now();
-        // Spread renewals so connections made together do not renew together.
-        let base = limits.presence_renew;
         Handler {
             ch,
             heartbeat,
-            deadline: now + heartbeat,
-            renew_every: base + base.mul_f64(2.0 * fastrand::f64()),
-            last_renew: now,
+            next_renew: Instant::now() + spread(limits.presence_renew),
             budget: OpBudget::new(limits.ops_per_sec, limits.ops_burst),
             pending,
-            ack_window: limits.ack_window,
             acks: false,
         }
     }
@@ -139,9 +140,9 @@ impl Handler {
         self.acks
     }
 
-    /// When the connection times out unless a heartbeat comes first.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
+    /// How long the connection lives without a heartbeat.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
     }
 
     /// Bytes of queue this handler holds now: what a burst must give back.
@@ -149,17 +150,20 @@ impl Handler {
         self.pending.capacity() * std::mem::size_of::<Packet>()
     }
 
-    /// Answers every pending packet in order, replies into `out`.
+    /// Answers every pending packet in order, replies into `out`; `Ok(true)` when one was
+    /// a heartbeat (the connection's deadline moves).
     pub async fn answer<S: Session>(
         &mut self,
         session: &S,
         out: &mut impl Replies,
-    ) -> Result<(), RateLimited> {
+    ) -> Result<bool, RateLimited> {
         let mut handled = 0u32;
+        let mut heartbeat = false;
         while let Some(p) = self.pending.pop_front() {
             if !self.budget.take() {
                 return Err(RateLimited);
             }
+            heartbeat |= p.op == op::HEARTBEAT;
             self.handle(session, out, p).await;
             handled += 1;
             // A read can hold thousands of packets: let other connections run between.
@@ -171,7 +175,7 @@ impl Handler {
         if self.pending.capacity() > IDLE_QUEUE {
             self.pending = VecDeque::new();
         }
-        Ok(())
+        Ok(heartbeat)
     }
 
     async fn handle<S: Session>(&mut self, session: &S, out: &mut impl Replies, p: Packet) {
@@ -179,9 +183,8 @@ impl Handler {
         match p.op {
             op::HEARTBEAT => {
                 let now = Instant::now();
-                self.deadline = now + self.heartbeat;
-                if now.duration_since(self.last_renew) >= self.renew_every {
-                    self.last_renew = now;
+                if now >= self.next_renew {
+                    self.next_renew = now + spread(session.presence_renew());
                     session.renew_presence(ch);
                 }
                 let online = ch.online().to_be_bytes();
@@ -204,7 +207,7 @@ impl Handler {
                 ch.set_extended();
                 let hello: Hello = serde_json::from_slice(&p.body).unwrap_or_default();
                 if hello.acks {
-                    ch.enable_acks(self.ack_window);
+                    ch.enable_acks(session.ack_window());
                     self.acks = true;
                 }
                 let reply = serde_json::json!({ "v": 1, "features": FEATURES }).to_string();
@@ -317,6 +320,12 @@ mod tests {
         fn renew_presence(&self, _: &Arc<Channel>) {
             *self.renewals.lock().unwrap() += 1;
         }
+        fn presence_renew(&self) -> Duration {
+            Duration::from_secs(10)
+        }
+        fn ack_window(&self) -> usize {
+            64
+        }
         async fn join(&self, _: &Arc<Channel>, _: i16, _: i32, body: bytes::Bytes) {
             self.joins.lock().unwrap().push(body.to_vec());
         }
@@ -337,7 +346,6 @@ mod tests {
         ops_per_sec: 64,
         ops_burst: 256,
         presence_renew: Duration::from_secs(60),
-        ack_window: 64,
     };
 
     fn handler(limits: HandlerLimits) -> Handler {
@@ -436,11 +444,14 @@ mod tests {
             ..LIMITS
         };
         let mut h = handler(limits);
-        let start = h.deadline();
         tokio::time::advance(Duration::from_secs(5)).await;
         h.pending_mut().push_back(packet(op::HEARTBEAT, 1, b""));
-        h.answer(&fake, &mut Vec::new()).await.unwrap();
-        assert_eq!(h.deadline(), start + Duration::from_secs(5));
+        assert!(
+            h.answer(&fake, &mut Vec::new()).await.unwrap(),
+            "a heartbeat"
+        );
+        h.pending_mut().push_back(packet(op::SUB, 2, b"1"));
+        assert!(!h.answer(&fake, &mut Vec::new()).await.unwrap(), "not one");
         assert_eq!(*fake.renewals.lock().unwrap(), 0, "renewed too soon");
         // Renewal comes between 1 and 3 periods after the last one.
         tokio::time::advance(Duration::from_secs(30)).await;
