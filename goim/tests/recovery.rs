@@ -244,6 +244,71 @@ async fn when_the_rooms_job_dies_a_rejoining_client_is_told_not_recovered() {
     assert_eq!(b.last().0, new_epoch);
 }
 
+/// Three comets (drain period 1 s) under one logic and job, to be drained and restarted in
+/// turn; clients reach them through `addrs`, which follows each restart.
+struct Roll {
+    c: Cluster,
+    comets: Vec<Role>,
+    addrs: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+}
+
+impl Roll {
+    async fn start(jobs_toml: String, logic_toml: &'static str) -> Roll {
+        let c =
+            tokio::task::spawn_blocking(move || Cluster::start_with(0, 1, &jobs_toml, logic_toml))
+                .await
+                .unwrap();
+        let comets: Vec<Role> = (0..3).map(|i| Roll::comet(&c, i)).collect();
+        let job_http = c.jobs[0].addr("http");
+        wait_until_async(|| async {
+            api(job_http, "GET", "/comets", b"")
+                .await
+                .as_array()
+                .is_some_and(|a| a.len() == 3)
+        })
+        .await;
+        let addrs = comets.iter().map(|r| r.addr("tcp")).collect::<Vec<_>>();
+        Roll {
+            c,
+            comets,
+            addrs: std::sync::Arc::new(std::sync::Mutex::new(addrs)),
+        }
+    }
+
+    /// Comet `roll-{i}`, ready.
+    fn comet(c: &Cluster, i: usize) -> Role {
+        tokio::task::block_in_place(|| {
+            let logic_grpc = c.logic.addr("grpc").to_string();
+            let r = start_comet_with(
+                &c.etcd,
+                c.dir.path(),
+                &format!("roll-{i}"),
+                &logic_grpc,
+                "drain_period = \"1s\"",
+            );
+            let http = r.addr("http");
+            wait_until("comet ready", || http_status(http, "/readyz") == 200);
+            r
+        })
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.addrs.lock().unwrap()[i]
+    }
+
+    /// Each comet in turn: SIGTERM (it drains and exits 0), then a new one under its name.
+    fn roll(&mut self) {
+        for i in 0..self.comets.len() {
+            let comet = &mut self.comets[i];
+            tokio::task::block_in_place(|| {
+                assert!(comet.terminate(), "roll-{i} drains and exits 0")
+            });
+            *comet = Roll::comet(&self.c, i);
+            self.addrs.lock().unwrap()[i] = comet.addr("tcp");
+        }
+    }
+}
+
 /// One extension client for the roll: follows RECONNECT advice to `next_comet`, rejoining
 /// the room from the last position it saw.
 async fn follow(
@@ -287,45 +352,16 @@ async fn rolling_every_comet_loses_nothing_for_clients_that_recover() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
 
-    let mut c = tokio::task::spawn_blocking(|| Cluster::start_with(0, 1, HISTORY, ""))
-        .await
-        .unwrap();
-    let logic_grpc = c.logic.addr("grpc").to_string();
-    let start = |c: &Cluster, i: usize| {
-        tokio::task::block_in_place(|| {
-            let r = start_comet_with(
-                &c.etcd,
-                c.dir.path(),
-                &format!("roll-{i}"),
-                &logic_grpc,
-                "drain_period = \"1s\"",
-            );
-            let http = r.addr("http");
-            wait_until("comet ready", || http_status(http, "/readyz") == 200);
-            r
-        })
-    };
-    let mut comets: Vec<Role> = (0..3).map(|i| start(&c, i)).collect();
-    let http = c.http();
-    let jobs_http = c.jobs[0].addr("http");
-    wait_until_async(|| async {
-        api(jobs_http, "GET", "/comets", b"")
-            .await
-            .as_array()
-            .is_some_and(|a| a.len() == 3)
-    })
-    .await;
-    let addrs = Arc::new(std::sync::Mutex::new(
-        comets.iter().map(|r| r.addr("tcp")).collect::<Vec<_>>(),
-    ));
+    let mut roll = Roll::start(HISTORY.to_string(), "").await;
+    let http = roll.c.http();
+    let addrs = roll.addrs.clone();
 
     let not_recovered = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for i in 0..CLIENTS {
         let at = i % 3;
         let key = format!("k{i}");
-        let addr = addrs.lock().unwrap()[at];
-        let mut ext = Ext::connect(addr, Transport::Tcp, &key).await;
+        let mut ext = Ext::connect(roll.addr(at), Transport::Tcp, &key).await;
         ext.join("chat://1", None).await;
         let follower = follow(ext, key, addrs.clone(), at, not_recovered.clone());
         clients.push(tokio::spawn(follower));
@@ -346,11 +382,7 @@ async fn rolling_every_comet_loses_nothing_for_clients_that_recover() {
         }
     });
     // The roll: each comet drains and exits, and comes back under its name.
-    for (i, comet) in comets.iter_mut().enumerate() {
-        tokio::task::block_in_place(|| assert!(comet.terminate(), "roll-{i} drains and exits 0"));
-        *comet = start(&c, i);
-        addrs.lock().unwrap()[i] = comet.addr("tcp");
-    }
+    roll.roll();
     stop.store(true, Ordering::SeqCst);
     let sent = pusher.await.unwrap();
     push(
@@ -377,8 +409,6 @@ async fn rolling_every_comet_loses_nothing_for_clients_that_recover() {
         "roll: {sent} room messages over {:.1}s while 3 comets restarted, {CLIENTS} clients: each got every one once, in order; not recovered 0",
         began.elapsed().as_secs_f64()
     );
-    drop(comets);
-    c.comets.clear();
 }
 
 const USER_STREAMS: &str = "[job.history.user]\nsize = 1000\nttl = \"5m\"";
@@ -533,47 +563,16 @@ async fn rolling_every_comet_loses_nothing_for_rooms_or_users() {
     use std::sync::Arc;
     const USERS: usize = 60;
 
-    let jobs = format!("{HISTORY}\n{USER_STREAMS}");
-    let mut c = tokio::task::spawn_blocking(move || {
-        Cluster::start_with(0, 1, &jobs, "user_streams = true")
-    })
-    .await
-    .unwrap();
-    let logic_grpc = c.logic.addr("grpc").to_string();
-    let start = |c: &Cluster, i: usize| {
-        tokio::task::block_in_place(|| {
-            let r = start_comet_with(
-                &c.etcd,
-                c.dir.path(),
-                &format!("both-{i}"),
-                &logic_grpc,
-                "drain_period = \"1s\"",
-            );
-            let http = r.addr("http");
-            wait_until("comet ready", || http_status(http, "/readyz") == 200);
-            r
-        })
-    };
-    let mut comets: Vec<Role> = (0..3).map(|i| start(&c, i)).collect();
-    let http = c.http();
-    let job_http = c.jobs[0].addr("http");
-    wait_until_async(|| async {
-        api(job_http, "GET", "/comets", b"")
-            .await
-            .as_array()
-            .is_some_and(|a| a.len() == 3)
-    })
-    .await;
-    let addrs = Arc::new(std::sync::Mutex::new(
-        comets.iter().map(|r| r.addr("tcp")).collect::<Vec<_>>(),
-    ));
+    let mut roll = Roll::start(format!("{HISTORY}\n{USER_STREAMS}"), "user_streams = true").await;
+    let http = roll.c.http();
+    let addrs = roll.addrs.clone();
     let not_recovered = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for i in 0..USERS {
         let at = i % 3;
         let mid = 1000 + i as i64;
-        let addr = addrs.lock().unwrap()[at];
-        let (mut ext, _) = Ext::recovering_user(addr, mid, &format!("dev{mid}"), ("", 0)).await;
+        let key = format!("dev{mid}");
+        let (mut ext, _) = Ext::recovering_user(roll.addr(at), mid, &key, ("", 0)).await;
         ext.join("chat://1", None).await;
         let f = follow_both(ext, mid, addrs.clone(), at, not_recovered.clone());
         clients.push(tokio::spawn(f));
@@ -610,11 +609,7 @@ async fn rolling_every_comet_loses_nothing_for_rooms_or_users() {
             n
         }
     });
-    for (i, comet) in comets.iter_mut().enumerate() {
-        tokio::task::block_in_place(|| assert!(comet.terminate(), "both-{i} drains and exits 0"));
-        *comet = start(&c, i);
-        addrs.lock().unwrap()[i] = comet.addr("tcp");
-    }
+    roll.roll();
     stop.store(true, Ordering::SeqCst);
     let room_sent = rooms.await.unwrap();
     let user_sent = users.await.unwrap();
@@ -654,8 +649,6 @@ async fn rolling_every_comet_loses_nothing_for_rooms_or_users() {
         "roll (rooms and users): {room_sent} room messages and {user_sent} user pushes over {:.1}s while 3 comets restarted, {USERS} clients: each got all of its messages once, in order; not recovered 0",
         began.elapsed().as_secs_f64()
     );
-    drop(comets);
-    c.comets.clear();
 }
 
 /// Optional acks (standalone): a client that asks for them in HELLO gets a numbered push to
