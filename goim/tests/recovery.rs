@@ -132,6 +132,17 @@ impl Ext {
     }
 }
 
+/// Pushes room messages "1", "2", … paced at 50/s until `stop`; returns how many.
+async fn room_stream(http: SocketAddr, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u32 {
+    let mut n = 0u32;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        n += 1;
+        push_room(http, n).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    n
+}
+
 async fn push_room(http: SocketAddr, n: u32) {
     push(
         http,
@@ -369,18 +380,7 @@ async fn rolling_every_comet_loses_nothing_for_clients_that_recover() {
     // A steady stream, numbered by its bodies.
     let stop = Arc::new(AtomicBool::new(false));
     let began = std::time::Instant::now();
-    let pusher = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let mut n = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                n += 1;
-                push_room(http, n).await;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            n
-        }
-    });
+    let pusher = tokio::spawn(room_stream(http, stop.clone()));
     // The roll: each comet drains and exits, and comes back under its name.
     roll.roll();
     stop.store(true, Ordering::SeqCst);
@@ -579,18 +579,7 @@ async fn rolling_every_comet_loses_nothing_for_rooms_or_users() {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let began = std::time::Instant::now();
-    let rooms = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let mut n = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                n += 1;
-                push_room(http, n).await;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            n
-        }
-    });
+    let rooms = tokio::spawn(room_stream(http, stop.clone()));
     let users = tokio::spawn({
         let stop = stop.clone();
         async move {
