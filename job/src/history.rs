@@ -113,8 +113,13 @@ impl History {
         if let Some(s) = rooms.get(room) {
             return Some(s.clone());
         }
+        if !create {
+            return None;
+        }
         // Positions are small, but clients can name rooms: bounded like the room batchers.
-        if !create || rooms.len() >= self.max_rooms {
+        // Past it a stream goes unnumbered (its clients cannot recover it), counted.
+        if rooms.len() >= self.max_rooms {
+            self.metrics.history_full.inc();
             return None;
         }
         let s = Arc::new(Mutex::new(Stream {
@@ -326,8 +331,10 @@ mod tests {
         let (e9, first) = append(&h, "chat://9", &msgs(1, 1)).unwrap();
         assert_eq!((e9.as_str(), first), (r.epoch.as_str(), 1));
         assert!(h.since(&req("chat://9", &r.epoch, 0)).recovered);
-        // Rooms are bounded (2 here): a third one gets no position.
+        // Rooms are bounded (2 here): a third one gets no position, counted.
         assert!(h.since(&req("chat://10", "", 0)).epoch.is_empty());
+        assert_eq!(append(&h, "chat://11", &msgs(1, 1)), None);
+        assert_eq!(h.metrics.history_full.get(), 2);
         // Expired with time.
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(!h.since(&req("chat://1", &epoch, 4)).recovered);

@@ -32,6 +32,8 @@ pub struct JobMetrics {
     pub history_rooms: Gauge,
     /// Messages dropped from history before their TTL to keep it under `history_bytes`.
     pub history_evicted: Counter,
+    /// Streams (rooms, users) left unnumbered because `max_rooms` streams were numbered.
+    pub history_full: Counter,
 }
 
 impl JobMetrics {
@@ -73,6 +75,11 @@ impl JobMetrics {
             "history_evicted",
             "Messages dropped from history early to stay under history_bytes",
             self.history_evicted.clone(),
+        );
+        r.register(
+            "history_full",
+            "Streams left unnumbered because max_rooms streams were numbered already",
+            self.history_full.clone(),
         );
     }
 
