@@ -101,12 +101,14 @@ impl Bucket {
 
     /// Registers an authenticated channel and joins `room` (empty: none). An older channel with
     /// the same key is kicked and unregistered, as goim does.
-    pub fn put(&self, ch: &Arc<Channel>, room: &str, shared: &Shared) {
+    /// Returns how many messages queued for the kicked channel were dropped.
+    pub fn put(&self, ch: &Arc<Channel>, room: &str, shared: &Shared) -> u64 {
         let mut inner = self.write();
+        let mut dropped = 0;
         if let Some(old) = inner.chans.insert(ch.key.clone(), ch.clone()) {
             if !Arc::ptr_eq(&old, ch) {
                 unregister(&mut inner, &old, shared);
-                old.close(true);
+                dropped = old.close(true);
             }
         }
         shared.ips.add(ch.ip);
@@ -114,6 +116,7 @@ impl Bucket {
         if !room.is_empty() {
             join(&mut inner, ch, room, &shared.rooms);
         }
+        dropped
     }
 
     /// Removes a channel on close; a no-op if it was already replaced.

@@ -49,6 +49,18 @@ impl Numbered {
     }
 }
 
+/// Messages in a queued item: the packets of a raw batch, one for a packet, none for a
+/// `POSITION` (it only numbers the next ones).
+fn messages(o: &Outgoing) -> u64 {
+    match o {
+        Outgoing::Raw(b) => goim_proto::packet::raw_packets(b.clone()).count() as u64,
+        Outgoing::Packet { header, .. } => {
+            let op = i32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+            u64::from(op != goim_proto::op::POSITION)
+        }
+    }
+}
+
 /// Result of offering a push to a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -99,6 +111,7 @@ pub struct Acks {
 
 #[derive(Debug)]
 struct Unacked {
+    epoch: Arc<str>,
     offset: u64,
     position: Outgoing,
     out: Outgoing,
@@ -218,13 +231,16 @@ impl Channel {
     }
 
     /// Asks the connection's task to close (duplicate key, drain or shutdown).
-    pub fn close(&self, kicked: bool) {
+    /// Closes the channel; returns how many queued messages will never be written (the
+    /// caller counts them).
+    pub fn close(&self, kicked: bool) -> u64 {
         let mut st = self.state();
         st.closed = true;
         st.kicked |= kicked;
-        st.queue.clear();
+        let dropped = st.queue.drain(..).map(|o| messages(&o)).sum();
         drop(st);
         self.notify.notify_one();
+        dropped
     }
 
     /// The client speaks the extensions (docs/PROTOCOL.md).
@@ -298,6 +314,7 @@ impl Channel {
                     acks.given_up += 1;
                 }
                 acks.pending.push_back(Unacked {
+                    epoch: n.epoch.clone(),
                     offset: n.offset,
                     position: n.position.clone(),
                     out: out.clone(),
@@ -324,10 +341,12 @@ impl Channel {
         });
     }
 
-    /// The client has every numbered push to its user up to `offset`.
-    pub fn ack(&self, offset: u64) {
+    /// The client has every numbered push to its user up to `offset` in `epoch` (any epoch
+    /// when not given: offsets start again at 1 in a new one).
+    pub fn ack(&self, offset: u64, epoch: Option<&str>) {
         if let Some(acks) = self.state().acks.as_mut() {
-            acks.pending.retain(|u| u.offset > offset);
+            acks.pending
+                .retain(|u| u.offset > offset || epoch.is_some_and(|e| *u.epoch != *e));
         }
     }
 
@@ -372,6 +391,11 @@ impl Channel {
     pub fn begin_recovery(&self, stream: &str) {
         let mut st = self.state();
         let list = st.recovery.get_or_insert_with(Default::default);
+        // A connection is in one room: another room's entry is of no use any more (and
+        // kept, JOINs to many rooms would grow the list).
+        if stream.contains("://") {
+            list.retain(|r| &*r.stream == stream || !r.stream.contains("://"));
+        }
         match list.iter_mut().find(|r| &*r.stream == stream) {
             Some(r) if r.held.is_some() => {}
             Some(r) => {
@@ -560,7 +584,10 @@ mod tests {
         assert_eq!(queued(&c), ["pos 1", "1", "pos 2", "2"]);
         let timeout = Duration::from_secs(5);
         let due = c.resend_due(timeout).unwrap();
-        c.ack(1);
+        // An ack for another epoch acks nothing here.
+        c.ack(1, Some("other"));
+        assert_eq!(c.resend_due(timeout), Some(due));
+        c.ack(1, Some("e"));
         tokio::time::advance(timeout).await;
         assert!(tokio::time::Instant::now() >= due);
         assert_eq!(
@@ -589,7 +616,7 @@ mod tests {
         }
         assert_eq!(c.resend(timeout, 2).given_up, 1);
         // Room batches are not acked.
-        c.ack(6);
+        c.ack(6, None);
         c.offer_room(&msg("r"), Some(&numbered("e", 1, 1)), 64);
         assert!(c.resend_due(timeout).is_none());
     }
@@ -606,7 +633,16 @@ mod tests {
         c.unwatch(&[1000]);
         assert_eq!(c.offer(Some(1000), out.clone(), 2), Offer::Filtered);
         assert!(c.accepts(1001));
-        c.close(true);
+        // Closing counts what will never be written: a batch of two messages, one packet.
+        let two = [1, 2].map(|i| goim_proto::packet::Packet::new(1, 1000, i, &b"m"[..]).encode());
+        let batch = Outgoing::Raw(Bytes::from([two[0].as_ref(), two[1].as_ref()].concat()));
+        c.offer(None, batch, 2);
+        let one = Outgoing::Packet {
+            header: goim_proto::packet::Header::new(1, 1, 1000, 0).encode(),
+            body: Bytes::from_static(b"m"),
+        };
+        c.offer(None, one, 2);
+        assert_eq!(c.close(true), 3);
         assert_eq!(c.offer(None, out, 2), Offer::Closed);
         assert!(c.was_kicked());
     }

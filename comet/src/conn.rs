@@ -25,7 +25,7 @@ use tonic::Status;
 use crate::channel::{Channel, Outgoing};
 use crate::connection::{ConnError, Connection, Limits, Transport};
 use crate::handler::{Handler, HandlerLimits, RateLimited, Replies, Session};
-use crate::server::{extension_packet, numbered, Comet, USER_STREAM};
+use crate::server::{extension_packet, numbered, Comet, USER_STREAM, USER_TYPE};
 use crate::ws;
 
 /// How a connection ended.
@@ -322,9 +322,9 @@ const HISTORY_TIMEOUT: Duration = Duration::from_secs(5);
 async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: Bytes) {
     let reply = |v: serde_json::Value| extension_packet(op::JOIN_REPLY, seq, ver, &v);
     let req = match serde_json::from_slice::<JoinReq>(&body) {
-        Ok(r) if r.room.len() <= goim_proto::MAX_ID => r,
+        Ok(r) if is_room_stream(&r.room) => r,
         Ok(_) => {
-            let body = json!({"error": "room id too long"});
+            let body = json!({"error": "room must be TYPE://ID, at most 256 bytes, not user://"});
             ch.end_recovery("", no_cover(), |_| vec![reply(body)]);
             return;
         }
@@ -431,6 +431,15 @@ async fn recover(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body
         }
         items
     });
+}
+
+/// A room id a `JOIN` may name: `type://id` within the bound, and never a user's stream
+/// (`user://…` is numbered per user; only `RECOVER` reads it, for the connection's own user).
+fn is_room_stream(room: &str) -> bool {
+    room.len() <= goim_proto::MAX_ID
+        && room
+            .split_once("://")
+            .is_some_and(|(typ, _)| typ != USER_TYPE)
 }
 
 /// No position: nothing is covered.

@@ -81,10 +81,14 @@ struct Hello {
 #[derive(Debug, serde::Deserialize)]
 struct Ack {
     user: u64,
+    #[serde(default)]
+    epoch: Option<String>,
 }
 
 /// Packets a read decoded beyond this many leave the queue's memory to be given back.
 const IDLE_QUEUE: usize = 16;
+/// What a `JOIN` or `RECOVER` costs of the op budget, in packets.
+const RECOVERY_COST: f64 = 32.0;
 /// Packets answered before the task yields to other connections.
 const YIELD_EVERY: u32 = 64;
 
@@ -160,7 +164,14 @@ impl Handler {
         let mut handled = 0u32;
         let mut heartbeat = false;
         while let Some(p) = self.pending.pop_front() {
-            if !self.budget.take() {
+            // A JOIN or RECOVER costs a history call and can queue a room's whole history:
+            // a client gets a few a second, not 64.
+            let cost = if matches!(p.op, op::JOIN | op::RECOVER) {
+                RECOVERY_COST
+            } else {
+                1.0
+            };
+            if !self.budget.take(cost) {
                 return Err(RateLimited);
             }
             heartbeat |= p.op == op::HEARTBEAT;
@@ -216,7 +227,7 @@ impl Handler {
             op::ACK if ch.is_extended() => {
                 // No reply: acks must not double the traffic.
                 if let Ok(ack) = serde_json::from_slice::<Ack>(&p.body) {
-                    ch.ack(ack.user);
+                    ch.ack(ack.user, ack.epoch.as_deref());
                 }
             }
             op::JOIN if ch.is_extended() => session.join(ch, p.ver, p.seq, p.body).await,
@@ -270,18 +281,20 @@ impl OpBudget {
         }
     }
 
-    /// Spends one token; `false` when there is none.
-    fn take(&mut self) -> bool {
-        if self.tokens < 1.0 {
+    /// Spends `cost` tokens; `false` when there are not that many (a cost above the burst
+    /// is capped at the burst, so it can always be paid eventually).
+    fn take(&mut self, cost: f64) -> bool {
+        let cost = cost.min(self.burst);
+        if self.tokens < cost {
             let now = Instant::now();
             let refill = now.duration_since(self.at).as_secs_f64() * self.per_sec;
             self.tokens = (self.tokens + refill).min(self.burst);
             self.at = now;
         }
-        if self.tokens < 1.0 {
+        if self.tokens < cost {
             return false;
         }
-        self.tokens -= 1.0;
+        self.tokens -= cost;
         true
     }
 }
@@ -434,6 +447,21 @@ mod tests {
         assert_eq!(*fake.joins.lock().unwrap(), vec![join.to_vec()]);
         // The join's reply comes from the session, through the queue.
         assert_eq!(out.last().unwrap().1, op::HELLO_REPLY);
+    }
+
+    /// A JOIN or RECOVER costs 32 packets of the budget: a burst of 256 allows 8.
+    #[tokio::test(start_paused = true)]
+    async fn recoveries_cost_more_of_the_budget() {
+        let fake = Fake::default();
+        let mut h = handler(LIMITS);
+        h.pending_mut().push_back(packet(op::HELLO, 1, b"{}"));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        let join: &'static [u8] = br#"{"room":"chat://1"}"#;
+        h.pending_mut()
+            .extend((0..7).map(|i| packet(op::JOIN, i, join)));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        h.pending_mut().push_back(packet(op::RECOVER, 8, b"{}"));
+        assert_eq!(h.answer(&fake, &mut Vec::new()).await, Err(RateLimited));
     }
 
     #[tokio::test(start_paused = true)]

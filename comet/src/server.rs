@@ -87,6 +87,8 @@ pub(crate) fn extension_packet(op: i32, seq: i32, ver: i16, body: &serde_json::V
 
 /// The user stream's name on the wire; job numbers it as `user://{mid}`.
 pub(crate) const USER_STREAM: &str = "user";
+/// The room type job numbers user streams under (`user://{mid}`): no room may use it.
+pub(crate) const USER_TYPE: &str = "user";
 
 /// The numbering of `count` messages of `stream` from `offset`, with its `POSITION` packet.
 pub(crate) fn numbered(stream: &str, epoch: &str, offset: u64, count: u64) -> Numbered {
@@ -176,7 +178,9 @@ impl Comet {
     }
 
     pub(crate) fn register(&self, ch: &Arc<Channel>, room: &str) {
-        self.bucket(&ch.key).put(ch, room, &self.shared);
+        let dropped = self.bucket(&ch.key).put(ch, room, &self.shared);
+        // What the connection this one replaced had not written yet.
+        self.metrics.dropped("kicked", dropped);
     }
 
     pub(crate) fn unregister(&self, ch: &Arc<Channel>) {
@@ -273,7 +277,7 @@ impl Comet {
         // Connections do not watch the token (that would cost every delivery a waiter on a
         // shared lock); each is closed through its own channel.
         for ch in self.buckets.iter().flat_map(|b| b.channels()) {
-            ch.close(false);
+            self.metrics.dropped("shutdown", ch.close(false));
         }
         self.tasks.close();
         if tokio::time::timeout(self.cfg.shutdown_timeout, self.tasks.wait())
@@ -380,7 +384,7 @@ impl Comet {
             if !self.is_draining() || self.shutdown.is_cancelled() {
                 return;
             }
-            ch.close(false);
+            self.metrics.dropped("drain", ch.close(false));
         }
     }
 

@@ -69,6 +69,9 @@ impl Ext {
             let p = self.recv().await;
             if p.op == op::JOIN_REPLY {
                 let v: Value = serde_json::from_slice(&p.body).unwrap();
+                if v.get("error").is_some() {
+                    return v;
+                }
                 let offset = v["offset"].as_u64().unwrap();
                 self.pos = Some((v["epoch"].as_str().unwrap().to_string(), offset));
                 self.at.insert(room.to_string(), self.pos.clone().unwrap());
@@ -503,6 +506,21 @@ async fn a_user_that_reconnects_gets_the_pushes_it_missed_once_and_in_order() {
     assert_eq!(bodies, want, "every missed and live push once, in order");
     let offsets: Vec<u64> = b.got.iter().map(|g| g.1).collect();
     assert_eq!(offsets, (6..=40).collect::<Vec<u64>>());
+
+    // Another user can neither read user 7's stream with a JOIN nor write into it with a
+    // room push.
+    let mut other = Ext::connect(c.comet(0, Transport::Tcp), Transport::Tcp, "other").await;
+    let reply = other.join("user://7", Some((&epoch, 0))).await;
+    assert!(reply["error"].is_string(), "{reply}");
+    assert!(other.got.is_empty());
+    let v = api(
+        http,
+        "POST",
+        "/goim/push/room?operation=1000&type=user&room=7",
+        b"forged",
+    )
+    .await;
+    assert_eq!(v["code"], -400, "{v}");
 }
 
 /// A client of the full roll: its own user's stream and the room's, both followed across

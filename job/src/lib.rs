@@ -363,6 +363,10 @@ impl JobService for Job {
                         "room push needs a room id of 1 to {MAX_ROOM_ID} bytes"
                     )));
                 }
+                // Users' numbered streams live under user://: no room may write there.
+                if m.room.starts_with("user://") {
+                    return Err(Status::invalid_argument("room type user is reserved"));
+                }
                 let msg = RoomMsg {
                     op: m.operation,
                     msg: m.msg,

@@ -208,9 +208,12 @@ impl Logic {
     pub async fn push_mids(
         &self,
         op: i32,
-        mids: Vec<i64>,
+        mut mids: Vec<i64>,
         msg: Bytes,
     ) -> Result<Targeted, PushError> {
+        // A user named twice gets the message once.
+        mids.sort_unstable();
+        mids.dedup();
         if mids.is_empty() {
             return Err(PushError::BadRequest(
                 "mids: at least one mid is required".into(),
@@ -292,6 +295,13 @@ impl Logic {
         msg: Bytes,
     ) -> Result<(), PushError> {
         self.check_body(&msg)?;
+        // `user://` names users' numbered streams in job; a room push there would write into
+        // a user's stream.
+        if typ == "user" {
+            return Err(PushError::BadRequest(
+                "type: user is reserved for users' streams".into(),
+            ));
+        }
         let room = room_key(typ, room);
         // The same bound clients and tokens get: a room id becomes etcd records and job state.
         if room.len() > MAX_ID {
