@@ -55,8 +55,7 @@ fn messages(o: &Outgoing) -> u64 {
     match o {
         Outgoing::Raw(b) => goim_proto::packet::raw_packets(b.clone()).count() as u64,
         Outgoing::Packet { header, .. } => {
-            let op = i32::from_be_bytes([header[8], header[9], header[10], header[11]]);
-            u64::from(op != goim_proto::op::POSITION)
+            u64::from(goim_proto::packet::Header::parse(header).op != goim_proto::op::POSITION)
         }
     }
 }

@@ -45,6 +45,20 @@ impl Departures {
         names
     }
 
+    /// As of the last look: how many names were listed, and whether one left within `keep`.
+    /// Copies nothing, for a check on every request while [`Departures::follow`] keeps the
+    /// looks current; a caller that sees fewer names listed now than then knows of a
+    /// departure the follower has not noted yet.
+    pub fn last_look(&self) -> (usize, bool) {
+        let now = Instant::now();
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let listed = seen.values().filter(|left| left.is_none()).count();
+        let left = seen
+            .values()
+            .any(|left| left.is_some_and(|t| now.duration_since(t) <= self.keep));
+        (listed, left)
+    }
+
     /// Calls `observe(list())` on every change `changes` announces, until `this` is dropped or
     /// the sender is. Needs a Tokio runtime.
     pub fn follow<F>(this: Weak<Self>, mut changes: watch::Receiver<u64>, list: F)
@@ -78,7 +92,9 @@ mod tests {
         assert_eq!(d.observe(names(&["b"])), names(&["a", "b"]));
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert_eq!(d.observe(names(&["b"])), names(&["a", "b"]));
+        assert_eq!(d.last_look(), (1, true));
         tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(d.last_look(), (1, false), "kept no longer than keep");
         assert_eq!(d.observe(names(&["b"])), names(&["b"]));
         // Back again: listed.
         assert_eq!(d.observe(names(&["a", "b"])), names(&["a", "b"]));

@@ -71,6 +71,13 @@ impl<T: DeserializeOwned + Clone + Send + Sync + 'static> WatchCache<T> {
         map.keys().cloned().collect()
     }
 
+    /// How many names are mirrored, and how many of their values satisfy `f`, without
+    /// copying anything (for checks on a hot path).
+    pub fn count(&self, f: impl Fn(&T) -> bool) -> (usize, usize) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        (map.len(), map.values().filter(|e| f(&e.value)).count())
+    }
+
     /// Whether the last list succeeded and the watch since has not failed.
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)

@@ -93,13 +93,14 @@ impl EtcdOnline {
     /// Whether presence read when `loads_at_read` load reports existed can have missed a
     /// connection: some comet is putting its presence back, vanished a moment ago, or
     /// vanished at that revision and this mirror has not caught up yet.
+    /// Runs on every key and user push: counts under the locks, copies nothing (departures
+    /// are noted by their follower task; one it has not noted yet shows as fewer load reports
+    /// than at its last look).
     fn presence_complete(&self, loads_at_read: Option<i64>) -> bool {
-        let listed = self.loads.snapshot();
-        let pending = listed.iter().any(|(_, e)| e.value.presence_pending);
-        let live = listed.len();
-        let known = self.departed.observe(listed.into_iter().map(|(n, _)| n));
+        let (live, pending) = self.loads.count(|r| r.presence_pending);
+        let (listed, left) = self.departed.last_look();
         let caught_up = loads_at_read.is_some_and(|n| n >= live as i64);
-        !pending && known.len() == live && caught_up
+        pending == 0 && caught_up && !left && live >= listed
     }
 
     /// The lease a comet's state hangs on: the one it names (ours always do), or one logic
