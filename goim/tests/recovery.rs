@@ -323,6 +323,14 @@ impl Roll {
     }
 }
 
+/// Where a client told to reconnect goes: straight to the next comet, live by the rolling
+/// order.
+fn next_comet(addrs: &std::sync::Mutex<Vec<SocketAddr>>, at: &mut usize) -> SocketAddr {
+    let addrs = addrs.lock().unwrap();
+    *at = (*at + 1) % addrs.len();
+    addrs[*at]
+}
+
 /// One extension client for the roll: follows RECONNECT advice to `next_comet`, rejoining
 /// the room from the last position it saw.
 async fn follow(
@@ -336,12 +344,7 @@ async fn follow(
     loop {
         let p = ext.recv().await;
         if p.op == op::RECONNECT {
-            // Straight to another comet (the next one, live by the rolling order).
-            let addr = {
-                let addrs = addrs.lock().unwrap();
-                at = (at + 1) % addrs.len();
-                addrs[at]
-            };
+            let addr = next_comet(&addrs, &mut at);
             let (epoch, seen) = ext.last();
             let mut next = Ext::connect(addr, Transport::Tcp, &key).await;
             next.got = std::mem::take(&mut ext.got);
@@ -538,11 +541,7 @@ async fn follow_both(
     loop {
         let p = ext.recv().await;
         if p.op == op::RECONNECT {
-            let addr = {
-                let addrs = addrs.lock().unwrap();
-                at = (at + 1) % addrs.len();
-                addrs[at]
-            };
+            let addr = next_comet(&addrs, &mut at);
             let (ue, uo) = ext.at["user"].clone();
             let (re, ro) = ext.at["chat://1"].clone();
             let (mut next, reply) = Ext::recovering_user(addr, mid, &key, (&ue, uo)).await;
