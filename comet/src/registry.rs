@@ -259,15 +259,27 @@ impl Registrar {
     }
 
     /// Follows this comet's registry record: `draining` stops new clients and closes the
-    /// current ones gradually.
+    /// current ones gradually; `drain_ms`, when set, is how long that takes.
     async fn follow_record(&self, stop: CancellationToken) {
         let cache: WatchCache<CometRecord> =
             WatchCache::spawn(self.client.clone(), self.keys.comets(), stop.clone());
         let mut changes = cache.subscribe();
         loop {
-            let draining = cache
-                .get(self.comet.name())
+            let record = cache.get(self.comet.name());
+            let draining = record
+                .as_ref()
                 .is_some_and(|e| e.value.state == CometState::Draining);
+            if let Some(ms) = record
+                .as_ref()
+                .map(|e| e.value.drain_ms)
+                .filter(|&ms| ms > 0)
+            {
+                let d = std::time::Duration::from_millis(ms);
+                if d != self.comet.drain_period() {
+                    tracing::info!(drain_ms = ms, "drain period changed");
+                    self.comet.set_drain_period(d);
+                }
+            }
             if draining != self.comet.is_draining() {
                 tracing::info!(draining, "drain state changed");
                 self.comet.set_draining(draining);

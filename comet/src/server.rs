@@ -63,6 +63,9 @@ pub struct Comet {
     /// The etcd lease this comet's state hangs on (distributed mode; 0 in standalone). Sent
     /// with Connect, Disconnect and RenewOnline so logic writes presence on it.
     lease: std::sync::atomic::AtomicI64,
+    /// How long a drain lasts, in milliseconds: `drain_period` until the operator's record
+    /// says otherwise (it changes without a restart).
+    drain_ms: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Comet {
@@ -146,6 +149,7 @@ impl Comet {
             });
             workers.push(tx);
         }
+        let cfg_drain = cfg.drain_period;
         Arc::new(Comet {
             limit: Arc::new(Semaphore::new(
                 cfg.max_connections.min(Semaphore::MAX_PERMITS),
@@ -162,7 +166,22 @@ impl Comet {
             exiting: Default::default(),
             lease_required: Default::default(),
             lease: Default::default(),
+            drain_ms: std::sync::atomic::AtomicU64::new(
+                u64::try_from(cfg_drain.as_millis()).unwrap_or(u64::MAX),
+            ),
         })
+    }
+
+    /// How long a drain lasts now.
+    pub fn drain_period(&self) -> Duration {
+        Duration::from_millis(self.drain_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// A new drain time (the operator's record); a drain under way keeps its pace.
+    pub fn set_drain_period(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.drain_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn name(&self) -> &str {
@@ -346,7 +365,7 @@ impl Comet {
         self.exiting
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.set_draining(true);
-        let deadline = tokio::time::Instant::now() + self.cfg.drain_period + grace;
+        let deadline = tokio::time::Instant::now() + self.drain_period() + grace;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             let left = self.load().conn_count;
@@ -363,7 +382,7 @@ impl Comet {
     async fn drain_clients(self: Arc<Self>) {
         let chans: Vec<Arc<Channel>> = self.buckets.iter().flat_map(|b| b.channels()).collect();
         let n = chans.len().max(1) as u32;
-        let period = self.cfg.drain_period;
+        let period = self.drain_period();
         let lead = RECONNECT_LEAD.min(period / 2);
         let spread = period - lead;
         let start = tokio::time::Instant::now();

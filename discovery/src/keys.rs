@@ -102,6 +102,14 @@ pub struct CometRecord {
     pub region: String,
     pub zone: String,
     pub state: CometState,
+    /// How long this comet's drain lasts, in milliseconds; 0: its own configuration. Lets
+    /// the operator change it without a restart.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub drain_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `/goim/{cluster}/load/{name}`: a comet's load, on its lease.

@@ -139,6 +139,41 @@ mod tests {
         assert_eq!(c.job.room_batch, 7);
     }
 
+    /// The operator's goim.toml parses as the roles' config, with what the spec asked for.
+    #[test]
+    fn what_the_operator_writes_is_what_the_roles_read() {
+        let pc: goim_operator::crd::PushCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "goim.rs/v1alpha1", "kind": "PushCluster",
+            "metadata": {"name": "chat", "namespace": "prod"},
+            "spec": {"image": "i", "etcd": {"endpoints": ["etcd:2379"]},
+                "comet": {"drainSeconds": 7, "buckets": 16},
+                "history": {"rooms": {"chat": {"size": 50, "ttlSeconds": 60},
+                    "a\"b]\n[x": {"size": 1, "ttlSeconds": 1}},
+                    "users": {"size": 20, "ttlSeconds": 30}}}
+        }))
+        .unwrap();
+        let text = goim_operator::builders::config_toml(&pc);
+        let c: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.comet.drain_period, Duration::from_secs(7));
+        assert_eq!(c.comet.buckets, 16);
+        assert_eq!(c.cluster.name, "prod.chat");
+        assert!(c.cluster.operator_managed);
+        assert!(c.logic.user_streams);
+        let h = &c.job.history;
+        assert_eq!(
+            (h["chat"].size, h["chat"].ttl),
+            (50, Duration::from_secs(60))
+        );
+        assert_eq!(h["user"].size, 20);
+        // A hostile type name stays a key (the schema refuses it; the writer never breaks).
+        assert_eq!(h["a\"b]\n[x"].size, 1);
+        // Without history: no streams, nothing kept.
+        let mut plain = pc.clone();
+        plain.spec.history = Default::default();
+        let c: Config = toml::from_str(&goim_operator::builders::config_toml(&plain)).unwrap();
+        assert!(!c.logic.user_streams && c.job.history.is_empty());
+    }
+
     /// Standalone's push API listens on loopback unless the file says otherwise.
     #[test]
     fn standalone_http_defaults_to_loopback() {

@@ -136,6 +136,7 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
         region: cfg.comet.region.clone(),
         zone: cfg.comet.zone.clone(),
         state: CometState::Active,
+        drain_ms: 0,
     };
     let lease = LeaseHandle::spawn(client.clone(), cfg.cluster.lease_ttl, stop.clone());
     let registrar = Arc::new(Registrar {

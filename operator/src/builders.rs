@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec, PodTemplateSpec,
@@ -18,6 +20,8 @@ use sha2::{Digest, Sha256};
 use crate::crd::{PushCluster, ServiceType};
 
 pub const CONFIG_HASH: &str = "goim.rs/config-hash";
+/// The comet revision a pod runs: [`comet_revision`] of the spec it was created from.
+pub const REVISION: &str = "goim.rs/revision";
 const CONFIG_PATH: &str = "/etc/goim/goim.toml";
 /// Where the etcd TLS secret is mounted in every role's pod.
 pub const ETCD_TLS_PATH: &str = "/etc/goim-etcd-tls";
@@ -82,7 +86,49 @@ pub fn config_toml(pc: &PushCluster) -> String {
         logic = name(pc, "logic"),
         grpc = s.comet.ports.grpc,
         metrics = s.comet.ports.metrics,
-    )
+    ) + "\n" + &history_toml(pc)
+}
+
+/// The history sections, serialized (room types are user input: never formatted into TOML).
+fn history_toml(pc: &PushCluster) -> String {
+    let h = &pc.spec.history;
+    let limits = |l: &crate::crd::HistoryLimits| {
+        toml::Table::from_iter([
+            ("size".to_string(), toml::Value::from(i64::from(l.size))),
+            (
+                "ttl".to_string(),
+                toml::Value::from(format!("{}s", l.ttl_seconds)),
+            ),
+        ])
+    };
+    let mut history: toml::Table = h
+        .rooms
+        .iter()
+        .map(|(t, l)| (t.clone(), toml::Value::Table(limits(l))))
+        .collect();
+    if let Some(u) = &h.users {
+        history.insert("user".into(), toml::Value::Table(limits(u)));
+    }
+    let mut root = toml::Table::new();
+    if h.users.is_some() {
+        root.insert(
+            "logic".into(),
+            toml::Value::Table(toml::Table::from_iter([(
+                "user_streams".to_string(),
+                toml::Value::Boolean(true),
+            )])),
+        );
+    }
+    if !history.is_empty() {
+        root.insert(
+            "job".into(),
+            toml::Value::Table(toml::Table::from_iter([(
+                "history".to_string(),
+                toml::Value::Table(history),
+            )])),
+        );
+    }
+    toml::to_string(&root).unwrap_or_default()
 }
 
 fn hash(text: &str) -> String {
@@ -259,16 +305,26 @@ fn stateless_role(
     (deployment, service)
 }
 
-pub fn build(pc: &PushCluster) -> Objects {
-    let s = &pc.spec;
-    let toml = config_toml(pc);
-    let config_hash = hash(&toml);
-    let config = ConfigMap {
-        metadata: meta(pc, "config", "config"),
-        data: Some(BTreeMap::from([("goim.toml".into(), toml)])),
-        ..Default::default()
-    };
+/// The spec with the settings running comets take live (through their etcd record) set to
+/// fixed values, so that changing them changes no hash and restarts nothing.
+fn without_live_settings(pc: &PushCluster) -> PushCluster {
+    let mut n = pc.clone();
+    n.spec.comet.drain_seconds = 0;
+    n.spec.comet.weight = 0;
+    n
+}
 
+/// What a running comet can only take by restarting: a hash of its pod template built from
+/// the spec without the live settings. Pods whose `goim.rs/revision` differs are replaced by
+/// the operator's rolling update; a change of drain time or weight replaces none.
+pub fn comet_revision(pc: &PushCluster) -> String {
+    let n = without_live_settings(pc);
+    let template = comet_template(&n, &hash(&config_toml(&n)));
+    hash(&serde_json::to_string(&template).unwrap_or_default())
+}
+
+fn comet_template(pc: &PushCluster, config_hash: &str) -> PodTemplateSpec {
+    let s = &pc.spec;
     let p = &s.comet.ports;
     let mut comet_c = container(
         pc,
@@ -282,7 +338,7 @@ pub fn build(pc: &PushCluster) -> Objects {
         "metrics",
     );
     comet_c.resources = s.comet.resources.clone();
-    // Safety net for evictions the operator did not plan: on SIGTERM comet closes its clients
+    // Safety net for evictions the operator did not plan: on SIGTERM comet drains its clients
     // and tells logic; the short sleep lets endpoints drop the pod first.
     comet_c.lifecycle = Some(Lifecycle {
         pre_stop: Some(LifecycleHandler {
@@ -291,7 +347,32 @@ pub fn build(pc: &PushCluster) -> Objects {
         }),
         ..Default::default()
     });
-    let grace = i64::from(s.comet.drain_seconds) + 15;
+    pod(pc, "comet", comet_c, config_hash, Some(grace_seconds(pc)))
+}
+
+/// How long a comet pod may take to stop: its drain, the pre-stop sleep and a margin.
+pub fn grace_seconds(pc: &PushCluster) -> i64 {
+    i64::from(pc.spec.comet.drain_seconds) + 15
+}
+
+pub fn build(pc: &PushCluster) -> Objects {
+    let s = &pc.spec;
+    let toml = config_toml(pc);
+    // Hashed without the live settings: changing them rolls neither comets nor logic and job.
+    let config_hash = hash(&config_toml(&without_live_settings(pc)));
+    let config = ConfigMap {
+        metadata: meta(pc, "config", "config"),
+        data: Some(BTreeMap::from([("goim.toml".into(), toml)])),
+        ..Default::default()
+    };
+
+    let p = &s.comet.ports;
+    let mut template = comet_template(pc, &config_hash);
+    if let Some(m) = template.metadata.as_mut() {
+        m.annotations
+            .get_or_insert_with(Default::default)
+            .insert(REVISION.into(), comet_revision(pc));
+    }
     let comet = StatefulSet {
         metadata: meta(pc, "comet", "comet"),
         spec: Some(StatefulSetSpec {
@@ -299,7 +380,13 @@ pub fn build(pc: &PushCluster) -> Objects {
             service_name: Some(name(pc, "comet-headless")),
             selector: label_selector(pc, "comet"),
             pod_management_policy: Some("Parallel".into()),
-            template: pod(pc, "comet", comet_c, &config_hash, Some(grace)),
+            // The operator replaces outdated comets itself, drained first and one at a time
+            // (`maxUnavailable`); the StatefulSet only recreates the pods it deletes.
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                rolling_update: None,
+            }),
+            template,
             ..Default::default()
         }),
         ..Default::default()
@@ -338,7 +425,7 @@ pub fn build(pc: &PushCluster) -> Objects {
     let comet_pdb = PodDisruptionBudget {
         metadata: meta(pc, "comet", "comet"),
         spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
+            max_unavailable: Some(IntOrString::Int(s.comet.max_unavailable.max(1))),
             selector: Some(label_selector(pc, "comet")),
             ..Default::default()
         }),
@@ -510,6 +597,65 @@ spec:
         assert!(toml.contains("name = \"prod.chat\""));
         assert!(toml.contains("operator_managed = true"));
         assert!(toml.contains("chat-logic.prod.svc:3119"));
+    }
+
+    #[test]
+    fn only_settings_a_comet_cannot_take_live_change_its_revision() {
+        let base = fixture();
+        let rev = comet_revision(&base);
+        let annotations = |o: &Objects| {
+            o.comet
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .clone()
+                .unwrap()
+        };
+        let o = build(&base);
+        assert_eq!(annotations(&o)[REVISION], rev);
+        assert_eq!(
+            o.comet
+                .spec
+                .as_ref()
+                .unwrap()
+                .update_strategy
+                .as_ref()
+                .unwrap()
+                .type_
+                .as_deref(),
+            Some("OnDelete")
+        );
+        // Drain time and weight reach comets through etcd: no new revision, no new config
+        // hash for logic and job either.
+        let mut live = fixture();
+        live.spec.comet.drain_seconds = 5;
+        live.spec.comet.weight = 40;
+        assert_eq!(comet_revision(&live), rev);
+        let l = build(&live);
+        assert_eq!(annotations(&l)[CONFIG_HASH], annotations(&o)[CONFIG_HASH]);
+        // The new drain time is still what new pods get as their grace period.
+        assert_eq!(
+            l.comet
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .termination_grace_period_seconds,
+            Some(20)
+        );
+        // Buckets, image, resources: a restart.
+        let mut b = fixture();
+        b.spec.comet.buckets = 64;
+        assert_ne!(comet_revision(&b), rev);
+        let mut i = fixture();
+        i.spec.image = "goim:next".into();
+        assert_ne!(comet_revision(&i), rev);
     }
 
     #[test]

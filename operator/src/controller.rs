@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -23,7 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::builders::{build, comet_selector, name};
+use crate::builders::{build, comet_revision, comet_selector, grace_seconds, name, REVISION};
 use crate::crd::PushCluster;
 use crate::leader::Election;
 use crate::metrics::{ErrorKind, Metrics};
@@ -320,57 +320,54 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     }
     let sts = apply(&stss, &sts).await?;
 
-    // Register ready comet pods, draining ones marked, stale ones removed, in one transaction.
+    // Comet pods as the registry and the rolling update see them.
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default().labels(&comet_selector(pc)))
         .await?;
     let comet_pods: Vec<CometPod> = pods
         .items
         .iter()
-        .map(|p| CometPod {
-            name: p.name_any(),
-            ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
-            ready: p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
-            terminating: p.metadata.deletion_timestamp.is_some(),
-        })
+        .map(|p| comet_pod(p, registry.as_ref().ok().map(|(_, c)| c)))
         .collect();
-    let desired_records = plan::desired_records(pc, &comet_pods, &plan.draining);
+    // Replace outdated comets, drained first, while a drain-free budget allows.
+    let revision = comet_revision(pc);
+    let roll = plan::roll(
+        &name(pc, "comet"),
+        plan.replicas - plan.draining.len() as i32,
+        &revision,
+        pc.spec.comet.max_unavailable,
+        &comet_pods,
+    );
+    // Without a view of etcd, nothing can be seen to serve: roll nothing.
+    let replace: Vec<String> = if registry.is_ok() {
+        roll.replace.clone()
+    } else {
+        Vec::new()
+    };
+
+    // Register ready comet pods, draining ones marked, stale ones removed, in one transaction.
+    let draining: Vec<String> = plan.draining.iter().chain(&replace).cloned().collect();
+    let registered = |pod: &str| {
+        registry
+            .as_ref()
+            .is_ok_and(|(actual, _)| actual.contains_key(pod))
+    };
+    let desired_records = plan::desired_records(pc, &comet_pods, &draining, registered);
     let mut etcd_error = etcd_error;
     if let (Ok(c), Ok((actual, _))) = (&etcd, &registry) {
         let diff = plan::etcd_diff(&desired_records, actual);
-        let mut ops: Vec<TxnOp> = diff
-            .put
-            .iter()
-            .map(|(k, v)| {
-                TxnOp::put(
-                    keys.comet(k),
-                    serde_json::to_vec(v).unwrap_or_default(),
-                    None,
-                )
-            })
-            .collect();
-        ops.extend(
-            diff.delete
-                .iter()
-                .map(|k| TxnOp::delete(keys.comet(k), None)),
-        );
-        for chunk in ops.chunks(goim_discovery::MAX_TXN_OPS) {
-            if let Err(e) = c.clone().txn(Txn::new().and_then(chunk.to_vec())).await {
-                etcd_error = Some(e.to_string());
-                break;
-            }
-        }
+        etcd_error = write_registry(c, &keys, &diff).await.err();
+    }
+    // Only once etcd says they are draining (logic stops offering them at once), delete the
+    // pods being replaced; their comets drain on SIGTERM within the grace period.
+    if etcd_error.is_none() {
+        replace_pods(pc, ctx, &ns, &comet_pods, &replace, &revision).await?;
     }
 
     // Status.
     let sts_status = sts.status.clone().unwrap_or_default();
     let ready = sts_status.ready_replicas.unwrap_or(0);
-    let rollout_done = sts_status.observed_generation == sts.metadata.generation
-        && sts_status.updated_replicas.unwrap_or(0) >= plan.replicas;
+    let rollout_done = roll.outdated == 0;
     let ready_of = |d: &Deployment| {
         d.status
             .as_ref()
@@ -383,6 +380,14 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     status.comet.selector = comet_selector(pc);
     status.comet.registered = desired_records.len() as i32;
     status.comet.draining = plan.draining.clone();
+    status.comet.revision = revision.clone();
+    status.comet.updated_replicas = roll.updated;
+    status.comet.rolling = comet_pods
+        .iter()
+        .filter(|p| p.terminating)
+        .map(|p| p.name.clone())
+        .chain(replace.iter().cloned())
+        .collect();
     status.comet.draining_since = plan
         .since
         .and_then(|s| jiff::Timestamp::from_second(s).ok())
@@ -447,12 +452,22 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         conds,
         "Progressing",
         progressing,
-        if plan.draining.is_empty() {
-            "RollingOut"
-        } else {
+        if !plan.draining.is_empty() {
             "Draining"
+        } else if !rollout_done {
+            "RollingUpdate"
+        } else {
+            "AsExpected"
         },
-        "",
+        &if rollout_done {
+            String::new()
+        } else {
+            format!(
+                "comets at revision {revision}: {}/{}",
+                roll.updated,
+                roll.updated + roll.outdated
+            )
+        },
         gen,
         &now,
     );
@@ -516,11 +531,107 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     // etcd is outside the watch: resync periodically; faster while draining or degraded.
     Ok(if let Some(age) = degraded_for {
         Action::requeue(Duration::from_secs((age / 2).clamp(2, 60)))
-    } else if !plan.draining.is_empty() {
+    } else if !plan.draining.is_empty() || !rollout_done {
         Action::requeue(Duration::from_secs(2))
     } else {
         Action::requeue(Duration::from_secs(30))
     })
+}
+
+fn comet_pod(p: &Pod, loads: Option<&HashMap<String, u64>>) -> CometPod {
+    let name = p.name_any();
+    CometPod {
+        serving: loads.is_some_and(|l| l.contains_key(&name)),
+        uid: p.metadata.uid.clone(),
+        ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        ready: p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        revision: p.annotations().get(REVISION).cloned(),
+        name,
+    }
+}
+
+/// Puts and deletes comet records in transactions of at most etcd's operation limit.
+async fn write_registry(
+    etcd: &goim_discovery::Client,
+    keys: &Keys,
+    diff: &plan::EtcdDiff,
+) -> Result<(), String> {
+    let mut ops: Vec<TxnOp> = diff
+        .put
+        .iter()
+        .map(|(k, v)| {
+            TxnOp::put(
+                keys.comet(k),
+                serde_json::to_vec(v).unwrap_or_default(),
+                None,
+            )
+        })
+        .collect();
+    ops.extend(
+        diff.delete
+            .iter()
+            .map(|k| TxnOp::delete(keys.comet(k), None)),
+    );
+    for chunk in ops.chunks(goim_discovery::MAX_TXN_OPS) {
+        etcd.clone()
+            .txn(Txn::new().and_then(chunk.to_vec()))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Deletes the comet pods the rolling update replaces, each with a grace period that covers
+/// the drain, and only the pod that was looked at (a precondition on its uid), never a
+/// replacement created since. An event says which revision replaces which.
+async fn replace_pods(
+    pc: &PushCluster,
+    ctx: &Context,
+    ns: &str,
+    pods: &[CometPod],
+    replace: &[String],
+    revision: &str,
+) -> Result<(), Error> {
+    let api = Api::<Pod>::namespaced(ctx.client.clone(), ns);
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    for pod in pods.iter().filter(|p| replace.contains(&p.name)) {
+        let dp = DeleteParams {
+            grace_period_seconds: u32::try_from(grace_seconds(pc)).ok(),
+            preconditions: Some(Preconditions {
+                uid: pod.uid.clone(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&pod.name, &dp).await {
+            Ok(_) => {}
+            // Gone already, or replaced since it was listed: nothing to do.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+        ctx.metrics.replaced.inc();
+        tracing::info!(cluster = %pc.name_any(), pod = %pod.name, from = ?pod.revision, to = revision, "replacing comet");
+        let ev = Event {
+            type_: EventType::Normal,
+            reason: "ReplacingComet".into(),
+            note: Some(format!(
+                "{}: revision {} -> {revision}, drained first",
+                pod.name,
+                pod.revision.as_deref().unwrap_or("none")
+            )),
+            action: "RollingUpdate".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &pc.object_ref(&())).await {
+            tracing::warn!(error = %e, "event publish failed");
+        }
+    }
+    Ok(())
 }
 
 /// Degraded with the reason, a Warning event on the transition, nothing else touched.

@@ -9,6 +9,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A goim-rs cluster: comets (StatefulSet), logic and job (Deployments), registered in etcd.
+// Two print columns of one type read to clippy as a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "goim.rs",
@@ -34,6 +36,11 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.comet.readyReplicas"
     ),
     printcolumn(
+        name = "Updated",
+        type_ = "integer",
+        json_path = ".status.comet.updatedReplicas"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -55,6 +62,33 @@ pub struct PushClusterSpec {
     pub job: RoleSpec,
     #[serde(default)]
     pub auth: AuthSpec,
+    /// Numbered streams kept for recovery (docs/PROTOCOL.md): off unless named here.
+    #[serde(default)]
+    pub history: HistorySpec,
+}
+
+/// Which streams are numbered and kept, so clients that reconnect recover what they missed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.rooms.all(t, t.matches('^[A-Za-z0-9._-]{1,64}$') && t != 'user')").message("history.rooms keys are room types (letters, digits, '.', '_', '-'; 'user' is reserved)"))]
+pub struct HistorySpec {
+    /// Per room type (the part of a room id before `://`, e.g. `chat`).
+    #[serde(default)]
+    pub rooms: BTreeMap<String, HistoryLimits>,
+    /// Number and keep each user's pushes (`/goim/push/mids`) too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<HistoryLimits>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryLimits {
+    /// Messages kept per stream.
+    #[schemars(range(min = 1, max = 100000))]
+    pub size: u32,
+    /// How long a message is kept.
+    #[schemars(range(min = 1, max = 86400))]
+    pub ttl_seconds: u32,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -109,6 +143,17 @@ pub struct CometSpec {
     #[serde(default = "default_drain")]
     #[schemars(range(min = 0, max = 3600))]
     pub drain_seconds: i32,
+    /// Share of new clients each comet is offered (goim's node weight). Like `drainSeconds`,
+    /// applied through etcd without restarting any comet.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub weight: i64,
+    /// Comets the operator's rolling update may have out of service at once: each one is
+    /// drained, then replaced, and the next goes only once the replacement is ready and
+    /// registered.
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable: i32,
     /// Scale on connections per pod, read from the comets' load reports in etcd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<Autoscale>,
@@ -174,6 +219,12 @@ fn default_service_type() -> ServiceType {
 fn default_drain() -> i32 {
     30
 }
+fn default_weight() -> i64 {
+    10
+}
+fn default_max_unavailable() -> i32 {
+    1
+}
 fn default_role_replicas() -> i32 {
     1
 }
@@ -202,6 +253,8 @@ impl Default for CometSpec {
             resources: None,
             service_type: default_service_type(),
             drain_seconds: default_drain(),
+            weight: default_weight(),
+            max_unavailable: default_max_unavailable(),
             autoscale: None,
         }
     }
@@ -270,6 +323,15 @@ pub struct CometStatus {
     /// When the current drain started (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_since: Option<String>,
+    /// The comet revision the spec asks for (a hash of what only a restart applies).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision: String,
+    /// Comet pods running that revision.
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// Pods the rolling update is replacing now.
+    #[serde(default)]
+    pub rolling: Vec<String>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

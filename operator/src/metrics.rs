@@ -21,6 +21,8 @@ pub struct Metrics {
     pub registered: Gauge,
     pub draining: Gauge,
     pub leader: Gauge,
+    /// Comet pods deleted by the rolling update.
+    pub replaced: Counter,
 }
 
 impl Default for Metrics {
@@ -32,6 +34,7 @@ impl Default for Metrics {
             registered: Gauge::default(),
             draining: Gauge::default(),
             leader: Gauge::default(),
+            replaced: Counter::default(),
         }
     }
 }
@@ -59,6 +62,11 @@ impl Metrics {
             "draining_comets",
             "Comet pods draining (last reconcile)",
             self.draining.clone(),
+        );
+        r.register(
+            "replaced_comets",
+            "Comet pods the rolling update deleted (drained first)",
+            self.replaced.clone(),
         );
         r.register("leader", "1 while this replica leads", self.leader.clone());
     }

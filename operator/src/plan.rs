@@ -93,25 +93,38 @@ pub fn etcd_diff(
     }
 }
 
-/// A comet pod as the registry needs it.
-#[derive(Debug, Clone)]
+/// A comet pod as the registry and the rolling update see it.
+#[derive(Debug, Clone, Default)]
 pub struct CometPod {
     pub name: String,
+    pub uid: Option<String>,
     pub ip: Option<String>,
     pub ready: bool,
     pub terminating: bool,
+    /// Its `goim.rs/revision` annotation.
+    pub revision: Option<String>,
+    /// The comet holds a lease and reports its load: it is up, whatever its pod says.
+    pub serving: bool,
 }
 
 /// The records etcd should hold: every ready, running comet pod, draining ones so marked.
+/// A comet that is draining turns not ready and its pod may be terminating, but it still
+/// holds clients until it exits: while it serves and was registered, its record stays
+/// (marked draining), so job keeps pushing to its remaining clients.
 pub fn desired_records(
     pc: &PushCluster,
     pods: &[CometPod],
     draining: &[String],
+    registered: impl Fn(&str) -> bool,
 ) -> BTreeMap<String, CometRecord> {
     let p = &pc.spec.comet.ports;
     pods.iter()
-        .filter(|pod| pod.ready && !pod.terminating)
         .filter_map(|pod| {
+            let active = pod.ready && !pod.terminating;
+            let leaving = !active && pod.serving && registered(&pod.name);
+            if !active && !leaving {
+                return None;
+            }
             let ip = pod.ip.as_deref()?;
             Some((
                 pod.name.clone(),
@@ -121,18 +134,78 @@ pub fn desired_records(
                     tcp: format!("{ip}:{}", p.tcp),
                     ws: format!("{ip}:{}", p.ws),
                     addrs: Vec::new(),
-                    weight: 10,
+                    weight: pc.spec.comet.weight,
                     region: String::new(),
                     zone: String::new(),
-                    state: if draining.contains(&pod.name) {
+                    state: if leaving || draining.contains(&pod.name) {
                         CometState::Draining
                     } else {
                         CometState::Active
                     },
+                    drain_ms: u64::try_from(pc.spec.comet.drain_seconds.max(1)).unwrap_or(1) * 1000,
                 },
             ))
         })
         .collect()
+}
+
+/// The rolling update's decision for this reconcile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RollPlan {
+    /// Pods to mark draining and delete now (the StatefulSet recreates them at the new
+    /// revision).
+    pub replace: Vec<String>,
+    /// Pods in service range running the wanted revision.
+    pub updated: i32,
+    /// Pods in service range not running it yet.
+    pub outdated: i32,
+}
+
+fn ordinal(sts: &str, pod: &str) -> Option<i32> {
+    pod.strip_prefix(sts)?.strip_prefix('-')?.parse().ok()
+}
+
+/// Which comets to replace now. Only ordinals below `replicas` take part (higher ones are
+/// the scale-down's). A pod is available when it is ready, not terminating, and its comet
+/// serves; at most `max_unavailable` may be unavailable, so the next outdated pod goes only
+/// once its predecessor's replacement is ready and registered. Outdated pods that are not
+/// available anyway (a broken revision, a crash loop) are replaced without waiting, so a bad
+/// rollout can be fixed by a new spec. Highest ordinals first, as a StatefulSet does.
+pub fn roll(
+    sts: &str,
+    replicas: i32,
+    revision: &str,
+    max_unavailable: i32,
+    pods: &[CometPod],
+) -> RollPlan {
+    let mut in_range: Vec<(i32, &CometPod)> = pods
+        .iter()
+        .filter_map(|p| Some((ordinal(sts, &p.name)?, p)))
+        .filter(|(i, _)| (0..replicas).contains(i))
+        .collect();
+    in_range.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+    let current = |p: &CometPod| p.revision.as_deref() == Some(revision);
+    let available = |p: &CometPod| p.ready && !p.terminating && p.serving;
+    let up = in_range.iter().filter(|(_, p)| available(p)).count() as i32;
+    let mut budget = max_unavailable.max(1) - (replicas - up);
+    let mut replace = Vec::new();
+    for (_, p) in &in_range {
+        if current(p) || p.terminating {
+            continue;
+        }
+        if !available(p) {
+            replace.push(p.name.clone());
+        } else if budget > 0 {
+            budget -= 1;
+            replace.push(p.name.clone());
+        }
+    }
+    let updated = in_range.iter().filter(|(_, p)| current(p)).count() as i32;
+    RollPlan {
+        replace,
+        updated,
+        outdated: in_range.len() as i32 - updated,
+    }
 }
 
 /// Sets a condition, keeping `lastTransitionTime` unless the status really changed.
@@ -296,45 +369,144 @@ mod tests {
         );
     }
 
+    fn pod(name: &str, ip: &str, ready: bool, terminating: bool) -> CometPod {
+        CometPod {
+            name: name.into(),
+            ip: Some(ip.into()),
+            ready,
+            terminating,
+            serving: ready && !terminating,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn records_and_diff() {
-        let p = pc();
+        let mut p = pc();
+        p.spec.comet.weight = 7;
+        p.spec.comet.drain_seconds = 12;
         let pods = vec![
-            CometPod {
-                name: "chat-comet-0".into(),
-                ip: Some("10.0.0.1".into()),
-                ready: true,
-                terminating: false,
-            },
-            CometPod {
-                name: "chat-comet-1".into(),
-                ip: Some("10.0.0.2".into()),
-                ready: false,
-                terminating: false,
-            },
-            CometPod {
-                name: "chat-comet-2".into(),
-                ip: Some("10.0.0.3".into()),
-                ready: true,
-                terminating: false,
-            },
-            CometPod {
-                name: "chat-comet-3".into(),
-                ip: Some("10.0.0.4".into()),
-                ready: true,
-                terminating: true,
-            },
+            pod("chat-comet-0", "10.0.0.1", true, false),
+            pod("chat-comet-1", "10.0.0.2", false, false),
+            pod("chat-comet-2", "10.0.0.3", true, false),
+            pod("chat-comet-3", "10.0.0.4", true, true),
         ];
-        let want = desired_records(&p, &pods, &["chat-comet-2".into()]);
+        let want = desired_records(&p, &pods, &["chat-comet-2".into()], |_| true);
         assert_eq!(want.len(), 2);
         assert_eq!(want["chat-comet-0"].grpc, "10.0.0.1:3109");
         assert_eq!(want["chat-comet-2"].state, CometState::Draining);
+        // The live settings travel in the record.
+        assert_eq!(
+            (want["chat-comet-0"].weight, want["chat-comet-0"].drain_ms),
+            (7, 12_000)
+        );
         let mut actual = BTreeMap::new();
         actual.insert("chat-comet-0".to_string(), want["chat-comet-0"].clone());
         actual.insert("old".to_string(), CometRecord::default());
         let d = etcd_diff(&want, &actual);
         assert_eq!(d.put.keys().collect::<Vec<_>>(), vec!["chat-comet-2"]);
         assert_eq!(d.delete, vec!["old".to_string()]);
+    }
+
+    #[test]
+    fn a_draining_comet_keeps_its_record_while_it_serves() {
+        let p = pc();
+        // Draining: not ready (its readiness probe fails on purpose), terminating, but its
+        // comet still holds clients and a lease.
+        let mut leaving = pod("chat-comet-1", "10.0.0.2", false, true);
+        leaving.serving = true;
+        let want = desired_records(&p, std::slice::from_ref(&leaving), &[], |_| true);
+        assert_eq!(want["chat-comet-1"].state, CometState::Draining);
+        // Never registered (it never became ready): nothing to keep.
+        assert!(desired_records(&p, std::slice::from_ref(&leaving), &[], |_| false).is_empty());
+        // Its comet has exited: the record goes.
+        leaving.serving = false;
+        assert!(desired_records(&p, &[leaving], &[], |_| true).is_empty());
+    }
+
+    fn at(name: &str, rev: &str, available: bool) -> CometPod {
+        CometPod {
+            revision: Some(rev.into()),
+            ..pod(name, "10.0.0.9", available, false)
+        }
+    }
+
+    #[test]
+    fn roll_replaces_one_at_a_time_highest_first() {
+        let pods = vec![
+            at("c-0", "old", true),
+            at("c-1", "old", true),
+            at("c-2", "old", true),
+        ];
+        let r = roll("c", 3, "new", 1, &pods);
+        assert_eq!(r.replace, vec!["c-2".to_string()]);
+        assert_eq!((r.updated, r.outdated), (0, 3));
+        // c-2 is terminating: nothing else goes.
+        let mut pods = pods;
+        pods[2].terminating = true;
+        assert!(roll("c", 3, "new", 1, &pods).replace.is_empty());
+        // Gone and recreated at the new revision, not ready yet: still wait.
+        pods[2] = at("c-2", "new", false);
+        assert!(roll("c", 3, "new", 1, &pods).replace.is_empty());
+        // Ready but its comet has not registered: wait.
+        pods[2].ready = true;
+        assert!(roll("c", 3, "new", 1, &pods).replace.is_empty());
+        // Serving: the next one.
+        pods[2].serving = true;
+        assert_eq!(
+            roll("c", 3, "new", 1, &pods).replace,
+            vec!["c-1".to_string()]
+        );
+        // A missing pod counts as unavailable.
+        assert!(roll("c", 3, "new", 1, &pods[..2]).replace.is_empty());
+        // Two at once when allowed.
+        let pods = vec![
+            at("c-0", "old", true),
+            at("c-1", "old", true),
+            at("c-2", "old", true),
+        ];
+        assert_eq!(
+            roll("c", 3, "new", 2, &pods).replace,
+            vec!["c-2".to_string(), "c-1".to_string()]
+        );
+        // All updated: nothing to do.
+        let pods = vec![at("c-0", "new", true), at("c-1", "new", true)];
+        assert_eq!(
+            roll("c", 2, "new", 1, &pods),
+            RollPlan {
+                replace: vec![],
+                updated: 2,
+                outdated: 0
+            }
+        );
+    }
+
+    #[test]
+    fn roll_replaces_broken_outdated_pods_without_waiting_and_leaves_scale_down_alone() {
+        // c-0 crash-loops on the old revision while c-1 is being replaced: c-0 does not
+        // serve anyway, so it goes too.
+        let mut pods = vec![
+            at("c-0", "old", false),
+            at("c-1", "old", true),
+            at("c-2", "old", true),
+        ];
+        pods[1].terminating = true;
+        assert_eq!(
+            roll("c", 3, "new", 1, &pods).replace,
+            vec!["c-0".to_string()]
+        );
+        // c-2 is above the wanted replicas: it is the scale-down's to drain.
+        let pods = vec![
+            at("c-0", "new", true),
+            at("c-1", "new", true),
+            at("c-2", "old", true),
+        ];
+        let r = roll("c", 2, "new", 1, &pods);
+        assert!(r.replace.is_empty());
+        assert_eq!((r.updated, r.outdated), (2, 0));
+        // Names of other StatefulSets never match.
+        assert_eq!(ordinal("c", "cx-1"), None);
+        assert_eq!(ordinal("c", "c-1"), Some(1));
     }
 
     #[test]

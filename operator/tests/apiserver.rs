@@ -264,6 +264,22 @@ async fn invalid_specs_are_rejected_by_schema_and_cel() {
             "unknown service type",
             json!({"comet": {"serviceType": "Ingress"}}),
         ),
+        (
+            "no comet out of service",
+            json!({"comet": {"maxUnavailable": 0}}),
+        ),
+        (
+            "history for the reserved type user",
+            json!({"history": {"rooms": {"user": {"size": 1, "ttlSeconds": 1}}}}),
+        ),
+        (
+            "a room type that is no name",
+            json!({"history": {"rooms": {"a\"]\n[x": {"size": 1, "ttlSeconds": 1}}}}),
+        ),
+        (
+            "history of no messages",
+            json!({"history": {"users": {"size": 0, "ttlSeconds": 1}}}),
+        ),
     ];
     for (what, patch) in cases {
         let mut obj = base.clone();
@@ -356,23 +372,48 @@ async fn owned_by(c: &Client, ns: &str, pc: &str) -> bool {
     ok
 }
 
-async fn ready_pod(c: &Client, ns: &str, pc: &str, i: usize) {
-    let name = format!("{pc}-comet-{i}");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {
-            "app.kubernetes.io/name": "goim", "app.kubernetes.io/instance": pc,
-            "app.kubernetes.io/component": "comet"}},
-        "spec": {"containers": [{"name": "comet", "image": "goim:test"}]}
+/// Plays the StatefulSet controller: comet pod `i` as the StatefulSet's template says (its
+/// labels and annotations, the revision among them). `node`: scheduled there, so that a
+/// deletion is graceful (the pod stays, terminating, until the "kubelet" removes it).
+async fn sts_pod(c: &Client, ns: &str, pc: &str, i: usize, node: Option<&str>) -> Pod {
+    let stss = Api::<StatefulSet>::namespaced(c.clone(), ns);
+    let sts = format!("{pc}-comet");
+    eventually("the comet StatefulSet", || async {
+        stss.get_opt(&sts).await.unwrap().is_some()
+    })
+    .await;
+    let meta = stss
+        .get(&sts)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap_or_default();
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("{pc}-comet-{i}"), "labels": meta.labels,
+            "annotations": meta.annotations},
+        "spec": {"nodeName": node, "containers": [{"name": "comet", "image": "goim:test"}]}
     }))
-    .unwrap();
-    let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    // Play the kubelet: the pod runs and is ready.
+    .unwrap()
+}
+
+/// Plays the kubelet: the pod's readiness (and its IP).
+async fn set_ready(c: &Client, ns: &str, name: &str, i: usize, ready: bool) {
     let status = json!({"status": {"phase": "Running", "podIP": format!("10.1.0.{}", i + 1),
-        "conditions": [{"type": "Ready", "status": "True"}]}});
-    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+        "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}});
+    Api::<Pod>::namespaced(c.clone(), ns)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
         .await
         .unwrap();
+}
+
+async fn ready_pod(c: &Client, ns: &str, pc: &str, i: usize) {
+    let pod = sts_pod(c, ns, pc, i, None).await;
+    let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    set_ready(c, ns, &pod.name_any(), i, true).await;
 }
 
 async fn etcd_get(endpoint: &str, key: &str, prefix: bool) -> Vec<(String, serde_json::Value)> {
@@ -591,13 +632,7 @@ async fn problems_degrade_one_cluster_without_blocking_others() {
         .await
         .unwrap();
     // Play the kubelet: bad-image's comet cannot pull its image.
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "bad-image-comet-0", "labels": {
-            "app.kubernetes.io/name": "goim", "app.kubernetes.io/instance": "bad-image",
-            "app.kubernetes.io/component": "comet"}},
-        "spec": {"containers": [{"name": "comet", "image": "goim:test"}]}
-    }))
-    .unwrap();
+    let pod = sts_pod(&c, ns, "bad-image", 0, None).await;
     let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
     pods.create(&PostParams::default(), &pod).await.unwrap();
     let waiting = json!({"status": {"phase": "Pending", "containerStatuses": [{
@@ -775,4 +810,183 @@ async fn clusters_never_share_an_etcd_prefix() {
     for op in ops {
         op.abort();
     }
+}
+
+fn pod_state(p: &Pod) -> (Option<String>, bool) {
+    (
+        p.annotations()
+            .get(goim_operator::builders::REVISION)
+            .cloned(),
+        p.metadata.deletion_timestamp.is_some(),
+    )
+}
+
+/// The operator's rolling update, with the chart's RBAC: drain time and weight reach the
+/// comets through etcd without replacing any pod; a change that needs a restart replaces one
+/// comet at a time, highest ordinal first, each marked draining in etcd and then deleted with
+/// a grace period that covers its drain; the next goes only once the replacement is ready
+/// and its comet serves (reports its load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_replaces_one_drained_comet_at_a_time() {
+    let cp = control_plane();
+    let c = admin().await;
+    let ns = "rolling";
+    namespace(&c, ns).await;
+    let sas: Api<ServiceAccount> = Api::namespaced(c.clone(), "goim-system");
+    let tr: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}})).unwrap();
+    let tr: TokenRequest = sas
+        .create_subresource("token", "goim-goim", &PostParams::default(), &tr)
+        .await
+        .unwrap();
+    let sa_client = client_for(cp, &tr.status.unwrap().token, "operator").await;
+    let op = tokio::spawn(goim_operator::controller::run(
+        sa_client,
+        opts(Some(ns.into())),
+    ));
+    let etcd = cp.etcd.endpoint();
+    let mut e = goim_discovery::connect(std::slice::from_ref(&etcd))
+        .await
+        .unwrap();
+    let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(c.clone(), ns);
+    pcs.create(&PostParams::default(), &cluster("roll", &etcd, 3))
+        .await
+        .unwrap();
+    let load = |i: usize| format!("/goim/rolling.roll/load/roll-comet-{i}");
+    let record = |i: usize| format!("/goim/rolling.roll/comets/roll-comet-{i}");
+    // Three comets up: pods scheduled on a node (graceful deletion), ready, serving.
+    for i in 0..3 {
+        let pod = sts_pod(&c, ns, "roll", i, Some("node-a")).await;
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        set_ready(&c, ns, &pod.name_any(), i, true).await;
+        e.put(load(i), r#"{"conn_count":10}"#, None).await.unwrap();
+    }
+    let updated = |n: i32| {
+        let pcs = pcs.clone();
+        async move {
+            let st = pcs.get("roll").await.unwrap().status.unwrap_or_default();
+            st.comet.updated_replicas == n && st.comet.registered == 3
+        }
+    };
+    eventually("three comets registered at the spec's revision", || {
+        updated(3)
+    })
+    .await;
+    let uids: Vec<_> = pods
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.metadata.uid.clone())
+        .collect();
+
+    // Live settings: into every record, no pod replaced.
+    pcs.patch(
+        "roll",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"comet": {"drainSeconds": 20, "weight": 3}}})),
+    )
+    .await
+    .unwrap();
+    eventually("drain time and weight in every record", || async {
+        let recs = etcd_get(&etcd, "/goim/rolling.roll/comets/", true).await;
+        recs.len() == 3
+            && recs
+                .iter()
+                .all(|(_, v)| v["drain_ms"] == 20_000 && v["weight"] == 3)
+    })
+    .await;
+    let now: Vec<_> = pods.list(&Default::default()).await.unwrap().items;
+    assert!(now.iter().all(|p| !pod_state(p).1), "nothing is replaced");
+    assert_eq!(
+        now.iter()
+            .map(|p| p.metadata.uid.clone())
+            .collect::<Vec<_>>(),
+        uids
+    );
+    assert!(updated(3).await);
+
+    // A restart setting: one comet at a time, from the highest ordinal.
+    pcs.patch(
+        "roll",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"comet": {"buckets": 64}}})),
+    )
+    .await
+    .unwrap();
+    let want = goim_operator::builders::comet_revision(&pcs.get("roll").await.unwrap());
+    for i in (0..3).rev() {
+        let name = format!("roll-comet-{i}");
+        eventually("the next comet is draining and terminating", || async {
+            let p = pods.get(&name).await.unwrap();
+            let rec = etcd_get(&etcd, &record(i), false).await;
+            pod_state(&p).1 && rec.first().is_some_and(|(_, v)| v["state"] == "draining")
+        })
+        .await;
+        let p = pods.get(&name).await.unwrap();
+        // The grace period covers the drain (20 s) and the pre-stop pause.
+        assert_eq!(p.metadata.deletion_grace_period_seconds, Some(35));
+        let others = pods.list(&Default::default()).await.unwrap().items;
+        assert_eq!(
+            others.iter().filter(|p| pod_state(p).1).count(),
+            1,
+            "one comet at a time"
+        );
+        // Its comet drains: the kubelet marks it unready; while it still serves, its record
+        // stays (draining), so its remaining clients still get pushes.
+        set_ready(&c, ns, &name, i, false).await;
+        let pc = pcs.get("roll").await.unwrap();
+        assert_eq!(
+            condition(&pc, "Progressing").map(|c| c.1).as_deref(),
+            Some("RollingUpdate")
+        );
+        eventually("the status names the comet being replaced", || async {
+            let st = pcs.get("roll").await.unwrap().status.unwrap_or_default();
+            st.comet.rolling == vec![name.clone()]
+        })
+        .await;
+        assert_eq!(etcd_get(&etcd, &record(i), false).await.len(), 1);
+        // The comet exits (its load report goes with its lease), the kubelet removes the
+        // pod, the StatefulSet recreates it from the new template.
+        e.delete(load(i), None).await.unwrap();
+        eventually("the exited comet is unregistered", || async {
+            etcd_get(&etcd, &record(i), false).await.is_empty()
+        })
+        .await;
+        pods.delete(&name, &DeleteParams::default().grace_period(0))
+            .await
+            .unwrap();
+        eventually("the old pod is gone", || async {
+            pods.get_opt(&name).await.unwrap().is_none()
+        })
+        .await;
+        let pod = sts_pod(&c, ns, "roll", i, Some("node-a")).await;
+        assert_eq!(pod_state(&pod).0.as_deref(), Some(want.as_str()));
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        set_ready(&c, ns, &name, i, true).await;
+        // Ready, not yet serving: the operator has seen it (it counts as updated) and still
+        // replaces no other comet.
+        let n = 3 - i as i32;
+        eventually("the replacement is seen", || async {
+            let st = pcs.get("roll").await.unwrap().status.unwrap_or_default();
+            st.comet.updated_replicas == n && st.comet.rolling.is_empty()
+        })
+        .await;
+        let now = pods.list(&Default::default()).await.unwrap().items;
+        assert!(
+            now.iter().all(|p| !pod_state(p).1),
+            "waits for the comet to serve"
+        );
+        e.put(load(i), r#"{"conn_count":0}"#, None).await.unwrap();
+    }
+    eventually("rolled out", || async {
+        let pc = pcs.get("roll").await.unwrap();
+        let st = pc.status.clone().unwrap_or_default();
+        st.comet.updated_replicas == 3
+            && st.comet.registered == 3
+            && condition(&pc, "Progressing").map(|c| c.0).as_deref() == Some("False")
+    })
+    .await;
+    op.abort();
 }
