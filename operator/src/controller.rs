@@ -178,10 +178,7 @@ async fn reconcile_inner(pc: Arc<PushCluster>, ctx: Arc<Context>) -> Result<Acti
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
-async fn load_records(
-    etcd: &goim_discovery::Client,
-    keys: &Keys,
-) -> Result<(BTreeMap<String, CometRecord>, HashMap<String, u64>), Error> {
+async fn load_records(etcd: &goim_discovery::Client, keys: &Keys) -> Result<Registry, Error> {
     let mut etcd = etcd.clone();
     let comets = etcd
         .get(keys.comets(), Some(GetOptions::new().with_prefix()))
@@ -327,7 +324,7 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     let comet_pods: Vec<CometPod> = pods
         .items
         .iter()
-        .map(|p| comet_pod(p, registry.as_ref().ok().map(|(_, c)| c)))
+        .map(|p| comet_pod(p, registry.as_ref().ok()))
         .collect();
     // Replace outdated comets, drained first, while a drain-free budget allows.
     let revision = comet_revision(pc);
@@ -538,10 +535,17 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     })
 }
 
-fn comet_pod(p: &Pod, loads: Option<&HashMap<String, u64>>) -> CometPod {
+type Registry = (BTreeMap<String, CometRecord>, HashMap<String, u64>);
+
+fn comet_pod(p: &Pod, registry: Option<&Registry>) -> CometPod {
     let name = p.name_any();
     CometPod {
-        serving: loads.is_some_and(|l| l.contains_key(&name)),
+        serving: registry.is_some_and(|(_, loads)| loads.contains_key(&name)),
+        registered: registry.is_some_and(|(records, _)| {
+            records
+                .get(&name)
+                .is_some_and(|r| r.state == goim_discovery::CometState::Active)
+        }),
         uid: p.metadata.uid.clone(),
         ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
         ready: p

@@ -105,6 +105,8 @@ pub struct CometPod {
     pub revision: Option<String>,
     /// The comet holds a lease and reports its load: it is up, whatever its pod says.
     pub serving: bool,
+    /// Its record is in etcd, active: logic offers it and job pushes to it.
+    pub registered: bool,
 }
 
 /// The records etcd should hold: every ready, running comet pod, draining ones so marked.
@@ -166,8 +168,8 @@ fn ordinal(sts: &str, pod: &str) -> Option<i32> {
 }
 
 /// Which comets to replace now. Only ordinals below `replicas` take part (higher ones are
-/// the scale-down's). A pod is available when it is ready, not terminating, and its comet
-/// serves; at most `max_unavailable` may be unavailable, so the next outdated pod goes only
+/// the scale-down's). A pod is available when it is ready, not terminating, its comet serves
+/// and its record is registered (written by an earlier reconcile); at most `max_unavailable` may be unavailable, so the next outdated pod goes only
 /// once its predecessor's replacement is ready and registered. Outdated pods that are not
 /// available anyway (a broken revision, a crash loop) are replaced without waiting, so a bad
 /// rollout can be fixed by a new spec. Highest ordinals first, as a StatefulSet does.
@@ -185,7 +187,7 @@ pub fn roll(
         .collect();
     in_range.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
     let current = |p: &CometPod| p.revision.as_deref() == Some(revision);
-    let available = |p: &CometPod| p.ready && !p.terminating && p.serving;
+    let available = |p: &CometPod| p.ready && !p.terminating && p.serving && p.registered;
     let up = in_range.iter().filter(|(_, p)| available(p)).count() as i32;
     let mut budget = max_unavailable.max(1) - (replicas - up);
     let mut replace = Vec::new();
@@ -376,6 +378,7 @@ mod tests {
             ready,
             terminating,
             serving: ready && !terminating,
+            registered: ready && !terminating,
             ..Default::default()
         }
     }
@@ -451,8 +454,12 @@ mod tests {
         // Ready but its comet has not registered: wait.
         pods[2].ready = true;
         assert!(roll("c", 3, "new", 1, &pods).replace.is_empty());
-        // Serving: the next one.
+        // Serving, but not registered in etcd yet: wait.
         pods[2].serving = true;
+        pods[2].registered = false;
+        assert!(roll("c", 3, "new", 1, &pods).replace.is_empty());
+        // Registered: the next one.
+        pods[2].registered = true;
         assert_eq!(
             roll("c", 3, "new", 1, &pods).replace,
             vec!["c-1".to_string()]

@@ -1,6 +1,10 @@
 //! Test harness pieces shared by the integration tiers: a real etcd on free ports in a temp
 //! dir, and waiting on conditions (never fixed sleeps).
 
+mod control_plane;
+
+pub use control_plane::{kubeconfig_text, tools_bin, ControlPlane, ADMIN_TOKEN};
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
