@@ -381,6 +381,8 @@ async fn history(comet: &Comet, ch: &Channel, stream: String, from: Position) ->
         room: stream,
         epoch: from.epoch,
         offset: from.offset,
+        server: comet.name().to_string(),
+        key: ch.key.to_string(),
     };
     match tokio::time::timeout(HISTORY_TIMEOUT, comet.logic.history(asked)).await {
         Ok(Ok(h)) => h,

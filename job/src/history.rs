@@ -54,7 +54,26 @@ struct Stream {
     top: u64,
     items: VecDeque<Item>,
     last: Instant,
+    /// Connections that read this (user) stream's history lately, newest last.
+    readers: VecDeque<Reader>,
 }
+
+/// A connection that read a user stream's history: what is numbered after the read reaches
+/// it, even when the lookup that addressed the push ran before the connection registered
+/// (logic looks keys up before the job numbers). Kept for [`READER_TTL`], longer than a push
+/// can take from lookup to numbering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reader {
+    pub server: Arc<str>,
+    pub key: Arc<str>,
+    until: Instant,
+}
+
+const READER_TTL: Duration = Duration::from_secs(30);
+/// Readers kept per stream (a user's devices reconnecting at once); the oldest goes first.
+const MAX_READERS: usize = 16;
+/// Longest comet name or key a reader may give (both are names goim-rs made).
+const MAX_READER_NAME: usize = 256;
 
 impl Stream {
     /// Drops messages older than `ttl`; returns the bytes freed.
@@ -127,6 +146,7 @@ impl History {
             top: 0,
             items: VecDeque::new(),
             last: Instant::now(),
+            readers: VecDeque::new(),
         }));
         rooms.insert(room.to_string(), s.clone());
         self.metrics.history_rooms.set(rooms.len() as i64);
@@ -142,11 +162,22 @@ impl History {
         msgs: &[(i32, Bytes)],
         send: impl FnOnce(Option<(&str, u64)>) -> R,
     ) -> R {
+        self.append_for_readers(room, msgs, |position, _| send(position))
+    }
+
+    /// As [`History::append`], also naming the connections that read the stream's history
+    /// lately ([`Reader`]).
+    pub fn append_for_readers<R>(
+        &self,
+        room: &str,
+        msgs: &[(i32, Bytes)],
+        send: impl FnOnce(Option<(&str, u64)>, &[Reader]) -> R,
+    ) -> R {
         let Some(cfg) = self.config(room) else {
-            return send(None);
+            return send(None, &[]);
         };
         let Some(stream) = self.stream(room, true) else {
-            return send(None);
+            return send(None, &[]);
         };
         let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -180,7 +211,11 @@ impl History {
             .history_bytes
             .inc_by(added as i64 - freed as i64);
         let epoch = s.epoch.clone();
-        send(Some((&epoch, first)))
+        while s.readers.front().is_some_and(|r| r.until <= now) {
+            s.readers.pop_front();
+        }
+        let readers: Vec<Reader> = s.readers.iter().cloned().collect();
+        send(Some((&epoch, first)), &readers)
     }
 
     /// What a client that last saw (`epoch`, `offset`) of `room` missed.
@@ -201,8 +236,27 @@ impl History {
             return not_recovered(String::new(), 0);
         };
         let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
-        let freed = s.expire(cfg.ttl, Instant::now());
+        let now = Instant::now();
+        let freed = s.expire(cfg.ttl, now);
         self.metrics.history_bytes.dec_by(freed as i64);
+        // Under the stream's lock: everything numbered before this read is in the reply,
+        // everything after reaches the reader.
+        if req.room.starts_with("user://")
+            && !req.server.is_empty()
+            && !req.key.is_empty()
+            && req.server.len() <= MAX_READER_NAME
+            && req.key.len() <= MAX_READER_NAME
+        {
+            s.readers.retain(|r| *r.key != *req.key && r.until > now);
+            if s.readers.len() >= MAX_READERS {
+                s.readers.pop_front();
+            }
+            s.readers.push_back(Reader {
+                server: req.server.as_str().into(),
+                key: req.key.as_str().into(),
+                until: now + READER_TTL,
+            });
+        }
         if req.epoch != s.epoch || req.offset > s.top {
             return not_recovered(s.epoch.clone(), s.top);
         }
@@ -285,6 +339,7 @@ mod tests {
             room: room.into(),
             epoch: epoch.into(),
             offset,
+            ..Default::default()
         }
     }
 

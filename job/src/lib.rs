@@ -260,9 +260,15 @@ impl Job {
         }
         let inner = &self.inner;
         let proto = raw_single(m.operation, m.msg.clone());
-        inner
-            .history
-            .append(&m.stream, &[(m.operation, m.msg)], |position| {
+        let mid = m
+            .mids
+            .first()
+            .copied()
+            .unwrap_or_else(|| m.stream["user://".len()..].parse().unwrap_or_default());
+        inner.history.append_for_readers(
+            &m.stream,
+            &[(m.operation, m.msg)],
+            |position, readers| {
                 let (epoch, offset) =
                     position.map_or((String::new(), 0), |(e, o)| (e.to_string(), o));
                 let mut by: BTreeMap<String, (Vec<String>, Vec<i64>)> = BTreeMap::new();
@@ -270,6 +276,14 @@ impl Job {
                     let e = by.entry(server).or_default();
                     e.0.push(key);
                     e.1.push(mid);
+                }
+                // Connections that recovered since the lookup, unless it found them.
+                for r in readers {
+                    let e = by.entry(r.server.to_string()).or_default();
+                    if !e.0.iter().any(|k| **k == *r.key) {
+                        e.0.push(r.key.to_string());
+                        e.1.push(mid);
+                    }
                 }
                 for (server, (keys, mids)) in by {
                     let req = PushMsgReq {
@@ -283,7 +297,8 @@ impl Job {
                     };
                     inner.enqueue(&server, Delivery::Keys(req));
                 }
-            });
+            },
+        );
         Ok(())
     }
 
@@ -676,6 +691,7 @@ mod tests {
                 room: "user://7".into(),
                 epoch,
                 offset: 1,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -687,6 +703,54 @@ mod tests {
             f.job.push(m).await.unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
+    }
+
+    /// The race a recovering connection used to lose to: logic looked a user's keys up
+    /// before the connection registered, the connection read the stream's history, then the
+    /// job numbered the push (after what the history held) and sent it only where the lookup
+    /// said. A push numbered after a history read now also goes to the reader's comet and
+    /// key, once, while the read is recent.
+    #[tokio::test]
+    async fn a_push_numbered_after_a_history_read_reaches_the_reader() {
+        let cfg = JobConfig {
+            history: BTreeMap::from([("user".to_string(), HistoryConfig::default())]),
+            ..Default::default()
+        };
+        let f = job_with(cfg, vec![Recorder::default(), Recorder::default()]);
+        let h = f
+            .job
+            .history(HistoryReq {
+                room: "user://7".into(),
+                server: "c1".into(),
+                key: "new".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(h.offset, 0);
+        // The lookup saw only the old connection, on c0.
+        let mut m = msg(PushType::Push);
+        m.stream = "user://7".into();
+        m.keys = vec!["old".into()];
+        m.mids = vec![7];
+        m.servers = vec!["c0".into()];
+        f.job.push(m.clone()).await.unwrap();
+        let r = &f.recs[1];
+        until(r, || !r.pushes.lock().unwrap().is_empty()).await;
+        let got = r.pushes.lock().unwrap()[0].clone();
+        assert_eq!((got.keys, got.mids), (vec!["new".to_string()], vec![7]));
+        assert_eq!((got.stream.as_str(), got.offset), ("user://7", 1));
+        // A later lookup that found it: sent there once, not twice.
+        m.keys = vec!["old".into(), "new".into()];
+        m.mids = vec![7, 7];
+        m.servers = vec!["c0".into(), "c1".into()];
+        f.job.push(m).await.unwrap();
+        until(r, || r.pushes.lock().unwrap().len() == 2).await;
+        let got = r.pushes.lock().unwrap()[1].clone();
+        assert_eq!((got.keys, got.offset), (vec!["new".to_string()], 2));
+        let c0 = &f.recs[0];
+        until(c0, || c0.pushes.lock().unwrap().len() == 2).await;
+        assert_eq!(c0.pushes.lock().unwrap()[1].keys, vec!["old".to_string()]);
     }
 
     #[tokio::test]
