@@ -80,6 +80,11 @@ impl Role {
         }
     }
 
+    /// Whether the process has exited (and with 0), without waiting.
+    pub fn try_exit(&mut self) -> Option<bool> {
+        self.child.try_wait().ok().flatten().map(|s| s.success())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

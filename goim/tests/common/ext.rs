@@ -49,6 +49,15 @@ impl Ext {
 
     /// Joins `room`, recovering from `from` when given; returns the JOIN_REPLY.
     pub async fn join(&mut self, room: &str, from: Option<(&str, u64)>) -> Value {
+        self.try_join(room, from).await.unwrap()
+    }
+
+    /// As [`Ext::join`], or why the connection went away first.
+    pub async fn try_join(
+        &mut self,
+        room: &str,
+        from: Option<(&str, u64)>,
+    ) -> Result<Value, String> {
         let mut body = json!({ "room": room });
         if let Some((epoch, offset)) = from {
             body["recover"] = json!({"epoch": epoch, "offset": offset});
@@ -56,18 +65,18 @@ impl Ext {
         self.c
             .send(op::JOIN, body.to_string().as_bytes())
             .await
-            .unwrap();
+            .map_err(|e| e.to_string())?;
         loop {
-            let p = self.recv().await;
+            let p = self.try_recv().await?;
             if p.op == op::JOIN_REPLY {
                 let v: Value = serde_json::from_slice(&p.body).unwrap();
                 if v.get("error").is_some() {
-                    return v;
+                    return Ok(v);
                 }
                 let offset = v["offset"].as_u64().unwrap();
                 self.pos = Some((v["epoch"].as_str().unwrap().to_string(), offset));
                 self.at.insert(room.to_string(), self.pos.clone().unwrap());
-                return v;
+                return Ok(v);
             }
         }
     }
@@ -78,8 +87,9 @@ impl Ext {
 
     /// The next packet (bounded wait), or why there is none.
     pub async fn try_recv(&mut self) -> Result<goim_client::Packet, String> {
-        let p = common::within(self.c.recv())
+        let p = tokio::time::timeout(common::LIMIT, self.c.recv())
             .await
+            .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
         match p.op {
             op::POSITION => {
