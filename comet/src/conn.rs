@@ -25,7 +25,7 @@ use tonic::Status;
 use crate::channel::{Channel, Outgoing};
 use crate::connection::{ConnError, Connection, Limits, Transport};
 use crate::handler::{Handler, HandlerLimits, RateLimited, Replies, Session};
-use crate::server::{extension_packet, numbered, Comet, USER_STREAM, USER_TYPE};
+use crate::server::{extension_packet, numbered, reserved_type, Comet, KEY_STREAM, USER_STREAM};
 use crate::ws;
 
 /// How a connection ended.
@@ -175,6 +175,7 @@ async fn handshake(
         ch.set_extended();
         if pending.get(1).is_some_and(|p| p.op == op::RECOVER) {
             ch.begin_recovery(USER_STREAM);
+            ch.begin_recovery(KEY_STREAM);
         }
     }
     comet.register(&ch, &reply.room_id);
@@ -367,11 +368,15 @@ async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: B
     });
 }
 
-/// The body of an extension `RECOVER` (docs/PROTOCOL.md).
+/// The body of an extension `RECOVER` (docs/PROTOCOL.md): the user's stream, the
+/// connection's own (key) stream, or both.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RecoverReq {
-    user: Position,
+    #[serde(default)]
+    user: Option<Position>,
+    #[serde(default)]
+    key: Option<Position>,
 }
 
 /// The history of `stream` (job's name for it) after `from`, or "not recovered" when it
@@ -397,42 +402,59 @@ async fn history(comet: &Comet, ch: &Channel, stream: String, from: Position) ->
     }
 }
 
-/// Recovers the pushes to this connection's user since its position, as `join` does for a
-/// room: numbered user pushes are held meanwhile (from the handshake on, when the client
-/// sent `HELLO` and `RECOVER` with its `AUTH`), then written after the missed ones.
+/// Recovers the pushes to this connection's user, and to its key, since the positions
+/// given, as `join` does for a room: numbered pushes are held meanwhile (from the handshake
+/// on, when the client sent `HELLO` and `RECOVER` with its `AUTH`), then written after the
+/// missed ones. One `RECOVER_REPLY` per stream named: the user's first.
 async fn recover(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: Bytes) {
-    let reply = |v: serde_json::Value| extension_packet(op::RECOVER_REPLY, seq, ver, &v);
+    let reply = move |v: serde_json::Value| extension_packet(op::RECOVER_REPLY, seq, ver, &v);
     let req = match serde_json::from_slice::<RecoverReq>(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            let err = format!("bad recover: {e}");
-            // A hold begun at the handshake ends here too.
+        Ok(r) if r.user.is_some() || r.key.is_some() => r,
+        other => {
+            let err = match other {
+                Err(e) => format!("bad recover: {e}"),
+                Ok(_) => "bad recover: name the user stream, the key stream or both".into(),
+            };
+            // Holds begun at the handshake end here too.
+            ch.end_recovery(KEY_STREAM, no_cover(), |_| Vec::new());
             ch.end_recovery(USER_STREAM, no_cover(), |_| {
                 vec![reply(json!({ "error": err }))]
             });
             return;
         }
     };
-    ch.begin_recovery(USER_STREAM);
-    let from = req.user.offset;
-    let h = history(comet, ch, format!("user://{}", ch.mid), req.user).await;
-    let covered = (Arc::from(h.epoch.as_str()), h.offset);
-    ch.end_recovery(USER_STREAM, covered, |overflow| {
-        let recovered = h.recovered && !overflow;
-        let mut items = vec![reply(json!({
-            "stream": USER_STREAM,
-            "recovered": recovered,
-            "epoch": h.epoch,
-            "offset": h.offset,
-        }))];
-        let count = raw_packets(h.batch.clone()).count() as u64;
-        if recovered && count > 0 {
-            let n = numbered(USER_STREAM, &h.epoch, from + 1, count);
-            items.push(n.position);
-            items.push(Outgoing::Raw(h.batch));
-        }
-        items
-    });
+    for (stream, from) in [(USER_STREAM, req.user), (KEY_STREAM, req.key)] {
+        let Some(from) = from else {
+            // Not asked for: a hold begun at the handshake lets go.
+            ch.end_recovery(stream, no_cover(), |_| Vec::new());
+            continue;
+        };
+        ch.begin_recovery(stream);
+        let name = if stream == USER_STREAM {
+            format!("user://{}", ch.mid)
+        } else {
+            format!("key://{}/{}", ch.mid, ch.key)
+        };
+        let offset = from.offset;
+        let h = history(comet, ch, name, from).await;
+        let covered = (Arc::from(h.epoch.as_str()), h.offset);
+        ch.end_recovery(stream, covered, |overflow| {
+            let recovered = h.recovered && !overflow;
+            let mut items = vec![reply(json!({
+                "stream": stream,
+                "recovered": recovered,
+                "epoch": h.epoch,
+                "offset": h.offset,
+            }))];
+            let count = raw_packets(h.batch.clone()).count() as u64;
+            if recovered && count > 0 {
+                let n = numbered(stream, &h.epoch, offset + 1, count);
+                items.push(n.position);
+                items.push(Outgoing::Raw(h.batch));
+            }
+            items
+        });
+    }
 }
 
 /// A room id a `JOIN` may name: `type://id` within the bound, and never a user's stream
@@ -441,7 +463,7 @@ fn is_room_stream(room: &str) -> bool {
     room.len() <= goim_proto::MAX_ID
         && room
             .split_once("://")
-            .is_some_and(|(typ, _)| typ != USER_TYPE)
+            .is_some_and(|(typ, _)| !reserved_type(typ))
 }
 
 /// No position: nothing is covered.

@@ -90,8 +90,13 @@ pub(crate) fn extension_packet(op: i32, seq: i32, ver: i16, body: &serde_json::V
 
 /// The user stream's name on the wire; job numbers it as `user://{mid}`.
 pub(crate) const USER_STREAM: &str = "user";
-/// The room type job numbers user streams under (`user://{mid}`): no room may use it.
-pub(crate) const USER_TYPE: &str = "user";
+/// The connection's own stream (pushes to its key) on the wire; job numbers it as
+/// `key://{mid}/{key}`.
+pub(crate) const KEY_STREAM: &str = "key";
+/// Room types job numbers user and key streams under: no room may use them.
+pub(crate) fn reserved_type(typ: &str) -> bool {
+    typ == "user" || typ == "key"
+}
 
 /// The numbering of `count` messages of `stream` from `offset`, with its `POSITION` packet.
 pub(crate) fn numbered(stream: &str, epoch: &str, offset: u64, count: u64) -> Numbered {
@@ -439,7 +444,12 @@ impl CometService for Comet {
         }
         // A numbered push to a user: its position goes first to clients that speak the
         // extensions.
-        let numbered = (req.offset > 0).then(|| numbered(USER_STREAM, &req.epoch, req.offset, 1));
+        let stream = if req.stream.starts_with("key://") {
+            KEY_STREAM
+        } else {
+            USER_STREAM
+        };
+        let numbered = (req.offset > 0).then(|| numbered(stream, &req.epoch, req.offset, 1));
         let out = outgoing(proto);
         let mut d = Delivery::default();
         let (mut absent, mut wrong_user) = (0, 0);

@@ -15,7 +15,7 @@ use cluster::*;
 use ext::Ext;
 use goim_client::{token, Client, Transport};
 use goim_proto::op;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Clients in the rolling test, spread over 3 comets.
 const CLIENTS: usize = 90;
@@ -368,6 +368,86 @@ async fn a_user_that_reconnects_gets_the_pushes_it_missed_once_and_in_order() {
         http,
         "POST",
         "/goim/push/room?operation=1000&type=user&room=7",
+        b"forged",
+    )
+    .await;
+    assert_eq!(v["code"], -400, "{v}");
+}
+
+/// Key pushes with user streams on: numbered in the connection's own stream (bound to its
+/// user and key); a connection that comes back with the same key while pushes go on gets
+/// everything after its position once and in order; another user who takes the key over
+/// reads none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_reconnects_gets_its_pushes_once_and_in_order() {
+    let c = tokio::task::spawn_blocking(|| {
+        Cluster::start_with(2, 2, USER_STREAMS, "user_streams = true")
+    })
+    .await
+    .unwrap();
+    let http = c.http();
+    let fresh = json!({"user": {"epoch": "", "offset": 0}, "key": {"epoch": "", "offset": 0}});
+    let (mut a, replies) =
+        Ext::try_recovering(c.comet(0, Transport::Tcp), 7, "phone", fresh.clone())
+            .await
+            .unwrap();
+    assert_eq!(
+        replies
+            .iter()
+            .map(|r| r["stream"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!("user"), json!("key")]
+    );
+    let push_key = move |n: u32| async move {
+        push(
+            http,
+            "/goim/push/keys?operation=1000&keys=phone",
+            format!("k{n}").as_bytes(),
+        )
+        .await
+    };
+    for n in 1..=5 {
+        push_key(n).await;
+    }
+    a.until("k5").await;
+    let (bodies, offsets) = a.of("key");
+    assert_eq!(bodies, (1..=5).map(|n| format!("k{n}")).collect::<Vec<_>>());
+    assert_eq!(offsets, (1..=5).collect::<Vec<u64>>());
+    let (epoch, seen) = a.at["key"].clone();
+    // The same key comes back on the other comet while pushes go on.
+    let pusher = tokio::spawn(async move {
+        for n in 6..=30 {
+            push_key(n).await;
+        }
+    });
+    let back = json!({"key": {"epoch": epoch, "offset": seen}});
+    let (mut b, replies) = Ext::try_recovering(c.comet(1, Transport::Tcp), 7, "phone", back)
+        .await
+        .unwrap();
+    assert_eq!(replies[0]["recovered"], true, "{replies:?}");
+    pusher.await.unwrap();
+    b.until("k30").await;
+    let (bodies, offsets) = b.of("key");
+    assert_eq!(
+        bodies,
+        (6..=30).map(|n| format!("k{n}")).collect::<Vec<_>>(),
+        "every push after its position, once, in order"
+    );
+    assert_eq!(offsets, (6..=30).collect::<Vec<u64>>());
+    drop(a);
+    // Another user with the same key has a stream of its own: nothing of user 7's.
+    let steal = json!({"key": {"epoch": epoch, "offset": 0}});
+    let (other, replies) = Ext::try_recovering(c.comet(0, Transport::Tcp), 8, "phone", steal)
+        .await
+        .unwrap();
+    assert_eq!(replies[0]["recovered"], false, "{replies:?}");
+    assert_ne!(replies[0]["epoch"], json!(epoch));
+    assert!(other.got.is_empty());
+    // Rooms may not write into key streams.
+    let v = api(
+        http,
+        "POST",
+        "/goim/push/room?operation=1000&type=key&room=7/phone",
         b"forged",
     )
     .await;

@@ -243,7 +243,7 @@ struct Seen {
 /// with both positions.
 async fn follow(mut ext: Ext, mid: i64, mut at: usize, ports: Ports, seen: Arc<Seen>) -> Ext {
     let key = format!("dev{mid}");
-    let (mut room_done, mut user_done) = (false, false);
+    let (mut room_done, mut user_done, mut key_done) = (false, false, false);
     loop {
         let had = ext.got.len();
         let advice = match ext.try_recv().await {
@@ -268,8 +268,9 @@ async fn follow(mut ext: Ext, mid: i64, mut at: usize, ports: Ports, seen: Arc<S
         for ((_, _, body), stream) in ext.got[from..].iter().zip(&ext.streams[from..]) {
             room_done |= stream == ROOM && body == "end";
             user_done |= stream == "user" && body == "uend";
+            key_done |= stream == "key" && body == "kend";
         }
-        if room_done && user_done {
+        if room_done && user_done && key_done {
             return ext;
         }
     }
@@ -285,25 +286,32 @@ async fn reconnect(
 ) -> Ext {
     seen.reconnects.fetch_add(1, Ordering::SeqCst);
     let (ue, uo) = old.at["user"].clone();
+    let (ke, ko) = old.at["key"].clone();
     let (re, ro) = old.at[ROOM].clone();
+    let positions =
+        json!({"user": {"epoch": ue, "offset": uo}, "key": {"epoch": ke, "offset": ko}});
     for attempt in 0..300 {
         *at = (*at + 1) % COMETS;
         if attempt > 0 && attempt % COMETS == 0 {
             // Every comet refused (one restarting, one draining): back off a little.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let Ok((mut next, reply)) =
-            Ext::try_recovering_user(comet_addr(*at, ports), mid, key, (&ue, uo)).await
+        let Ok((mut next, mut replies)) =
+            Ext::try_recovering(comet_addr(*at, ports), mid, key, positions.clone()).await
         else {
             continue;
         };
+        if replies.len() != 2 {
+            continue;
+        }
         let Ok(joined) = next.try_join(ROOM, Some((&re, ro))).await else {
             continue;
         };
         if joined.get("error").is_some() {
             continue;
         }
-        for r in [&reply, &joined] {
+        replies.push(joined);
+        for r in &replies {
             if r["recovered"] != true {
                 seen.not_recovered.fetch_add(1, Ordering::SeqCst);
             }
@@ -325,6 +333,8 @@ async fn reconnect(
 struct Sent {
     room: Mutex<Vec<String>>,
     users: Mutex<HashMap<i64, Vec<String>>>,
+    /// Pushes to each client's key, by its user.
+    keys: Mutex<HashMap<i64, Vec<String>>>,
     failed: AtomicU64,
 }
 
@@ -397,7 +407,11 @@ async fn around_a_roll(
         let at = i % COMETS;
         connecting.spawn(async move {
             let addr = comet_addr(at, ports);
-            let (mut ext, _) = Ext::recovering_user(addr, mid, &format!("dev{mid}"), ("", 0)).await;
+            let fresh =
+                json!({"user": {"epoch": "", "offset": 0}, "key": {"epoch": "", "offset": 0}});
+            let (mut ext, _) = Ext::try_recovering(addr, mid, &format!("dev{mid}"), fresh)
+                .await
+                .unwrap();
             ext.join(ROOM, None).await;
             (i, ext)
         });
@@ -447,12 +461,31 @@ async fn around_a_roll(
         move |n| {
             let sent = sent.clone();
             tokio::spawn(async move {
+                // Users and keys in turn: both are numbered per user (or connection).
                 let mids = mids_of(n);
-                let list: Vec<String> = mids.iter().map(|m| format!("mids={m}")).collect();
-                let path = format!("/goim/push/mids?operation=1000&{}", list.join("&"));
-                let body = format!("u{n}");
+                let by_key = n % 2 == 1;
+                let list: Vec<String> = mids
+                    .iter()
+                    .map(|m| {
+                        if by_key {
+                            format!("keys=dev{m}")
+                        } else {
+                            format!("mids={m}")
+                        }
+                    })
+                    .collect();
+                let (kind, body) = if by_key {
+                    ("keys", format!("k{n}"))
+                } else {
+                    ("mids", format!("u{n}"))
+                };
+                let path = format!("/goim/push/{kind}?operation=1000&{}", list.join("&"));
                 if push_ok(http, &path, &body).await {
-                    let mut u = sent.users.lock().unwrap();
+                    let mut u = if by_key {
+                        sent.keys.lock().unwrap()
+                    } else {
+                        sent.users.lock().unwrap()
+                    };
                     for m in mids {
                         u.entry(m).or_default().push(body.clone());
                     }
@@ -497,11 +530,20 @@ async fn around_a_roll(
             matches!(&r, Ok((200, b)) if b.contains("\"code\":0")),
             "{r:?}"
         );
+        let path = path
+            .replace("push/mids", "push/keys")
+            .replace("mids=", "keys=dev");
+        let r = raw_http(http, "POST", &path, b"kend").await;
+        assert!(
+            matches!(&r, Ok((200, b)) if b.contains("\"code\":0")),
+            "{r:?}"
+        );
     }
 
     // Every client: every room message and every push to its user, exactly once, in order.
     let room_want: HashSet<String> = sent.room.lock().unwrap().iter().cloned().collect();
     let users_want = sent.users.lock().unwrap().clone();
+    let keys_want = sent.keys.lock().unwrap().clone();
     let (mut delivered, mut duplicated, mut missing, mut unexpected, mut gaps) =
         (0usize, 0, 0, 0, 0);
     for (i, f) in followers.into_iter().enumerate() {
@@ -511,7 +553,11 @@ async fn around_a_roll(
             .get(&mid)
             .map(|v| v.iter().cloned().collect())
             .unwrap_or_default();
-        for (stream, want) in [(ROOM, &room_want), ("user", &user_want)] {
+        let key_want: HashSet<String> = keys_want
+            .get(&mid)
+            .map(|v| v.iter().cloned().collect())
+            .unwrap_or_default();
+        for (stream, want) in [(ROOM, &room_want), ("user", &user_want), ("key", &key_want)] {
             let (bodies, offsets) = ext.of(stream);
             gaps += offsets.windows(2).filter(|w| w[1] != w[0] + 1).count();
             let got: Vec<&String> = bodies[..bodies.len() - 1].iter().collect();
@@ -523,11 +569,12 @@ async fn around_a_roll(
         }
     }
     let users_sent: usize = users_want.values().map(Vec::len).sum();
+    let keys_sent: usize = keys_want.values().map(Vec::len).sum();
     let room_count = room_want.len();
     let summary = format!(
-        "{what}: {room_count} room messages ({:.0}/s) and {users_sent} user pushes ({:.0}/s) over {push_secs:.1}s; the roll began after {rolled_at} room messages and took {roll_secs:.1}s; {CLIENTS} clients: delivered {delivered}, duplicated {duplicated}, missing {missing}, unexpected {unexpected}, offset gaps {gaps}, not recovered {}, reconnects {}, closed without advice {}, longest advised delay {} ms, failed pushes {}",
+        "{what}: {room_count} room messages ({:.0}/s), {users_sent} user and {keys_sent} key pushes ({:.0}/s) over {push_secs:.1}s; the roll began after {rolled_at} room messages and took {roll_secs:.1}s; {CLIENTS} clients: delivered {delivered}, duplicated {duplicated}, missing {missing}, unexpected {unexpected}, offset gaps {gaps}, not recovered {}, reconnects {}, closed without advice {}, longest advised delay {} ms, failed pushes {}",
         room_count as f64 / push_secs,
-        users_sent as f64 / push_secs,
+        (users_sent + keys_sent) as f64 / push_secs,
         seen.not_recovered.load(Ordering::SeqCst),
         seen.reconnects.load(Ordering::SeqCst),
         seen.unadvised.load(Ordering::SeqCst),
@@ -535,7 +582,11 @@ async fn around_a_roll(
         sent.failed.load(Ordering::SeqCst),
     );
     println!("{summary}");
-    assert_eq!((duplicated, missing, unexpected), (0, 0, 0), "{summary}");
+    assert_eq!(
+        (duplicated, missing, unexpected, gaps),
+        (0, 0, 0, 0),
+        "{summary}"
+    );
     assert_eq!(seen.not_recovered.load(Ordering::SeqCst), 0, "{summary}");
     assert_eq!(sent.failed.load(Ordering::SeqCst), 0, "{summary}");
     // The drain time the comets follow: advice fits in 3 s.

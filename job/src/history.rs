@@ -124,6 +124,8 @@ impl History {
 
     fn config(&self, room: &str) -> Option<&HistoryConfig> {
         let (typ, _) = room.split_once("://")?;
+        // A connection's own stream (key pushes) is kept as its user's is.
+        let typ = if typ == "key" { "user" } else { typ };
         self.types.get(typ).filter(|c| c.size > 0)
     }
 
@@ -241,7 +243,7 @@ impl History {
         self.metrics.history_bytes.dec_by(freed as i64);
         // Under the stream's lock: everything numbered before this read is in the reply,
         // everything after reaches the reader.
-        if req.room.starts_with("user://")
+        if (req.room.starts_with("user://") || req.room.starts_with("key://"))
             && !req.server.is_empty()
             && !req.key.is_empty()
             && req.server.len() <= MAX_READER_NAME

@@ -243,16 +243,22 @@ impl Job {
         self.inner.enqueue(&m.server, Delivery::Keys(req));
     }
 
-    /// A push to one user whose messages are numbered: numbered once in the user's stream
-    /// (and kept, when `[job.history.user]` says so), even with no connection to deliver to
-    /// (the user may be reconnecting), then handed to the comet of each key with its
-    /// position.
+    /// A push to one user (`user://{mid}`) or one of its connections (`key://{mid}/{key}`)
+    /// whose messages are numbered: numbered once in that stream (and kept, when
+    /// `[job.history.user]` says so), even with no connection to deliver to (the user may be
+    /// reconnecting), then handed to the comet of each key with its position.
     fn push_user(&self, m: PushMsg) -> Result<(), Status> {
-        if !m.stream.starts_with("user://") || m.stream.len() > MAX_ROOM_ID {
+        let mid_of = |rest: &str| rest.split('/').next()?.parse::<i64>().ok();
+        let stream_mid = m
+            .stream
+            .strip_prefix("user://")
+            .or_else(|| m.stream.strip_prefix("key://"))
+            .and_then(mid_of);
+        let Some(stream_mid) = stream_mid.filter(|_| m.stream.len() <= MAX_ROOM_ID) else {
             return Err(Status::invalid_argument(format!(
-                "a numbered push names a user://{{mid}} stream of at most {MAX_ROOM_ID} bytes"
+                "a numbered push names a user://{{mid}} or key://{{mid}}/{{key}} stream of at most {MAX_ROOM_ID} bytes"
             )));
-        }
+        };
         if m.servers.len() != m.keys.len() || m.mids.len() != m.keys.len() {
             return Err(Status::invalid_argument(
                 "a numbered push names a comet and a user for every key",
@@ -260,11 +266,7 @@ impl Job {
         }
         let inner = &self.inner;
         let proto = raw_single(m.operation, m.msg.clone());
-        let mid = m
-            .mids
-            .first()
-            .copied()
-            .unwrap_or_else(|| m.stream["user://".len()..].parse().unwrap_or_default());
+        let mid = stream_mid;
         inner.history.append_for_readers(
             &m.stream,
             &[(m.operation, m.msg)],
@@ -378,9 +380,12 @@ impl JobService for Job {
                         "room push needs a room id of 1 to {MAX_ROOM_ID} bytes"
                     )));
                 }
-                // Users' numbered streams live under user://: no room may write there.
-                if m.room.starts_with("user://") {
-                    return Err(Status::invalid_argument("room type user is reserved"));
+                // Numbered user and key streams live under user:// and key://: no room may
+                // write there.
+                if m.room.starts_with("user://") || m.room.starts_with("key://") {
+                    return Err(Status::invalid_argument(
+                        "room types user and key are reserved",
+                    ));
                 }
                 let msg = RoomMsg {
                     op: m.operation,

@@ -194,12 +194,17 @@ impl Logic {
         // Only a key that was not found can be on a comet whose presence is incomplete.
         let complete = by.complete || found >= keys.len();
         self.count("keys");
-        self.push_by_server(
-            op,
-            by.servers.into_iter().map(|(s, k)| (s, k, Vec::new())),
-            msg,
-        )
-        .await?;
+        if self.cfg.user_streams {
+            self.push_key_streams(op, by.servers, msg).await?;
+            return Ok(self.targeted(found, complete));
+        }
+        // With the user each key was found for: the comet delivers only to that user, should
+        // the key have been reused by another since.
+        let servers = by.servers.into_iter().map(|(server, pairs)| {
+            let (keys, mids) = pairs.into_iter().unzip();
+            (server, keys, mids)
+        });
+        self.push_by_server(op, servers, msg).await?;
         Ok(self.targeted(found, complete))
     }
 
@@ -277,6 +282,33 @@ impl Logic {
         Ok(())
     }
 
+    /// One call per key found, to the job numbering that connection's stream
+    /// (`key://{mid}/{key}`: bound to the user, so a key reused by another user never reads
+    /// the first one's pushes). A key not online has no known user and is not numbered.
+    async fn push_key_streams(
+        &self,
+        op: i32,
+        servers: UserKeysByServer,
+        msg: Bytes,
+    ) -> Result<(), PushError> {
+        for (server, pairs) in servers {
+            for (key, mid) in pairs {
+                let m = PushMsg {
+                    r#type: PushType::Push as i32,
+                    operation: op,
+                    stream: format!("key://{mid}/{key}"),
+                    keys: vec![key],
+                    mids: vec![mid],
+                    servers: vec![server.clone()],
+                    msg: msg.clone(),
+                    ..Default::default()
+                };
+                self.to_job(m).await?;
+            }
+        }
+        Ok(())
+    }
+
     fn targeted(&self, keys_found: usize, presence_complete: bool) -> Targeted {
         if !presence_complete {
             self.metrics.presence_incomplete.inc();
@@ -295,12 +327,12 @@ impl Logic {
         msg: Bytes,
     ) -> Result<(), PushError> {
         self.check_body(&msg)?;
-        // `user://` names users' numbered streams in job; a room push there would write into
-        // a user's stream.
-        if typ == "user" {
-            return Err(PushError::BadRequest(
-                "type: user is reserved for users' streams".into(),
-            ));
+        // `user://` and `key://` name users' and connections' numbered streams in job; a
+        // room push there would write into one.
+        if typ == "user" || typ == "key" {
+            return Err(PushError::BadRequest(format!(
+                "type: {typ} is reserved for numbered user and key streams"
+            )));
         }
         let room = room_key(typ, room);
         // The same bound clients and tokens get: a room id becomes etcd records and job state.

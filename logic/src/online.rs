@@ -14,8 +14,6 @@ pub enum OnlineError {
 }
 
 /// Keys grouped by the comet holding them.
-pub type KeysByServer = BTreeMap<String, Vec<String>>;
-
 /// A user's keys grouped by the comet holding them, each with the user it was found for (the
 /// comet checks it again before delivering).
 pub type UserKeysByServer = BTreeMap<String, Vec<(String, i64)>>;
@@ -75,7 +73,11 @@ pub trait OnlineStore: Send + Sync + 'static {
         key: &str,
         revision: i64,
     ) -> Result<bool, OnlineError>;
-    async fn servers_by_keys(&self, keys: &[String]) -> Result<Found<KeysByServer>, OnlineError>;
+    /// The comet of each key, with the user that connection belongs to.
+    async fn servers_by_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<Found<UserKeysByServer>, OnlineError>;
     async fn servers_by_mids(&self, mids: &[i64]) -> Result<Found<UserKeysByServer>, OnlineError>;
     /// Stores one comet's room counts (replacing its previous report).
     async fn renew_rooms(
@@ -184,12 +186,17 @@ impl OnlineStore for MemoryOnline {
         Ok(true)
     }
 
-    async fn servers_by_keys(&self, keys: &[String]) -> Result<Found<KeysByServer>, OnlineError> {
+    async fn servers_by_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<Found<UserKeysByServer>, OnlineError> {
         let m = self.lock();
-        let mut out = KeysByServer::new();
+        let mut out = UserKeysByServer::new();
         for k in keys {
-            if let Some((server, _, _)) = m.keys.get(k) {
-                out.entry(server.clone()).or_default().push(k.clone());
+            if let Some((server, mid, _)) = m.keys.get(k) {
+                out.entry(server.clone())
+                    .or_default()
+                    .push((k.clone(), *mid));
             }
         }
         Ok(Found::complete(out))
@@ -251,7 +258,7 @@ mod tests {
         assert!(by.complete);
         let by = by.servers;
         assert_eq!(by.len(), 1);
-        assert_eq!(by["b"], vec!["k1".to_string()]);
+        assert_eq!(by["b"], vec![("k1".to_string(), 1)]);
         assert!(s.del(Origin::new("b", 0), 1, "k1", second).await.unwrap());
         assert!(s
             .servers_by_keys(&["k1".into()])

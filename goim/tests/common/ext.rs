@@ -165,13 +165,34 @@ impl Ext {
         key: &str,
         from: (&str, u64),
     ) -> Result<(Ext, Value), String> {
+        let recover = json!({"user": {"epoch": from.0, "offset": from.1}});
+        let (ext, mut replies) = Ext::try_recovering(addr, mid, key, recover).await?;
+        Ok((ext, replies.remove(0)))
+    }
+
+    /// Connects as user `mid` with `key`, sending AUTH, HELLO and this RECOVER body in one
+    /// write; returns one RECOVER_REPLY per stream it names (an error reply alone ends it).
+    pub async fn try_recovering(
+        addr: SocketAddr,
+        mid: i64,
+        key: &str,
+        recover: Value,
+    ) -> Result<(Ext, Vec<Value>), String> {
         let mut c = Client::connect(Transport::Tcp, addr, None)
             .await
             .map_err(|e| e.to_string())?;
-        let recover = json!({"user": {"epoch": from.0, "offset": from.1}}).to_string();
+        let streams = ["user", "key"]
+            .iter()
+            .filter(|s| recover.get(**s).is_some())
+            .count();
         let mut hello = goim_client::encode(1, op::AUTH, 1, &token(mid, key, "", &[]));
         hello.extend(goim_client::encode(1, op::HELLO, 2, br#"{"v":1}"#));
-        hello.extend(goim_client::encode(1, op::RECOVER, 3, recover.as_bytes()));
+        hello.extend(goim_client::encode(
+            1,
+            op::RECOVER,
+            3,
+            recover.to_string().as_bytes(),
+        ));
         c.send_bytes(&hello).await.map_err(|e| e.to_string())?;
         let mut ext = Ext {
             c,
@@ -182,17 +203,24 @@ impl Ext {
             at: Default::default(),
             next_stream: String::new(),
         };
-        loop {
+        let mut replies = Vec::new();
+        while replies.len() < streams.max(1) {
             let p = ext.try_recv().await?;
             if p.op == op::RECOVER_REPLY {
                 let v: Value = serde_json::from_slice(&p.body).unwrap();
-                ext.pos = Some((
+                if v.get("error").is_some() {
+                    return Ok((ext, vec![v]));
+                }
+                let pos = (
                     v["epoch"].as_str().unwrap().to_string(),
                     v["offset"].as_u64().unwrap(),
-                ));
-                ext.at.insert("user".into(), ext.pos.clone().unwrap());
-                return Ok((ext, v));
+                );
+                ext.pos = Some(pos.clone());
+                ext.at
+                    .insert(v["stream"].as_str().unwrap().to_string(), pos);
+                replies.push(v);
             }
         }
+        Ok((ext, replies))
     }
 }

@@ -15,9 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
 use super::writer::{WriteError, Writer, Written};
-use crate::online::{
-    sum_room_counts, Found, KeysByServer, OnlineError, OnlineStore, Origin, UserKeysByServer,
-};
+use crate::online::{sum_room_counts, Found, OnlineError, OnlineStore, Origin, UserKeysByServer};
 
 fn unavailable(e: impl std::fmt::Display) -> OnlineError {
     OnlineError::Unavailable(e.to_string())
@@ -358,7 +356,10 @@ impl OnlineStore for EtcdOnline {
         Ok(matches!(r.responses.first(), Some(TxnOpResponse::Txn(t)) if t.succeeded()))
     }
 
-    async fn servers_by_keys(&self, keys: &[String]) -> Result<Found<KeysByServer>, OnlineError> {
+    async fn servers_by_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<Found<UserKeysByServer>, OnlineError> {
         let mut ops: Vec<TxnOp> = keys
             .iter()
             .map(|k| TxnOp::get(self.keys.online_key(k), None))
@@ -366,14 +367,17 @@ impl OnlineStore for EtcdOnline {
         ops.push(self.loads_count_op());
         let mut responses = read_all(&self.client, ops).await?;
         let loads_at_read = loads_count(responses.pop());
-        let mut out = KeysByServer::new();
+        let mut out = UserKeysByServer::new();
         for (key, resp) in keys.iter().zip(responses) {
             let TxnOpResponse::Get(g) = resp else {
                 continue;
             };
             let Some(kv) = g.kvs().first() else { continue };
             match serde_json::from_slice::<OnlineRecord>(kv.value()) {
-                Ok(rec) => out.entry(rec.comet).or_default().push(key.clone()),
+                Ok(rec) => out
+                    .entry(rec.comet)
+                    .or_default()
+                    .push((key.clone(), rec.mid)),
                 Err(e) => tracing::warn!(%key, error = %e, "skipping invalid online record"),
             }
         }
@@ -642,6 +646,7 @@ mod tests {
             assert_eq!(by_mid.servers["c"], vec![("k".to_string(), 5)]);
             assert_eq!(by_mid.complete, !pending, "pending {pending}");
             let by_key = s.servers_by_keys(&["k".into()]).await.unwrap();
+            assert_eq!(by_key.servers["c"], vec![("k".to_string(), 5)]);
             assert_eq!(by_key.complete, !pending, "pending {pending}");
         }
         // The comet's load report vanishes (its lease lapsed; it will re-register).
