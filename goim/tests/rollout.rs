@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use cluster::*;
 use ext::Ext;
+use goim_client::Transport;
 use goim_operator::crd::PushCluster;
 use goim_testkit::{free_port, kubeconfig_text, ControlPlane, ADMIN_TOKEN};
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -902,4 +903,166 @@ async fn a_sigterm_roll_in_distributed_mode_loses_nothing_for_clients_that_recov
     };
     around_a_roll("SIGTERM roll (distributed)", http, ports, roll).await;
     drop((comets, logic, job));
+}
+
+/// Issue 9, scenario 2 at scale: the job that numbers a room is killed while the room gets
+/// 50 pushes a second and 1,000 clients listen. Messages that job had taken may be lost, but
+/// never silently: a client that misses one sees the room's epoch change, and a client that
+/// asks to recover from its position in the old epoch is told "not recovered".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "the issue's scale needs optimized processes: scripts/test.sh runs it with --release"
+)]
+async fn a_killed_job_leaves_no_client_silently_behind() {
+    let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports {
+        tcp: free_port(),
+        ws: free_port(),
+        grpc: free_port(),
+        metrics: free_port(),
+    };
+    let history = "[job.history.chat]\nsize = 20000\nttl = \"10m\"";
+    let (logic, mut jobs, comets) = tokio::task::block_in_place(|| {
+        let logic = start_logic_with(&etcd, dir.path(), "127.0.0.1:0", "");
+        let jobs: Vec<Role> = (0..2)
+            .map(|i| start_job_with(&etcd, dir.path(), &format!("job-{i}"), history))
+            .collect();
+        let grpc = logic.addr("grpc").to_string();
+        let comets: Vec<Role> = (0..COMETS)
+            .map(|i| distributed_comet(&etcd, dir.path(), i, 0, ports, &grpc))
+            .collect();
+        (logic, jobs, comets)
+    });
+    let http = logic.addr("http");
+    let job_https: Vec<SocketAddr> = jobs.iter().map(|j| j.addr("http")).collect();
+    wait_until_async(|| async {
+        let mut known = 0;
+        for j in &job_https {
+            known += usize::from(
+                api(*j, "GET", "/comets", b"")
+                    .await
+                    .as_array()
+                    .is_some_and(|a| a.len() == COMETS),
+            );
+        }
+        known == jobs.len()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut ext = Ext::connect(
+            comet_addr(i % COMETS, ports),
+            Transport::Tcp,
+            &format!("k{i}"),
+        )
+        .await;
+        ext.join(ROOM, None).await;
+        clients.push(ext);
+    }
+    let followers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ext| {
+            tokio::spawn(async move {
+                while ext.got.last().is_none_or(|g| g.2 != "end") {
+                    ext.recv().await;
+                }
+                ext
+            })
+        })
+        .collect();
+    let sent = Arc::new(Sent::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let rooms = tokio::spawn(pace(ROOM_RATE, stop.clone(), {
+        let sent = sent.clone();
+        move |n| {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let body = format!("r{n}");
+                if push_ok(
+                    http,
+                    "/goim/push/room?operation=1000&type=chat&room=1",
+                    &body,
+                )
+                .await
+                {
+                    sent.room.lock().unwrap().push(body);
+                } else {
+                    sent.failed.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        }
+    }));
+    let room_sent = |s: &Sent| s.room.lock().unwrap().len();
+    wait_until_async(|| async { room_sent(&sent) >= 25 }).await;
+    // The job that numbers the room is the one holding its history.
+    let owner = tokio::task::block_in_place(|| {
+        job_https.iter().position(|j| {
+            blocking_get_text(*j, "/metrics")
+                .lines()
+                .any(|l| l.starts_with("goim_job_history_rooms ") && !l.ends_with(" 0"))
+        })
+    })
+    .expect("a job numbers the room");
+    jobs[owner].kill();
+    let killed_at = room_sent(&sent);
+    wait_until_async(|| async { room_sent(&sent) >= killed_at + 50 }).await;
+    stop.store(true, Ordering::SeqCst);
+    let slots = rooms.await.unwrap();
+    let _all = slots.acquire_many(64).await.unwrap();
+    assert!(
+        push_ok(
+            http,
+            "/goim/push/room?operation=1000&type=chat&room=1",
+            "end"
+        )
+        .await
+    );
+
+    let acked: HashSet<String> = sent.room.lock().unwrap().iter().cloned().collect();
+    let (mut delivered, mut missed, mut silent, mut gaps, mut duplicated) = (0usize, 0, 0, 0, 0);
+    let mut changed = 0;
+    let mut not_recovered = 0;
+    for f in followers {
+        let mut ext = f.await.unwrap();
+        let got: Vec<(String, u64, String)> = ext.got[..ext.got.len() - 1].to_vec();
+        let epochs: Vec<&String> = got.iter().map(|g| &g.0).collect::<Vec<_>>();
+        let mut distinct_epochs = epochs.clone();
+        distinct_epochs.dedup();
+        // Within an epoch, offsets go up by one.
+        gaps += got
+            .windows(2)
+            .filter(|w| w[0].0 == w[1].0 && w[1].1 != w[0].1 + 1)
+            .count();
+        let bodies: HashSet<&String> = got.iter().map(|g| &g.2).collect();
+        duplicated += got.len() - bodies.len();
+        delivered += got.len();
+        let lost = acked.iter().filter(|b| !bodies.contains(b)).count();
+        missed += lost;
+        if distinct_epochs.len() > 1 {
+            changed += 1;
+        } else if lost > 0 {
+            silent += 1;
+        }
+        // Back to where it was in the first epoch: not recoverable any more.
+        let first = got.iter().take_while(|g| g.0 == got[0].0).last().cloned();
+        if let Some((epoch, offset, _)) = first.filter(|_| distinct_epochs.len() > 1) {
+            let reply = ext.join(ROOM, Some((&epoch, offset))).await;
+            if reply["recovered"] == false {
+                not_recovered += 1;
+            }
+        }
+    }
+    let summary = format!(
+        "job killed: {} room messages acknowledged ({} before the kill), {} refused; {CLIENTS} clients: delivered {delivered}, duplicated {duplicated}, offset gaps within an epoch {gaps}, missed {missed}, clients that saw the epoch change {changed}, missed without an epoch change {silent}, told not recovered when rejoining from the old epoch {not_recovered}",
+        acked.len(),
+        killed_at,
+        sent.failed.load(Ordering::SeqCst),
+    );
+    println!("{summary}");
+    assert_eq!((duplicated, gaps, silent), (0, 0, 0), "{summary}");
+    assert_eq!(changed, CLIENTS, "{summary}");
+    assert_eq!(not_recovered, CLIENTS, "{summary}");
+    drop((comets, logic, jobs));
 }
