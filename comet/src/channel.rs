@@ -110,6 +110,8 @@ pub struct Acks {
 
 #[derive(Debug)]
 struct Unacked {
+    /// `user` or `key`: offsets of the two streams are counted apart.
+    stream: Arc<str>,
     epoch: Arc<str>,
     offset: u64,
     position: Outgoing,
@@ -306,13 +308,15 @@ impl Channel {
         let wake = st.queue.is_empty();
         if let Some(n) = numbered {
             st.queue.push_back(n.position.clone());
-            if let Some(acks) = st.acks.as_mut().filter(|_| &*n.stream == "user") {
+            let acked = matches!(&*n.stream, "user" | "key");
+            if let Some(acks) = st.acks.as_mut().filter(|_| acked) {
                 // Bounded: past the window the oldest is given up (counted at the next pass).
                 if acks.pending.len() >= acks.window {
                     acks.pending.pop_front();
                     acks.given_up += 1;
                 }
                 acks.pending.push_back(Unacked {
+                    stream: n.stream.clone(),
                     epoch: n.epoch.clone(),
                     offset: n.offset,
                     position: n.position.clone(),
@@ -340,12 +344,14 @@ impl Channel {
         });
     }
 
-    /// The client has every numbered push to its user up to `offset` in `epoch` (any epoch
-    /// when not given: offsets start again at 1 in a new one).
-    pub fn ack(&self, offset: u64, epoch: Option<&str>) {
+    /// The client has every numbered push of `stream` (its user's, `user`, or its key's,
+    /// `key`) up to `offset` in `epoch` (any epoch when not given: offsets start again at 1
+    /// in a new one).
+    pub fn ack(&self, stream: &str, offset: u64, epoch: Option<&str>) {
         if let Some(acks) = self.state().acks.as_mut() {
-            acks.pending
-                .retain(|u| u.offset > offset || epoch.is_some_and(|e| *u.epoch != *e));
+            acks.pending.retain(|u| {
+                *u.stream != *stream || u.offset > offset || epoch.is_some_and(|e| *u.epoch != *e)
+            });
         }
     }
 
@@ -583,10 +589,12 @@ mod tests {
         assert_eq!(queued(&c), ["pos 1", "1", "pos 2", "2"]);
         let timeout = Duration::from_secs(5);
         let due = c.resend_due(timeout).unwrap();
-        // An ack for another epoch acks nothing here.
-        c.ack(1, Some("other"));
+        // An ack for another epoch, or of the key's stream, acks nothing here.
+        c.ack("user", 1, Some("other"));
         assert_eq!(c.resend_due(timeout), Some(due));
-        c.ack(1, Some("e"));
+        c.ack("key", 2, Some("e"));
+        assert_eq!(c.resend_due(timeout), Some(due));
+        c.ack("user", 1, Some("e"));
         tokio::time::advance(timeout).await;
         assert!(tokio::time::Instant::now() >= due);
         assert_eq!(
@@ -615,8 +623,22 @@ mod tests {
         }
         assert_eq!(c.resend(timeout, 2).given_up, 1);
         // Room batches are not acked.
-        c.ack(6, None);
+        c.ack("user", 6, None);
         c.offer_room(&msg("r"), Some(&numbered("e", 1, 1)), 64);
+        assert!(c.resend_due(timeout).is_none());
+        // Pushes to the key are, on their own offsets.
+        let key = |offset| Numbered {
+            stream: "key".into(),
+            ..numbered("k", offset, 1)
+        };
+        c.offer_numbered(&msg("k1"), Some(&key(1)), Some(1000), 64);
+        c.offer_numbered(&msg("u7"), Some(&user(7)), Some(1000), 64);
+        c.ack("user", 7, Some("e"));
+        assert!(
+            c.resend_due(timeout).is_some(),
+            "the key's push still waits"
+        );
+        c.ack("key", 1, Some("k"));
         assert!(c.resend_due(timeout).is_none());
     }
 

@@ -77,12 +77,18 @@ struct Hello {
     acks: bool,
 }
 
-/// An `ACK` body.
+/// An `ACK` body: the user's stream, the key's, or both, each up to an offset (in an
+/// epoch, when given).
 #[derive(Debug, serde::Deserialize)]
 struct Ack {
-    user: u64,
+    #[serde(default)]
+    user: Option<u64>,
     #[serde(default)]
     epoch: Option<String>,
+    #[serde(default)]
+    key: Option<u64>,
+    #[serde(default)]
+    key_epoch: Option<String>,
 }
 
 /// Packets a read decoded beyond this many leave the queue's memory to be given back.
@@ -227,7 +233,12 @@ impl Handler {
             op::ACK if ch.is_extended() => {
                 // No reply: acks must not double the traffic.
                 if let Ok(ack) = serde_json::from_slice::<Ack>(&p.body) {
-                    ch.ack(ack.user, ack.epoch.as_deref());
+                    if let Some(n) = ack.user {
+                        ch.ack("user", n, ack.epoch.as_deref());
+                    }
+                    if let Some(n) = ack.key {
+                        ch.ack("key", n, ack.key_epoch.as_deref());
+                    }
                 }
             }
             op::JOIN if ch.is_extended() => session.join(ch, p.ver, p.seq, p.body).await,
@@ -447,6 +458,33 @@ mod tests {
         assert_eq!(*fake.joins.lock().unwrap(), vec![join.to_vec()]);
         // The join's reply comes from the session, through the queue.
         assert_eq!(out.last().unwrap().1, op::HELLO_REPLY);
+    }
+
+    /// An ACK names the user's stream, the key's, or both; offsets of one never ack the other.
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_names_the_user_or_the_key_stream() {
+        let fake = Fake::default();
+        let mut h = handler(LIMITS);
+        h.pending_mut()
+            .push_back(packet(op::HELLO, 1, br#"{"v":1,"acks":true}"#));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        let ch = h.channel().clone();
+        let out = crate::channel::Outgoing::Raw(bytes::Bytes::from_static(b"x"));
+        let to_key = crate::server::numbered("key", "k", 1, 1);
+        ch.offer_numbered(&out, Some(&to_key), Some(1000), 8);
+        let timeout = Duration::from_secs(5);
+        assert!(ch.resend_due(timeout).is_some());
+        h.pending_mut()
+            .push_back(packet(op::ACK, 2, br#"{"user":1,"epoch":"k"}"#));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        assert!(
+            ch.resend_due(timeout).is_some(),
+            "a user ack is not the key's"
+        );
+        h.pending_mut()
+            .push_back(packet(op::ACK, 3, br#"{"key":1,"key_epoch":"k"}"#));
+        h.answer(&fake, &mut Vec::new()).await.unwrap();
+        assert!(ch.resend_due(timeout).is_none());
     }
 
     /// A JOIN or RECOVER costs 32 packets of the budget: a burst of 256 allows 8.
