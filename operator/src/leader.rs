@@ -2,8 +2,16 @@
 //! write (linkerd's pattern: only the leader mutates anything). Acquire when the lease is free
 //! or expired, renew every third of its duration, and give up (exit, so the pod restarts
 //! clean) the moment a renewal fails past the duration or someone else holds it.
+//!
+//! "Expired" is judged as client-go does, on this replica's monotonic clock: a lease held by
+//! another is expired only once it has not changed for its duration since this replica saw
+//! it change. The holder's `renewTime` is never compared with the local wall clock, so clocks
+//! that disagree (by seconds or hours) cannot make a standby take over from a live leader.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -16,6 +24,41 @@ pub struct Election {
     pub name: String,
     pub identity: String,
     pub duration: Duration,
+    /// Another holder's lease as last seen, and when it last changed.
+    seen: Arc<Mutex<Option<Seen>>>,
+}
+
+/// A version of another holder's lease, and the local (monotonic) time it was first seen.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    holder: Option<String>,
+    version: Option<String>,
+    at: Instant,
+}
+
+/// Whether a lease held by another has expired: it has stayed the same version for
+/// `duration` since this replica first saw that version. A new version (a renewal) starts the
+/// count again; so does a lease never seen before.
+fn expired(
+    seen: &mut Option<Seen>,
+    holder: Option<&str>,
+    version: Option<&str>,
+    duration: Duration,
+    now: Instant,
+) -> bool {
+    match seen {
+        Some(s) if s.holder.as_deref() == holder && s.version.as_deref() == version => {
+            now.duration_since(s.at) >= duration
+        }
+        _ => {
+            *seen = Some(Seen {
+                holder: holder.map(String::from),
+                version: version.map(String::from),
+                at: now,
+            });
+            false
+        }
+    }
 }
 
 impl Election {
@@ -31,6 +74,7 @@ impl Election {
             name: name.into(),
             identity: identity.into(),
             duration,
+            seen: Default::default(),
         }
     }
 
@@ -64,13 +108,20 @@ impl Election {
         };
         let spec = lease.spec.clone().unwrap_or_default();
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(t), Some(d)) => {
-                t.0.as_second() + i64::from(d) < jiff::Timestamp::now().as_second()
-            }
-            _ => true,
-        };
         let free = spec.holder_identity.as_deref().is_none_or(str::is_empty);
+        let duration = spec
+            .lease_duration_seconds
+            .and_then(|d| u64::try_from(d).ok())
+            .map_or(self.duration, Duration::from_secs);
+        let expired = !mine
+            && !free
+            && expired(
+                &mut self.seen.lock().unwrap_or_else(|e| e.into_inner()),
+                spec.holder_identity.as_deref(),
+                lease.metadata.resource_version.as_deref(),
+                duration,
+                Instant::now(),
+            );
         if !(mine || expired || free) {
             return Ok(false);
         }
@@ -140,5 +191,27 @@ impl Election {
                     .await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_expires_only_after_it_stopped_changing_for_its_duration() {
+        let d = Duration::from_secs(15);
+        let t0 = Instant::now();
+        let mut seen = None;
+        // First sight: never expired, whatever its renewTime says.
+        assert!(!expired(&mut seen, Some("a"), Some("1"), d, t0));
+        assert!(!expired(&mut seen, Some("a"), Some("1"), d, t0 + d / 2));
+        // Renewed (a new version): the count starts again.
+        assert!(!expired(&mut seen, Some("a"), Some("2"), d, t0 + d));
+        assert!(!expired(&mut seen, Some("a"), Some("2"), d, t0 + d + d / 2));
+        // Unchanged for the whole duration: expired.
+        assert!(expired(&mut seen, Some("a"), Some("2"), d, t0 + d * 2));
+        // Another holder took it meanwhile: fresh again.
+        assert!(!expired(&mut seen, Some("b"), Some("3"), d, t0 + d * 3));
     }
 }

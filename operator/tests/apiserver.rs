@@ -442,6 +442,69 @@ async fn only_one_operator_leads() {
     assert!(!a.try_acquire().await.unwrap());
 }
 
+/// Leader election with clocks that disagree: a holder whose clock is an hour behind keeps
+/// its lease while it renews (a standby used to take over at once: its renewTime looked an
+/// hour old), and a dead holder whose clock is an hour ahead loses it after the duration (a
+/// standby used to wait for an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_does_not_trust_other_clocks() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let c = admin().await;
+    let ns = "skew";
+    namespace(&c, ns).await;
+    let leases: Api<Lease> = Api::namespaced(c.clone(), ns);
+    let hour = jiff::SignedDuration::from_hours(1);
+    let held_by = |name: &str, holder: &str, renew: jiff::Timestamp| -> Lease {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 2,
+                "renewTime": MicroTime(renew), "acquireTime": MicroTime(renew)}
+        }))
+        .unwrap()
+    };
+    let d = Duration::from_secs(2);
+    // Behind by an hour, alive: it renews (with its own clock) and keeps the lease.
+    let behind = || jiff::Timestamp::now() - hour;
+    leases
+        .create(
+            &PostParams::default(),
+            &held_by("slow", "slow-clock", behind()),
+        )
+        .await
+        .unwrap();
+    let b = goim_operator::leader::Election::new(c.clone(), ns, "slow", "b", d);
+    assert!(!b.try_acquire().await.unwrap(), "the holder is alive");
+    for _ in 0..3 {
+        let mut l = leases.get("slow").await.unwrap();
+        l.spec.as_mut().unwrap().renew_time = Some(MicroTime(behind()));
+        leases
+            .replace("slow", &PostParams::default(), &l)
+            .await
+            .unwrap();
+        assert!(
+            !b.try_acquire().await.unwrap(),
+            "renewed: still the holder's"
+        );
+    }
+    // Ahead by an hour, dead: taken over once it has not changed for its duration.
+    leases
+        .create(
+            &PostParams::default(),
+            &held_by("fast", "fast-clock", jiff::Timestamp::now() + hour),
+        )
+        .await
+        .unwrap();
+    let b = goim_operator::leader::Election::new(c.clone(), ns, "fast", "b", d);
+    assert!(!b.try_acquire().await.unwrap());
+    eventually("the dead holder's lease is taken over", || async {
+        b.try_acquire().await.unwrap()
+    })
+    .await;
+    let l = leases.get("fast").await.unwrap();
+    assert_eq!(l.spec.unwrap().holder_identity.as_deref(), Some("b"));
+}
+
 fn condition(pc: &PushCluster, type_: &str) -> Option<(String, String)> {
     pc.status
         .as_ref()?
