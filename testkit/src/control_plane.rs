@@ -92,6 +92,7 @@ impl ControlPlane {
             .stderr(log)
             .spawn()
             .unwrap();
+        crate::reap_at_exit(child.id());
         let cp = ControlPlane {
             etcd,
             apiserver: child,
@@ -165,5 +166,6 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         let _ = self.apiserver.kill();
         let _ = self.apiserver.wait();
+        crate::forget(self.apiserver.id());
     }
 }

@@ -2,8 +2,10 @@
 //! dir, and waiting on conditions (never fixed sleeps).
 
 mod control_plane;
+mod reaper;
 
 pub use control_plane::{kubeconfig_text, tools_bin, ControlPlane, ADMIN_TOKEN};
+pub use reaper::{forget, reap_at_exit};
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -164,6 +166,7 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("etcd on PATH (Debian: etcd-server; scripts/setup.sh installs it)");
+        reap_at_exit(child.id());
         self.child = Some(child);
         wait_until("etcd listening", || {
             std::net::TcpStream::connect(self.endpoint()).is_ok()
@@ -179,6 +182,7 @@ impl Etcd {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            forget(c.id());
         }
     }
 

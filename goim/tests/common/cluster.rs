@@ -34,6 +34,7 @@ impl Role {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        goim_testkit::reap_at_exit(child.id());
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -97,6 +98,7 @@ impl Role {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        goim_testkit::forget(self.child.id());
     }
 }
 
