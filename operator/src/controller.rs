@@ -283,7 +283,23 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     let (plan, etcd_error) = match &registry {
         Ok((_, conns)) => {
             let total = conns.values().fold(0u64, |a, &n| a.saturating_add(n));
-            let desired = plan::desired_comets(pc, total);
+            let desired = match &pc.spec.comet.autoscale {
+                Some(a) => {
+                    let (replicas, kept) = plan::autoscale(
+                        a,
+                        current,
+                        total,
+                        &status.comet.recommendations,
+                        now_secs(),
+                    );
+                    status.comet.recommendations = kept;
+                    replicas
+                }
+                None => {
+                    status.comet.recommendations.clear();
+                    pc.spec.comet.replicas.max(0)
+                }
+            };
             let since = status
                 .comet
                 .draining_since
@@ -530,6 +546,8 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         Action::requeue(Duration::from_secs((age / 2).clamp(2, 60)))
     } else if !plan.draining.is_empty() || !rollout_done {
         Action::requeue(Duration::from_secs(2))
+    } else if let Some(a) = &pc.spec.comet.autoscale {
+        Action::requeue(Duration::from_secs(u64::from(a.sync_seconds.max(1))))
     } else {
         Action::requeue(Duration::from_secs(30))
     })

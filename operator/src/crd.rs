@@ -168,6 +168,37 @@ pub struct Autoscale {
     pub max: i32,
     #[schemars(range(min = 1))]
     pub target_connections_per_pod: i64,
+    /// A scale-down goes only to the highest count recommended over this window (as the
+    /// HorizontalPodAutoscaler does), so load that swings does not make comets flap.
+    #[serde(default = "default_down_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: u32,
+    /// Comets added at most per step.
+    #[serde(default = "default_up_step")]
+    #[schemars(range(min = 1))]
+    pub max_scale_up_step: i32,
+    /// Comets removed (drained) at most per step; the next step waits for the drain.
+    #[serde(default = "default_down_step")]
+    #[schemars(range(min = 1))]
+    pub max_scale_down_step: i32,
+    /// How often the load reports in etcd are read (they are not watched).
+    #[serde(default = "default_sync")]
+    #[schemars(range(min = 1, max = 300))]
+    pub sync_seconds: u32,
+}
+
+fn default_sync() -> u32 {
+    15
+}
+
+fn default_down_window() -> u32 {
+    300
+}
+fn default_up_step() -> i32 {
+    4
+}
+fn default_down_step() -> i32 {
+    1
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -332,6 +363,18 @@ pub struct CometStatus {
     /// Pods the rolling update is replacing now.
     #[serde(default)]
     pub rolling: Vec<String>,
+    /// The autoscaler's recent recommendations (the latest time each count was recommended,
+    /// within the scale-down window).
+    #[serde(default)]
+    pub recommendations: Vec<Recommendation>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    /// Unix seconds.
+    pub at: i64,
+    pub replicas: i32,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

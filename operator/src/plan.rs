@@ -6,18 +6,55 @@ use std::collections::BTreeMap;
 use goim_discovery::{CometRecord, CometState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::PushCluster;
+use crate::crd::{PushCluster, Recommendation};
 
-/// Comets wanted: the autoscaler's answer when autoscaling, else `spec.comet.replicas`.
-pub fn desired_comets(pc: &PushCluster, total_connections: u64) -> i32 {
-    match &pc.spec.comet.autoscale {
-        Some(a) => {
-            let per = a.target_connections_per_pod.max(1) as u64;
-            let want = i64::try_from(total_connections.div_ceil(per)).unwrap_or(i64::MAX);
-            want.clamp(i64::from(a.min), i64::from(a.max.max(a.min))) as i32
-        }
-        None => pc.spec.comet.replicas.max(0),
+/// Most recommendations kept (changes within the window).
+const MAX_RECOMMENDATIONS: usize = 64;
+
+/// The autoscaler's step: the count the load asks for, moved toward by at most a step, a
+/// scale-down only to the highest count in force within the stabilization window.
+/// Returns the replicas and the recommendations to keep.
+pub fn autoscale(
+    a: &crate::crd::Autoscale,
+    current: i32,
+    total_connections: u64,
+    history: &[Recommendation],
+    now: i64,
+) -> (i32, Vec<Recommendation>) {
+    let (lo, hi) = (a.min, a.max.max(a.min));
+    let per = a.target_connections_per_pod.max(1) as u64;
+    let want = i64::try_from(total_connections.div_ceil(per))
+        .unwrap_or(i64::MAX)
+        .clamp(i64::from(lo), i64::from(hi)) as i32;
+    let window = i64::from(a.scale_down_stabilization_seconds);
+    // The counts recommended as change points (oldest first): a count holds from its point
+    // until the next one, so only changes are kept, and of those before the window only the
+    // one in force when it began.
+    let mut kept: Vec<Recommendation> = history.to_vec();
+    kept.sort_by_key(|r| r.at);
+    if kept.last().map(|r| r.replicas) != Some(want) {
+        kept.push(Recommendation {
+            at: now,
+            replicas: want,
+        });
     }
+    if let Some(i) = kept.iter().rposition(|r| r.at <= now - window) {
+        kept.drain(..i);
+    }
+    if kept.len() > MAX_RECOMMENDATIONS {
+        kept.drain(..kept.len() - MAX_RECOMMENDATIONS);
+    }
+    let replicas = if current < lo {
+        lo
+    } else if want > current {
+        want.min(current.saturating_add(a.max_scale_up_step.max(1)))
+    } else {
+        let stable = kept.iter().map(|r| r.replicas).max().unwrap_or(want);
+        stable
+            .min(current)
+            .max(current.saturating_sub(a.max_scale_down_step.max(1)))
+    };
+    (replicas.clamp(lo, hi), kept)
 }
 
 /// The drain protocol's decision for this reconcile.
@@ -329,16 +366,73 @@ mod tests {
 
     #[test]
     fn autoscale_clamps() {
-        let mut p = pc();
-        assert_eq!(desired_comets(&p, 1_000_000), 3);
-        p.spec.comet.autoscale = Some(Autoscale {
+        let a = Autoscale {
             min: 2,
             max: 5,
             target_connections_per_pod: 1000,
-        });
-        assert_eq!(desired_comets(&p, 0), 2);
-        assert_eq!(desired_comets(&p, 3001), 4);
-        assert_eq!(desired_comets(&p, 100_000), 5);
+            ..scaler(0)
+        };
+        assert_eq!(autoscale(&a, 2, 0, &[], 0).0, 2);
+        assert_eq!(autoscale(&a, 2, 3001, &[], 0).0, 4);
+        assert_eq!(autoscale(&a, 4, 100_000, &[], 0).0, 5);
+    }
+
+    fn scaler(window: u32) -> Autoscale {
+        Autoscale {
+            min: 1,
+            max: 10,
+            target_connections_per_pod: 100,
+            scale_down_stabilization_seconds: window,
+            max_scale_up_step: 2,
+            max_scale_down_step: 1,
+            sync_seconds: 15,
+        }
+    }
+
+    #[test]
+    fn autoscale_steps_up_at_once_and_down_only_after_the_window() {
+        let a = scaler(60);
+        // Up: at most two at a time.
+        let (r, h) = autoscale(&a, 1, 800, &[], 0);
+        assert_eq!(r, 3);
+        let (r, h) = autoscale(&a, r, 800, &h, 5);
+        assert_eq!(r, 5);
+        let (r, h) = autoscale(&a, r, 800, &h, 10);
+        assert_eq!(r, 7);
+        let (r, mut h) = autoscale(&a, r, 800, &h, 15);
+        assert_eq!(r, 8);
+        // Load falls (read at 20): held for the window after the high count stopped being in
+        // force (it held until that reading).
+        let mut r = r;
+        for t in [20, 40, 70, 79] {
+            (r, h) = autoscale(&a, r, 100, &h, t);
+            assert_eq!(r, 8, "at {t}");
+        }
+        // Past it: down one at a time.
+        (r, h) = autoscale(&a, r, 100, &h, 80);
+        assert_eq!(r, 7);
+        (r, _) = autoscale(&a, r, 100, &h, 85);
+        assert_eq!(r, 6);
+        // Unchanged readings add nothing (the status does not churn).
+        assert_eq!(h.len(), 1);
+        // Bounded by min and max, and the history by one entry per count.
+        assert_eq!(autoscale(&a, 0, 0, &[], 0).0, 1);
+        assert_eq!(autoscale(&a, 10, 1_000_000, &[], 0).0, 10);
+        let (_, h) = autoscale(&a, 3, 300, &h, 81);
+        assert!(h.len() <= 10);
+    }
+
+    #[test]
+    fn autoscale_does_not_flap_on_swinging_load() {
+        let a = scaler(30);
+        let (mut r, mut h) = (4, Vec::new());
+        let mut seen = Vec::new();
+        for t in 0..60 {
+            let load = if t % 2 == 0 { 400 } else { 100 };
+            (r, h) = autoscale(&a, r, load, &h, t);
+            seen.push(r);
+        }
+        assert!(seen.iter().all(|&n| n == 4), "{seen:?}");
     }
 
     #[test]

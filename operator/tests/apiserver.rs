@@ -906,3 +906,109 @@ async fn rolling_update_replaces_one_drained_comet_at_a_time() {
     .await;
     op.abort();
 }
+
+/// Autoscaling on the comets' load reports: up in steps as load rises; a swinging load makes
+/// no comet flap; when load falls the count goes down only after the stabilization window,
+/// one comet at a time, each drained first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaling_follows_load_without_flapping() {
+    let cp = control_plane();
+    let c = admin().await;
+    let ns = "autoscale";
+    namespace(&c, ns).await;
+    let op = tokio::spawn(goim_operator::controller::run(
+        c.clone(),
+        opts(Some(ns.into())),
+    ));
+    let etcd = cp.etcd.endpoint();
+    let mut e = goim_discovery::connect(std::slice::from_ref(&etcd))
+        .await
+        .unwrap();
+    let mut pc = cluster("auto", &etcd, 1);
+    pc.spec.comet.autoscale = Some(
+        serde_json::from_value(json!({"min": 1, "max": 4, "targetConnectionsPerPod": 10,
+            "scaleDownStabilizationSeconds": 10, "maxScaleUpStep": 2, "maxScaleDownStep": 1,
+            "syncSeconds": 1}))
+        .unwrap(),
+    );
+    let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+    pcs.create(&PostParams::default(), &pc).await.unwrap();
+    let load = |i: usize| format!("/goim/autoscale.auto/load/auto-comet-{i}");
+    let replicas = || sts_replicas(&c, ns, "auto-comet");
+    // The autoscaler's latest change of recommendation, once made at or after `after` (unix s).
+    let recommended = |after: i64| {
+        let pcs = pcs.clone();
+        async move {
+            let st = pcs.get("auto").await.unwrap().status.unwrap_or_default();
+            st.comet
+                .recommendations
+                .iter()
+                .max_by_key(|r| r.at)
+                .filter(|r| r.at >= after)
+                .map(|r| r.replicas)
+        }
+    };
+    let now = || jiff::Timestamp::now().as_second();
+    e.put(load(0), r#"{"conn_count":5}"#, None).await.unwrap();
+    eventually("one comet for little load", || async {
+        replicas().await == Some(1)
+    })
+    .await;
+    // Load rises: up to four, at most two at a time.
+    e.put(load(0), r#"{"conn_count":35}"#, None).await.unwrap();
+    let counts = std::sync::Mutex::new(Vec::new());
+    eventually("four comets for the load", || async {
+        let n = replicas().await;
+        let mut counts = counts.lock().unwrap();
+        if counts.last() != Some(&n) {
+            counts.push(n);
+        }
+        n == Some(4)
+    })
+    .await;
+    let counts = counts.into_inner().unwrap();
+    assert!(
+        counts
+            .windows(2)
+            .all(|w| w[1].unwrap() - w[0].unwrap() <= 2),
+        "steps of at most two: {counts:?}"
+    );
+    // Swinging load: every other reading asks for one comet; none is removed.
+    for i in 0..6 {
+        let (conns, want) = if i % 2 == 0 { (5, 1) } else { (35, 4) };
+        let t = now();
+        e.put(load(0), format!(r#"{{"conn_count":{conns}}}"#), None)
+            .await
+            .unwrap();
+        eventually("the autoscaler read the load", || async {
+            recommended(t).await == Some(want)
+        })
+        .await;
+        let st = pcs.get("auto").await.unwrap().status.unwrap_or_default();
+        assert_eq!(
+            replicas().await,
+            Some(4),
+            "no flapping: {i} {:?} now {}",
+            st.comet,
+            now()
+        );
+    }
+    // Load falls for good: after the window, down one at a time, the leaving comet drained
+    // first (it still holds clients).
+    e.put(load(3), r#"{"conn_count":5}"#, None).await.unwrap();
+    e.put(load(0), r#"{"conn_count":0}"#, None).await.unwrap();
+    let fell = now();
+    eventually("auto-comet-3 drains", || async {
+        let st = pcs.get("auto").await.unwrap().status.unwrap_or_default();
+        st.comet.draining == vec!["auto-comet-3".to_string()]
+    })
+    .await;
+    assert!(now() - fell >= 9, "not before the window");
+    assert_eq!(replicas().await, Some(4), "held while it drains");
+    e.delete(load(3), None).await.unwrap();
+    eventually("down to one comet", || async {
+        replicas().await == Some(1)
+    })
+    .await;
+    op.abort();
+}
