@@ -60,6 +60,17 @@ struct Ports {
     metrics: u16,
 }
 
+impl Ports {
+    fn free() -> Ports {
+        Ports {
+            tcp: free_port(),
+            ws: free_port(),
+            grpc: free_port(),
+            metrics: free_port(),
+        }
+    }
+}
+
 fn pod_ip(i: usize) -> String {
     format!("127.0.0.{}", i + 2)
 }
@@ -382,6 +393,54 @@ async fn push_ok(http: SocketAddr, path: &str, body: &str) -> bool {
     matches!(raw_http(http, "POST", path, body.as_bytes()).await, Ok((200, b)) if b.contains("\"code\":0"))
 }
 
+/// The room at [`ROOM_RATE`] until `stop`: bodies `r1`, `r2`, …, each recorded once logic
+/// took it (or counted as failed).
+async fn room_stream(
+    http: SocketAddr,
+    sent: Arc<Sent>,
+    stop: Arc<AtomicBool>,
+) -> Arc<tokio::sync::Semaphore> {
+    pace(ROOM_RATE, stop, move |n| {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let body = format!("r{n}");
+            if push_ok(
+                http,
+                "/goim/push/room?operation=1000&type=chat&room=1",
+                &body,
+            )
+            .await
+            {
+                sent.room.lock().unwrap().push(body);
+            } else {
+                sent.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    })
+    .await
+}
+
+/// Stops the pacers, waits for the pushes in flight, then ends the room with `end`.
+async fn end_streams(
+    http: SocketAddr,
+    stop: &AtomicBool,
+    pacers: Vec<tokio::task::JoinHandle<Arc<tokio::sync::Semaphore>>>,
+) {
+    stop.store(true, Ordering::SeqCst);
+    for pacer in pacers {
+        let slots = pacer.await.unwrap();
+        let _all = slots.acquire_many(64).await.unwrap();
+    }
+    assert!(
+        push_ok(
+            http,
+            "/goim/push/room?operation=1000&type=chat&room=1",
+            "end"
+        )
+        .await
+    );
+}
+
 fn mids_of(n: u64) -> Vec<i64> {
     (0..USERS_PER_PUSH)
         .map(|j| FIRST_MID + ((n as usize * USERS_PER_PUSH + j) % CLIENTS) as i64)
@@ -437,26 +496,7 @@ async fn around_a_roll(
     let sent = Arc::new(Sent::default());
     let stop = Arc::new(AtomicBool::new(false));
     let began = std::time::Instant::now();
-    let rooms = tokio::spawn(pace(ROOM_RATE, stop.clone(), {
-        let sent = sent.clone();
-        move |n| {
-            let sent = sent.clone();
-            tokio::spawn(async move {
-                let body = format!("r{n}");
-                if push_ok(
-                    http,
-                    "/goim/push/room?operation=1000&type=chat&room=1",
-                    &body,
-                )
-                .await
-                {
-                    sent.room.lock().unwrap().push(body);
-                } else {
-                    sent.failed.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        }
-    }));
+    let rooms = tokio::spawn(room_stream(http, sent.clone(), stop.clone()));
     let users = tokio::spawn(pace(USER_RATE / USERS_PER_PUSH as u64, stop.clone(), {
         let sent = sent.clone();
         move |n| {
@@ -506,20 +546,8 @@ async fn around_a_roll(
     // A little more after the roll, then the streams stop and end.
     let done_at = room_sent(&sent);
     wait_until_async(|| async { room_sent(&sent) >= done_at + 25 }).await;
-    stop.store(true, Ordering::SeqCst);
     let push_secs = began.elapsed().as_secs_f64();
-    for pacer in [rooms, users] {
-        let slots = pacer.await.unwrap();
-        let _all = slots.acquire_many(64).await.unwrap();
-    }
-    assert!(
-        push_ok(
-            http,
-            "/goim/push/room?operation=1000&type=chat&room=1",
-            "end"
-        )
-        .await
-    );
+    end_streams(http, &stop, vec![rooms, users]).await;
     for chunk in (0..CLIENTS).collect::<Vec<_>>().chunks(100) {
         let list: Vec<String> = chunk
             .iter()
@@ -625,12 +653,7 @@ async fn an_operator_rollout_loses_nothing_for_clients_that_recover() {
             election: None,
         },
     ));
-    let ports = Ports {
-        tcp: free_port(),
-        ws: free_port(),
-        grpc: free_port(),
-        metrics: free_port(),
-    };
+    let ports = Ports::free();
     // A long drain to start with; shortened below without a restart.
     let pc: PushCluster = serde_json::from_value(json!({
         "apiVersion": "goim.rs/v1alpha1", "kind": "PushCluster",
@@ -849,12 +872,7 @@ fn distributed_comet(
 async fn a_sigterm_roll_in_distributed_mode_loses_nothing_for_clients_that_recover() {
     let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        tcp: free_port(),
-        ws: free_port(),
-        grpc: free_port(),
-        metrics: free_port(),
-    };
+    let ports = Ports::free();
     let (logic, job, mut comets) = tokio::task::block_in_place(|| {
         let logic = start_logic_with(&etcd, dir.path(), "127.0.0.1:0", "user_streams = true");
         let job = start_job_with(
@@ -917,12 +935,7 @@ async fn a_sigterm_roll_in_distributed_mode_loses_nothing_for_clients_that_recov
 async fn a_killed_job_leaves_no_client_silently_behind() {
     let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        tcp: free_port(),
-        ws: free_port(),
-        grpc: free_port(),
-        metrics: free_port(),
-    };
+    let ports = Ports::free();
     let history = "[job.history.chat]\nsize = 20000\nttl = \"10m\"";
     let (logic, mut jobs, comets) = tokio::task::block_in_place(|| {
         let logic = start_logic_with(&etcd, dir.path(), "127.0.0.1:0", "");
@@ -974,26 +987,7 @@ async fn a_killed_job_leaves_no_client_silently_behind() {
         .collect();
     let sent = Arc::new(Sent::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let rooms = tokio::spawn(pace(ROOM_RATE, stop.clone(), {
-        let sent = sent.clone();
-        move |n| {
-            let sent = sent.clone();
-            tokio::spawn(async move {
-                let body = format!("r{n}");
-                if push_ok(
-                    http,
-                    "/goim/push/room?operation=1000&type=chat&room=1",
-                    &body,
-                )
-                .await
-                {
-                    sent.room.lock().unwrap().push(body);
-                } else {
-                    sent.failed.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        }
-    }));
+    let rooms = tokio::spawn(room_stream(http, sent.clone(), stop.clone()));
     let room_sent = |s: &Sent| s.room.lock().unwrap().len();
     wait_until_async(|| async { room_sent(&sent) >= 25 }).await;
     // The job that numbers the room is the one holding its history.
@@ -1008,17 +1002,7 @@ async fn a_killed_job_leaves_no_client_silently_behind() {
     jobs[owner].kill();
     let killed_at = room_sent(&sent);
     wait_until_async(|| async { room_sent(&sent) >= killed_at + 50 }).await;
-    stop.store(true, Ordering::SeqCst);
-    let slots = rooms.await.unwrap();
-    let _all = slots.acquire_many(64).await.unwrap();
-    assert!(
-        push_ok(
-            http,
-            "/goim/push/room?operation=1000&type=chat&room=1",
-            "end"
-        )
-        .await
-    );
+    end_streams(http, &stop, vec![rooms]).await;
 
     let acked: HashSet<String> = sent.room.lock().unwrap().iter().cloned().collect();
     let (mut delivered, mut missed, mut silent, mut gaps, mut duplicated) = (0usize, 0, 0, 0, 0);

@@ -571,6 +571,10 @@ spec:
         );
     }
 
+    fn template_annotations(t: &PodTemplateSpec) -> BTreeMap<String, String> {
+        t.metadata.clone().unwrap().annotations.unwrap()
+    }
+
     #[test]
     fn config_hash_follows_config() {
         let a = build(&fixture());
@@ -578,18 +582,7 @@ spec:
         changed.spec.etcd.endpoints.push("etcd-2:2379".into());
         let b = build(&changed);
         let h = |o: &Objects| {
-            o.logic
-                .spec
-                .as_ref()
-                .unwrap()
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .as_ref()
-                .unwrap()[CONFIG_HASH]
-                .clone()
+            template_annotations(&o.logic.spec.as_ref().unwrap().template)[CONFIG_HASH].clone()
         };
         assert_ne!(h(&a), h(&b));
         assert_eq!(h(&a), h(&build(&fixture())));
@@ -603,19 +596,8 @@ spec:
     fn only_settings_a_comet_cannot_take_live_change_its_revision() {
         let base = fixture();
         let rev = comet_revision(&base);
-        let annotations = |o: &Objects| {
-            o.comet
-                .spec
-                .as_ref()
-                .unwrap()
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .clone()
-                .unwrap()
-        };
+        let annotations =
+            |o: &Objects| template_annotations(&o.comet.spec.as_ref().unwrap().template);
         let o = build(&base);
         assert_eq!(annotations(&o)[REVISION], rev);
         assert_eq!(

@@ -35,6 +35,17 @@ async fn client_for(cp: &ControlPlane, token: &str, name: &str) -> Client {
     Client::try_from(cfg).unwrap()
 }
 
+/// A client acting as the chart's ServiceAccount (so the chart's RBAC is what is tested).
+async fn operator_client(cp: &ControlPlane, admin: &Client) -> Client {
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "goim-system");
+    let tr: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}})).unwrap();
+    let tr: TokenRequest = sas
+        .create_subresource("token", "goim-goim", &PostParams::default(), &tr)
+        .await
+        .unwrap();
+    client_for(cp, &tr.status.unwrap().token, "operator").await
+}
+
 async fn admin() -> Client {
     client_for(control_plane(), ADMIN_TOKEN, "admin").await
 }
@@ -303,15 +314,7 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     let c = admin().await;
     let ns = "lifecycle";
     namespace(&c, ns).await;
-    // A token for the chart's ServiceAccount.
-    let sas: Api<ServiceAccount> = Api::namespaced(c.clone(), "goim-system");
-    let tr: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}})).unwrap();
-    let tr: TokenRequest = sas
-        .create_subresource("token", "goim-goim", &PostParams::default(), &tr)
-        .await
-        .unwrap();
-    let token = tr.status.unwrap().token;
-    let sa_client = client_for(cp, &token, "operator").await;
+    let sa_client = operator_client(cp, &c).await;
     let op = tokio::spawn(goim_operator::controller::run(sa_client, opts(None)));
 
     let etcd = cp.etcd.endpoint();
@@ -748,13 +751,7 @@ async fn rolling_update_replaces_one_drained_comet_at_a_time() {
     let c = admin().await;
     let ns = "rolling";
     namespace(&c, ns).await;
-    let sas: Api<ServiceAccount> = Api::namespaced(c.clone(), "goim-system");
-    let tr: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}})).unwrap();
-    let tr: TokenRequest = sas
-        .create_subresource("token", "goim-goim", &PostParams::default(), &tr)
-        .await
-        .unwrap();
-    let sa_client = client_for(cp, &tr.status.unwrap().token, "operator").await;
+    let sa_client = operator_client(cp, &c).await;
     let op = tokio::spawn(goim_operator::controller::run(
         sa_client,
         opts(Some(ns.into())),

@@ -29,13 +29,8 @@ pub struct Ext {
 }
 
 impl Ext {
-    pub async fn connect(addr: SocketAddr, t: Transport, key: &str) -> Ext {
-        let mut c = Client::connect(t, addr, None).await.unwrap();
-        // No room at auth: the JOIN below decides what comes first.
-        c.auth(&token(1, key, "", &[])).await.unwrap();
-        c.send(op::HELLO, br#"{"v":1}"#).await.unwrap();
-        let p = common::within(c.recv()).await.unwrap();
-        assert_eq!(p.op, op::HELLO_REPLY);
+    /// A fresh record over a connection.
+    fn over(c: Client) -> Ext {
         Ext {
             c,
             got: Vec::new(),
@@ -45,6 +40,16 @@ impl Ext {
             at: Default::default(),
             next_stream: String::new(),
         }
+    }
+
+    pub async fn connect(addr: SocketAddr, t: Transport, key: &str) -> Ext {
+        let mut c = Client::connect(t, addr, None).await.unwrap();
+        // No room at auth: the JOIN below decides what comes first.
+        c.auth(&token(1, key, "", &[])).await.unwrap();
+        c.send(op::HELLO, br#"{"v":1}"#).await.unwrap();
+        let p = common::within(c.recv()).await.unwrap();
+        assert_eq!(p.op, op::HELLO_REPLY);
+        Ext::over(c)
     }
 
     /// Joins `room`, recovering from `from` when given; returns the JOIN_REPLY.
@@ -194,15 +199,7 @@ impl Ext {
             recover.to_string().as_bytes(),
         ));
         c.send_bytes(&hello).await.map_err(|e| e.to_string())?;
-        let mut ext = Ext {
-            c,
-            got: Vec::new(),
-            next: None,
-            pos: None,
-            streams: Vec::new(),
-            at: Default::default(),
-            next_stream: String::new(),
-        };
+        let mut ext = Ext::over(c);
         let mut replies = Vec::new();
         while replies.len() < streams.max(1) {
             let p = ext.try_recv().await?;
