@@ -243,6 +243,8 @@ impl Kubelet {
 #[derive(Default)]
 struct Seen {
     not_recovered: AtomicU64,
+    /// The first few replies that said "not recovered", for the summary.
+    not_recovered_replies: Mutex<Vec<String>>,
     reconnects: AtomicU64,
     /// Connections that went away without drain advice first.
     unadvised: AtomicU64,
@@ -326,6 +328,10 @@ async fn reconnect(
         for r in &replies {
             if r["recovered"] != true {
                 seen.not_recovered.fetch_add(1, Ordering::SeqCst);
+                let mut first = seen.not_recovered_replies.lock().unwrap();
+                if first.len() < 5 {
+                    first.push(format!("client {mid} on comet {at}: {r} (had user {ue}/{uo}, key {ke}/{ko}, room {re}/{ro})"));
+                }
             }
         }
         // What the new connection got before the JOIN's reply goes after what the old one got.
@@ -575,6 +581,7 @@ async fn around_a_roll(
     let keys_want = sent.keys.lock().unwrap().clone();
     let (mut delivered, mut duplicated, mut missing, mut unexpected, mut gaps) =
         (0usize, 0, 0, 0, 0);
+    let mut lost_detail: Vec<String> = Vec::new();
     for (i, f) in followers.into_iter().enumerate() {
         let ext = f.await.unwrap();
         let mid = FIRST_MID + i as i64;
@@ -593,7 +600,14 @@ async fn around_a_roll(
             let distinct: HashSet<&String> = got.iter().copied().collect();
             delivered += got.len();
             duplicated += got.len() - distinct.len();
-            missing += want.iter().filter(|b| !distinct.contains(b)).count();
+            let lost: Vec<&String> = want.iter().filter(|b| !distinct.contains(b)).collect();
+            if !lost.is_empty() && lost_detail.len() < 5 {
+                lost_detail.push(format!(
+                    "client {i} {stream}: lost {lost:?}; got offsets {:?}",
+                    &offsets[offsets.len().saturating_sub(8)..]
+                ));
+            }
+            missing += lost.len();
             unexpected += distinct.iter().filter(|b| !want.contains(**b)).count();
         }
     }
@@ -611,6 +625,12 @@ async fn around_a_roll(
         sent.failed.load(Ordering::SeqCst),
     );
     println!("{summary}");
+    for line in lost_detail
+        .iter()
+        .chain(seen.not_recovered_replies.lock().unwrap().iter())
+    {
+        println!("  {line}");
+    }
     assert_eq!(
         (duplicated, missing, unexpected, gaps),
         (0, 0, 0, 0),
