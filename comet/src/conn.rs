@@ -393,10 +393,12 @@ async fn history(comet: &Comet, ch: &Channel, stream: String, from: Position) ->
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             tracing::debug!(key = %ch.key, error = %e.message(), "history failed");
+            comet.metrics.history_failure("error");
             HistoryReply::default()
         }
         Err(_) => {
             tracing::debug!(key = %ch.key, "history timed out");
+            comet.metrics.history_failure("timeout");
             HistoryReply::default()
         }
     }

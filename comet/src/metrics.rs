@@ -30,6 +30,9 @@ pub struct CometMetrics {
     pub presence_swept: Counter,
     /// Attempts to register in etcd (record, load, presence) that failed and were retried.
     pub registry_failures: Counter,
+    /// History reads for a `JOIN` or `RECOVER` that failed (`error`, `timeout`): the client
+    /// was answered "not recovered".
+    pub history_failures: Family<Reason, Counter>,
     last_drop_log: AtomicU64,
 }
 
@@ -68,6 +71,17 @@ impl CometMetrics {
             "Failed attempts to register in etcd, each retried after a backoff",
             self.registry_failures.clone(),
         );
+        r.register(
+            "history_failures",
+            "History reads for JOIN or RECOVER that failed, by reason; answered not recovered",
+            self.history_failures.clone(),
+        );
+    }
+
+    pub fn history_failure(&self, reason: &'static str) {
+        self.history_failures
+            .get_or_create(&Reason { reason })
+            .inc();
     }
 
     pub fn closed(&self, reason: &'static str) {

@@ -143,6 +143,22 @@ async fn when_the_rooms_job_dies_a_rejoining_client_is_told_not_recovered() {
     push_room(http, 99).await;
     b.until("99").await;
     assert_eq!(b.last().0, new_epoch);
+
+    // With no job left, a recovery cannot be had at all: answered "not recovered", and the
+    // comet counts the failed history read.
+    for j in &mut c.jobs {
+        j.kill();
+    }
+    let mut d = Ext::connect(c.comet(0, Transport::Tcp), Transport::Tcp, "d").await;
+    let reply = d.join("chat://1", Some((&new_epoch, 1))).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    let ops = c.comets[0].addr("http");
+    let failures = tokio::task::block_in_place(|| blocking_get_text(ops, "/metrics"))
+        .lines()
+        .filter(|l| l.starts_with("goim_comet_history_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum::<u64>();
+    assert!(failures >= 1, "a failed history read is counted");
 }
 
 /// Three comets (drain period 1 s) under one logic and job, to be drained and restarted in
