@@ -79,6 +79,18 @@ impl std::fmt::Debug for Comet {
 /// How long before closing it a draining comet tells an extension client to reconnect.
 const RECONNECT_LEAD: Duration = Duration::from_secs(1);
 
+/// The longest drain (the operator's `drainSeconds` allows up to an hour): the value comes
+/// from configuration or etcd, and the drain's deadline must not overflow.
+const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
+fn bounded_drain(d: Duration) -> Duration {
+    d.min(MAX_DRAIN)
+}
+
+fn drain_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A packet of one of the extension ops (docs/PROTOCOL.md), with a JSON body.
 pub(crate) fn extension_packet(op: i32, seq: i32, ver: i16, body: &serde_json::Value) -> Outgoing {
     let body = body.to_string();
@@ -171,9 +183,7 @@ impl Comet {
             exiting: Default::default(),
             lease_required: Default::default(),
             lease: Default::default(),
-            drain_ms: std::sync::atomic::AtomicU64::new(
-                u64::try_from(cfg_drain.as_millis()).unwrap_or(u64::MAX),
-            ),
+            drain_ms: std::sync::atomic::AtomicU64::new(drain_millis(bounded_drain(cfg_drain))),
         })
     }
 
@@ -184,9 +194,10 @@ impl Comet {
 
     /// A new drain time (the operator's record); a drain under way keeps its pace.
     pub fn set_drain_period(&self, d: Duration) {
-        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        self.drain_ms
-            .store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.drain_ms.store(
+            drain_millis(bounded_drain(d)),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     pub fn name(&self) -> &str {
@@ -555,4 +566,23 @@ pub async fn listen(addr: &str) -> std::io::Result<TcpListener> {
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr}: no address"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drain time comes from etcd (the operator's record): a huge value must not make
+    /// the drain's deadline overflow (`Instant + Duration` panics).
+    #[test]
+    fn a_drain_time_from_etcd_is_bounded() {
+        let now = tokio::time::Instant::now();
+        let d = bounded_drain(Duration::from_millis(u64::MAX));
+        assert_eq!(d, MAX_DRAIN);
+        let _deadline = now + Duration::from_millis(drain_millis(d)) + Duration::from_secs(1);
+        assert_eq!(
+            bounded_drain(Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+    }
 }
