@@ -39,8 +39,8 @@ pub trait Session {
         seq: i32,
         body: bytes::Bytes,
     ) -> impl Future<Output = ()> + Send;
-    /// An extension `RECOVER`: what was pushed to this connection's user since a position,
-    /// ahead of the next pushes, as for `join`.
+    /// An extension `RECOVER`: what was pushed to this connection's user and key since the
+    /// positions given, ahead of the next pushes, as for `join`.
     fn recover(
         &self,
         ch: &Arc<Channel>,

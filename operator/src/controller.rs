@@ -360,12 +360,7 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
 
     // Register ready comet pods, draining ones marked, stale ones removed, in one transaction.
     let draining: Vec<String> = plan.draining.iter().chain(&replace).cloned().collect();
-    let registered = |pod: &str| {
-        registry
-            .as_ref()
-            .is_ok_and(|(actual, _)| actual.contains_key(pod))
-    };
-    let desired_records = plan::desired_records(pc, &comet_pods, &draining, registered);
+    let desired_records = plan::desired_records(pc, &comet_pods, &draining);
     let mut etcd_error = etcd_error;
     if let (Ok(c), Ok((actual, _))) = (&etcd, &registry) {
         let diff = plan::etcd_diff(&desired_records, actual);
@@ -559,6 +554,7 @@ fn comet_pod(p: &Pod, registry: Option<&Registry>) -> CometPod {
     let name = p.name_any();
     CometPod {
         serving: registry.is_some_and(|(_, loads)| loads.contains_key(&name)),
+        recorded: registry.is_some_and(|(records, _)| records.contains_key(&name)),
         registered: registry.is_some_and(|(records, _)| {
             records
                 .get(&name)

@@ -142,6 +142,8 @@ pub struct CometPod {
     pub revision: Option<String>,
     /// The comet holds a lease and reports its load: it is up, whatever its pod says.
     pub serving: bool,
+    /// Its record is in etcd, in any state.
+    pub recorded: bool,
     /// Its record is in etcd, active: logic offers it and job pushes to it.
     pub registered: bool,
 }
@@ -154,13 +156,12 @@ pub fn desired_records(
     pc: &PushCluster,
     pods: &[CometPod],
     draining: &[String],
-    registered: impl Fn(&str) -> bool,
 ) -> BTreeMap<String, CometRecord> {
     let p = &pc.spec.comet.ports;
     pods.iter()
         .filter_map(|pod| {
             let active = pod.ready && !pod.terminating;
-            let leaving = !active && pod.serving && registered(&pod.name);
+            let leaving = !active && pod.serving && pod.recorded;
             if !active && !leaving {
                 return None;
             }
@@ -472,6 +473,7 @@ mod tests {
             ready,
             terminating,
             serving: ready && !terminating,
+            recorded: true,
             registered: ready && !terminating,
             ..Default::default()
         }
@@ -488,7 +490,7 @@ mod tests {
             pod("chat-comet-2", "10.0.0.3", true, false),
             pod("chat-comet-3", "10.0.0.4", true, true),
         ];
-        let want = desired_records(&p, &pods, &["chat-comet-2".into()], |_| true);
+        let want = desired_records(&p, &pods, &["chat-comet-2".into()]);
         assert_eq!(want.len(), 2);
         assert_eq!(want["chat-comet-0"].grpc, "10.0.0.1:3109");
         assert_eq!(want["chat-comet-2"].state, CometState::Draining);
@@ -512,13 +514,17 @@ mod tests {
         // comet still holds clients and a lease.
         let mut leaving = pod("chat-comet-1", "10.0.0.2", false, true);
         leaving.serving = true;
-        let want = desired_records(&p, std::slice::from_ref(&leaving), &[], |_| true);
+        let want = desired_records(&p, std::slice::from_ref(&leaving), &[]);
         assert_eq!(want["chat-comet-1"].state, CometState::Draining);
         // Never registered (it never became ready): nothing to keep.
-        assert!(desired_records(&p, std::slice::from_ref(&leaving), &[], |_| false).is_empty());
+        let never = CometPod {
+            recorded: false,
+            ..leaving.clone()
+        };
+        assert!(desired_records(&p, &[never], &[]).is_empty());
         // Its comet has exited: the record goes.
         leaving.serving = false;
-        assert!(desired_records(&p, &[leaving], &[], |_| true).is_empty());
+        assert!(desired_records(&p, &[leaving], &[]).is_empty());
     }
 
     fn at(name: &str, rev: &str, available: bool) -> CometPod {
