@@ -40,7 +40,7 @@ helm install goim charts/goim --namespace "$NS" --create-namespace --wait --time
 kubectl wait crd/pushclusters.goim.rs --for=condition=Established --timeout=60s
 
 kubectl -n "$NS" apply -f - <<YAML
-apiVersion: goim.rs/v1alpha1
+apiVersion: goim.rs/v1beta1
 kind: PushCluster
 metadata: {name: demo}
 spec:

@@ -3,7 +3,7 @@
 
 pub mod bucket;
 pub mod channel;
-pub mod config;
+
 mod conn;
 pub mod connection;
 pub mod handler;
@@ -14,7 +14,7 @@ pub mod server;
 pub mod sweep;
 pub mod ws;
 
-pub use config::CometConfig;
 pub use connection::Transport;
+pub use goim_config::CometConfig;
 pub use metrics::CometMetrics;
 pub use server::{listen, Comet, Load};

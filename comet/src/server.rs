@@ -22,10 +22,10 @@ use tonic::Status;
 
 use crate::bucket::{bucket_index, Bucket, Delivery, Shared};
 use crate::channel::{Channel, Numbered, Outgoing};
-use crate::config::CometConfig;
 use crate::conn;
 use crate::connection::Transport;
 use crate::metrics::CometMetrics;
+use goim_config::CometConfig;
 
 /// Fan-out work handed to a bucket's worker, so one room's or broadcast's messages reach each
 /// connection in the order job sent them, and the shards of a big room run in parallel.

@@ -103,7 +103,7 @@ pub async fn wait_for_signal() -> anyhow::Result<()> {
 
 pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let mut client = cfg.cluster.etcd().await?;
+    let mut client = crate::config::etcd(&cfg.cluster).await?;
     let keys = Keys::new(&cfg.cluster.name);
     let logic = Arc::new(RemoteLogic::new(
         balanced_channel(&cfg.cluster.logic).context("logic endpoints")?,
@@ -184,7 +184,7 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
 
 pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let client = cfg.cluster.etcd().await?;
+    let client = crate::config::etcd(&cfg.cluster).await?;
     let keys = Keys::new(&cfg.cluster.name);
     let comets = WatchCache::<CometRecord>::spawn(client.clone(), keys.comets(), stop.clone());
     let loads = WatchCache::spawn(client.clone(), keys.loads(), stop.clone());
@@ -232,7 +232,7 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
 
 pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let mut client = cfg.cluster.etcd().await?;
+    let mut client = crate::config::etcd(&cfg.cluster).await?;
     let keys = Keys::new(&cfg.cluster.name);
     let comets = Arc::new(EtcdComets::new(
         WatchCache::spawn(client.clone(), keys.comets(), stop.clone()),

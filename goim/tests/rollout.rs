@@ -676,7 +676,7 @@ async fn an_operator_rollout_loses_nothing_for_clients_that_recover() {
     let ports = Ports::free();
     // A long drain to start with; shortened below without a restart.
     let pc: PushCluster = serde_json::from_value(json!({
-        "apiVersion": "goim.rs/v1alpha1", "kind": "PushCluster",
+        "apiVersion": "goim.rs/v1beta1", "kind": "PushCluster",
         "metadata": {"name": PC},
         "spec": {"image": "goim:test", "etcd": {"endpoints": [cp.etcd.endpoint()]},
             "comet": {"replicas": COMETS, "drainSeconds": 120,

@@ -14,32 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use goim_config::HistoryConfig;
 use goim_proto::logic::{HistoryReply, HistoryReq};
 use goim_proto::packet::{Packet, SERVER_VER};
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::metrics::JobMetrics;
-
-/// History kept for the rooms of one type (the part of a room id before `://`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct HistoryConfig {
-    /// Messages kept per room; 0 keeps none (and sends no positions).
-    pub size: usize,
-    /// How long a message is kept.
-    #[serde(with = "humantime_serde")]
-    pub ttl: Duration,
-}
-
-impl Default for HistoryConfig {
-    fn default() -> Self {
-        HistoryConfig {
-            size: 100,
-            ttl: Duration::from_secs(300),
-        }
-    }
-}
 
 struct Item {
     offset: u64,

@@ -2,7 +2,7 @@
 
 pub mod api_keys;
 pub mod auth;
-pub mod config;
+
 pub mod etcd;
 pub mod http;
 pub mod logic;
@@ -11,5 +11,5 @@ pub mod online;
 pub mod serve;
 
 pub use api_keys::ApiKeys;
-pub use config::LogicConfig;
+pub use goim_config::LogicConfig;
 pub use logic::{Logic, LogicMetrics, Targeted};

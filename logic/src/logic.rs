@@ -20,9 +20,9 @@ use prometheus_client::registry::Registry;
 use tonic::Status;
 
 use crate::auth::{AuthError, Authenticator};
-use crate::config::LogicConfig;
 use crate::nodes::{Balancer, CometInstance, NodeSource};
 use crate::online::{OnlineError, OnlineStore, Origin, UserKeysByServer};
+use goim_config::LogicConfig;
 
 /// Why a push request failed; the HTTP layer maps these to goim's codes.
 #[derive(Debug, thiserror::Error)]

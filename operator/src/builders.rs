@@ -9,7 +9,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec, PodTemplateSpec,
-    Probe, SecretVolumeSource, Service, ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
+    Probe, ResourceRequirements, SecretVolumeSource, Service, ServicePort, ServiceSpec,
+    SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -17,7 +18,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 
-use crate::crd::{PushCluster, ServiceType};
+use std::time::Duration;
+
+use goim_config::{Config, HistoryConfig};
+
+use crate::crd::{HistoryLimits, PodSettings, PushCluster, ServiceType, TrafficPolicy};
 
 pub const CONFIG_HASH: &str = "goim.rs/config-hash";
 /// The comet revision a pod runs: [`comet_revision`] of the spec it was created from.
@@ -69,66 +74,109 @@ pub fn comet_selector(pc: &PushCluster) -> String {
         .join(",")
 }
 
-/// goim.toml for every role: etcd, prefix, ports and the logic Service comets call.
-pub fn config_toml(pc: &PushCluster) -> String {
+/// The roles' config for this cluster: the spec's settings over the roles' own defaults.
+/// Built as the type the roles parse, so what is written is what they read.
+pub fn config(pc: &PushCluster) -> Config {
     let s = &pc.spec;
     let ns = pc.metadata.namespace.as_deref().unwrap_or("default");
-    let endpoints: Vec<String> = s.etcd.endpoints.iter().map(|e| format!("{e:?}")).collect();
-    format!(
-        "[comet]\ntcp = \"0.0.0.0:{tcp}\"\nws = \"0.0.0.0:{ws}\"\nbuckets = {buckets}\ndrain_period = \"{drain}s\"\n\n[cluster]\netcd = [{etcd}]\netcd_tls_dir = {tls:?}\nname = {prefix:?}\nlogic = [\"{logic}.{ns}.svc:3119\"]\ncomet_grpc = \"0.0.0.0:{grpc}\"\ncomet_http = \"0.0.0.0:{metrics}\"\nlogic_grpc = \"0.0.0.0:3119\"\njob_grpc = \"0.0.0.0:3129\"\njob_http = \"0.0.0.0:3128\"\noperator_managed = true\n",
-        tcp = s.comet.ports.tcp,
-        ws = s.comet.ports.ws,
-        buckets = s.comet.buckets,
-        drain = s.comet.drain_seconds.max(1),
-        etcd = endpoints.join(", "),
-        tls = if s.etcd.tls_secret_ref.is_some() { ETCD_TLS_PATH } else { "" },
-        prefix = pc.etcd_prefix(),
-        logic = name(pc, "logic"),
-        grpc = s.comet.ports.grpc,
-        metrics = s.comet.ports.metrics,
-    ) + "\n" + &history_toml(pc)
-}
+    let secs = |n: u32| Duration::from_secs(u64::from(n));
+    let mut c = Config::default();
 
-/// The history sections, serialized (room types are user input: never formatted into TOML).
-fn history_toml(pc: &PushCluster) -> String {
-    let h = &pc.spec.history;
-    let limits = |l: &crate::crd::HistoryLimits| {
-        toml::Table::from_iter([
-            ("size".to_string(), toml::Value::from(i64::from(l.size))),
-            (
-                "ttl".to_string(),
-                toml::Value::from(format!("{}s", l.ttl_seconds)),
-            ),
-        ])
+    let comet = &mut c.comet;
+    comet.tcp = format!("0.0.0.0:{}", s.comet.ports.tcp);
+    comet.ws = format!("0.0.0.0:{}", s.comet.ports.ws);
+    comet.buckets = s.comet.buckets as usize;
+    comet.drain_period = secs(s.comet.drain_seconds.max(1) as u32);
+    set(&mut comet.max_connections, s.comet.max_connections, |n| {
+        n as usize
+    });
+    set(&mut comet.push_queue, s.comet.push_queue, |n| n as usize);
+    set(&mut comet.bucket_queue, s.comet.bucket_queue, |n| {
+        n as usize
+    });
+    set(
+        &mut comet.handshake_timeout,
+        s.comet.handshake_timeout_seconds,
+        secs,
+    );
+    set(
+        &mut comet.write_timeout,
+        s.comet.write_timeout_seconds,
+        secs,
+    );
+
+    let logic = &mut c.logic;
+    let l = &s.logic;
+    set(&mut logic.heartbeat, l.heartbeat_seconds, secs);
+    set(&mut logic.heartbeat_max, l.heartbeat_max, |n| n);
+    set(&mut logic.max_message, l.max_message_bytes, |n| n as usize);
+    // In-cluster names unless the spec gives public ones: the client Service, and each comet
+    // pod under the headless Service (goim's example domains would send clients elsewhere).
+    let node = &mut logic.node;
+    node.default_domain = l
+        .nodes
+        .domain
+        .clone()
+        .unwrap_or_else(|| format!("{}.{ns}.svc", name(pc, "comet")));
+    node.host_domain = l
+        .nodes
+        .host_domain
+        .clone()
+        .unwrap_or_else(|| format!(".{}.{ns}.svc", name(pc, "comet-headless")));
+    node.tcp_port = l.nodes.tcp_port.unwrap_or(s.comet.ports.tcp);
+    node.ws_port = l.nodes.ws_port.unwrap_or(s.comet.ports.ws);
+    set(&mut node.wss_port, l.nodes.wss_port, |n| n);
+    set(&mut node.region_weight, l.nodes.region_weight, |n| n);
+    logic.user_streams = s.history.users.is_some();
+
+    let job = &mut c.job;
+    let j = &s.job;
+    set(&mut job.room_batch, j.room_batch, |n| n as usize);
+    set(&mut job.room_linger, j.room_linger_milliseconds, |n| {
+        Duration::from_millis(u64::from(n))
+    });
+    set(&mut job.comet_queue, j.comet_queue, |n| n as usize);
+    set(&mut job.max_rooms, j.max_rooms, |n| n as usize);
+    let limits = |h: &HistoryLimits| HistoryConfig {
+        size: h.size as usize,
+        ttl: secs(h.ttl_seconds),
     };
-    let mut history: toml::Table = h
+    job.history = s
+        .history
         .rooms
         .iter()
-        .map(|(t, l)| (t.clone(), toml::Value::Table(limits(l))))
+        .map(|(t, h)| (t.clone(), limits(h)))
+        .chain(s.history.users.as_ref().map(|h| ("user".into(), limits(h))))
         .collect();
-    if let Some(u) = &h.users {
-        history.insert("user".into(), toml::Value::Table(limits(u)));
+
+    let cluster = &mut c.cluster;
+    cluster.etcd = s.etcd.endpoints.clone();
+    cluster.etcd_tls_dir = if s.etcd.tls_secret_ref.is_some() {
+        ETCD_TLS_PATH.into()
+    } else {
+        String::new()
+    };
+    cluster.name = pc.etcd_prefix();
+    cluster.logic = vec![format!("{}.{ns}.svc:3119", name(pc, "logic"))];
+    cluster.comet_grpc = format!("0.0.0.0:{}", s.comet.ports.grpc);
+    cluster.comet_http = format!("0.0.0.0:{}", s.comet.ports.metrics);
+    cluster.logic_grpc = "0.0.0.0:3119".into();
+    cluster.job_grpc = "0.0.0.0:3129".into();
+    cluster.job_http = "0.0.0.0:3128".into();
+    cluster.operator_managed = true;
+    c
+}
+
+/// Sets `field` from an optional spec value; unset keeps the role's default.
+fn set<T, U>(field: &mut U, value: Option<T>, f: impl FnOnce(T) -> U) {
+    if let Some(v) = value {
+        *field = f(v);
     }
-    let mut root = toml::Table::new();
-    if h.users.is_some() {
-        root.insert(
-            "logic".into(),
-            toml::Value::Table(toml::Table::from_iter([(
-                "user_streams".to_string(),
-                toml::Value::Boolean(true),
-            )])),
-        );
-    }
-    if !history.is_empty() {
-        root.insert(
-            "job".into(),
-            toml::Value::Table(toml::Table::from_iter([(
-                "history".to_string(),
-                toml::Value::Table(history),
-            )])),
-        );
-    }
-    toml::to_string(&root).unwrap_or_default()
+}
+
+/// goim.toml for every role: [`config`], serialized.
+pub fn config_toml(pc: &PushCluster) -> String {
+    config(pc).to_toml()
 }
 
 fn hash(text: &str) -> String {
@@ -220,22 +268,35 @@ fn container(
 fn pod(
     pc: &PushCluster,
     component: &str,
-    c: Container,
+    settings: &PodSettings,
+    mut c: Container,
     config_hash: &str,
     grace: Option<i64>,
 ) -> PodTemplateSpec {
-    let mut labels = selector(pc, component);
+    // The user's labels and annotations first: the operator's own keys win.
+    let mut labels = settings.labels.clone();
+    labels.extend(selector(pc, component));
     labels.extend(pc.labels(component));
+    let mut annotations = settings.annotations.clone();
+    // A config change rolls the pods.
+    annotations.insert(CONFIG_HASH.into(), config_hash.into());
+    c.security_context = settings.container_security_context.clone();
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
-            // A config change rolls the pods.
-            annotations: Some(BTreeMap::from([(CONFIG_HASH.into(), config_hash.into())])),
+            annotations: Some(annotations),
             ..Default::default()
         }),
         spec: Some(PodSpec {
             containers: vec![c],
             termination_grace_period_seconds: grace,
+            node_selector: Some(settings.node_selector.clone()).filter(|m| !m.is_empty()),
+            tolerations: non_empty(&settings.tolerations),
+            affinity: settings.affinity.clone(),
+            topology_spread_constraints: non_empty(&settings.topology_spread_constraints),
+            priority_class_name: settings.priority_class_name.clone(),
+            security_context: settings.security_context.clone(),
+            image_pull_secrets: non_empty(&pc.spec.image_pull_secrets),
             volumes: Some(
                 std::iter::once(Volume {
                     name: "config".into(),
@@ -260,6 +321,11 @@ fn pod(
     }
 }
 
+/// An optional list field: absent rather than empty, as the apiserver returns it.
+fn non_empty<T: Clone>(v: &[T]) -> Option<Vec<T>> {
+    (!v.is_empty()).then(|| v.to_vec())
+}
+
 fn label_selector(pc: &PushCluster, component: &str) -> LabelSelector {
     LabelSelector {
         match_labels: Some(selector(pc, component)),
@@ -268,10 +334,13 @@ fn label_selector(pc: &PushCluster, component: &str) -> LabelSelector {
 }
 
 /// A Deployment and its Service for logic or job.
+#[allow(clippy::too_many_arguments)]
 fn stateless_role(
     pc: &PushCluster,
     role: &str,
-    spec: &crate::crd::RoleSpec,
+    replicas: i32,
+    resources: &Option<ResourceRequirements>,
+    settings: &PodSettings,
     ports: &[(&str, i32)],
     metrics_port: &str,
     config_hash: &str,
@@ -282,13 +351,13 @@ fn stateless_role(
         ports.iter().map(|(n, p)| port(n, *p)).collect(),
         metrics_port,
     );
-    c.resources = spec.resources.clone();
+    c.resources = resources.clone();
     let deployment = Deployment {
         metadata: meta(pc, role, role),
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
+            replicas: Some(replicas),
             selector: label_selector(pc, role),
-            template: pod(pc, role, c, config_hash, None),
+            template: pod(pc, role, settings, c, config_hash, None),
             ..Default::default()
         }),
         ..Default::default()
@@ -347,7 +416,14 @@ fn comet_template(pc: &PushCluster, config_hash: &str) -> PodTemplateSpec {
         }),
         ..Default::default()
     });
-    pod(pc, "comet", comet_c, config_hash, Some(grace_seconds(pc)))
+    pod(
+        pc,
+        "comet",
+        &s.comet.pod,
+        comet_c,
+        config_hash,
+        Some(grace_seconds(pc)),
+    )
 }
 
 /// How long a comet pod may take to stop: its drain, the pre-stop sleep and a margin.
@@ -405,11 +481,16 @@ pub fn build(pc: &PushCluster) -> Objects {
         }),
         ..Default::default()
     };
+    let client = &s.comet.service;
+    let mut comet_service_meta = meta(pc, "comet", "comet");
+    if !client.annotations.is_empty() {
+        comet_service_meta.annotations = Some(client.annotations.clone());
+    }
     let comet_service = Service {
-        metadata: meta(pc, "comet", "comet"),
+        metadata: comet_service_meta,
         spec: Some(ServiceSpec {
             type_: Some(
-                match s.comet.service_type {
+                match client.type_.as_ref().unwrap_or(&s.comet.service_type) {
                     ServiceType::ClusterIP => "ClusterIP",
                     ServiceType::NodePort => "NodePort",
                     ServiceType::LoadBalancer => "LoadBalancer",
@@ -418,6 +499,14 @@ pub fn build(pc: &PushCluster) -> Objects {
             ),
             selector: Some(selector(pc, "comet")),
             ports: Some(vec![svc_port("tcp", p.tcp), svc_port("ws", p.ws)]),
+            external_traffic_policy: client.external_traffic_policy.as_ref().map(|t| {
+                match t {
+                    TrafficPolicy::Cluster => "Cluster",
+                    TrafficPolicy::Local => "Local",
+                }
+                .into()
+            }),
+            load_balancer_class: client.load_balancer_class.clone(),
             ..Default::default()
         }),
         ..Default::default()
@@ -435,7 +524,9 @@ pub fn build(pc: &PushCluster) -> Objects {
     let (logic, logic_service) = stateless_role(
         pc,
         "logic",
-        &s.logic,
+        s.logic.replicas,
+        &s.logic.resources,
+        &s.logic.pod,
         &[("http", 3111), ("grpc", 3119)],
         "http",
         &config_hash,
@@ -443,7 +534,9 @@ pub fn build(pc: &PushCluster) -> Objects {
     let (job, job_service) = stateless_role(
         pc,
         "job",
-        &s.job,
+        s.job.replicas,
+        &s.job.resources,
+        &s.job.pod,
         &[("grpc", 3129), ("metrics", 3128)],
         "metrics",
         &config_hash,
@@ -468,7 +561,7 @@ mod tests {
     pub fn fixture() -> PushCluster {
         let mut pc: PushCluster = serde_yaml::from_str(
             r#"
-apiVersion: goim.rs/v1alpha1
+apiVersion: goim.rs/v1beta1
 kind: PushCluster
 metadata: {name: chat, namespace: prod, uid: "1234", generation: 3}
 spec:
@@ -668,6 +761,202 @@ spec:
             .contains(&format!("etcd_tls_dir = {ETCD_TLS_PATH:?}")));
         let plain = build(&fixture());
         assert!(plain.config.data.unwrap()["goim.toml"].contains("etcd_tls_dir = \"\""));
+    }
+
+    /// The operator's goim.toml parses as the roles' config, with what the spec asked for.
+    #[test]
+    fn what_the_operator_writes_is_what_the_roles_read() {
+        let pc: PushCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "goim.rs/v1beta1", "kind": "PushCluster",
+            "metadata": {"name": "chat", "namespace": "prod"},
+            "spec": {"image": "i", "etcd": {"endpoints": ["etcd:2379"]},
+                "comet": {"drainSeconds": 7, "buckets": 16},
+                "history": {"rooms": {"chat": {"size": 50, "ttlSeconds": 60},
+                    "a\"b]\n[x": {"size": 1, "ttlSeconds": 1}},
+                    "users": {"size": 20, "ttlSeconds": 30}}}
+        }))
+        .unwrap();
+        let text = config_toml(&pc);
+        let c: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.comet.drain_period, Duration::from_secs(7));
+        assert_eq!(c.comet.buckets, 16);
+        assert_eq!(c.cluster.name, "prod.chat");
+        assert!(c.cluster.operator_managed);
+        assert!(c.logic.user_streams);
+        let h = &c.job.history;
+        assert_eq!(
+            (h["chat"].size, h["chat"].ttl),
+            (50, Duration::from_secs(60))
+        );
+        assert_eq!(h["user"].size, 20);
+        // A hostile type name stays a key (the schema refuses it; the writer never breaks).
+        assert_eq!(h["a\"b]\n[x"].size, 1);
+        // Without history: no streams, nothing kept.
+        let mut plain = pc.clone();
+        plain.spec.history = Default::default();
+        let c: Config = toml::from_str(&config_toml(&plain)).unwrap();
+        assert!(!c.logic.user_streams && c.job.history.is_empty());
+    }
+
+    /// Every string of the spec that reaches goim.toml is serialized, never formatted: control
+    /// characters, quotes and brackets come back as they went in, and nothing else moves.
+    #[test]
+    fn hostile_strings_round_trip_through_the_config() {
+        let mut pc = fixture();
+        let evil = "a\"b]\n[comet]\ntcp = \"1\"\u{1}\u{7f}'''";
+        pc.spec.etcd.endpoints = vec![evil.into()];
+        pc.spec.logic.nodes.domain = Some(evil.into());
+        pc.spec.logic.nodes.host_domain = Some(format!(".{evil}"));
+        pc.spec.history.rooms.insert(
+            evil.into(),
+            crate::crd::HistoryLimits {
+                size: 3,
+                ttl_seconds: 4,
+            },
+        );
+        let text = config_toml(&pc);
+        let back: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back, config(&pc));
+        assert_eq!(back.cluster.etcd, vec![evil.to_string()]);
+        assert_eq!(back.logic.node.default_domain, evil);
+        assert_eq!(back.comet.tcp, "0.0.0.0:3101");
+        assert_eq!(back.job.history[evil].size, 3);
+    }
+
+    #[test]
+    fn role_settings_reach_the_config_and_unset_ones_keep_the_roles_defaults() {
+        let pc: PushCluster = serde_yaml::from_str(
+            r#"
+apiVersion: goim.rs/v1beta1
+kind: PushCluster
+metadata: {name: chat, namespace: prod}
+spec:
+  image: goim:test
+  etcd: {endpoints: ["etcd:2379"]}
+  comet: {maxConnections: 5000, pushQueue: 8, bucketQueue: 16, handshakeTimeoutSeconds: 3, writeTimeoutSeconds: 4}
+  logic:
+    heartbeatSeconds: 30
+    heartbeatMax: 3
+    maxMessageBytes: 1000
+    nodes: {domain: push.example.com, hostDomain: .push.example.com, tcpPort: 443, wsPort: 80, wssPort: 8443, regionWeight: 2.5}
+  job: {roomBatch: 40, roomLingerMilliseconds: 1000, cometQueue: 100, maxRooms: 7}
+"#,
+        )
+        .unwrap();
+        let c = config(&pc);
+        let d = Config::default();
+        assert_eq!(c.comet.max_connections, 5000);
+        assert_eq!((c.comet.push_queue, c.comet.bucket_queue), (8, 16));
+        assert_eq!(c.comet.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(c.comet.write_timeout, Duration::from_secs(4));
+        assert_eq!(c.comet.ack_window, d.comet.ack_window);
+        assert_eq!(c.logic.heartbeat, Duration::from_secs(30));
+        assert_eq!((c.logic.heartbeat_max, c.logic.max_message), (3, 1000));
+        let n = &c.logic.node;
+        assert_eq!(
+            (n.default_domain.as_str(), n.host_domain.as_str()),
+            ("push.example.com", ".push.example.com")
+        );
+        assert_eq!((n.tcp_port, n.ws_port, n.wss_port), (443, 80, 8443));
+        assert_eq!(n.region_weight, 2.5);
+        assert_eq!(
+            (c.job.room_batch, c.job.comet_queue, c.job.max_rooms),
+            (40, 100, 7)
+        );
+        assert_eq!(c.job.room_linger, Duration::from_secs(1));
+        assert_eq!(c.job.room_idle, d.job.room_idle);
+        // Unset: the roles' defaults, except the nodes, which point inside the cluster rather
+        // than at goim's example domains.
+        let plain = config(&fixture());
+        assert_eq!(plain.logic.heartbeat, d.logic.heartbeat);
+        assert_eq!(plain.job.room_batch, d.job.room_batch);
+        assert_eq!(plain.logic.node.default_domain, "chat-comet.prod.svc");
+        assert_eq!(
+            plain.logic.node.host_domain,
+            ".chat-comet-headless.prod.svc"
+        );
+        assert_eq!(
+            (plain.logic.node.tcp_port, plain.logic.node.ws_port),
+            (3101, 3102)
+        );
+    }
+
+    #[test]
+    fn pod_settings_and_the_client_service() {
+        let pc: PushCluster = serde_yaml::from_str(
+            r#"
+apiVersion: goim.rs/v1beta1
+kind: PushCluster
+metadata: {name: chat, namespace: prod}
+spec:
+  image: goim:test
+  imagePullSecrets: [{name: regcred}]
+  etcd: {endpoints: ["etcd:2379"]}
+  comet:
+    serviceType: NodePort
+    service:
+      type: LoadBalancer
+      annotations: {service.beta.kubernetes.io/aws-load-balancer-type: nlb}
+      externalTrafficPolicy: Local
+      loadBalancerClass: example.com/lb
+    pod:
+      nodeSelector: {pool: edge}
+      tolerations: [{key: edge, operator: Exists, effect: NoSchedule}]
+      affinity: {podAntiAffinity: {preferredDuringSchedulingIgnoredDuringExecution: [{weight: 100, podAffinityTerm: {topologyKey: kubernetes.io/hostname}}]}}
+      topologySpreadConstraints: [{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway}]
+      priorityClassName: push-critical
+      annotations: {example.com/scrape: "true", goim.rs/config-hash: mine}
+      labels: {team: push}
+      securityContext: {runAsNonRoot: true, runAsUser: 65532}
+      containerSecurityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false}
+  logic: {pod: {nodeSelector: {pool: core}}}
+  job: {pod: {priorityClassName: batch}}
+"#,
+        )
+        .unwrap();
+        let o = build(&pc);
+        let t = o.comet.spec.unwrap().template;
+        let meta = t.metadata.unwrap();
+        let spec = t.spec.unwrap();
+        assert_eq!(spec.node_selector.unwrap()["pool"], "edge");
+        assert_eq!(spec.tolerations.unwrap()[0].key.as_deref(), Some("edge"));
+        assert!(spec.affinity.unwrap().pod_anti_affinity.is_some());
+        assert_eq!(spec.topology_spread_constraints.unwrap()[0].max_skew, 1);
+        assert_eq!(spec.priority_class_name.as_deref(), Some("push-critical"));
+        assert_eq!(spec.security_context.unwrap().run_as_user, Some(65532));
+        assert_eq!(
+            spec.containers[0]
+                .security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(true)
+        );
+        assert_eq!(spec.image_pull_secrets.unwrap()[0].name, "regcred");
+        let labels = meta.labels.unwrap();
+        assert_eq!(labels["team"], "push");
+        assert_eq!(labels["app.kubernetes.io/component"], "comet");
+        let ann = meta.annotations.unwrap();
+        assert_eq!(ann["example.com/scrape"], "true");
+        // The operator's own key wins over a user's.
+        assert_ne!(ann[CONFIG_HASH], "mine");
+        let svc = o.comet_service;
+        assert_eq!(
+            svc.metadata.annotations.unwrap()["service.beta.kubernetes.io/aws-load-balancer-type"],
+            "nlb"
+        );
+        let svc = svc.spec.unwrap();
+        assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(svc.external_traffic_policy.as_deref(), Some("Local"));
+        assert_eq!(svc.load_balancer_class.as_deref(), Some("example.com/lb"));
+        let logic = o.logic.spec.unwrap().template.spec.unwrap();
+        assert_eq!(logic.node_selector.unwrap()["pool"], "core");
+        assert_eq!(logic.image_pull_secrets.unwrap()[0].name, "regcred");
+        let job = o.job.spec.unwrap().template.spec.unwrap();
+        assert_eq!(job.priority_class_name.as_deref(), Some("batch"));
+        assert!(job.node_selector.is_none() && job.tolerations.is_none());
+        // Scheduling is a restart for comets: a new revision.
+        assert_ne!(comet_revision(&pc), comet_revision(&fixture()));
     }
 
     #[test]

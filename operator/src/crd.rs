@@ -1,8 +1,14 @@
-//! The `PushCluster` custom resource (`goim.rs/v1alpha1`).
+//! The `PushCluster` custom resource: `goim.rs/v1beta1`, stored, and `goim.rs/v1alpha1`,
+//! still served with the same schema (so the apiserver converts between them by renaming the
+//! version, and objects round-trip unchanged).
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, PodSecurityContext, ResourceRequirements, SecurityContext,
+    Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -14,7 +20,7 @@ use serde::{Deserialize, Serialize};
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "goim.rs",
-    version = "v1alpha1",
+    version = "v1beta1",
     kind = "PushCluster",
     namespaced,
     status = "PushClusterStatus",
@@ -53,13 +59,16 @@ pub struct PushClusterSpec {
     pub image: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<String>,
+    /// Secrets for pulling the image, on every pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
     pub etcd: EtcdSpec,
     #[serde(default)]
     pub comet: CometSpec,
     #[serde(default)]
-    pub logic: RoleSpec,
+    pub logic: LogicSpec,
     #[serde(default)]
-    pub job: RoleSpec,
+    pub job: JobSpec,
     #[serde(default)]
     pub auth: AuthSpec,
     /// Numbered streams kept for recovery (docs/PROTOCOL.md): off unless named here.
@@ -136,9 +145,37 @@ pub struct CometSpec {
     pub buckets: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// How clients reach the comets.
+    /// How clients reach the comets: the Service type. `service.type` wins when both are set.
     #[serde(default = "default_service_type")]
     pub service_type: ServiceType,
+    /// The client Service (TCP and WebSocket ports): its type, annotations for a load
+    /// balancer controller, traffic policy.
+    #[serde(default)]
+    pub service: ClientService,
+    /// Where and how comet pods run.
+    #[serde(default)]
+    pub pod: PodSettings,
+    /// Connections held per comet at once; beyond it new ones are closed at accept (default
+    /// 1,000,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections: Option<u64>,
+    /// Pushes queued per connection before further ones are dropped for it (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub push_queue: Option<u32>,
+    /// Room and broadcast jobs queued per bucket (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub bucket_queue: Option<u32>,
+    /// From accept to the auth reply, WebSocket upgrade included (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600))]
+    pub handshake_timeout_seconds: Option<u32>,
+    /// How long one write to a client may stall before it is closed (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600))]
+    pub write_timeout_seconds: Option<u32>,
     /// How long a comet being removed may take to hand its clients over.
     #[serde(default = "default_drain")]
     #[schemars(range(min = 0, max = 3600))]
@@ -214,14 +251,142 @@ pub struct CometPorts {
     pub metrics: i32,
 }
 
+/// The client Service in front of the comets.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientService {
+    /// Overrides `comet.serviceType`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<ServiceType>,
+    /// For the load balancer's controller (e.g. an NLB, an internal address).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// `Local` keeps clients' source addresses (NodePort and LoadBalancer only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<TrafficPolicy>,
+    /// Which load balancer implementation serves it (LoadBalancer only; immutable once set
+    /// on the Service, as Kubernetes rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_class: Option<String>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+/// Scheduling and metadata of one role's pods, passed to the pod template as given.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.labels) || self.labels.all(k, !k.startsWith('app.kubernetes.io/'))").message("pod.labels may not set app.kubernetes.io/ labels: the operator selects pods by them"))]
+pub struct PodSettings {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Added to the pods' annotations (the operator's own keys win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Added to the pods' labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The pod's security context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+    /// The container's security context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_security_context: Option<SecurityContext>,
+}
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.replicas >= 1").message("at least one replica is required"))]
-pub struct RoleSpec {
+pub struct LogicSpec {
     #[serde(default = "default_role_replicas")]
     pub replicas: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    #[serde(default)]
+    pub pod: PodSettings,
+    /// What `/goim/nodes/weighted` offers clients.
+    #[serde(default)]
+    pub nodes: NodesSpec,
+    /// Heartbeat interval advertised to clients (default 240).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub heartbeat_seconds: Option<u32>,
+    /// Missed heartbeats before a comet closes a connection (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub heartbeat_max: Option<u32>,
+    /// Largest push body the HTTP API accepts, in bytes (default and most 4096: goim clients
+    /// refuse larger packets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_message_bytes: Option<u32>,
+}
+
+/// The nodes logic offers clients. Defaults reach the comets inside the cluster: the client
+/// Service's DNS name, and each pod's name under the headless Service for web clients.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesSpec {
+    /// The domain every client may fall back to (e.g. `push.example.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Web clients are offered `{comet pod name}{hostDomain}` (e.g. `.push.example.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_domain: Option<String>,
+    /// Ports clients are told to use (defaults: the comet ports; WSS 3103).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub tcp_port: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub ws_port: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub wss_port: Option<i32>,
+    /// How much nodes in the client's region are preferred (goim 1.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub region_weight: Option<f64>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.replicas >= 1").message("at least one replica is required"))]
+pub struct JobSpec {
+    #[serde(default = "default_role_replicas")]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default)]
+    pub pod: PodSettings,
+    /// Most messages in one room batch (default 20, as goim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub room_batch: Option<u32>,
+    /// How long a room batch may wait for more messages (default 0: no added latency; goim
+    /// waits 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub room_linger_milliseconds: Option<u32>,
+    /// Deliveries queued per comet before they are dropped and counted (default 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub comet_queue: Option<u32>,
+    /// Rooms with messages in flight at once (default 100,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_rooms: Option<u64>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -283,6 +448,13 @@ impl Default for CometSpec {
             buckets: default_buckets(),
             resources: None,
             service_type: default_service_type(),
+            service: ClientService::default(),
+            pod: PodSettings::default(),
+            max_connections: None,
+            push_queue: None,
+            bucket_queue: None,
+            handshake_timeout_seconds: None,
+            write_timeout_seconds: None,
             drain_seconds: default_drain(),
             weight: default_weight(),
             max_unavailable: default_max_unavailable(),
@@ -302,11 +474,30 @@ impl Default for CometPorts {
     }
 }
 
-impl Default for RoleSpec {
+impl Default for LogicSpec {
     fn default() -> Self {
-        RoleSpec {
+        LogicSpec {
             replicas: default_role_replicas(),
             resources: None,
+            pod: PodSettings::default(),
+            nodes: NodesSpec::default(),
+            heartbeat_seconds: None,
+            heartbeat_max: None,
+            max_message_bytes: None,
+        }
+    }
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        JobSpec {
+            replicas: default_role_replicas(),
+            resources: None,
+            pod: PodSettings::default(),
+            room_batch: None,
+            room_linger_milliseconds: None,
+            comet_queue: None,
+            max_rooms: None,
         }
     }
 }
@@ -452,10 +643,88 @@ impl PushCluster {
     }
 }
 
+/// The version served beside [`PushCluster`]'s own, with the same schema.
+pub const OLD_VERSION: &str = "v1alpha1";
+
+/// Fields whose schemas are Kubernetes' own types: their upstream descriptions are left out
+/// of the CRD, which would otherwise pass half a megabyte (`kubectl explain` on the pod
+/// fields has them).
+const UPSTREAM_TYPES: &[&str] = &[
+    "affinity",
+    "tolerations",
+    "topologySpreadConstraints",
+    "securityContext",
+    "containerSecurityContext",
+    "resources",
+    "imagePullSecrets",
+];
+
+/// The CRD: `v1beta1` stored, `v1alpha1` served (deprecated) with the same schema. No
+/// conversion webhook is needed while the schemas are equal: the apiserver's `None`
+/// strategy only rewrites `apiVersion`.
+pub fn crd() -> CustomResourceDefinition {
+    use kube::CustomResourceExt;
+    let mut crd = PushCluster::crd();
+    for v in &mut crd.spec.versions {
+        if let Some(schema) = v.schema.as_mut().and_then(|s| s.open_api_v3_schema.take()) {
+            let mut value = serde_json::to_value(schema).unwrap_or_default();
+            trim_upstream(&mut value, false);
+            v.schema.as_mut().unwrap().open_api_v3_schema = serde_json::from_value(value).ok();
+        }
+    }
+    let mut old = crd.spec.versions[0].clone();
+    old.name = OLD_VERSION.into();
+    old.storage = false;
+    old.deprecated = Some(true);
+    old.deprecation_warning = Some(
+        "goim.rs/v1alpha1 PushCluster is deprecated; use goim.rs/v1beta1 (the same fields)".into(),
+    );
+    crd.spec.versions.push(old);
+    crd
+}
+
+/// Drops `description` below the upstream fields (inside: `strip`).
+fn trim_upstream(v: &mut serde_json::Value, strip: bool) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if strip {
+                map.remove("description");
+            }
+            let props = map.contains_key("properties");
+            for (k, child) in map.iter_mut() {
+                if k == "properties" {
+                    if let serde_json::Value::Object(fields) = child {
+                        for (name, field) in fields.iter_mut() {
+                            let upstream = strip || UPSTREAM_TYPES.contains(&name.as_str());
+                            if upstream {
+                                // The field keeps its own line; what is inside loses theirs.
+                                if let serde_json::Value::Object(f) = field {
+                                    for (_, inner) in f.iter_mut() {
+                                        trim_upstream(inner, true);
+                                    }
+                                }
+                            } else {
+                                trim_upstream(field, false);
+                            }
+                        }
+                    }
+                } else if !props || k != "description" {
+                    trim_upstream(child, strip);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for i in items {
+                trim_upstream(i, strip);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The CRD as YAML, as committed under `crds/`.
 pub fn crd_yaml() -> String {
-    use kube::CustomResourceExt;
-    serde_yaml::to_string(&PushCluster::crd()).unwrap_or_default()
+    serde_yaml::to_string(&crd()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -467,11 +736,11 @@ mod tests {
     #[test]
     fn committed_crd_matches_types() {
         let committed = include_str!("../../crds/pushcluster.yaml");
-        assert_eq!(committed, crd_yaml(), "crds/pushcluster.yaml is stale");
+        // Not assert_eq: the whole CRD in a failure message buries the hint.
+        assert!(committed == crd_yaml(), "crds/pushcluster.yaml is stale");
         let chart = include_str!("../../charts/goim/crds/pushcluster.yaml");
-        assert_eq!(
-            chart,
-            crd_yaml(),
+        assert!(
+            chart == crd_yaml(),
             "charts/goim/crds/pushcluster.yaml is stale"
         );
     }

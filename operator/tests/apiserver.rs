@@ -59,7 +59,7 @@ async fn namespace(c: &Client, name: &str) {
 
 fn cluster(name: &str, etcd: &str, comets: i32) -> PushCluster {
     serde_json::from_value(json!({
-        "apiVersion": "goim.rs/v1alpha1",
+        "apiVersion": "goim.rs/v1beta1",
         "kind": "PushCluster",
         "metadata": {"name": name},
         "spec": {"image": "goim:test", "etcd": {"endpoints": [etcd]}, "comet": {"replicas": comets, "drainSeconds": 600}}

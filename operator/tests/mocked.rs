@@ -15,7 +15,7 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 fn cluster(finalizer: bool) -> PushCluster {
     let mut v = json!({
-        "apiVersion": "goim.rs/v1alpha1",
+        "apiVersion": "goim.rs/v1beta1",
         "kind": "PushCluster",
         "metadata": {"name": "test", "namespace": "default", "uid": "u-1", "generation": 1, "resourceVersion": "1"},
         // Port 1 refuses at once: the etcd part fails fast and the cluster goes Degraded.
@@ -56,7 +56,7 @@ async fn finalizer_is_added_before_anything_is_applied() {
         assert_eq!(req.method(), http::Method::PATCH);
         assert_eq!(
             req.uri().path(),
-            "/apis/goim.rs/v1alpha1/namespaces/default/pushclusters/test"
+            "/apis/goim.rs/v1beta1/namespaces/default/pushclusters/test"
         );
         let body =
             String::from_utf8(req.into_body().collect_bytes().await.unwrap().to_vec()).unwrap();
@@ -114,10 +114,10 @@ async fn objects_are_server_side_applied_and_status_comes_last() {
                     respond(send, body);
                 }
                 // Every PushCluster, to check that no other one claims this prefix.
-                http::Method::GET if path == "/apis/goim.rs/v1alpha1/pushclusters" => {
+                http::Method::GET if path == "/apis/goim.rs/v1beta1/pushclusters" => {
                     respond(
                         send,
-                        json!({"apiVersion": "goim.rs/v1alpha1", "kind": "PushClusterList", "metadata": {}, "items": []}),
+                        json!({"apiVersion": "goim.rs/v1beta1", "kind": "PushClusterList", "metadata": {}, "items": []}),
                     );
                 }
                 http::Method::GET if path.ends_with("/pods") => {
