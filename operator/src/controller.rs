@@ -132,10 +132,22 @@ async fn etcd_tls(
     let Some(r) = &pc.spec.etcd.tls_secret_ref else {
         return Ok(Ok(None));
     };
-    let Some(sec) = Api::<Secret>::namespaced(client.clone(), ns)
+    let sec = match Api::<Secret>::namespaced(client.clone(), ns)
         .get_opt(&r.name)
-        .await?
-    else {
+        .await
+    {
+        // Least privilege: the operator reads Secrets only where the chart grants it.
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            return Ok(Err((
+                "SecretForbidden",
+                format!(
+                    "the operator may not read Secrets in namespace {ns:?}: add it to the chart's operator.secretNamespaces"
+                ),
+            )))
+        }
+        other => other?,
+    };
+    let Some(sec) = sec else {
         return Ok(Err((
             "MissingSecret",
             format!("etcd TLS secret {:?} not found", r.name),
@@ -237,27 +249,10 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         Err(problem) => (None, Some(problem)),
     };
     let objs = build(pc);
-    apply(
-        &Api::<ConfigMap>::namespaced(client.clone(), &ns),
-        &objs.config,
-    )
-    .await?;
-    for s in [
-        &objs.comet_headless,
-        &objs.comet_service,
-        &objs.logic_service,
-        &objs.job_service,
-    ] {
-        apply(&Api::<Service>::namespaced(client.clone(), &ns), s).await?;
-    }
-    apply(
-        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
-        &objs.comet_pdb,
-    )
-    .await?;
-    let deploys = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let logic = apply(&deploys, &objs.logic).await?;
-    let job = apply(&deploys, &objs.job).await?;
+    let (client_service, logic, job) = match apply_owned(&client, &ns, &objs).await {
+        Ok(applied) => applied,
+        Err(e) => return rejected_or(pc, ctx, e).await,
+    };
 
     // etcd: read what is registered and the comets' load, plan the drain.
     let keys_prefix = pc.etcd_prefix();
@@ -331,7 +326,10 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     if let Some(spec) = sts.spec.as_mut() {
         spec.replicas = Some(plan.replicas);
     }
-    let sts = apply(&stss, &sts).await?;
+    let sts = match apply(&stss, &sts).await {
+        Ok(sts) => sts,
+        Err(e) => return rejected_or(pc, ctx, e).await,
+    };
 
     // Comet pods as the registry and the rolling update see them.
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
@@ -386,6 +384,15 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
     status.comet.replicas = sts_status.replicas;
     status.comet.ready_replicas = ready;
     status.comet.selector = comet_selector(pc);
+    status.comet.connections = match &registry {
+        Ok((_, conns)) => conns.values().fold(0u64, |a, &n| a.saturating_add(n)),
+        Err(_) => status.comet.connections,
+    };
+    status.endpoints = Some(plan::endpoints(
+        &client_service,
+        pc.spec.comet.ports.tcp,
+        pc.spec.comet.ports.ws,
+    ));
     status.comet.registered = desired_records.len() as i32;
     status.comet.draining = plan.draining.clone();
     status.comet.revision = revision.clone();
@@ -438,6 +445,21 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         && status.logic.ready_replicas >= 1
         && status.job.ready_replicas >= 1
         && problem.is_none();
+    let conns_of = |pod: &str| {
+        registry
+            .as_ref()
+            .ok()
+            .and_then(|(_, conns)| conns.get(pod).copied())
+    };
+    let progress = plan::progress_message(
+        &plan,
+        now_secs(),
+        i64::from(pc.spec.comet.drain_seconds),
+        conns_of,
+        &roll,
+        &revision,
+        &comet_pods,
+    );
     let mut changed = Vec::new();
     let conds = &mut status.conditions;
     if plan::set_condition(
@@ -467,15 +489,7 @@ async fn apply_cluster(pc: &PushCluster, ctx: &Context) -> Result<Action, Error>
         } else {
             "AsExpected"
         },
-        &if rollout_done {
-            String::new()
-        } else {
-            format!(
-                "comets at revision {revision}: {}/{}",
-                roll.updated,
-                roll.updated + roll.outdated
-            )
-        },
+        &progress,
         gen,
         &now,
     );
@@ -652,7 +666,7 @@ async fn replace_pods(
     Ok(())
 }
 
-/// Degraded with the reason, a Warning event on the transition, nothing else touched.
+/// A prefix this cluster may not use: Degraded, nothing applied.
 async fn refuse_prefix(
     pc: &PushCluster,
     ctx: &Context,
@@ -668,6 +682,65 @@ async fn refuse_prefix(
             ),
         ),
     };
+    degrade(pc, ctx, reason, message).await
+}
+
+/// Everything but the comet StatefulSet (whose replicas wait for the drain plan): the client
+/// Service, logic and job as the apiserver returned them.
+async fn apply_owned(
+    client: &Client,
+    ns: &str,
+    objs: &crate::builders::Objects,
+) -> Result<(Service, Deployment, Deployment), Error> {
+    apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), ns),
+        &objs.config,
+    )
+    .await?;
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    for s in [&objs.comet_headless, &objs.logic_service, &objs.job_service] {
+        apply(&services, s).await?;
+    }
+    let client_service = apply(&services, &objs.comet_service).await?;
+    apply(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+        &objs.comet_pdb,
+    )
+    .await?;
+    let deploys = Api::<Deployment>::namespaced(client.clone(), ns);
+    let logic = apply(&deploys, &objs.logic).await?;
+    let job = apply(&deploys, &objs.job).await?;
+    Ok((client_service, logic, job))
+}
+
+/// An apply failed: Degraded (`InvalidSpec`) when the spec is what the apiserver refused,
+/// else the error, for the error policy to retry.
+async fn rejected_or(pc: &PushCluster, ctx: &Context, e: Error) -> Result<Action, Error> {
+    match spec_rejected(&e) {
+        Some(message) => degrade(pc, ctx, "InvalidSpec", message).await,
+        None => Err(e),
+    }
+}
+
+/// What the apiserver refused of the objects built from the spec (a value its schema let
+/// through that the owned object's validation does not): the spec is wrong, so retrying the
+/// same apply cannot help. Other errors are the cluster's, retried by the error policy.
+fn spec_rejected(e: &Error) -> Option<String> {
+    match e {
+        Error::Kube(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
+            Some(s.message.clone())
+        }
+        _ => None,
+    }
+}
+
+/// Degraded with the reason, a Warning event on the transition, nothing else touched.
+async fn degrade(
+    pc: &PushCluster,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
     let ns = pc.namespace().unwrap_or_else(|| "default".into());
     let now = Time(jiff::Timestamp::now());
     let gen = pc.metadata.generation;
@@ -711,7 +784,7 @@ async fn refuse_prefix(
             tracing::warn!(error = %e, "event publish failed");
         }
     }
-    tracing::warn!(cluster = %pc.name_any(), reason, %message, "etcd prefix refused");
+    tracing::warn!(cluster = %pc.name_any(), reason, %message, "degraded; nothing applied");
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 

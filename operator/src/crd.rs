@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
     kind = "PushCluster",
     namespaced,
     status = "PushClusterStatus",
-    shortname = "pc",
+    // Not `pc`: that is PriorityClass's, and kubectl resolves it there.
+    shortname = "pushc",
     category = "push",
     scale(
         spec_replicas_path = ".spec.comet.replicas",
@@ -50,6 +51,36 @@ use serde::{Deserialize, Serialize};
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        json_path = ".status.comet.connections",
+        priority = 1
+    ),
+    printcolumn(
+        name = "TCP",
+        type_ = "string",
+        json_path = ".status.endpoints.tcp",
+        priority = 1
+    ),
+    printcolumn(
+        name = "WebSocket",
+        type_ = "string",
+        json_path = ".status.endpoints.ws",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Image",
+        type_ = "string",
+        json_path = ".spec.image",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Revision",
+        type_ = "string",
+        json_path = ".status.comet.revision",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -524,6 +555,10 @@ pub struct PushClusterStatus {
     pub logic: RoleStatus,
     #[serde(default)]
     pub job: RoleStatus,
+    /// Where clients connect: the client Service's load balancer address once it has one,
+    /// else its name inside the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
     /// The etcd prefix this cluster owns, recorded once it first registered there; its
     /// finalizer removes only this prefix, and no other PushCluster may claim it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -532,8 +567,20 @@ pub struct PushClusterStatus {
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// `host:port` for goim's TCP protocol.
+    pub tcp: String,
+    /// `ws://host:port/sub`.
+    pub ws: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
 pub struct CometStatus {
     pub replicas: i32,
+    /// Client connections the comets reported in their last load reports.
+    #[serde(default)]
+    pub connections: u64,
     pub ready_replicas: i32,
     /// Label selector of the comet pods, for the scale subresource and HPA.
     pub selector: String,
@@ -751,7 +798,7 @@ mod tests {
         for needle in [
             "specReplicasPath: .spec.comet.replicas",
             "labelSelectorPath: .status.comet.selector",
-            "shortNames:\n    - pc",
+            "shortNames:\n    - pushc",
             "- push",
             "jsonPath: .status.comet.readyReplicas",
             "rule: self == oldSelf",

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use goim_discovery::{CometRecord, CometState};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{PushCluster, Recommendation};
+use crate::crd::{Endpoints, PushCluster, Recommendation};
 
 /// Most recommendations kept (changes within the window).
 const MAX_RECOMMENDATIONS: usize = 64;
@@ -246,6 +247,90 @@ pub fn roll(
         updated,
         outdated: in_range.len() as i32 - updated,
     }
+}
+
+/// Where clients reach `service` (the comet client Service as the apiserver returned it):
+/// its load balancer's address once it has one, else its name inside the cluster.
+pub fn endpoints(service: &Service, tcp: i32, ws: i32) -> Endpoints {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .and_then(|i| i.first())
+        .and_then(|i| i.hostname.clone().or_else(|| i.ip.clone()));
+    let host = ingress.unwrap_or_else(|| {
+        format!(
+            "{}.{}.svc",
+            service.metadata.name.as_deref().unwrap_or_default(),
+            service.metadata.namespace.as_deref().unwrap_or("default")
+        )
+    });
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Endpoints {
+        tcp: format!("{host}:{tcp}"),
+        ws: format!("ws://{host}:{ws}/sub"),
+    }
+}
+
+/// What the `Progressing` condition says while comets drain or roll, for `kubectl
+/// describe`: which pods, how long, and what each one waits for.
+pub fn progress_message(
+    drain: &DrainPlan,
+    now: i64,
+    drain_seconds: i64,
+    conns: impl Fn(&str) -> Option<u64>,
+    roll: &RollPlan,
+    revision: &str,
+    pods: &[CometPod],
+) -> String {
+    let mut parts = Vec::new();
+    if !drain.draining.is_empty() {
+        let elapsed = now - drain.since.unwrap_or(now);
+        let left: Vec<String> = drain
+            .draining
+            .iter()
+            .map(|p| format!("{p} {}", conns(p).unwrap_or(0)))
+            .collect();
+        parts.push(format!(
+            "scale-down: draining for {elapsed}s of drainSeconds {drain_seconds}, connections left: {}; the pods go when their clients have left or at the deadline",
+            left.join(", ")
+        ));
+    }
+    if roll.outdated > 0 {
+        let waits: Vec<String> = pods
+            .iter()
+            .filter_map(|p| {
+                let why = if p.terminating {
+                    "terminating (draining its clients)"
+                } else if !p.ready {
+                    "pod not ready"
+                } else if !p.serving {
+                    "comet not reporting load to etcd (no lease)"
+                } else if !p.registered {
+                    "not registered in etcd yet"
+                } else {
+                    return None;
+                };
+                Some(format!("{}: {why}", p.name))
+            })
+            .collect();
+        let mut m = format!(
+            "rolling update to revision {revision}: {}/{} updated",
+            roll.updated,
+            roll.updated + roll.outdated
+        );
+        if !waits.is_empty() {
+            m.push_str("; waiting for ");
+            m.push_str(&waits.join(", "));
+        }
+        parts.push(m);
+    }
+    parts.join("; ")
 }
 
 /// Sets a condition, keeping `lastTransitionTime` unless the status really changed.
@@ -743,5 +828,78 @@ mod tests {
         let (a, b) = (own("a", "1"), own("b", "2"));
         assert!(co_owner(&a, &[a.clone(), b.clone()]).is_some());
         assert!(co_owner(&a, std::slice::from_ref(&a)).is_none());
+    }
+
+    #[test]
+    fn endpoints_name_the_load_balancer_once_it_has_an_address() {
+        let mut svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "chat-comet", "namespace": "prod"}
+        }))
+        .unwrap();
+        let e = endpoints(&svc, 3101, 3102);
+        assert_eq!(e.tcp, "chat-comet.prod.svc:3101");
+        assert_eq!(e.ws, "ws://chat-comet.prod.svc:3102/sub");
+        svc.status = serde_json::from_value(
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}),
+        )
+        .unwrap();
+        assert_eq!(endpoints(&svc, 443, 80).tcp, "203.0.113.7:443");
+        svc.status = serde_json::from_value(
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": "2001:db8::1"}]}}),
+        )
+        .unwrap();
+        assert_eq!(endpoints(&svc, 1, 2).ws, "ws://[2001:db8::1]:2/sub");
+    }
+
+    /// `kubectl describe` says why a drain or a rollout is still going.
+    #[test]
+    fn progress_says_what_a_drain_and_a_rollout_wait_for() {
+        let drain = DrainPlan {
+            replicas: 3,
+            draining: vec!["chat-comet-2".into()],
+            since: Some(100),
+        };
+        let conns = |p: &str| (p == "chat-comet-2").then_some(340);
+        let idle = RollPlan::default();
+        let m = progress_message(&drain, 160, 600, conns, &idle, "r1", &[]);
+        assert!(
+            m.contains("draining for 60s of drainSeconds 600") && m.contains("chat-comet-2 340"),
+            "{m}"
+        );
+        let pods = vec![
+            CometPod {
+                name: "chat-comet-1".into(),
+                ready: true,
+                serving: true,
+                registered: false,
+                ..Default::default()
+            },
+            CometPod {
+                name: "chat-comet-0".into(),
+                ready: true,
+                serving: true,
+                registered: true,
+                ..Default::default()
+            },
+        ];
+        let roll = RollPlan {
+            replace: vec![],
+            updated: 1,
+            outdated: 1,
+        };
+        let none = DrainPlan {
+            replicas: 2,
+            draining: vec![],
+            since: None,
+        };
+        let m = progress_message(&none, 0, 30, |_| None, &roll, "r2", &pods);
+        assert_eq!(
+            m,
+            "rolling update to revision r2: 1/2 updated; waiting for chat-comet-1: not registered in etcd yet"
+        );
+        assert_eq!(
+            progress_message(&none, 0, 30, |_| None, &idle, "r2", &pods),
+            ""
+        );
     }
 }

@@ -23,7 +23,12 @@ use serde_json::json;
 fn control_plane() -> &'static ControlPlane {
     static CP: OnceLock<ControlPlane> = OnceLock::new();
     CP.get_or_init(|| {
-        ControlPlane::start(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/goim"))
+        // Secrets readable in "tls" only: the least-privilege RBAC is what the tests run under.
+        ControlPlane::start_with(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/goim"),
+            &["tls"],
+            &["--set", "operator.secretNamespaces={tls}"],
+        )
     })
 }
 
@@ -395,6 +400,23 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
             && sts_replicas(&c, ns, "demo-comet").await == Some(2)
     })
     .await;
+    // `kubectl describe` says what the drain waits for; `-o wide` shows the connections and
+    // where clients connect.
+    eventually("describe explains the drain", || async {
+        let (ok, out, _) = cp.kubectl(&["describe", "-n", ns, "pushcluster/demo"], "");
+        ok && out.contains("connections left: demo-comet-1 5")
+    })
+    .await;
+    let (ok, wide, err) = cp.kubectl(&["get", "-n", ns, "pushc", "demo", "-o", "wide"], "");
+    assert!(ok, "{err}");
+    for needle in [
+        "CONNECTIONS",
+        "demo-comet.lifecycle.svc:3101",
+        "ws://demo-comet.lifecycle.svc:3102/sub",
+        "goim:test",
+    ] {
+        assert!(wide.contains(needle), "{needle:?} missing from:\n{wide}");
+    }
     // Its clients have left: the StatefulSet shrinks.
     e.put(
         "/goim/lifecycle.demo/load/demo-comet-1",
@@ -633,8 +655,10 @@ async fn etcd_tls_through_the_secret() {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
+    // The operator as the chart's ServiceAccount: it may read Secrets in "tls" only.
+    let sa = operator_client(control_plane(), &c).await;
     let op = tokio::spawn(goim_operator::controller::run(
-        c.clone(),
+        sa.clone(),
         opts(Some(ns.into())),
     ));
     let mut pc = cluster("secure", &tls_etcd.endpoint(), 1);
@@ -643,6 +667,38 @@ async fn etcd_tls_through_the_secret() {
     });
     let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
     pcs.create(&PostParams::default(), &pc).await.unwrap();
+
+    // Elsewhere the same secret cannot be read: Degraded with the fix in its message, never
+    // a crash loop, and no Secret read outside the listed namespaces.
+    let denied = "tls-denied";
+    namespace(&c, denied).await;
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), denied)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(sa.clone(), denied)
+            .get("etcd-client")
+            .await
+            .is_err(),
+        "the chart must not grant Secrets outside operator.secretNamespaces"
+    );
+    let op_denied = tokio::spawn(goim_operator::controller::run(
+        sa.clone(),
+        opts(Some(denied.into())),
+    ));
+    let denied_pcs: Api<PushCluster> = Api::namespaced(c.clone(), denied);
+    denied_pcs
+        .create(&PostParams::default(), &pc)
+        .await
+        .unwrap();
+    eventually("SecretForbidden", || async {
+        let pc = denied_pcs.get("secure").await.unwrap();
+        condition(&pc, "Degraded").is_some_and(|(s, r)| s == "True" && r == "SecretForbidden")
+    })
+    .await;
+    op_denied.abort();
+
     ready_pod(&c, ns, "secure", 0).await;
     let tls = goim_discovery::Tls::from_dir(&dir).unwrap();
     eventually("comet registered in the TLS etcd", || async {
@@ -1005,6 +1061,202 @@ async fn autoscaling_follows_load_without_flapping() {
     e.delete(load(3), None).await.unwrap();
     eventually("down to one comet", || async {
         replicas().await == Some(1)
+    })
+    .await;
+    op.abort();
+}
+
+/// Every chart value and every PushCluster field at once: the chart renders objects the
+/// apiserver accepts, the production example passes the CRD's schema and CEL, and every
+/// object the operator builds from it passes the apiserver's validation (server-side dry run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_value_and_field_renders_objects_the_apiserver_accepts() {
+    let cp = control_plane();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(&cp.helm)
+        .arg("template")
+        .arg("goim")
+        .arg(root.join("charts/goim"))
+        .args(["--namespace", "goim-system", "-f"])
+        .arg(root.join("charts/goim/ci/full-values.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "kind: Role\n",
+        "namespace: default",
+        "priorityClassName: \"system-cluster-critical\"",
+        "name: regcred",
+        "topologySpreadConstraints",
+    ] {
+        assert!(rendered.contains(needle), "{needle:?} not rendered");
+    }
+    let (ok, applied, err) = cp.kubectl(&["apply", "--dry-run=server", "-f", "-"], &rendered);
+    assert!(ok, "the apiserver refused the rendered chart: {err}");
+    assert!(applied.contains("(server dry run)"), "{applied}");
+
+    let c = admin().await;
+    let ns = "production";
+    namespace(&c, ns).await;
+    let example =
+        std::fs::read_to_string(root.join("examples/pushcluster-production.yaml")).unwrap();
+    let (ok, _, err) = cp.kubectl(&["create", "-n", ns, "-f", "-"], &example);
+    assert!(ok, "the CRD refused the production example: {err}");
+    let pc = Api::<PushCluster>::namespaced(c.clone(), ns)
+        .get("chat")
+        .await
+        .unwrap();
+    assert_eq!(
+        pc.spec.comet.pod.priority_class_name.as_deref(),
+        Some("push-critical")
+    );
+    let o = goim_operator::builders::build(&pc);
+    let dry = PatchParams::apply("dry-run-test").dry_run().force();
+    async fn check<K>(c: &Client, ns: &str, obj: &K, dry: &PatchParams)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let name = obj.meta().name.clone().unwrap();
+        Api::<K>::namespaced(c.clone(), ns)
+            .patch(&name, dry, &Patch::Apply(obj))
+            .await
+            .unwrap_or_else(|e| panic!("the apiserver refused {name}: {e}"));
+    }
+    check(&c, ns, &o.config, &dry).await;
+    check(&c, ns, &o.comet, &dry).await;
+    for s in [
+        &o.comet_headless,
+        &o.comet_service,
+        &o.logic_service,
+        &o.job_service,
+    ] {
+        check(&c, ns, s, &dry).await;
+    }
+    check(&c, ns, &o.comet_pdb, &dry).await;
+    check(&c, ns, &o.logic, &dry).await;
+    check(&c, ns, &o.job, &dry).await;
+    // The config it writes is what the roles parse.
+    let toml = &o.config.data.as_ref().unwrap()["goim.toml"];
+    let parsed: goim_config::Config = toml::from_str(toml).unwrap();
+    assert_eq!(parsed.logic.node.default_domain, "push.example.com");
+    assert_eq!(parsed.comet.max_connections, 200_000);
+}
+
+/// v1alpha1 is still served beside the stored v1beta1: an object written as one reads back
+/// as the other with the same spec, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1alpha1_and_v1beta1_round_trip() {
+    let cp = control_plane();
+    let c = admin().await;
+    let ns = "versions";
+    namespace(&c, ns).await;
+    let old = "apiVersion: goim.rs/v1alpha1\nkind: PushCluster\nmetadata: {name: old}\nspec:\n  image: goim:1\n  etcd: {endpoints: [\"etcd:2379\"]}\n  comet: {replicas: 3, pod: {nodeSelector: {pool: edge}}, service: {annotations: {a: b}}}\n  logic: {nodes: {domain: push.example.com}}\n";
+    let (ok, _, err) = cp.kubectl(&["create", "-n", ns, "-f", "-"], old);
+    assert!(ok, "{err}");
+    let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+    let beta = pcs.get("old").await.unwrap();
+    assert_eq!(beta.spec.comet.replicas, 3);
+    assert_eq!(beta.spec.comet.pod.node_selector["pool"], "edge");
+    assert_eq!(
+        beta.spec.logic.nodes.domain.as_deref(),
+        Some("push.example.com")
+    );
+    let as_alpha = |name: &'static str| {
+        let (ok, out, err) = cp.kubectl(
+            &[
+                "get",
+                "-n",
+                ns,
+                "pushclusters.v1alpha1.goim.rs",
+                name,
+                "-o",
+                "json",
+            ],
+            "",
+        );
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let alpha = as_alpha("old");
+    assert_eq!(alpha["apiVersion"], "goim.rs/v1alpha1");
+    assert_eq!(alpha["spec"], serde_json::to_value(&beta.spec).unwrap());
+    // Written as v1beta1, read as v1alpha1.
+    let mut new = beta.clone();
+    new.metadata = kube::api::ObjectMeta {
+        name: Some("new".into()),
+        ..Default::default()
+    };
+    new.status = None;
+    new.spec.job.room_batch = Some(40);
+    let created = pcs.create(&PostParams::default(), &new).await.unwrap();
+    assert_eq!(
+        as_alpha("new")["spec"],
+        serde_json::to_value(&created.spec).unwrap()
+    );
+    // Stored as v1beta1.
+    let (ok, out, _) = cp.kubectl(&["get", "crd", "pushclusters.goim.rs", "-o", "json"], "");
+    assert!(ok);
+    let crd: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let storage: Vec<&str> = crd["spec"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["storage"] == true)
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(storage, ["v1beta1"]);
+}
+
+/// A value the CRD schema lets through but the apiserver refuses on the object built from it
+/// (here: a traffic policy on a ClusterIP Service) marks the cluster Degraded with the
+/// apiserver's reason; fixing the spec clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_the_apiserver_refuses_is_degraded() {
+    let cp = control_plane();
+    let c = admin().await;
+    let ns = "refused";
+    namespace(&c, ns).await;
+    let op = tokio::spawn(goim_operator::controller::run(
+        c.clone(),
+        opts(Some(ns.into())),
+    ));
+    let mut pc = cluster("bad", &cp.etcd.endpoint(), 1);
+    pc.spec.comet.service.external_traffic_policy = Some(goim_operator::crd::TrafficPolicy::Local);
+    let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+    pcs.create(&PostParams::default(), &pc).await.unwrap();
+    eventually("InvalidSpec", || async {
+        let pc = pcs.get("bad").await.unwrap();
+        let message = pc
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .find(|c| c.type_ == "Degraded")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        condition(&pc, "Degraded").is_some_and(|(s, r)| s == "True" && r == "InvalidSpec")
+            && message.contains("externalTrafficPolicy")
+    })
+    .await;
+    pcs.patch(
+        "bad",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"comet": {"service": {"type": "NodePort"}}}})),
+    )
+    .await
+    .unwrap();
+    eventually("fixed", || async {
+        let pc = pcs.get("bad").await.unwrap();
+        condition(&pc, "Degraded").is_some_and(|(s, _)| s == "False")
     })
     .await;
     op.abort();

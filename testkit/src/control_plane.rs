@@ -42,6 +42,12 @@ pub fn kubeconfig_text(port: u16, token: &str, name: &str) -> String {
 impl ControlPlane {
     /// Starts etcd and kube-apiserver and installs `chart` into `goim-system` with helm.
     pub fn start(chart: &Path) -> ControlPlane {
+        ControlPlane::start_with(chart, &[], &[])
+    }
+
+    /// As [`ControlPlane::start`], with `namespaces` created first (the chart's Roles go into
+    /// the ones it is told of) and extra `helm install` arguments (`--set ...`).
+    pub fn start_with(chart: &Path, namespaces: &[&str], helm_args: &[&str]) -> ControlPlane {
         let bin = tools_bin();
         let apiserver = bin.join("kube-apiserver");
         let helm = bin.join("helm");
@@ -112,12 +118,17 @@ impl ControlPlane {
                 .status()
                 .is_ok_and(|s| s.success())
         });
+        for ns in namespaces {
+            let (ok, _, err) = cp.kubectl(&["create", "namespace", ns], "");
+            assert!(ok, "creating namespace {ns}: {err}");
+        }
         let out = Command::new(&cp.helm)
             .arg("--kubeconfig")
             .arg(&admin)
             .args(["install", "goim"])
             .arg(chart)
             .args(["--namespace", "goim-system", "--create-namespace"])
+            .args(helm_args)
             .output()
             .unwrap();
         assert!(
