@@ -164,6 +164,8 @@ pub enum ServiceType {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.autoscale) || self.autoscale.max >= self.autoscale.min").message("autoscale.max must be >= autoscale.min"))]
+#[x_kube(validation = Rule::new("!has(self.service) || !has(self.service.externalTrafficPolicy) || (has(self.service.type) ? self.service.type : self.serviceType) != 'ClusterIP'").message("service.externalTrafficPolicy needs a NodePort or LoadBalancer Service"))]
+#[x_kube(validation = Rule::new("!has(self.service) || !has(self.service.loadBalancerClass) || (has(self.service.type) ? self.service.type : self.serviceType) == 'LoadBalancer'").message("service.loadBalancerClass needs a LoadBalancer Service"))]
 pub struct CometSpec {
     #[serde(default = "default_comets")]
     #[schemars(range(min = 0))]

@@ -99,6 +99,20 @@ async fn chart_installs_and_crd_is_established() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("STATUS: deployed"));
+    // The documented CRD upgrade: helm never upgrades CRDs, and this one is too large for
+    // client-side apply's annotation, so it is applied server-side.
+    let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/pushcluster.yaml");
+    let (ok, _, err) = control_plane().kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            crd.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(ok, "server-side apply of the CRD: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +162,28 @@ async fn invalid_specs_are_rejected_by_schema_and_cel() {
         (
             "history of no messages",
             json!({"history": {"users": {"size": 0, "ttlSeconds": 1}}}),
+        ),
+        (
+            "pod labels the operator selects by",
+            json!({"comet": {"pod": {"labels": {"app.kubernetes.io/component": "x"}}}}),
+        ),
+        (
+            "a traffic policy on a ClusterIP Service",
+            json!({"comet": {"service": {"externalTrafficPolicy": "Local"}}}),
+        ),
+        (
+            "a load balancer class on a NodePort Service",
+            json!({"comet": {"serviceType": "NodePort", "service": {"loadBalancerClass": "x/y"}}}),
+        ),
+        ("no push queue", json!({"comet": {"pushQueue": 0}})),
+        ("no heartbeat", json!({"logic": {"heartbeatSeconds": 0}})),
+        (
+            "a port beyond 65535",
+            json!({"logic": {"nodes": {"tcpPort": 70000}}}),
+        ),
+        (
+            "a push body goim clients refuse",
+            json!({"logic": {"maxMessageBytes": 5000}}),
         ),
     ];
     for (what, patch) in cases {
@@ -417,6 +453,22 @@ async fn operator_reconciles_scales_drains_and_cleans_up_with_chart_rbac() {
     ] {
         assert!(wide.contains(needle), "{needle:?} missing from:\n{wide}");
     }
+    // What a HorizontalPodAutoscaler reads: the scale subresource with the pod selector.
+    let (ok, scale, err) = cp.kubectl(
+        &[
+            "get",
+            "--raw",
+            &format!("/apis/goim.rs/v1beta1/namespaces/{ns}/pushclusters/demo/scale"),
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    let scale: serde_json::Value = serde_json::from_str(&scale).unwrap();
+    assert_eq!(scale["spec"]["replicas"], 1);
+    assert!(scale["status"]["selector"]
+        .as_str()
+        .unwrap()
+        .contains("app.kubernetes.io/component=comet"));
     // Its clients have left: the StatefulSet shrinks.
     e.put(
         "/goim/lifecycle.demo/load/demo-comet-1",
@@ -1218,7 +1270,7 @@ async fn v1alpha1_and_v1beta1_round_trip() {
 }
 
 /// A value the CRD schema lets through but the apiserver refuses on the object built from it
-/// (here: a traffic policy on a ClusterIP Service) marks the cluster Degraded with the
+/// (here: an annotation key that is no qualified name) marks the cluster Degraded with the
 /// apiserver's reason; fixing the spec clears it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_the_apiserver_refuses_is_degraded() {
@@ -1231,7 +1283,11 @@ async fn a_spec_the_apiserver_refuses_is_degraded() {
         opts(Some(ns.into())),
     ));
     let mut pc = cluster("bad", &cp.etcd.endpoint(), 1);
-    pc.spec.comet.service.external_traffic_policy = Some(goim_operator::crd::TrafficPolicy::Local);
+    pc.spec
+        .comet
+        .service
+        .annotations
+        .insert("not a key!".into(), "x".into());
     let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
     pcs.create(&PostParams::default(), &pc).await.unwrap();
     eventually("InvalidSpec", || async {
@@ -1244,13 +1300,13 @@ async fn a_spec_the_apiserver_refuses_is_degraded() {
             .map(|c| c.message.clone())
             .unwrap_or_default();
         condition(&pc, "Degraded").is_some_and(|(s, r)| s == "True" && r == "InvalidSpec")
-            && message.contains("externalTrafficPolicy")
+            && message.contains("metadata.annotations")
     })
     .await;
     pcs.patch(
         "bad",
         &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"comet": {"service": {"type": "NodePort"}}}})),
+        &Patch::Merge(json!({"spec": {"comet": {"service": {"annotations": {"not a key!": null, "example.com/ok": "x"}}}}})),
     )
     .await
     .unwrap();
