@@ -42,13 +42,17 @@ async fn client_for(cp: &ControlPlane, token: &str, name: &str) -> Client {
 
 /// A client acting as the chart's ServiceAccount (so the chart's RBAC is what is tested).
 async fn operator_client(cp: &ControlPlane, admin: &Client) -> Client {
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "goim-system");
+    service_account_client(cp, admin, "goim-system", "goim-goim").await
+}
+
+async fn service_account_client(cp: &ControlPlane, admin: &Client, ns: &str, sa: &str) -> Client {
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
     let tr: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600}})).unwrap();
     let tr: TokenRequest = sas
-        .create_subresource("token", "goim-goim", &PostParams::default(), &tr)
+        .create_subresource("token", sa, &PostParams::default(), &tr)
         .await
         .unwrap();
-    client_for(cp, &tr.status.unwrap().token, "operator").await
+    client_for(cp, &tr.status.unwrap().token, sa).await
 }
 
 async fn admin() -> Client {
@@ -1315,5 +1319,65 @@ async fn a_spec_the_apiserver_refuses_is_degraded() {
         condition(&pc, "Degraded").is_some_and(|(s, _)| s == "False")
     })
     .await;
+    op.abort();
+}
+
+/// With `operator.watchNamespace`, the chart grants the workloads in that namespace only (a
+/// Role): the operator reconciles there as its ServiceAccount and cannot touch workloads
+/// elsewhere; cluster-wide it only reads PushClusters (for the prefix check) and its CRD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespaced_operator_needs_no_cluster_wide_workload_rights() {
+    let cp = control_plane();
+    let c = admin().await;
+    let ns = "scoped";
+    namespace(&c, ns).await;
+    let out = Command::new(&cp.helm)
+        .arg("--kubeconfig")
+        .arg(cp.dir.path().join("admin.kubeconfig"))
+        .args(["install", "scoped"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/goim"))
+        .args([
+            "--namespace",
+            "scoped-ops",
+            "--create-namespace",
+            "--set",
+            "operator.watchNamespace=scoped",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sa = service_account_client(cp, &c, "scoped-ops", "scoped-goim").await;
+    let op = tokio::spawn(goim_operator::controller::run(
+        sa.clone(),
+        opts(Some(ns.into())),
+    ));
+    let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);
+    pcs.create(
+        &PostParams::default(),
+        &cluster("narrow", &cp.etcd.endpoint(), 1),
+    )
+    .await
+    .unwrap();
+    eventually("reconciled with namespaced rights", || async {
+        let pc = pcs.get("narrow").await.unwrap();
+        owned_by(&c, ns, "narrow").await
+            && condition(&pc, "EtcdRegistered").is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+    let forbidden = |r: Result<kube::core::ObjectList<StatefulSet>, kube::Error>| matches!(r, Err(kube::Error::Api(e)) if e.code == 403);
+    assert!(forbidden(
+        Api::<StatefulSet>::all(sa.clone())
+            .list(&Default::default())
+            .await
+    ));
+    assert!(forbidden(
+        Api::<StatefulSet>::namespaced(sa.clone(), "lifecycle")
+            .list(&Default::default())
+            .await
+    ));
     op.abort();
 }
