@@ -7,12 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    init_logs();
     let cli = Cli::parse();
     let mut cfg = if matches!(cli.command, Command::Standalone(_)) {
         Config::load_standalone(cli.config.as_deref())?
@@ -90,4 +85,19 @@ async fn run_operator(
         election,
     };
     goim_operator::controller::run(client, opts).await
+}
+
+/// Logs to stderr: readable on a terminal, one JSON object per line (no colour codes) when
+/// collected into a file or by a log shipper.
+fn init_logs() {
+    use std::io::IsTerminal;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    if std::io::stderr().is_terminal() {
+        logs.init();
+    } else {
+        logs.json().with_ansi(false).init();
+    }
 }
