@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -11,10 +12,18 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
-#[derive(Debug, Default)]
+/// Seconds, 100 µs to about 3 s.
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+#[derive(Debug)]
 pub struct JobMetrics {
     /// Calls made to comets, by kind.
     pub comet_calls: Family<Reason, Counter>,
+    /// How long calls to comets took (answered or failed; timeouts count at the timeout),
+    /// by kind.
+    pub comet_call_seconds: Family<Reason, Histogram, fn() -> Histogram>,
     /// Messages that reached no comet, by reason: `unknown_comet` (the comet named by
     /// presence is not registered), `comet_unreachable` (the call failed or timed out),
     /// `comet_queue_full` (that comet's queue in job was full), `no_comets`, `job_shutdown`
@@ -36,10 +45,33 @@ pub struct JobMetrics {
     pub history_full: Counter,
 }
 
+impl Default for JobMetrics {
+    fn default() -> Self {
+        JobMetrics {
+            comet_calls: Family::default(),
+            comet_call_seconds: Family::new_with_constructor(latency),
+            undeliverable: Family::default(),
+            room_batches: Counter::default(),
+            room_messages: Counter::default(),
+            queued: Gauge::default(),
+            rooms: Gauge::default(),
+            history_bytes: Gauge::default(),
+            history_rooms: Gauge::default(),
+            history_evicted: Counter::default(),
+            history_full: Counter::default(),
+        }
+    }
+}
+
 impl JobMetrics {
     pub fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("goim_job");
         r.register("comet_calls", "Calls to comets", self.comet_calls.clone());
+        r.register(
+            "comet_call_seconds",
+            "How long calls to comets took, by kind",
+            self.comet_call_seconds.clone(),
+        );
         r.register(
             "undeliverable",
             "Messages that reached no comet, by reason",
@@ -95,6 +127,12 @@ impl JobMetrics {
         self.comet_calls
             .get_or_create(&Reason { reason: kind })
             .inc();
+    }
+
+    pub(crate) fn call_took(&self, kind: &'static str, took: std::time::Duration) {
+        self.comet_call_seconds
+            .get_or_create(&Reason { reason: kind })
+            .observe(took.as_secs_f64());
     }
 
     /// A count by reason, for tests and status pages.

@@ -140,8 +140,12 @@ async fn deliver(inner: &Inner, name: &str, d: Delivery) {
         tracing::debug!(comet = name, "delivery for an unknown comet dropped");
         return;
     };
-    inner.metrics.call(d.kind());
-    match tokio::time::timeout(inner.cfg.comet_timeout, d.send(comet)).await {
+    let kind = d.kind();
+    inner.metrics.call(kind);
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(inner.cfg.comet_timeout, d.send(comet)).await;
+    inner.metrics.call_took(kind, started.elapsed());
+    match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             inner.metrics.undeliverable("comet_unreachable", n);

@@ -202,14 +202,20 @@ async fn push_keys(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response
     let p = Params::from_uri(&uri);
     let op = try_param!(p.num::<i32>("operation", false)).unwrap_or(0);
     let keys = p.all("keys").into_iter().map(String::from).collect();
-    targeted_result(s.logic.push_keys(op, keys, body).await)
+    let started = std::time::Instant::now();
+    let r = s.logic.push_keys(op, keys, body).await;
+    s.logic.push_took("keys", started);
+    targeted_result(r)
 }
 
 async fn push_mids(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response {
     let p = Params::from_uri(&uri);
     let op = try_param!(p.num::<i32>("operation", false)).unwrap_or(0);
     let mids = try_param!(p.nums::<i64>("mids"));
-    targeted_result(s.logic.push_mids(op, mids, body).await)
+    let started = std::time::Instant::now();
+    let r = s.logic.push_mids(op, mids, body).await;
+    s.logic.push_took("mids", started);
+    targeted_result(r)
 }
 
 async fn push_room(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response {
@@ -217,7 +223,10 @@ async fn push_room(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response
     let op = try_param!(p.num::<i32>("operation", true)).unwrap_or(0);
     let typ = try_param!(p.required_str("type"));
     let room = try_param!(p.required_str("room"));
-    push_result(s.logic.push_room(op, typ, room, body).await)
+    let started = std::time::Instant::now();
+    let r = s.logic.push_room(op, typ, room, body).await;
+    s.logic.push_took("room", started);
+    push_result(r)
 }
 
 async fn push_all(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response {
@@ -227,7 +236,10 @@ async fn push_all(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response 
     if speed < 0 {
         return bad("speed: must not be negative");
     }
-    push_result(s.logic.push_all(op, speed, body).await)
+    let started = std::time::Instant::now();
+    let r = s.logic.push_all(op, speed, body).await;
+    s.logic.push_took("all", started);
+    push_result(r)
 }
 
 /// The bare room id of a room key (`live://1000` -> `1000`).

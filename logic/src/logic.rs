@@ -16,6 +16,7 @@ use goim_proto::MAX_ID;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tonic::Status;
 
@@ -40,8 +41,15 @@ pub struct Kind {
     pub kind: &'static str,
 }
 
-#[derive(Debug, Default)]
+/// Seconds, 100 µs to about 3 s.
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+#[derive(Debug)]
 pub struct LogicMetrics {
+    /// How long push requests took in logic (presence lookups and the call to job), by kind.
+    pub push_seconds: Family<Kind, Histogram, fn() -> Histogram>,
     pub connects: Counter,
     pub auth_failures: Counter,
     pub disconnects: Counter,
@@ -64,9 +72,28 @@ pub struct Targeted {
     pub presence_complete: bool,
 }
 
+impl Default for LogicMetrics {
+    fn default() -> Self {
+        LogicMetrics {
+            push_seconds: Family::new_with_constructor(latency),
+            connects: Counter::default(),
+            auth_failures: Counter::default(),
+            disconnects: Counter::default(),
+            pushes: Family::default(),
+            unknown_targets: Counter::default(),
+            presence_incomplete: Counter::default(),
+        }
+    }
+}
+
 impl LogicMetrics {
     pub fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("goim_logic");
+        r.register(
+            "push_seconds",
+            "How long push requests took in logic, by kind",
+            self.push_seconds.clone(),
+        );
         r.register(
             "connects",
             "Successful Connect calls",
@@ -170,6 +197,14 @@ impl Logic {
 
     fn count(&self, kind: &'static str) {
         self.metrics.pushes.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// Records how long a push request of `kind` took, answered or refused.
+    pub fn push_took(&self, kind: &'static str, started: std::time::Instant) {
+        self.metrics
+            .push_seconds
+            .get_or_create(&Kind { kind })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Pushes to connections by key; returns how many of the keys are online, and whether
