@@ -34,6 +34,14 @@ pub enum Command {
     /// The PushCluster operator.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Push a message through logic's HTTP API (body from --message or stdin).
+    Push(crate::tools::PushArgs),
+    /// Connect as a client and print what arrives, one JSON line per message.
+    Watch(crate::tools::WatchArgs),
+    /// Online counts from logic: total, top rooms, rooms.
+    Online(crate::tools::OnlineArgs),
+    /// The nodes logic offers clients.
+    Nodes(crate::tools::NodesArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,5 +2,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod distributed;
 pub mod standalone;
+pub mod tools;

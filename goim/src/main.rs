@@ -34,6 +34,13 @@ async fn main() -> anyhow::Result<()> {
             run_job(cfg).await?;
         }
         Command::Operator(OperatorCommand::Crd) => print!("{}", goim_operator::crd::crd_yaml()),
+        // The API calls block: off the runtime's worker threads.
+        Command::Push(args) => tokio::task::spawn_blocking(|| goim::tools::push(args)).await??,
+        Command::Online(args) => {
+            tokio::task::spawn_blocking(|| goim::tools::online(args)).await??
+        }
+        Command::Nodes(args) => tokio::task::spawn_blocking(|| goim::tools::nodes(args)).await??,
+        Command::Watch(args) => goim::tools::watch(args).await?,
         Command::Operator(OperatorCommand::Run {
             namespace,
             http,
