@@ -122,7 +122,8 @@ impl Standalone {
         let refused = goim_logic::serve::refused_counter(&mut registry);
         let keys = goim_logic::ApiKeys::from_config(logic.config())?;
         keys.warn_if_open(http_addr);
-        let router = goim_logic::http::router(logic, Arc::new(registry), Arc::new(|| true), keys);
+        let router = goim_logic::http::router(logic, Arc::new(registry), Arc::new(|| true), keys)
+            .merge(crate::demo::router(ws_addr.port()));
         tasks.spawn(goim_logic::serve::serve(
             http,
             router,

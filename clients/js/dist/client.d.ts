@@ -1,0 +1,107 @@
+/** A stream's place: an epoch (new when history was lost) and the last offset seen in it. */
+export interface Position {
+    epoch: string;
+    offset: number;
+}
+export interface Message {
+    op: number;
+    body: Uint8Array;
+    /** The numbered stream it belongs to (`user`, `key` or a room id), when numbered. */
+    stream?: string;
+    epoch?: string;
+    offset?: number;
+    text(): string;
+    json<T = unknown>(): T;
+}
+export interface Events {
+    /** Authenticated; `features` are the extensions the server does for this connection. */
+    connected: {
+        url: string;
+        features: string[];
+    };
+    /** The socket closed; `retryInMs` is when the next attempt starts (none after `close()`). */
+    disconnected: {
+        code: number;
+        reason: string;
+        retryInMs?: number;
+    };
+    message: Message;
+    /** The answer to a recovery: whether everything missed on `stream` was sent again. */
+    recovered: {
+        stream: string;
+        recovered: boolean;
+        epoch: string;
+        offset: number;
+    };
+    /** The room count from a heartbeat reply. */
+    online: {
+        count: number;
+    };
+    error: Error;
+}
+type Listener<T> = (e: T) => void;
+export interface ClientOptions {
+    /** `ws://host:3102/sub`. Either this or `api`. */
+    url?: string;
+    /** logic's HTTP API (`http://host:3111`): nodes, ports and heartbeat come from it. */
+    api?: string;
+    /** goim's JSON token, or a JWT: a string, or a function asked before every connect. */
+    token: string | object | (() => string | object | Promise<string | object>);
+    /** Room to join after auth (with recovery when the server numbers it). */
+    room?: string;
+    /** Heartbeat interval; default: what logic advertises, else 30 s. */
+    heartbeatMs?: number;
+    /** Reconnect backoff: full jitter between 0 and min(max, base * 2^attempt). */
+    backoff?: {
+        baseMs?: number;
+        maxMs?: number;
+    };
+    /** Speak the extensions (default true); `acks` asks for at-least-once delivery. */
+    extensions?: boolean;
+    acks?: boolean;
+    /** A WebSocket constructor (Node 20 without `--experimental-websocket`: the `ws` package). */
+    WebSocket?: typeof WebSocket;
+    /** Connect as soon as constructed (default true). */
+    autoConnect?: boolean;
+}
+export declare class GoimClient {
+    private readonly opts;
+    private readonly listeners;
+    private ws?;
+    private heartbeat?;
+    private retry?;
+    private attempt;
+    private closed;
+    private room?;
+    /** Last position seen per stream: recovery asks for what follows it. */
+    private readonly positions;
+    /** The stream the next `count` packets belong to (after a POSITION). */
+    private pending?;
+    private acked;
+    constructor(opts: ClientOptions);
+    on<K extends keyof Events>(event: K, fn: Listener<Events[K]>): this;
+    off<K extends keyof Events>(event: K, fn: Listener<Events[K]>): this;
+    private emit;
+    /** The last position seen per numbered stream (what a reconnect recovers from). */
+    get streams(): ReadonlyMap<string, Position>;
+    /** Moves this connection to `room` (goim's change room; with recovery when numbered). */
+    join(room: string): void;
+    /** Sends a raw packet (e.g. goim's `OpSub` with op numbers). */
+    send(op: number, body?: Uint8Array | string): void;
+    /** Closes the connection for good. */
+    close(): void;
+    connect(): Promise<void>;
+    /** A node from logic's `/goim/nodes/weighted`, for a web client. */
+    private nodes;
+    private open;
+    private handle;
+    private deliver;
+    private recoverBody;
+    private sendJoin;
+    private sendAcks;
+    private startHeartbeat;
+    private stopHeartbeat;
+    /** Full jitter: a uniform delay in [0, min(max, base * 2^attempt)). */
+    private scheduleRetry;
+}
+export {};
