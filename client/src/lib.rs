@@ -1,14 +1,19 @@
 //! A goim client (TCP and WebSocket) written from the protocol description alone, sharing no
 //! code with the server, so tests check the server against the spec rather than against itself.
-//! Also the load generator's connection.
+//! WebSocket goes through tokio-tungstenite, an implementation independent of the server's
+//! own codec; `connect_raw` speaks it frame by frame instead, for tests of bad frames. Also the
+//! load generator's and `goim watch`'s connection.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 
 use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::{Message, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
 
 pub const OP_HEARTBEAT: i32 = 2;
 pub const OP_HEARTBEAT_REPLY: i32 = 3;
@@ -98,10 +103,27 @@ pub enum Transport {
 
 pub struct Client {
     pub transport: Transport,
-    stream: TcpStream,
+    io: Io,
+    /// Read but not yet parsed (raw mode).
     buf: Vec<u8>,
     queued: VecDeque<Packet>,
     seq: i32,
+}
+
+enum Io {
+    /// TCP, or WebSocket spoken frame by frame by this file.
+    Raw(TcpStream),
+    /// WebSocket through tokio-tungstenite.
+    Ws(Box<WebSocketStream<TcpStream>>),
+}
+
+fn ws_error(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
+    use tokio_tungstenite::tungstenite::Error as E;
+    match e {
+        E::Io(e) => e,
+        E::ConnectionClosed | E::AlreadyClosed => io::ErrorKind::UnexpectedEof.into(),
+        e => io::Error::other(e),
+    }
 }
 
 /// `{"mid","key","room_id","platform","accepts"}`, as goim's clients send it.
@@ -136,13 +158,37 @@ impl Client {
             None => TcpStream::connect(addr).await?,
         };
         stream.set_nodelay(true)?;
-        let mut c = Client {
+        let io = match transport {
+            Transport::Tcp => Io::Raw(stream),
+            Transport::WebSocket => {
+                // Small buffers: the load generator holds thousands of these.
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(4096)
+                    .write_buffer_size(0);
+                let (ws, _) = tokio_tungstenite::client_async_with_config(
+                    format!("ws://{addr}/sub"),
+                    stream,
+                    Some(config),
+                )
+                .await
+                .map_err(ws_error)?;
+                Io::Ws(Box::new(ws))
+            }
+        };
+        Ok(Client {
             transport,
-            stream,
+            io,
             buf: Vec::new(),
             queued: VecDeque::new(),
             seq: 0,
-        };
+        })
+    }
+
+    /// Connects and, for WebSocket, upgrades with this file's own frames, which
+    /// [`Client::send_frame`] can then bend (tests of bad input).
+    pub async fn connect_raw(transport: Transport, addr: SocketAddr) -> io::Result<Client> {
+        let mut c = Client::connect_plain(transport, addr).await?;
+        c.stream()?.set_nodelay(true)?;
         if transport == Transport::WebSocket {
             c.upgrade("/sub", "").await?;
         }
@@ -154,11 +200,21 @@ impl Client {
         let stream = TcpStream::connect(addr).await?;
         Ok(Client {
             transport,
-            stream,
+            io: Io::Raw(stream),
             buf: Vec::new(),
             queued: VecDeque::new(),
             seq: 0,
         })
+    }
+
+    /// The socket of a raw connection.
+    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        match &mut self.io {
+            Io::Raw(s) => Ok(s),
+            Io::Ws(_) => Err(io::Error::other(
+                "a tungstenite connection: use Client::connect_raw for frame-level access",
+            )),
+        }
     }
 
     /// Sends a WebSocket upgrade request and checks the 101 response.
@@ -172,7 +228,7 @@ impl Client {
             req.push_str(&format!("Cookie: {cookie}\r\n"));
         }
         req.push_str("\r\n");
-        self.stream.write_all(req.as_bytes()).await?;
+        self.stream()?.write_all(req.as_bytes()).await?;
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
@@ -188,7 +244,7 @@ impl Client {
 
     async fn fill(&mut self) -> io::Result<()> {
         let mut chunk = [0u8; 16384];
-        let n = self.stream.read(&mut chunk).await?;
+        let n = self.stream()?.read(&mut chunk).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -198,9 +254,13 @@ impl Client {
 
     /// Writes bytes as they are (TCP) or as one masked binary frame (WebSocket).
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self.transport {
-            Transport::Tcp => self.stream.write_all(bytes).await,
-            Transport::WebSocket => self.send_frame(true, 2, bytes, true).await,
+        match (&mut self.io, self.transport) {
+            (Io::Ws(ws), _) => ws
+                .send(Message::Binary(bytes.to_vec().into()))
+                .await
+                .map_err(ws_error),
+            (Io::Raw(s), Transport::Tcp) => s.write_all(bytes).await,
+            (Io::Raw(_), Transport::WebSocket) => self.send_frame(true, 2, bytes, true).await,
         }
     }
 
@@ -232,7 +292,7 @@ impl Client {
         } else {
             f.extend_from_slice(payload);
         }
-        self.stream.write_all(&f).await
+        self.stream()?.write_all(&f).await
     }
 
     /// Sends one packet with the next sequence number and returns that number.
@@ -243,8 +303,31 @@ impl Client {
         Ok(seq)
     }
 
-    /// Reads one WebSocket frame: (fin, opcode, payload). Server frames are unmasked.
+    /// Reads one WebSocket frame: (fin, opcode, payload). Server frames are unmasked. Over
+    /// tungstenite, one message as the frame that carried it (the server does not fragment).
     pub async fn recv_frame(&mut self) -> io::Result<(bool, u8, Vec<u8>)> {
+        if let Io::Ws(ws) = &mut self.io {
+            let msg = ws
+                .next()
+                .await
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?
+                .map_err(ws_error)?;
+            return Ok(match msg {
+                Message::Binary(b) => (true, 2, b.to_vec()),
+                Message::Text(t) => (true, 1, t.as_bytes().to_vec()),
+                Message::Ping(p) => (true, 9, p.to_vec()),
+                Message::Pong(p) => (true, 10, p.to_vec()),
+                Message::Close(c) => {
+                    let mut b = Vec::new();
+                    if let Some(c) = c {
+                        b.extend_from_slice(&u16::from(c.code).to_be_bytes());
+                        b.extend_from_slice(c.reason.as_bytes());
+                    }
+                    (true, 8, b)
+                }
+                Message::Frame(f) => (true, 0, f.into_payload().to_vec()),
+            });
+        }
         loop {
             if self.buf.len() >= 2 {
                 let (b0, b1) = (self.buf[0], self.buf[1]);
@@ -352,9 +435,27 @@ impl Client {
     pub async fn read_to_close(&mut self) -> io::Result<usize> {
         let mut n = self.buf.len();
         self.buf.clear();
+        if let Io::Ws(ws) = &mut self.io {
+            // Over tungstenite: the bytes of the messages that came first (a close frame
+            // carries none).
+            use tokio_tungstenite::tungstenite::Error as E;
+            loop {
+                match ws.next().await {
+                    None | Some(Ok(Message::Close(_))) => return Ok(n),
+                    Some(Ok(m)) => n += m.len(),
+                    Some(Err(E::ConnectionClosed | E::AlreadyClosed)) => return Ok(n),
+                    Some(Err(E::Protocol(_))) => return Ok(n),
+                    Some(Err(E::Io(e))) if e.kind() == io::ErrorKind::ConnectionReset => {
+                        return Ok(n)
+                    }
+                    Some(Err(e)) => return Err(ws_error(e)),
+                }
+            }
+        }
         let mut chunk = [0u8; 4096];
+        let stream = self.stream()?;
         loop {
-            match self.stream.read(&mut chunk).await {
+            match stream.read(&mut chunk).await {
                 Ok(0) => return Ok(n),
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(n),
@@ -364,7 +465,10 @@ impl Client {
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.stream.local_addr()
+        match &self.io {
+            Io::Raw(s) => s.local_addr(),
+            Io::Ws(ws) => ws.get_ref().local_addr(),
+        }
     }
 }
 

@@ -63,13 +63,13 @@ async fn bad_headers_close_the_connection_before_and_after_auth() {
 async fn websocket_pack_len_must_match_frame() {
     let s = start().await;
     // packLen says 18 but the frame carries 23 bytes: goim would read stale bytes.
-    let mut c = client(&s, Transport::WebSocket, 1, "a", "", &[]).await;
+    let mut c = raw_client(&s, Transport::WebSocket, 1, "a").await;
     let mut p = encode(1, 4, 1, b"hi");
     p.extend_from_slice(b"stale");
     c.send_frame(true, 2, &p, true).await.unwrap();
     closed_without_reply(&mut c).await;
     // packLen larger than the frame.
-    let mut c = client(&s, Transport::WebSocket, 1, "b", "", &[]).await;
+    let mut c = raw_client(&s, Transport::WebSocket, 1, "b").await;
     let mut p = header(100, 16, 4);
     p.extend_from_slice(b"short");
     c.send_frame(true, 2, &p, true).await.unwrap();
@@ -81,12 +81,12 @@ async fn websocket_pack_len_must_match_frame() {
 async fn websocket_frame_rules() {
     let s = start().await;
     // A frame over 8 KiB is refused from its header, before the payload is read.
-    let mut c = client(&s, Transport::WebSocket, 1, "big", "", &[]).await;
+    let mut c = raw_client(&s, Transport::WebSocket, 1, "big").await;
     c.send_frame(true, 2, &vec![0u8; 8193], true).await.unwrap();
     closed_without_reply(&mut c).await;
 
     // Text frames, unmasked frames and fragments all carry packets.
-    let mut c = client(&s, Transport::WebSocket, 1, "frames", "", &[]).await;
+    let mut c = raw_client(&s, Transport::WebSocket, 1, "frames").await;
     c.send_frame(true, 1, &encode(1, 4, 5, b""), false)
         .await
         .unwrap();
@@ -110,7 +110,7 @@ async fn websocket_frame_rules() {
     closed_without_reply(&mut c).await;
 
     // More than 100 continuation frames.
-    let mut c = client(&s, Transport::WebSocket, 1, "many", "", &[]).await;
+    let mut c = raw_client(&s, Transport::WebSocket, 1, "many").await;
     c.send_frame(false, 2, b"", true).await.unwrap();
     for _ in 0..101 {
         c.send_frame(false, 0, b"", true).await.unwrap();
@@ -118,10 +118,10 @@ async fn websocket_frame_rules() {
     closed_without_reply(&mut c).await;
 
     // Reserved bits and unknown opcodes.
-    let mut c = client(&s, Transport::WebSocket, 1, "rsv", "", &[]).await;
+    let mut c = raw_client(&s, Transport::WebSocket, 1, "rsv").await;
     c.send_frame(true, 0x40 | 2, b"", true).await.unwrap();
     closed_without_reply(&mut c).await;
-    let mut c = client(&s, Transport::WebSocket, 1, "opcode", "", &[]).await;
+    let mut c = raw_client(&s, Transport::WebSocket, 1, "opcode").await;
     c.send_frame(true, 3, b"", true).await.unwrap();
     closed_without_reply(&mut c).await;
     s.shutdown().await;
@@ -131,7 +131,7 @@ async fn websocket_frame_rules() {
 async fn pings_without_reading_are_cut_off() {
     let s = start().await;
     // Before auth nothing is written back, so pongs would pile up: the server gives up.
-    let mut c = Client::connect(Transport::WebSocket, s.ws, None)
+    let mut c = Client::connect_raw(Transport::WebSocket, s.ws)
         .await
         .unwrap();
     for _ in 0..200 {

@@ -44,6 +44,17 @@ pub fn addr(s: &Standalone, t: Transport) -> SocketAddr {
     }
 }
 
+/// Connects and authenticates, WebSocket spoken frame by frame by the test client itself (so
+/// a test can then send frames no library would).
+pub async fn raw_client(s: &Standalone, t: Transport, mid: i64, key: &str) -> Client {
+    within(async {
+        let mut c = Client::connect_raw(t, addr(s, t)).await.expect("connect");
+        c.auth(&token(mid, key, "", &[])).await.expect("auth");
+        c
+    })
+    .await
+}
+
 /// Connects and authenticates.
 pub async fn client(
     s: &Standalone,
