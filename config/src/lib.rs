@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use comet::CometConfig;
 pub use http::HttpLimits;
 pub use job::{HistoryConfig, JobConfig};
-pub use logic::{BackoffConfig, LogicConfig, NodeConfig};
+pub use logic::{AuthMode, BackoffConfig, JwtConfig, LogicConfig, NodeConfig};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

@@ -29,8 +29,61 @@ pub struct LogicConfig {
     /// Whether the read-only routes (`/goim/online/*`, `/goim/nodes/*`) need a key too.
     /// goim's clients fetch `/goim/nodes/weighted` without one.
     pub protect_reads: bool,
+    /// How client tokens are checked: `json` is goim's token taken at its word (anyone may
+    /// claim any user); `jwt` verifies signed tokens with `[logic.jwt]`.
+    pub auth: AuthMode,
+    pub jwt: JwtConfig,
     pub node: NodeConfig,
     pub backoff: BackoffConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// goim's development token: JSON, not verified.
+    #[default]
+    Json,
+    /// Signed tokens (HS256, RS256, ES256), checked against `[logic.jwt]`'s keys.
+    Jwt,
+}
+
+/// Keys and checks for `auth = "jwt"`. Key files are read again when they change (checked
+/// every `reload`), so keys rotate without a restart; a token is accepted if any key of its
+/// algorithm's kind verifies it (or the JWKS key its `kid` names), so old and new keys may
+/// overlap during a rotation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Files each holding one HMAC secret (HS256), trailing newline ignored.
+    pub hs256_secret_files: Vec<String>,
+    /// PEM public keys: RSA for RS256, EC P-256 for ES256.
+    pub public_key_files: Vec<String>,
+    /// A JWKS file (`{"keys":[...]}`) with RS256 and ES256 keys.
+    pub jwks_file: String,
+    /// Accepted `aud` values (empty: not checked).
+    pub audience: Vec<String>,
+    /// Accepted `iss` values (empty: not checked).
+    pub issuer: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// How often the key files are checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            hs256_secret_files: Vec::new(),
+            public_key_files: Vec::new(),
+            jwks_file: String::new(),
+            audience: Vec::new(),
+            issuer: Vec::new(),
+            leeway: Duration::from_secs(30),
+            reload: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -64,6 +117,8 @@ impl Default for LogicConfig {
             api_keys: Vec::new(),
             api_keys_file: String::new(),
             protect_reads: false,
+            auth: AuthMode::Json,
+            jwt: JwtConfig::default(),
             node: NodeConfig::default(),
             backoff: BackoffConfig::default(),
         }

@@ -12,7 +12,6 @@ use goim_discovery::lease::keep_registered;
 use goim_discovery::{CometRecord, CometState, JobRecord, Keys, LeaseHandle, WatchCache};
 use goim_job::etcd::EtcdComets;
 use goim_job::{CometDirectory, Job, JobMetrics};
-use goim_logic::auth::JsonTokenAuth;
 use goim_logic::etcd::{EtcdNodes, EtcdOnline, JobRing};
 use goim_logic::http::{ops_router, router, Ready};
 use goim_logic::serve::{refused_counter, serve};
@@ -208,9 +207,10 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
         loads,
     });
     let http_cfg = cfg.clone();
+    let auth = goim_logic::auth::from_config(&cfg.logic)?;
     let logic = Arc::new(Logic::new(
         cfg.logic,
-        Arc::new(JsonTokenAuth),
+        auth,
         online.clone(),
         ring.clone(),
         nodes,

@@ -8,7 +8,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use goim_comet::{Comet, CometMetrics, Transport};
 use goim_job::{CometDirectory, Job, JobMetrics};
-use goim_logic::auth::JsonTokenAuth;
 use goim_logic::nodes::{CometInstance, NodeSource};
 use goim_logic::online::MemoryOnline;
 use goim_logic::{Logic, LogicMetrics};
@@ -101,9 +100,10 @@ impl Standalone {
 
         let cluster = Arc::new(LocalCluster::default());
         let job = Arc::new(Job::new(cfg.job, cluster.clone(), job_metrics));
+        let auth = goim_logic::auth::from_config(&cfg.logic)?;
         let logic = Arc::new(Logic::new(
             cfg.logic,
-            Arc::new(JsonTokenAuth),
+            auth,
             Arc::new(MemoryOnline::default()),
             job.clone(),
             cluster.clone(),

@@ -63,3 +63,63 @@ async fn no_keys_leave_the_api_open() {
     let (status, v) = status_and_code(&s, "/goim/push/all?operation=1000", None).await;
     assert_eq!((status, v["code"].as_i64()), (200, Some(0)));
 }
+
+/// `auth = "jwt"` over real sockets: a signed token connects as its `sub`, with its room; an
+/// expired one, one signed with another key and goim's JSON token are closed without a reply.
+#[tokio::test]
+async fn signed_tokens_only_with_jwt_auth() {
+    use goim_client::{Client, Transport};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = b"a test secret of thirty-two bytes or more";
+    let file = dir.path().join("hs256");
+    std::fs::write(&file, secret).unwrap();
+    let mut cfg = config();
+    cfg.logic.auth = goim_config::AuthMode::Jwt;
+    cfg.logic.jwt.hs256_secret_files = vec![file.display().to_string()];
+    let s = start_with(cfg).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let token = |key: &[u8], exp: u64| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "77", "key": "tab", "room": "live://3", "accepts": [1000], "exp": exp}),
+            &EncodingKey::from_secret(key),
+        )
+        .unwrap()
+    };
+    for transport in [Transport::Tcp, Transport::WebSocket] {
+        let mut c = within(Client::connect(transport, addr(&s, transport), None))
+            .await
+            .unwrap();
+        within(c.auth(token(secret, now + 60).as_bytes()))
+            .await
+            .expect("a valid token connects");
+        push_ok(
+            &s,
+            "/goim/push/room?operation=1000&type=live&room=3",
+            b"to 3",
+        )
+        .await;
+        assert_eq!(recv(&mut c).await.body, b"to 3");
+        push_ok(&s, "/goim/push/mids?operation=1000&mids=77", b"to 77").await;
+        assert_eq!(recv(&mut c).await.body, b"to 77");
+    }
+    let goim_json = br#"{"mid":77,"key":"x","room_id":"","accepts":[1000]}"#.to_vec();
+    for bad in [
+        token(secret, now - 3600).into_bytes(),
+        token(b"some other secret, also long enough!!", now + 60).into_bytes(),
+        goim_json,
+    ] {
+        let mut c = within(Client::connect(Transport::Tcp, s.tcp, None))
+            .await
+            .unwrap();
+        c.send(7, &bad).await.unwrap();
+        assert_eq!(within(c.read_to_close()).await.unwrap(), 0);
+    }
+    let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("goim_logic_auth_failures_total 3"),
+        "{metrics}"
+    );
+    s.shutdown().await;
+}

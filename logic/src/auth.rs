@@ -23,6 +23,19 @@ pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, token: &[u8], cookie: &str) -> Result<Identity, AuthError>;
 }
 
+/// The authenticator `[logic] auth` names: goim's JSON token, or signed tokens checked
+/// against `[logic.jwt]`'s keys (an error if none load).
+pub fn from_config(
+    cfg: &goim_config::LogicConfig,
+) -> Result<std::sync::Arc<dyn Authenticator>, crate::jwt::KeyError> {
+    Ok(match cfg.auth {
+        goim_config::AuthMode::Json => std::sync::Arc::new(JsonTokenAuth),
+        goim_config::AuthMode::Jwt => {
+            std::sync::Arc::new(crate::jwt::JwtAuth::new(cfg.jwt.clone())?)
+        }
+    })
+}
+
 /// Longest key or room id accepted. They become etcd keys and room-count records; a client
 /// must not be able to make those large.
 pub use goim_proto::MAX_ID;

@@ -5,6 +5,7 @@ pub mod auth;
 
 pub mod etcd;
 pub mod http;
+pub mod jwt;
 pub mod logic;
 pub mod nodes;
 pub mod online;

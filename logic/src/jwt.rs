@@ -1,0 +1,526 @@
+//! Signed tokens (`auth = "jwt"`): HS256, RS256 and ES256, with keys from files or a JWKS file
+//! that are read again when they change. A token is never logged nor put in an error.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime};
+
+use goim_config::JwtConfig;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::auth::{AuthError, Authenticator, Identity, MAX_ID};
+
+/// The claims goim-rs reads. `sub` (or `mid`) is the user id; `key` the device's connection
+/// key; `room` (or the first of `rooms`) the room joined at auth; `accepts` the ops taken.
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    mid: Option<i64>,
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    room: Option<String>,
+    #[serde(default)]
+    rooms: Vec<String>,
+    #[serde(default)]
+    accepts: Vec<i32>,
+}
+
+/// The keys as read from the files, by kind.
+#[derive(Default)]
+struct Keys {
+    hmac: Vec<DecodingKey>,
+    rsa: Vec<DecodingKey>,
+    ec: Vec<DecodingKey>,
+    jwks: Option<JwkSet>,
+}
+
+/// What identifies the key files' contents without reading them: size and mtime of each.
+type Stamp = Vec<Option<(u64, SystemTime)>>;
+
+pub struct JwtAuth {
+    cfg: JwtConfig,
+    keys: RwLock<Arc<Keys>>,
+    /// When the files were last looked at, and what they looked like.
+    checked: Mutex<(Instant, Stamp)>,
+}
+
+/// A key file that cannot be used; names the file, never its content.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct KeyError {
+    path: String,
+    reason: String,
+}
+
+impl JwtAuth {
+    /// Reads every key file once; a missing or unreadable file, or no key at all, is an error
+    /// (a logic that could verify nothing would refuse every client).
+    pub fn new(cfg: JwtConfig) -> Result<JwtAuth, KeyError> {
+        let keys = load(&cfg)?;
+        let stamp = stamp(&cfg);
+        Ok(JwtAuth {
+            cfg,
+            keys: RwLock::new(Arc::new(keys)),
+            checked: Mutex::new((Instant::now(), stamp)),
+        })
+    }
+
+    fn files(cfg: &JwtConfig) -> impl Iterator<Item = &String> {
+        cfg.hs256_secret_files
+            .iter()
+            .chain(&cfg.public_key_files)
+            .chain(std::iter::once(&cfg.jwks_file).filter(|f| !f.is_empty()))
+    }
+
+    /// The current keys, read again first if the files changed since the last look (at most
+    /// every `reload`). A change that does not load keeps the old keys.
+    fn keys(&self) -> Arc<Keys> {
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+            if checked.0.elapsed() >= self.cfg.reload {
+                checked.0 = Instant::now();
+                let now = stamp(&self.cfg);
+                if now != checked.1 {
+                    match load(&self.cfg) {
+                        Ok(keys) => {
+                            *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                            checked.1 = now;
+                            tracing::info!("JWT keys reloaded");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "JWT keys changed but do not load; keeping the old ones")
+                        }
+                    }
+                }
+            }
+        }
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = self.cfg.leeway.as_secs();
+        v.required_spec_claims = HashSet::from(["exp".to_string()]);
+        v.validate_nbf = true;
+        if self.cfg.audience.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.cfg.audience);
+        }
+        if !self.cfg.issuer.is_empty() {
+            v.set_issuer(&self.cfg.issuer);
+        }
+        v
+    }
+}
+
+fn stamp(cfg: &JwtConfig) -> Stamp {
+    JwtAuth::files(cfg)
+        .map(|f| {
+            let m = std::fs::metadata(f).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
+fn read(path: &str) -> Result<Vec<u8>, KeyError> {
+    std::fs::read(Path::new(path)).map_err(|e| KeyError {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn load(cfg: &JwtConfig) -> Result<Keys, KeyError> {
+    let mut keys = Keys::default();
+    for f in &cfg.hs256_secret_files {
+        let mut secret = read(f)?;
+        while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            secret.pop();
+        }
+        if secret.len() < 32 {
+            return Err(KeyError {
+                path: f.clone(),
+                reason: "an HS256 secret needs at least 32 bytes".into(),
+            });
+        }
+        keys.hmac.push(DecodingKey::from_secret(&secret));
+    }
+    for f in &cfg.public_key_files {
+        let pem = read(f)?;
+        if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+            keys.rsa.push(k);
+        } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+            keys.ec.push(k);
+        } else {
+            return Err(KeyError {
+                path: f.clone(),
+                reason: "not a PEM RSA or EC public key".into(),
+            });
+        }
+    }
+    if !cfg.jwks_file.is_empty() {
+        let set: JwkSet = serde_json::from_slice(&read(&cfg.jwks_file)?).map_err(|e| KeyError {
+            path: cfg.jwks_file.clone(),
+            reason: format!("not a JWKS: {e}"),
+        })?;
+        keys.jwks = Some(set);
+    }
+    let any = !keys.hmac.is_empty()
+        || !keys.rsa.is_empty()
+        || !keys.ec.is_empty()
+        || keys.jwks.as_ref().is_some_and(|s| !s.keys.is_empty());
+    if !any {
+        return Err(KeyError {
+            path: "[logic.jwt]".into(),
+            reason: "no keys configured".into(),
+        });
+    }
+    Ok(keys)
+}
+
+fn refused(why: &str) -> AuthError {
+    AuthError::Refused(why.into())
+}
+
+impl Authenticator for JwtAuth {
+    fn authenticate(&self, token: &[u8], _cookie: &str) -> Result<Identity, AuthError> {
+        let token = std::str::from_utf8(token)
+            .map_err(|_| AuthError::Malformed("a JWT is ASCII".into()))?
+            .trim();
+        // Parses only the header, to pick the keys; `alg: none` and unknown algorithms fail
+        // here or below.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Malformed("not a JWT".into()))?;
+        let alg = header.alg;
+        if !matches!(alg, Algorithm::HS256 | Algorithm::RS256 | Algorithm::ES256) {
+            return Err(refused("algorithm not accepted (HS256, RS256, ES256)"));
+        }
+        let family = alg.family();
+        let keys = self.keys();
+        // The JWKS key the token names, if it names one; else every key of its algorithm's
+        // kind. A key of another kind is never tried: an RSA public key is not an HMAC
+        // secret (key confusion).
+        let mut candidates: Vec<DecodingKey> = Vec::new();
+        if let (Some(kid), Some(set)) = (&header.kid, &keys.jwks) {
+            if let Some(jwk) = set.find(kid) {
+                let k = DecodingKey::from_jwk(jwk).map_err(|_| refused("unusable JWKS key"))?;
+                candidates.push(k);
+            }
+        }
+        if candidates.is_empty() {
+            let by_kind = match family {
+                AlgorithmFamily::Hmac => &keys.hmac,
+                AlgorithmFamily::Rsa => &keys.rsa,
+                AlgorithmFamily::Ec => &keys.ec,
+                _ => return Err(refused("algorithm not accepted")),
+            };
+            candidates.extend(by_kind.iter().cloned());
+            if let Some(set) = &keys.jwks {
+                candidates.extend(
+                    set.keys
+                        .iter()
+                        .filter_map(|j| DecodingKey::from_jwk(j).ok())
+                        .filter(|k| k.family() == family),
+                );
+            }
+        }
+        if candidates.is_empty() {
+            return Err(refused("no key for the token's algorithm"));
+        }
+        let validation = self.validation(alg);
+        let mut last = refused("bad signature");
+        for key in &candidates {
+            if key.family() != family {
+                continue;
+            }
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => return identity(data.claims),
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    last = match e.kind() {
+                        K::ExpiredSignature => refused("token expired"),
+                        K::ImmatureSignature => refused("token not valid yet"),
+                        K::InvalidAudience => refused("wrong audience"),
+                        K::InvalidIssuer => refused("wrong issuer"),
+                        K::MissingRequiredClaim(_) => refused("token has no exp"),
+                        K::InvalidSignature => refused("bad signature"),
+                        K::InvalidAlgorithm => refused("algorithm does not match the key"),
+                        _ => refused("token refused"),
+                    };
+                    // Only a signature mismatch may be another key's token.
+                    if !matches!(e.kind(), K::InvalidSignature) {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+fn identity(c: Claims) -> Result<Identity, AuthError> {
+    let mid = match (c.mid, c.sub.as_deref()) {
+        (Some(m), _) => m,
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|_| AuthError::Malformed("sub must be a numeric user id".into()))?,
+        (None, None) => return Err(AuthError::Malformed("no sub or mid".into())),
+    };
+    let room_id = c
+        .room
+        .or_else(|| c.rooms.into_iter().next())
+        .unwrap_or_default();
+    if c.key.len() > MAX_ID || room_id.len() > MAX_ID {
+        return Err(AuthError::Malformed(format!(
+            "key and room are limited to {MAX_ID} bytes"
+        )));
+    }
+    Ok(Identity {
+        mid,
+        key: c.key,
+        room_id,
+        accepts: c.accepts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+    use std::process::Command;
+    use std::time::Duration;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    fn sign(alg: Algorithm, key: &EncodingKey, claims: serde_json::Value) -> String {
+        encode(&Header::new(alg), &claims, key).unwrap()
+    }
+
+    /// An RSA or EC key pair made by openssl: (private PEM, public PEM file path).
+    fn keypair(dir: &Path, name: &str, ec: bool) -> (Vec<u8>, String) {
+        let private = dir.join(format!("{name}.key"));
+        let public = dir.join(format!("{name}.pub"));
+        let gen = if ec {
+            Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-out",
+                ])
+                .arg(&private)
+                .output()
+        } else {
+            Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                ])
+                .arg(&private)
+                .output()
+        }
+        .expect("openssl (scripts/test.sh installs it)");
+        assert!(
+            gen.status.success(),
+            "{}",
+            String::from_utf8_lossy(&gen.stderr)
+        );
+        let out = Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        (
+            std::fs::read(&private).unwrap(),
+            public.display().to_string(),
+        )
+    }
+
+    fn claims(mid: i64) -> serde_json::Value {
+        json!({"sub": mid.to_string(), "key": "phone", "rooms": ["live://1"], "accepts": [1000], "exp": now() + 60})
+    }
+
+    fn secret_file(dir: &Path, name: &str, secret: &[u8]) -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, [secret, b"\n"].concat()).unwrap();
+        p.display().to_string()
+    }
+
+    #[test]
+    fn valid_expired_forged_none_and_confused_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rsa_private, rsa_public) = keypair(dir.path(), "rsa", false);
+        let (ec_private, ec_public) = keypair(dir.path(), "ec", true);
+        let auth = JwtAuth::new(JwtConfig {
+            hs256_secret_files: vec![secret_file(dir.path(), "hs", SECRET)],
+            public_key_files: vec![rsa_public.clone(), ec_public],
+            ..Default::default()
+        })
+        .unwrap();
+        let hs = EncodingKey::from_secret(SECRET);
+        let rs = EncodingKey::from_rsa_pem(&rsa_private).unwrap();
+        let es = EncodingKey::from_ec_pem(&ec_private).unwrap();
+        for (alg, key) in [
+            (Algorithm::HS256, &hs),
+            (Algorithm::RS256, &rs),
+            (Algorithm::ES256, &es),
+        ] {
+            let id = auth
+                .authenticate(sign(alg, key, claims(42)).as_bytes(), "")
+                .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+            assert_eq!(
+                id,
+                Identity {
+                    mid: 42,
+                    key: "phone".into(),
+                    room_id: "live://1".into(),
+                    accepts: vec![1000]
+                }
+            );
+        }
+        let refused = |t: &str| auth.authenticate(t.as_bytes(), "").unwrap_err();
+        // Expired, beyond the leeway.
+        let mut old = claims(1);
+        old["exp"] = json!(now() - 120);
+        assert_eq!(
+            refused(&sign(Algorithm::HS256, &hs, old)),
+            AuthError::Refused("token expired".into())
+        );
+        // No exp at all.
+        assert_eq!(
+            refused(&sign(Algorithm::HS256, &hs, json!({"sub": "1"}))),
+            AuthError::Refused("token has no exp".into())
+        );
+        // Signed with another secret.
+        let other = EncodingKey::from_secret(b"another secret of at least 32 bytes!");
+        assert_eq!(
+            refused(&sign(Algorithm::HS256, &other, claims(1))),
+            AuthError::Refused("bad signature".into())
+        );
+        // A body changed after signing.
+        let good = sign(Algorithm::RS256, &rs, claims(1));
+        let mut parts: Vec<&str> = good.split('.').collect();
+        let body = base64_url(&serde_json::to_vec(&claims(999)).unwrap());
+        parts[1] = &body;
+        assert!(matches!(refused(&parts.join(".")), AuthError::Refused(_)));
+        // alg: none, unsigned.
+        let none = format!(
+            "{}.{}.",
+            base64_url(br#"{"alg":"none","typ":"JWT"}"#),
+            base64_url(&serde_json::to_vec(&claims(1)).unwrap())
+        );
+        assert!(auth.authenticate(none.as_bytes(), "").is_err());
+        // Key confusion: HS256 with the RSA public key's PEM as the HMAC secret.
+        let pem = std::fs::read(&rsa_public).unwrap();
+        let confused = sign(Algorithm::HS256, &EncodingKey::from_secret(&pem), claims(1));
+        assert_eq!(
+            refused(&confused),
+            AuthError::Refused("bad signature".into())
+        );
+        // An algorithm not accepted.
+        let hs512 = sign(Algorithm::HS512, &hs, claims(1));
+        assert!(matches!(refused(&hs512), AuthError::Refused(_)));
+        // Not a JWT, and goim's JSON token.
+        assert!(matches!(refused("garbage"), AuthError::Malformed(_)));
+        assert!(matches!(refused(r#"{"mid":1}"#), AuthError::Malformed(_)));
+        // No error names the token.
+        assert!(!format!("{:?}", refused(&confused)).contains(&confused[..20]));
+    }
+
+    fn base64_url(b: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    }
+
+    #[test]
+    fn keys_rotate_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = secret_file(dir.path(), "hs", SECRET);
+        let auth = JwtAuth::new(JwtConfig {
+            hs256_secret_files: vec![file.clone()],
+            reload: Duration::ZERO,
+            ..Default::default()
+        })
+        .unwrap();
+        let old = sign(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(SECRET),
+            claims(5),
+        );
+        assert!(auth.authenticate(old.as_bytes(), "").is_ok());
+        let next = b"the next secret, also 32 bytes or more";
+        // A different length, so the change shows even within one mtime tick.
+        std::fs::write(&file, next).unwrap();
+        let new = sign(Algorithm::HS256, &EncodingKey::from_secret(next), claims(5));
+        assert!(auth.authenticate(new.as_bytes(), "").is_ok());
+        assert!(auth.authenticate(old.as_bytes(), "").is_err());
+        // A broken file keeps the keys that work.
+        std::fs::write(&file, b"short").unwrap();
+        assert!(auth.authenticate(new.as_bytes(), "").is_ok());
+    }
+
+    #[test]
+    fn jwks_keys_by_kid() {
+        let dir = tempfile::tempdir().unwrap();
+        let (private, public) = keypair(dir.path(), "rsa", false);
+        // The JWKS entry from the public key's components.
+        let out = Command::new("openssl")
+            .args(["rsa", "-pubin", "-in", &public, "-noout", "-modulus"])
+            .output()
+            .unwrap();
+        let modulus = String::from_utf8(out.stdout).unwrap();
+        let hex = modulus.trim().trim_start_matches("Modulus=");
+        let n: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let jwks = json!({"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig", "n": base64_url(&n), "e": "AQAB"}]});
+        let file = dir.path().join("jwks.json");
+        std::fs::write(&file, jwks.to_string()).unwrap();
+        let auth = JwtAuth::new(JwtConfig {
+            jwks_file: file.display().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+        let key = EncodingKey::from_rsa_pem(&private).unwrap();
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some("k1".into());
+        let t = encode(&h, &claims(8), &key).unwrap();
+        assert_eq!(auth.authenticate(t.as_bytes(), "").unwrap().mid, 8);
+        // Without a kid, the set's keys of the right kind are tried.
+        let t = sign(Algorithm::RS256, &key, claims(9));
+        assert_eq!(auth.authenticate(t.as_bytes(), "").unwrap().mid, 9);
+    }
+
+    #[test]
+    fn no_keys_is_an_error_at_start() {
+        assert!(JwtAuth::new(JwtConfig::default()).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let short = secret_file(dir.path(), "hs", b"too short");
+        assert!(JwtAuth::new(JwtConfig {
+            hs256_secret_files: vec![short],
+            ..Default::default()
+        })
+        .is_err());
+    }
+}
