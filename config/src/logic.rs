@@ -60,6 +60,10 @@ pub struct JwtConfig {
     pub public_key_files: Vec<String>,
     /// A JWKS file (`{"keys":[...]}`) with RS256 and ES256 keys.
     pub jwks_file: String,
+    /// A directory of keys (a mounted Secret): `*.json` files are JWKS, PEM files public
+    /// keys, anything else an HMAC secret; names starting with `.` are skipped. Files added
+    /// or removed there are picked up without a restart too.
+    pub key_dir: String,
     /// Accepted `aud` values (empty: not checked).
     pub audience: Vec<String>,
     /// Accepted `iss` values (empty: not checked).
@@ -78,6 +82,7 @@ impl Default for JwtConfig {
             hs256_secret_files: Vec::new(),
             public_key_files: Vec::new(),
             jwks_file: String::new(),
+            key_dir: String::new(),
             audience: Vec::new(),
             issuer: Vec::new(),
             leeway: Duration::from_secs(30),

@@ -41,7 +41,7 @@ struct Keys {
 }
 
 /// What identifies the key files' contents without reading them: size and mtime of each.
-type Stamp = Vec<Option<(u64, SystemTime)>>;
+type Stamp = Vec<(String, Option<(u64, SystemTime)>)>;
 
 pub struct JwtAuth {
     cfg: JwtConfig,
@@ -71,11 +71,15 @@ impl JwtAuth {
         })
     }
 
-    fn files(cfg: &JwtConfig) -> impl Iterator<Item = &String> {
+    /// Every key file: the ones named, then what `key_dir` holds now.
+    fn files(cfg: &JwtConfig) -> Vec<String> {
         cfg.hs256_secret_files
             .iter()
             .chain(&cfg.public_key_files)
             .chain(std::iter::once(&cfg.jwks_file).filter(|f| !f.is_empty()))
+            .cloned()
+            .chain(dir_files(&cfg.key_dir))
+            .collect()
     }
 
     /// The current keys, read again first if the files changed since the last look (at most
@@ -120,11 +124,32 @@ impl JwtAuth {
     }
 }
 
+/// The regular files in `dir`, sorted, without hidden ones (a mounted Secret's `..data`).
+fn dir_files(dir: &str) -> Vec<String> {
+    if dir.is_empty() {
+        return Vec::new();
+    }
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        // Follows symlinks, as a mounted Secret's entries are.
+        .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.is_file()))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    files.sort();
+    files
+}
+
 fn stamp(cfg: &JwtConfig) -> Stamp {
     JwtAuth::files(cfg)
+        .into_iter()
         .map(|f| {
-            let m = std::fs::metadata(f).ok()?;
-            Some((m.len(), m.modified().ok()?))
+            let m = std::fs::metadata(&f)
+                .ok()
+                .and_then(|m| Some((m.len(), m.modified().ok()?)));
+            (f, m)
         })
         .collect()
 }
@@ -164,12 +189,45 @@ fn load(cfg: &JwtConfig) -> Result<Keys, KeyError> {
             });
         }
     }
+    let mut jwks_files: Vec<String> = Vec::new();
     if !cfg.jwks_file.is_empty() {
-        let set: JwkSet = serde_json::from_slice(&read(&cfg.jwks_file)?).map_err(|e| KeyError {
-            path: cfg.jwks_file.clone(),
+        jwks_files.push(cfg.jwks_file.clone());
+    }
+    for f in dir_files(&cfg.key_dir) {
+        let bytes = read(&f)?;
+        if f.ends_with(".json") {
+            jwks_files.push(f);
+        } else if bytes.starts_with(b"-----BEGIN") {
+            if let Ok(k) = DecodingKey::from_rsa_pem(&bytes) {
+                keys.rsa.push(k);
+            } else if let Ok(k) = DecodingKey::from_ec_pem(&bytes) {
+                keys.ec.push(k);
+            } else {
+                return Err(KeyError {
+                    path: f,
+                    reason: "not a PEM RSA or EC public key".into(),
+                });
+            }
+        } else {
+            let secret = bytes.trim_ascii_end();
+            if secret.len() < 32 {
+                return Err(KeyError {
+                    path: f,
+                    reason: "an HS256 secret needs at least 32 bytes".into(),
+                });
+            }
+            keys.hmac.push(DecodingKey::from_secret(secret));
+        }
+    }
+    for f in jwks_files {
+        let set: JwkSet = serde_json::from_slice(&read(&f)?).map_err(|e| KeyError {
+            path: f.clone(),
             reason: format!("not a JWKS: {e}"),
         })?;
-        keys.jwks = Some(set);
+        keys.jwks
+            .get_or_insert_with(|| JwkSet { keys: Vec::new() })
+            .keys
+            .extend(set.keys);
     }
     let any = !keys.hmac.is_empty()
         || !keys.rsa.is_empty()
@@ -510,6 +568,38 @@ mod tests {
         // Without a kid, the set's keys of the right kind are tried.
         let t = sign(Algorithm::RS256, &key, claims(9));
         assert_eq!(auth.authenticate(t.as_bytes(), "").unwrap().mid, 9);
+    }
+
+    /// A mounted Secret: keys added to the directory are picked up, hidden entries skipped.
+    #[test]
+    fn a_key_directory_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hs256"), SECRET).unwrap();
+        std::fs::create_dir(dir.path().join("..data")).unwrap();
+        std::fs::write(dir.path().join(".hidden"), b"x").unwrap();
+        let auth = JwtAuth::new(JwtConfig {
+            key_dir: dir.path().display().to_string(),
+            reload: Duration::ZERO,
+            ..Default::default()
+        })
+        .unwrap();
+        let hs = sign(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(SECRET),
+            claims(3),
+        );
+        assert!(auth.authenticate(hs.as_bytes(), "").is_ok());
+        // An EC key pair made elsewhere; only its public half goes into the directory.
+        let other = tempfile::tempdir().unwrap();
+        let (private, public) = keypair(other.path(), "ec", true);
+        std::fs::copy(&public, dir.path().join("ec.pem")).unwrap();
+        let es = sign(
+            Algorithm::ES256,
+            &EncodingKey::from_ec_pem(&private).unwrap(),
+            claims(4),
+        );
+        assert_eq!(auth.authenticate(es.as_bytes(), "").unwrap().mid, 4);
+        assert!(auth.authenticate(hs.as_bytes(), "").is_ok());
     }
 
     #[test]
