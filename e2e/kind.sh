@@ -47,6 +47,7 @@ spec:
   image: ${IMAGE}
   imagePullPolicy: Never
   etcd: {endpoints: ["goim-goim-etcd.${NS}:2379"]}
+  auth: {mode: json}   # the load generator's clients send goim's JSON token
   comet: {replicas: 2, drainSeconds: 20}
 YAML
 kubectl -n "$NS" wait pushcluster/demo --for=condition=Ready --timeout=5m

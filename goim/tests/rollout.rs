@@ -678,7 +678,7 @@ async fn an_operator_rollout_loses_nothing_for_clients_that_recover() {
     let pc: PushCluster = serde_json::from_value(json!({
         "apiVersion": "goim.rs/v1beta1", "kind": "PushCluster",
         "metadata": {"name": PC},
-        "spec": {"image": "goim:test", "etcd": {"endpoints": [cp.etcd.endpoint()]},
+        "spec": {"image": "goim:test", "etcd": {"endpoints": [cp.etcd.endpoint()]}, "auth": {"mode": "json"},
             "comet": {"replicas": COMETS, "drainSeconds": 120,
                 "ports": {"tcp": ports.tcp, "ws": ports.ws, "grpc": ports.grpc, "metrics": ports.metrics}},
             "history": {"rooms": {"chat": {"size": 20000, "ttlSeconds": 600}},

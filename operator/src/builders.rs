@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use goim_config::{Config, HistoryConfig};
 
-use crate::crd::{HistoryLimits, PodSettings, PushCluster, ServiceType, TrafficPolicy};
+use crate::crd::{AuthMode, HistoryLimits, PodSettings, PushCluster, ServiceType, TrafficPolicy};
 
 pub const CONFIG_HASH: &str = "goim.rs/config-hash";
 /// The comet revision a pod runs: [`comet_revision`] of the spec it was created from.
@@ -30,6 +30,10 @@ pub const REVISION: &str = "goim.rs/revision";
 const CONFIG_PATH: &str = "/etc/goim/goim.toml";
 /// Where the etcd TLS secret is mounted in every role's pod.
 pub const ETCD_TLS_PATH: &str = "/etc/goim-etcd-tls";
+/// Where logic's pods mount the JWT keys Secret (`spec.auth.jwt.secretRef`).
+pub const JWT_KEYS_PATH: &str = "/etc/goim-jwt";
+/// Where logic's pods mount the API keys Secret (`spec.auth.apiKeys.secretRef`).
+pub const API_KEYS_PATH: &str = "/etc/goim-api-keys";
 
 /// Everything one PushCluster owns.
 #[derive(Debug, Clone)]
@@ -128,6 +132,21 @@ pub fn config(pc: &PushCluster) -> Config {
     set(&mut node.wss_port, l.nodes.wss_port, |n| n);
     set(&mut node.region_weight, l.nodes.region_weight, |n| n);
     logic.user_streams = s.history.users.is_some();
+    match s.auth.mode {
+        AuthMode::Json => logic.auth = goim_config::AuthMode::Json,
+        AuthMode::Jwt => {
+            logic.auth = goim_config::AuthMode::Jwt;
+            logic.jwt.key_dir = JWT_KEYS_PATH.into();
+            if let Some(j) = &s.auth.jwt {
+                logic.jwt.audience = j.audience.clone();
+                logic.jwt.issuer = j.issuer.clone();
+            }
+        }
+    }
+    if let Some(k) = &s.auth.api_keys {
+        logic.api_keys_file = format!("{API_KEYS_PATH}/{}", k.key);
+        logic.protect_reads = k.protect_reads;
+    }
 
     let job = &mut c.job;
     let j = &s.job;
@@ -318,6 +337,31 @@ fn pod(
             ),
             ..Default::default()
         }),
+    }
+}
+
+/// Mounts Secret `secret` read-only at `path` in the pod's (only) container.
+fn mount_secret(t: &mut PodTemplateSpec, volume: &str, secret: &str, path: &str) {
+    let Some(spec) = t.spec.as_mut() else {
+        return;
+    };
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: volume.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    for c in &mut spec.containers {
+        c.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: volume.into(),
+                mount_path: path.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
     }
 }
 
@@ -521,7 +565,7 @@ pub fn build(pc: &PushCluster) -> Objects {
         ..Default::default()
     };
 
-    let (logic, logic_service) = stateless_role(
+    let (mut logic, logic_service) = stateless_role(
         pc,
         "logic",
         s.logic.replicas,
@@ -531,6 +575,15 @@ pub fn build(pc: &PushCluster) -> Objects {
         "http",
         &config_hash,
     );
+    // Only logic checks tokens and API keys: only its pods see those Secrets.
+    if let Some(t) = logic.spec.as_mut().map(|s| &mut s.template) {
+        if let Some(j) = &s.auth.jwt {
+            mount_secret(t, "jwt-keys", &j.secret_ref.name, JWT_KEYS_PATH);
+        }
+        if let Some(k) = &s.auth.api_keys {
+            mount_secret(t, "api-keys", &k.secret_ref.name, API_KEYS_PATH);
+        }
+    }
     let (job, job_service) = stateless_role(
         pc,
         "job",
@@ -567,6 +620,7 @@ metadata: {name: chat, namespace: prod, uid: "1234", generation: 3}
 spec:
   image: goim:test
   etcd: {endpoints: ["etcd:2379"]}
+  auth: {mode: json}
   comet: {replicas: 3, drainSeconds: 60, serviceType: LoadBalancer}
 "#,
         )
@@ -769,7 +823,7 @@ spec:
         let pc: PushCluster = serde_json::from_value(serde_json::json!({
             "apiVersion": "goim.rs/v1beta1", "kind": "PushCluster",
             "metadata": {"name": "chat", "namespace": "prod"},
-            "spec": {"image": "i", "etcd": {"endpoints": ["etcd:2379"]},
+            "spec": {"image": "i", "etcd": {"endpoints": ["etcd:2379"]}, "auth": {"mode": "json"},
                 "comet": {"drainSeconds": 7, "buckets": 16},
                 "history": {"rooms": {"chat": {"size": 50, "ttlSeconds": 60},
                     "a\"b]\n[x": {"size": 1, "ttlSeconds": 1}},
@@ -833,6 +887,7 @@ metadata: {name: chat, namespace: prod}
 spec:
   image: goim:test
   etcd: {endpoints: ["etcd:2379"]}
+  auth: {mode: json}
   comet: {maxConnections: 5000, pushQueue: 8, bucketQueue: 16, handshakeTimeoutSeconds: 3, writeTimeoutSeconds: 4}
   logic:
     heartbeatSeconds: 30
@@ -892,6 +947,7 @@ spec:
   image: goim:test
   imagePullSecrets: [{name: regcred}]
   etcd: {endpoints: ["etcd:2379"]}
+  auth: {mode: json}
   comet:
     serviceType: NodePort
     service:
@@ -957,6 +1013,54 @@ spec:
         assert!(job.node_selector.is_none() && job.tolerations.is_none());
         // Scheduling is a restart for comets: a new revision.
         assert_ne!(comet_revision(&pc), comet_revision(&fixture()));
+    }
+
+    /// JWT keys and API keys: Secrets mounted into logic's pods only, and named in its config.
+    #[test]
+    fn auth_secrets_reach_logic_only() {
+        let mut pc = fixture();
+        pc.spec.auth = serde_json::from_value(serde_json::json!({
+            "mode": "jwt",
+            "jwt": {"secretRef": {"name": "jwt-keys"}, "audience": ["chat"]},
+            "apiKeys": {"secretRef": {"name": "api"}, "protectReads": true}
+        }))
+        .unwrap();
+        let c = config(&pc);
+        assert_eq!(c.logic.auth, goim_config::AuthMode::Jwt);
+        assert_eq!(c.logic.jwt.key_dir, JWT_KEYS_PATH);
+        assert_eq!(c.logic.jwt.audience, ["chat"]);
+        assert_eq!(c.logic.api_keys_file, format!("{API_KEYS_PATH}/keys"));
+        assert!(c.logic.protect_reads);
+        let o = build(&pc);
+        let logic = o.logic.spec.unwrap().template.spec.unwrap();
+        let secrets: Vec<_> = logic
+            .volumes
+            .unwrap()
+            .into_iter()
+            .filter_map(|v| v.secret.and_then(|s| s.secret_name))
+            .collect();
+        assert_eq!(secrets, ["jwt-keys", "api"]);
+        let mounts: Vec<_> = logic.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mount_path)
+            .collect();
+        assert!(mounts.contains(&JWT_KEYS_PATH.to_string()));
+        for other in [
+            o.comet.spec.unwrap().template.spec.unwrap(),
+            o.job.spec.unwrap().template.spec.unwrap(),
+        ] {
+            assert!(other
+                .volumes
+                .unwrap_or_default()
+                .iter()
+                .all(|v| v.secret.is_none()));
+        }
+        // json: goim's token, chosen explicitly; nothing mounted.
+        let plain = config(&fixture());
+        assert_eq!(plain.logic.auth, goim_config::AuthMode::Json);
     }
 
     #[test]

@@ -100,7 +100,8 @@ pub struct PushClusterSpec {
     pub logic: LogicSpec,
     #[serde(default)]
     pub job: JobSpec,
-    #[serde(default)]
+    /// How clients are authenticated. Required: goim's unverified JSON token is never chosen
+    /// for you.
     pub auth: AuthSpec,
     /// Numbered streams kept for recovery (docs/PROTOCOL.md): off unless named here.
     #[serde(default)]
@@ -422,18 +423,58 @@ pub struct JobSpec {
     pub max_rooms: Option<u64>,
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'jwt' || has(self.jwt)").message("auth.mode jwt needs auth.jwt.secretRef"))]
 pub struct AuthSpec {
-    /// `json`: goim's development token, not verified.
-    #[serde(default = "default_auth")]
+    /// `jwt`: signed client tokens (HS256, RS256, ES256) checked against the keys in
+    /// `jwt.secretRef`. `json`: goim's development token, not verified, so any client can
+    /// claim any user: only where every client is trusted.
     pub mode: AuthMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtSpec>,
+    /// Keys the HTTP push API requires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<ApiKeysSpec>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     Json,
+    Jwt,
+}
+
+/// Where logic finds its JWT keys: a Secret mounted as a directory, each entry a key (`*.json`
+/// a JWKS, PEM a public key, anything else an HS256 secret of 32 bytes or more). Keys
+/// changed, added or removed in the Secret apply without a restart.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtSpec {
+    pub secret_ref: SecretRef,
+    /// Accepted `aud` values (empty: not checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audience: Vec<String>,
+    /// Accepted `iss` values (empty: not checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issuer: Vec<String>,
+}
+
+/// The push API's keys: one per line in a Secret's entry (read when logic starts).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeysSpec {
+    pub secret_ref: SecretRef,
+    /// The Secret's entry holding the keys.
+    #[serde(default = "default_api_keys_entry")]
+    pub key: String,
+    /// The read-only routes (online counts, nodes) need a key too.
+    #[serde(default)]
+    pub protect_reads: bool,
+}
+
+fn default_api_keys_entry() -> String {
+    "keys".into()
 }
 
 fn default_comets() -> i32 {
@@ -456,9 +497,6 @@ fn default_max_unavailable() -> i32 {
 }
 fn default_role_replicas() -> i32 {
     1
-}
-fn default_auth() -> AuthMode {
-    AuthMode::Json
 }
 fn p3101() -> i32 {
     3101
@@ -531,14 +569,6 @@ impl Default for JobSpec {
             room_linger_milliseconds: None,
             comet_queue: None,
             max_rooms: None,
-        }
-    }
-}
-
-impl Default for AuthSpec {
-    fn default() -> Self {
-        AuthSpec {
-            mode: default_auth(),
         }
     }
 }

@@ -445,7 +445,7 @@ mod tests {
 
     fn pc() -> PushCluster {
         serde_yaml::from_str(
-            "apiVersion: goim.rs/v1beta1\nkind: PushCluster\nmetadata: {name: chat, namespace: ns}\nspec: {image: i, etcd: {endpoints: [e]}, comet: {replicas: 3}}",
+            "apiVersion: goim.rs/v1beta1\nkind: PushCluster\nmetadata: {name: chat, namespace: ns}\nspec: {image: i, etcd: {endpoints: [e]}, auth: {mode: json}, comet: {replicas: 3}}",
         )
         .unwrap()
     }

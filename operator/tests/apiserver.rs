@@ -71,7 +71,7 @@ fn cluster(name: &str, etcd: &str, comets: i32) -> PushCluster {
         "apiVersion": "goim.rs/v1beta1",
         "kind": "PushCluster",
         "metadata": {"name": name},
-        "spec": {"image": "goim:test", "etcd": {"endpoints": [etcd]}, "comet": {"replicas": comets, "drainSeconds": 600}}
+        "spec": {"image": "goim:test", "etcd": {"endpoints": [etcd]}, "auth": {"mode": "json"}, "comet": {"replicas": comets, "drainSeconds": 600}}
     }))
     .unwrap()
 }
@@ -127,7 +127,7 @@ async fn invalid_specs_are_rejected_by_schema_and_cel() {
     // As a user would: kubectl apply, refused by the schema and CEL with the reason shown.
     let (ok, _, err) = control_plane().kubectl(
         &["apply", "-n", "invalid", "-f", "-"],
-        "apiVersion: goim.rs/v1alpha1\nkind: PushCluster\nmetadata: {name: viakubectl}\nspec:\n  image: \"\"\n  etcd: {endpoints: []}\n  logic: {replicas: 0}\n",
+        "apiVersion: goim.rs/v1alpha1\nkind: PushCluster\nmetadata: {name: viakubectl}\nspec:\n  image: \"\"\n  etcd: {endpoints: []}\n  auth: {mode: json}\n  logic: {replicas: 0}\n",
     );
     assert!(!ok, "kubectl apply accepted an invalid spec");
     for reason in [
@@ -137,6 +137,12 @@ async fn invalid_specs_are_rejected_by_schema_and_cel() {
     ] {
         assert!(err.contains(reason), "{reason:?} not in: {err}");
     }
+    // No auth mode is chosen for the user: goim's unverified token only when asked for.
+    let (ok, _, err) = control_plane().kubectl(
+        &["apply", "-n", "invalid", "-f", "-"],
+        "apiVersion: goim.rs/v1beta1\nkind: PushCluster\nmetadata: {name: noauth}\nspec:\n  image: goim:1\n  etcd: {endpoints: [\"etcd:2379\"]}\n",
+    );
+    assert!(!ok && err.contains("spec.auth: Required value"), "{err}");
     let base = serde_json::to_value(cluster("bad", "127.0.0.1:1", 1)).unwrap();
     let cases: Vec<(&str, serde_json::Value)> = vec![
         ("empty image", json!({"image": ""})),
@@ -189,6 +195,8 @@ async fn invalid_specs_are_rejected_by_schema_and_cel() {
             "a push body goim clients refuse",
             json!({"logic": {"maxMessageBytes": 5000}}),
         ),
+        ("jwt without keys", json!({"auth": {"mode": "jwt"}})),
+        ("no auth mode", json!({"auth": {}})),
     ];
     for (what, patch) in cases {
         let mut obj = base.clone();
@@ -1205,6 +1213,9 @@ async fn every_value_and_field_renders_objects_the_apiserver_accepts() {
     let toml = &o.config.data.as_ref().unwrap()["goim.toml"];
     let parsed: goim_config::Config = toml::from_str(toml).unwrap();
     assert_eq!(parsed.logic.node.default_domain, "push.example.com");
+    assert_eq!(parsed.logic.auth, goim_config::AuthMode::Jwt);
+    assert_eq!(parsed.logic.jwt.audience, ["chat"]);
+    assert!(parsed.logic.protect_reads);
     assert_eq!(parsed.comet.max_connections, 200_000);
 }
 
@@ -1216,7 +1227,7 @@ async fn v1alpha1_and_v1beta1_round_trip() {
     let c = admin().await;
     let ns = "versions";
     namespace(&c, ns).await;
-    let old = "apiVersion: goim.rs/v1alpha1\nkind: PushCluster\nmetadata: {name: old}\nspec:\n  image: goim:1\n  etcd: {endpoints: [\"etcd:2379\"]}\n  comet: {replicas: 3, pod: {nodeSelector: {pool: edge}}, service: {annotations: {a: b}}}\n  logic: {nodes: {domain: push.example.com}}\n";
+    let old = "apiVersion: goim.rs/v1alpha1\nkind: PushCluster\nmetadata: {name: old}\nspec:\n  image: goim:1\n  etcd: {endpoints: [\"etcd:2379\"]}\n  auth: {mode: json}\n  comet: {replicas: 3, pod: {nodeSelector: {pool: edge}}, service: {annotations: {a: b}}}\n  logic: {nodes: {domain: push.example.com}}\n";
     let (ok, _, err) = cp.kubectl(&["create", "-n", ns, "-f", "-"], old);
     assert!(ok, "{err}");
     let pcs: Api<PushCluster> = Api::namespaced(c.clone(), ns);

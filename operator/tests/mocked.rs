@@ -19,7 +19,7 @@ fn cluster(finalizer: bool) -> PushCluster {
         "kind": "PushCluster",
         "metadata": {"name": "test", "namespace": "default", "uid": "u-1", "generation": 1, "resourceVersion": "1"},
         // Port 1 refuses at once: the etcd part fails fast and the cluster goes Degraded.
-        "spec": {"image": "goim:test", "etcd": {"endpoints": ["127.0.0.1:1"]}, "comet": {"replicas": 2}}
+        "spec": {"image": "goim:test", "etcd": {"endpoints": ["127.0.0.1:1"]}, "auth": {"mode": "json"}, "comet": {"replicas": 2}}
     });
     if finalizer {
         v["metadata"]["finalizers"] = json!([FINALIZER]);
