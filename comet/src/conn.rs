@@ -86,6 +86,10 @@ pub(crate) async fn serve(
         }
         Err(e) => Exit::Error(e),
     };
+    // A client's close was answered with a close frame: send it, briefly.
+    if matches!(exit, Exit::Error(ConnError::Ws(ws::WsError::Closed))) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.flush(VecDeque::new())).await;
+    }
     comet.metrics.connections.dec();
     comet.unregister(&ch);
     match &exit {
@@ -126,7 +130,7 @@ async fn handshake(
     pending: &mut VecDeque<Packet>,
 ) -> Result<Option<(Arc<Channel>, Duration)>, ConnError> {
     let cookie = if conn.transport() == Transport::WebSocket {
-        conn.upgrade().await?.cookie
+        conn.upgrade(&comet.config().ws_origins).await?.cookie
     } else {
         String::new()
     };

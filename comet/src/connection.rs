@@ -51,6 +51,7 @@ impl ConnError {
             ConnError::Eof => "client_closed",
             ConnError::Packet(_) => "bad_packet",
             ConnError::Ws(ws::WsError::Closed) => "client_closed",
+            ConnError::Ws(ws::WsError::Origin) => "origin",
             ConnError::Ws(_) => "bad_websocket",
             ConnError::WriteTimeout => "write_timeout",
         }
@@ -176,6 +177,12 @@ impl Connection {
                             self.out.put_slice(&p);
                         }
                         ws::Event::None => {}
+                        ws::Event::Close(code) => {
+                            let (h, n) = ws::frame_header(ws::OP_CLOSE, code.len());
+                            self.out.put_slice(&h[..n]);
+                            self.out.put_slice(&code);
+                            return Err(ws::WsError::Closed.into());
+                        }
                     }
                 }
             }
@@ -184,10 +191,15 @@ impl Connection {
     }
 
     /// Reads the HTTP upgrade request and answers 101. A bad request closes the socket without
-    /// an HTTP error, as goim does.
-    pub async fn upgrade(&mut self) -> Result<ws::Upgrade, ConnError> {
+    /// an HTTP error, as goim does; an Origin not in `origins` gets a 403.
+    pub async fn upgrade(&mut self, origins: &[String]) -> Result<ws::Upgrade, ConnError> {
         loop {
             if let Some(up) = ws::parse_upgrade(&mut self.rbuf)? {
+                if !ws::origin_allowed(up.origin.as_deref(), origins) {
+                    self.out.put_slice(ws::FORBIDDEN.as_bytes());
+                    let _ = self.flush(VecDeque::new()).await;
+                    return Err(ws::WsError::Origin.into());
+                }
                 self.out.put_slice(ws::upgrade_response(&up.key).as_bytes());
                 self.upgraded = true;
                 self.flush(VecDeque::new()).await?;

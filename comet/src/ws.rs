@@ -1,10 +1,11 @@
 //! WebSocket server side, as goim's hand-written one behaves (GOIM.md §2.5): the upgrade only on
 //! `GET /sub`, frames of up to 8 KiB, text or binary, masked or not, up to 100 fragments, ping
-//! answered, close ends the connection without a close reply. Pure functions over bytes.
+//! answered. A client's close is answered with a close frame echoing its status code, as RFC
+//! 6455 asks (goim sends none; no goim client depends on that). Pure functions over bytes.
 //!
 //! We keep our own codec rather than tokio-tungstenite: goim's acceptance rules differ from
-//! RFC-strict ones (unmasked client frames, no close reply, exact path), and an idle connection
-//! here holds no read buffer at all.
+//! RFC-strict ones (unmasked client frames, exact path), and an idle connection here holds no
+//! read buffer at all.
 
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
@@ -41,6 +42,8 @@ pub enum WsError {
     Closed,
     #[error("too many unanswered pings")]
     Backlog,
+    #[error("Origin not allowed")]
+    Origin,
 }
 
 /// A parsed upgrade request.
@@ -48,6 +51,8 @@ pub enum WsError {
 pub struct Upgrade {
     pub key: String,
     pub cookie: String,
+    /// The `Origin` header (browsers send it; other clients usually do not).
+    pub origin: Option<String>,
 }
 
 /// Parses the upgrade request at the front of `buf` once its blank line has arrived.
@@ -78,6 +83,7 @@ pub fn parse_upgrade(buf: &mut BytesMut) -> Result<Option<Upgrade>, WsError> {
     let (mut upgrade, mut connection, mut version13) = (false, false, false);
     let mut key = String::new();
     let mut cookie = String::new();
+    let mut origin = None;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             return Err(WsError::BadRequest("malformed header"));
@@ -89,6 +95,7 @@ pub fn parse_upgrade(buf: &mut BytesMut) -> Result<Option<Upgrade>, WsError> {
             "sec-websocket-version" => version13 = value == "13",
             "sec-websocket-key" => key = value.to_string(),
             "cookie" => cookie = value.to_string(),
+            "origin" => origin = Some(value.to_string()),
             _ => {}
         }
     }
@@ -104,8 +111,42 @@ pub fn parse_upgrade(buf: &mut BytesMut) -> Result<Option<Upgrade>, WsError> {
     if key.is_empty() {
         return Err(WsError::BadRequest("no Sec-WebSocket-Key"));
     }
-    Ok(Some(Upgrade { key, cookie }))
+    Ok(Some(Upgrade {
+        key,
+        cookie,
+        origin,
+    }))
 }
+
+/// Whether a WebSocket from `origin` may connect: any when `allowed` is empty, and any request
+/// without an Origin (not a browser); else an exact match, or a pattern with one `*` for a
+/// subdomain (`https://*.example.com`). Compared without case, as hosts are.
+pub fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    if allowed.is_empty() {
+        return true;
+    }
+    let origin = origin.to_ascii_lowercase();
+    allowed.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        match a.split_once('*') {
+            None => a == origin,
+            Some((prefix, suffix)) => {
+                origin.len() > prefix.len() + suffix.len()
+                    && origin.starts_with(prefix)
+                    && origin.ends_with(suffix)
+                    // One label: `*` never spans a dot or a port.
+                    && !origin[prefix.len()..origin.len() - suffix.len()].contains(['.', ':', '/'])
+            }
+        }
+    })
+}
+
+/// The answer to a refused Origin.
+pub const FORBIDDEN: &str =
+    "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// RFC 6455 accept value for a client key.
 pub fn accept_key(key: &str) -> String {
@@ -210,6 +251,9 @@ pub enum Event {
     Ping(Bytes),
     /// Nothing to do (pong, or a fragment was stored).
     None,
+    /// The client closed; answer with a close frame carrying this payload (its status code),
+    /// then end the connection.
+    Close(Bytes),
 }
 
 /// Reassembles fragmented messages within goim's limits. Holds memory only mid-message.
@@ -262,7 +306,10 @@ impl Assembler {
             }
             OP_PING => Ok(Event::Ping(frame.payload)),
             OP_PONG => Ok(Event::None),
-            OP_CLOSE => Err(WsError::Closed),
+            // Echo the status code only: a reason could be invalid UTF-8 or too long for us.
+            OP_CLOSE => Ok(Event::Close(
+                frame.payload.slice(..frame.payload.len().min(2)),
+            )),
             other => Err(WsError::Opcode(other)),
         }
     }
@@ -297,7 +344,8 @@ mod tests {
             req(GOOD).unwrap().unwrap(),
             Upgrade {
                 key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
-                cookie: "a=b".into()
+                cookie: "a=b".into(),
+                origin: None,
             }
         );
         assert_eq!(req("GET /sub HTTP/1.1\r\n"), Ok(None));
@@ -404,7 +452,7 @@ mod tests {
         );
         assert_eq!(
             a.feed(frame(OP_CLOSE, true, b""), 10, 100),
-            Err(WsError::Closed)
+            Ok(Event::Close(Bytes::new()))
         );
         assert_eq!(
             a.feed(frame(3, true, b""), 10, 100),
@@ -437,5 +485,34 @@ mod tests {
             }
             let _ = parse_upgrade(&mut BytesMut::from(&data[..]));
         }
+    }
+
+    #[test]
+    fn origins() {
+        let allowed = vec![
+            "https://app.example.com".to_string(),
+            "https://*.example.org".to_string(),
+        ];
+        assert!(origin_allowed(None, &allowed), "not a browser");
+        assert!(origin_allowed(Some("https://evil.test"), &[]), "no list");
+        assert!(origin_allowed(Some("https://APP.example.com"), &allowed));
+        assert!(origin_allowed(Some("https://chat.example.org"), &allowed));
+        for refused in [
+            "https://evil.test",
+            "http://app.example.com",
+            "https://app.example.com.evil.test",
+            "https://example.org",
+            "https://a.b.example.org",
+            "https://x.example.org:8443",
+            "null",
+        ] {
+            assert!(!origin_allowed(Some(refused), &allowed), "{refused}");
+        }
+        let mut buf = BytesMut::from(
+            GOOD.replace("Cookie: a=b", "Origin: https://app.example.com")
+                .as_bytes(),
+        );
+        let up = parse_upgrade(&mut buf).unwrap().unwrap();
+        assert_eq!(up.origin.as_deref(), Some("https://app.example.com"));
     }
 }

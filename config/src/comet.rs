@@ -38,6 +38,10 @@ pub struct CometConfig {
     /// connection backs. A key goes only if it was already there one sweep earlier.
     #[serde(with = "humantime_serde")]
     pub presence_sweep: Duration,
+    /// Origins allowed to open a WebSocket (`https://app.example.com`, or
+    /// `https://*.example.com` for one subdomain level). Empty: any. Requests without an
+    /// Origin (not from a browser) are always allowed; a refused one gets HTTP 403.
+    pub ws_origins: Vec<String>,
     /// Largest WebSocket frame payload (goim's read buffer, 8 KiB).
     pub ws_max_frame: usize,
     /// Most continuation frames in one message (goim 100).
@@ -85,6 +89,7 @@ impl Default for CometConfig {
             renew_interval: Duration::from_secs(10),
             presence_renew: Duration::from_secs(600),
             presence_sweep: Duration::from_secs(60),
+            ws_origins: Vec::new(),
             ws_max_frame: 8192,
             ws_max_fragments: 100,
             max_connections: 1_000_000,

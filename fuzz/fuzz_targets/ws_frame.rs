@@ -32,8 +32,14 @@ fn drain(buf: &mut BytesMut, asm: &mut Assembler, steps: &mut Vec<Step>) -> Resu
             }
             Event::Ping(p) => assert!(p.len() <= MAX_FRAME),
             Event::None => {}
+            Event::Close(code) => assert!(code.len() <= 2),
         }
+        // A close ends the connection, as in the server.
+        let closed = matches!(event, Event::Close(_));
         steps.push(Step::Event(event));
+        if closed {
+            return Err(WsError::Closed);
+        }
     }
     Ok(())
 }

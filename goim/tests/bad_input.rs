@@ -105,8 +105,16 @@ async fn websocket_frame_rules() {
         (true, 10, &b"are you there"[..])
     );
 
-    // Close ends the connection with no close frame back.
-    c.send_frame(true, 8, b"", true).await.unwrap();
+    // Close is answered with a close frame echoing the status code (RFC 6455), then the
+    // connection ends.
+    c.send_frame(true, 8, &[0x03, 0xe8, b'b', b'y', b'e'], true)
+        .await
+        .unwrap();
+    let (fin, opcode, payload) = within(c.recv_frame()).await.unwrap();
+    assert_eq!(
+        (fin, opcode, payload.as_slice()),
+        (true, 8, &[0x03, 0xe8][..])
+    );
     closed_without_reply(&mut c).await;
 
     // More than 100 continuation frames.

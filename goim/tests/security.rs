@@ -123,3 +123,34 @@ async fn signed_tokens_only_with_jwt_auth() {
     );
     s.shutdown().await;
 }
+
+/// `[comet] ws_origins`: a browser from another origin gets 403 and no WebSocket; an allowed
+/// origin and a client that sends none (not a browser) upgrade.
+#[tokio::test]
+async fn websocket_origins_are_checked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = config();
+    cfg.comet.ws_origins = vec!["https://app.example.com".into()];
+    let s = start_with(cfg).await;
+    let upgrade = |origin: Option<&str>| {
+        let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+        format!("GET /sub HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{origin}\r\n")
+    };
+    for (origin, status) in [
+        (Some("https://evil.example"), "HTTP/1.1 403 "),
+        (Some("https://app.example.com"), "HTTP/1.1 101 "),
+        (None, "HTTP/1.1 101 "),
+    ] {
+        let mut sock = tokio::net::TcpStream::connect(s.ws).await.unwrap();
+        sock.write_all(upgrade(origin).as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 13];
+        within(sock.read_exact(&mut head)).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&head), status, "{origin:?}");
+    }
+    let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("goim_comet_closed_total{reason=\"origin\"} 1"),
+        "{metrics}"
+    );
+    s.shutdown().await;
+}
