@@ -8,6 +8,7 @@ mod conn;
 pub mod connection;
 pub mod handler;
 pub mod metrics;
+pub mod per_ip;
 pub mod registry;
 pub mod rooms;
 pub mod server;

@@ -51,6 +51,8 @@ pub struct Comet {
     pub(crate) tasks: TaskTracker,
     workers: Vec<mpsc::Sender<BucketJob>>,
     limit: Arc<Semaphore>,
+    /// Connections per client address (`max_connections_per_ip`).
+    per_ip: Arc<crate::per_ip::PerIp>,
     /// Draining (the operator's record says so, or the comet is stopping): new clients are
     /// refused and the current ones closed evenly over `drain_period`. A watch, so the
     /// registry can publish it at once.
@@ -168,6 +170,7 @@ impl Comet {
         }
         let cfg_drain = cfg.drain_period;
         Arc::new(Comet {
+            per_ip: crate::per_ip::PerIp::new(cfg.max_connections_per_ip),
             limit: Arc::new(Semaphore::new(
                 cfg.max_connections.min(Semaphore::MAX_PERMITS),
             )),
@@ -267,11 +270,15 @@ impl Comet {
                 self.metrics.closed("connection_limit");
                 continue;
             };
+            let Ok(ip_slot) = self.per_ip.take(peer.ip()) else {
+                self.metrics.closed("ip_limit");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let comet = self.clone();
             self.tasks.spawn(async move {
                 conn::serve(&comet, stream, peer, transport).await;
-                drop(permit);
+                drop((permit, ip_slot));
             });
         }
     }

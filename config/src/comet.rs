@@ -48,6 +48,9 @@ pub struct CometConfig {
     pub ws_max_fragments: usize,
     /// Connections held at once; beyond it new ones are closed at accept.
     pub max_connections: usize,
+    /// Connections held at once per client address; beyond it new ones from that address are
+    /// closed at accept (`ip_limit`). 0: no limit (users behind one NAT share an address).
+    pub max_connections_per_ip: usize,
     /// Packets a client may send after auth, per second on average (heartbeats, room
     /// changes, subs); a client over it is closed (`rate_limited`).
     pub client_ops_per_sec: u32,
@@ -93,6 +96,7 @@ impl Default for CometConfig {
             ws_max_frame: 8192,
             ws_max_fragments: 100,
             max_connections: 1_000_000,
+            max_connections_per_ip: 0,
             client_ops_per_sec: 64,
             client_ops_burst: 256,
             shutdown_timeout: Duration::from_secs(10),

@@ -154,3 +154,40 @@ async fn websocket_origins_are_checked() {
     );
     s.shutdown().await;
 }
+
+/// `[comet] max_connections_per_ip`: one address holds at most so many connections; a slot
+/// frees when its connection ends.
+#[tokio::test]
+async fn connections_per_address_are_capped() {
+    use goim_client::{token, Client, Transport};
+    let mut cfg = config();
+    cfg.comet.max_connections_per_ip = 2;
+    let s = start_with(cfg).await;
+    let connect = |key: &'static str| async move {
+        let mut c = Client::connect(Transport::Tcp, s.tcp, None).await.unwrap();
+        let ok = c.auth(&token(1, key, "", &[])).await.is_ok();
+        (c, ok)
+    };
+    let (first, ok1) = within(connect("one")).await;
+    let (_second, ok2) = within(connect("two")).await;
+    assert!(ok1 && ok2);
+    let (_, ok3) = within(connect("three")).await;
+    assert!(!ok3, "a third connection from one address was taken");
+    drop(first);
+    // The slot frees once the server has seen the first connection end.
+    within(async {
+        loop {
+            if connect("four").await.1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("goim_comet_closed_total{reason=\"ip_limit\"}"),
+        "{metrics}"
+    );
+    s.shutdown().await;
+}
