@@ -88,6 +88,8 @@ pub(crate) struct State {
     pub registered: bool,
     pub closed: bool,
     pub kicked: bool,
+    /// Closed by an admin kick: what is queued (the notice last) is written first.
+    pub evicted: bool,
     /// The client said `HELLO`: it understands goim-rs's extension ops.
     pub extended: bool,
     /// `JOIN`s or `RECOVER`s in progress or just done, one per stream. Boxed: 8 bytes on
@@ -242,6 +244,27 @@ impl Channel {
         drop(st);
         self.notify.notify_one();
         dropped
+    }
+
+    /// An admin kick: `notice` (for a client that speaks the extensions) goes after what is
+    /// queued, then the connection closes. False if it was closing already.
+    pub fn evict(&self, notice: Option<Outgoing>) -> bool {
+        let mut st = self.state();
+        if st.closed {
+            return false;
+        }
+        if let Some(n) = notice {
+            st.queue.push_back(n);
+        }
+        st.closed = true;
+        st.evicted = true;
+        drop(st);
+        self.notify.notify_one();
+        true
+    }
+
+    pub fn was_evicted(&self) -> bool {
+        self.state().evicted
     }
 
     /// The client speaks the extensions (docs/PROTOCOL.md).

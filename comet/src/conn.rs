@@ -33,6 +33,8 @@ enum Exit {
     Error(ConnError),
     Timeout,
     Kicked,
+    /// Closed by an admin (`/goim/kick`).
+    Evicted,
     Shutdown,
     RateLimited,
 }
@@ -101,6 +103,7 @@ pub(crate) async fn serve(
         }
         Exit::Timeout => comet.metrics.closed("heartbeat_timeout"),
         Exit::Kicked => comet.metrics.closed("duplicate_key"),
+        Exit::Evicted => comet.metrics.closed("admin_kick"),
         Exit::Shutdown if comet.is_draining() => comet.metrics.closed("drain"),
         Exit::Shutdown => comet.metrics.closed("shutdown"),
         Exit::RateLimited => comet.metrics.closed("rate_limited"),
@@ -253,6 +256,11 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
             Event::Notified => {
                 notified.set(ch.notify.notified());
                 if ch.is_closed() {
+                    if ch.was_evicted() {
+                        // What was queued and the kick's notice, then the close.
+                        let _ = conn.flush(ch.take_queue()).await;
+                        return Exit::Evicted;
+                    }
                     return if ch.was_kicked() {
                         Exit::Kicked
                     } else {

@@ -449,9 +449,42 @@ fn record(metrics: &CometMetrics, d: Delivery) {
     metrics.dropped("queue_full", d.dropped);
 }
 
+impl Comet {
+    /// An admin kick (`PushMsgReq.kick`): each named connection (of `mids[i]` for `keys[i]`,
+    /// when given) is told why, if it speaks the extensions, and closed.
+    fn kick(&self, req: &PushMsgReq) -> PushMsgReply {
+        let body = bytes::Bytes::from(serde_json::json!({ "reason": req.kick }).to_string());
+        let (mut absent, mut wrong_user) = (0, 0);
+        for (i, key) in req.keys.iter().enumerate() {
+            match self.bucket(key).get(key) {
+                Some(ch) if req.mids.get(i).is_some_and(|&mid| mid != ch.mid) => wrong_user += 1,
+                Some(ch) => {
+                    let notice = ch.is_extended().then(|| {
+                        outgoing(Proto {
+                            ver: 1,
+                            op: op::KICKED,
+                            seq: 0,
+                            body: body.clone(),
+                        })
+                    });
+                    ch.evict(notice);
+                }
+                None => absent += 1,
+            }
+        }
+        if absent + wrong_user > 0 {
+            tracing::debug!(absent, wrong_user, "kick: connections already gone");
+        }
+        PushMsgReply {}
+    }
+}
+
 #[async_trait]
 impl CometService for Comet {
     async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, Status> {
+        if !req.kick.is_empty() {
+            return Ok(self.kick(&req));
+        }
         let Some(proto) = req.proto.filter(|_| !req.keys.is_empty()) else {
             return Err(Status::invalid_argument("rpc pushmsg arg error"));
         };

@@ -38,6 +38,8 @@ pub enum Command {
     Push(crate::tools::PushArgs),
     /// Connect as a client and print what arrives, one JSON line per message.
     Watch(crate::tools::WatchArgs),
+    /// Close connections by key or user, with a reason (logic's `/goim/kick`).
+    Kick(crate::tools::KickArgs),
     /// Online counts from logic: total, top rooms, rooms.
     Online(crate::tools::OnlineArgs),
     /// The nodes logic offers clients.

@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Online(args) => {
             tokio::task::spawn_blocking(|| goim::tools::online(args)).await??
         }
+        Command::Kick(args) => tokio::task::spawn_blocking(|| goim::tools::kick(args)).await??,
         Command::Nodes(args) => tokio::task::spawn_blocking(|| goim::tools::nodes(args)).await??,
         Command::Watch(args) => goim::tools::watch(args).await?,
         Command::Operator(OperatorCommand::Run {

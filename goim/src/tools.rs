@@ -87,6 +87,21 @@ impl Body {
 }
 
 #[derive(Debug, Args)]
+pub struct KickArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Connection keys to close.
+    #[arg(long = "key")]
+    pub keys: Vec<String>,
+    /// Users whose every connection is closed.
+    #[arg(long = "mid")]
+    pub mids: Vec<i64>,
+    /// What clients that speak the extensions are told.
+    #[arg(long, default_value = "kicked")]
+    pub reason: String,
+}
+
+#[derive(Debug, Args)]
 pub struct OnlineArgs {
     #[command(flatten)]
     pub api: ApiArgs,
@@ -234,6 +249,22 @@ pub fn push(args: PushArgs) -> anyhow::Result<()> {
     };
     call(&args.api, "POST", &path, Some(body.read()?))?;
     Ok(())
+}
+
+pub fn kick(args: KickArgs) -> anyhow::Result<()> {
+    if args.keys.is_empty() && args.mids.is_empty() {
+        bail!("name connections to close: --key KEY or --mid MID (repeatable)");
+    }
+    let mut q: Vec<(&str, String)> = args.keys.iter().map(|k| ("keys", k.clone())).collect();
+    q.extend(args.mids.iter().map(|m| ("mids", m.to_string())));
+    q.push(("reason", args.reason.clone()));
+    let data = call(
+        &args.api,
+        "POST",
+        &format!("/goim/kick?{}", query(&q)),
+        Some(Vec::new()),
+    )?;
+    print_json(&data)
 }
 
 pub fn online(args: OnlineArgs) -> anyhow::Result<()> {

@@ -94,6 +94,19 @@ async fn push_watch_online_and_nodes() {
     let nodes: Value = serde_json::from_str(&out).unwrap();
     assert!(nodes["heartbeat"].is_number());
 
+    // goim kick: a user with no connection is found nowhere; naming nobody is a usage error.
+    let (ok, out, e) = tokio::task::block_in_place(|| {
+        run(
+            &["kick", "--api", &api, "--mid", "404", "--reason", "test"],
+            "",
+        )
+    });
+    assert!(ok, "{e}");
+    let kicked: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(kicked["keys_found"], 0);
+    let (ok, _, e) = tokio::task::block_in_place(|| run(&["kick", "--api", &api], ""));
+    assert!(!ok && e.contains("--key"), "{e}");
+
     // Usage errors and refusals: non-zero, with the reason on stderr.
     let (ok, _, e) = push(&["room", "no-type", "-m", "x"], "");
     assert!(!ok && e.contains("TYPE://ID"), "{e}");

@@ -21,6 +21,7 @@ fn sample(name: &str) -> &'static str {
         "operation" => "1000",
         "speed" => "0",
         "platform" => "web",
+        "reason" => "maintenance",
         other => panic!("no sample value for parameter {other:?}: add one"),
     }
 }

@@ -191,3 +191,62 @@ async fn connections_per_address_are_capped() {
     );
     s.shutdown().await;
 }
+
+/// `/goim/kick`: the connections of a user, or a key, are closed; a client that speaks the
+/// extensions is told why first (op 29); others are not touched; the API needs its key.
+#[tokio::test]
+async fn kick_closes_connections_with_a_reason() {
+    use goim_client::{token, Client, Transport};
+    use goim_proto::op;
+    let mut cfg = config();
+    cfg.logic.api_keys = vec!["admin-key".into()];
+    let s = start_with(cfg).await;
+    let connect = |mid: i64, key: &'static str, hello: bool| async move {
+        let mut c = Client::connect(Transport::WebSocket, s.ws, None)
+            .await
+            .unwrap();
+        c.auth(&token(mid, key, "", &[1000])).await.unwrap();
+        if hello {
+            c.send(op::HELLO, br#"{"v":1}"#).await.unwrap();
+            assert_eq!(c.recv().await.unwrap().op, op::HELLO_REPLY);
+        }
+        c
+    };
+    let mut ext = within(connect(5, "phone", true)).await;
+    let mut plain = within(connect(5, "laptop", false)).await;
+    let mut other = within(connect(6, "tablet", false)).await;
+    let mut by_key = within(connect(7, "tv", false)).await;
+    let key = ("X-Api-Key", "admin-key");
+    let kick = |path: &'static str, key: Option<(&'static str, &'static str)>| async move {
+        let extra = key.map_or(String::new(), |(h, v)| format!("{h}: {v}\r\n"));
+        let (status, body) = http_with_headers(s.http, "POST", path, &extra, b"").await;
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        )
+    };
+    let (status, _) = kick("/goim/kick?mids=5", None).await;
+    assert_eq!(status, 401, "a kick without the key");
+    let (status, v) = kick("/goim/kick?mids=5&reason=maintenance", Some(key)).await;
+    assert_eq!((status, v["code"].as_i64()), (200, Some(0)), "{v}");
+    assert_eq!(v["data"]["keys_found"], 2);
+    let notice = within(ext.recv()).await.unwrap();
+    assert_eq!(notice.op, op::KICKED);
+    let body: serde_json::Value = serde_json::from_slice(&notice.body).unwrap();
+    assert_eq!(body["reason"], "maintenance");
+    assert_eq!(within(ext.read_to_close()).await.unwrap(), 0);
+    assert_eq!(within(plain.read_to_close()).await.unwrap(), 0);
+    let (_, v) = kick("/goim/kick?keys=tv", Some(key)).await;
+    assert_eq!(v["data"]["keys_found"], 1, "{v}");
+    assert_eq!(within(by_key.read_to_close()).await.unwrap(), 0);
+    // The user not named is still connected and served.
+    assert!(within(other.heartbeat()).await.is_ok());
+    let (_, v) = kick("/goim/kick", Some(key)).await;
+    assert_eq!(v["code"], -400, "{v}");
+    let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("goim_comet_closed_total{reason=\"admin_kick\"} 3"),
+        "{metrics}"
+    );
+    s.shutdown().await;
+}

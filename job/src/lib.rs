@@ -169,6 +169,7 @@ impl Job {
             proto_op: m.operation,
             proto: Some(raw_single(m.operation, m.msg)),
             mids: m.mids,
+            kick: m.kick,
             ..Default::default()
         };
         self.inner.enqueue(&m.server, Delivery::Keys(req));
@@ -227,6 +228,7 @@ impl Job {
                         stream: m.stream.clone(),
                         epoch: epoch.clone(),
                         offset,
+                        kick: String::new(),
                     };
                     inner.enqueue(&server, Delivery::Keys(req));
                 }

@@ -57,6 +57,7 @@ pub fn router(logic: Arc<Logic>, registry: Arc<Registry>, ready: Ready, keys: Ap
         .route("/goim/push/mids", post(push_mids))
         .route("/goim/push/room", post(push_room))
         .route("/goim/push/all", post(push_all))
+        .route("/goim/kick", post(kick))
         .route_layer(guard());
     let mut reads = Router::new()
         .route("/goim/online/top", get(online_top))
@@ -240,6 +241,19 @@ async fn push_all(State(s): State<AppState>, uri: Uri, body: Bytes) -> Response 
     let r = s.logic.push_all(op, speed, body).await;
     s.logic.push_took("all", started);
     push_result(r)
+}
+
+/// Closes connections by key and by user, with a reason clients that speak the extensions
+/// see (op `KICKED`).
+async fn kick(State(s): State<AppState>, uri: Uri) -> Response {
+    let p = Params::from_uri(&uri);
+    let keys = p.all("keys").into_iter().map(String::from).collect();
+    let mids = try_param!(p.nums::<i64>("mids"));
+    let reason = p.str("reason").unwrap_or("").to_string();
+    let started = std::time::Instant::now();
+    let r = s.logic.kick(keys, mids, reason).await;
+    s.logic.push_took("kick", started);
+    targeted_result(r)
 }
 
 /// The bare room id of a room key (`live://1000` -> `1000`).

@@ -187,6 +187,70 @@ impl Logic {
         Ok(())
     }
 
+    /// Closes connections by key and every connection of the users named, telling clients
+    /// that speak the extensions `reason` first. Returns the connections presence named.
+    pub async fn kick(
+        &self,
+        keys: Vec<String>,
+        mut mids: Vec<i64>,
+        reason: String,
+    ) -> Result<Targeted, PushError> {
+        mids.sort_unstable();
+        mids.dedup();
+        if keys.is_empty() && mids.is_empty() {
+            return Err(PushError::BadRequest(
+                "keys or mids: at least one is required".into(),
+            ));
+        }
+        if reason.len() > 256 {
+            return Err(PushError::BadRequest("reason: at most 256 bytes".into()));
+        }
+        let mut by: std::collections::BTreeMap<String, (Vec<String>, Vec<i64>)> =
+            Default::default();
+        let (mut found, mut complete) = (0, true);
+        if !keys.is_empty() {
+            let f = self.online.servers_by_keys(&keys).await?;
+            complete &= f.complete;
+            for (server, pairs) in f.servers {
+                found += pairs.len();
+                let e = by.entry(server).or_default();
+                for (k, m) in pairs {
+                    e.0.push(k);
+                    e.1.push(m);
+                }
+            }
+        }
+        if !mids.is_empty() {
+            let f = self.online.servers_by_mids(&mids).await?;
+            complete &= f.complete;
+            for (server, pairs) in f.servers {
+                found += pairs.len();
+                let e = by.entry(server).or_default();
+                for (k, m) in pairs {
+                    e.0.push(k);
+                    e.1.push(m);
+                }
+            }
+        }
+        self.count("kick");
+        for (server, (keys, mids)) in by {
+            let m = PushMsg {
+                r#type: PushType::Push as i32,
+                server,
+                keys,
+                mids,
+                kick: if reason.is_empty() {
+                    "kicked".into()
+                } else {
+                    reason.clone()
+                },
+                ..Default::default()
+            };
+            self.to_job(m).await?;
+        }
+        Ok(self.targeted(found, complete))
+    }
+
     async fn to_job(&self, m: PushMsg) -> Result<(), PushError> {
         self.job
             .push(m)

@@ -45,3 +45,6 @@ pub const RECOVER_REPLY: i32 = 27;
 /// c→s: the client has every push to its user up to `offset` (cumulative; only after `HELLO`
 /// with `"acks":true`). JSON body `{"user":N}`. No reply.
 pub const ACK: i32 = 28;
+/// s→c: an admin closed this connection (`/goim/kick`); JSON body `{"reason":R}`. The server
+/// closes the connection after it. Only to clients that said `HELLO`.
+pub const KICKED: i32 = 29;

@@ -37,6 +37,10 @@ export interface Events {
     online: {
         count: number;
     };
+    /** An admin closed this connection (`/goim/kick`); the client does not reconnect. */
+    kicked: {
+        reason: string;
+    };
     error: Error;
 }
 type Listener<T> = (e: T) => void;

@@ -223,6 +223,12 @@ export class GoimClient {
                 this.emit("recovered", { stream, recovered: !!b.recovered, epoch, offset });
                 return;
             }
+            case Op.Kicked: {
+                const b = JSON.parse(utf8.decode(p.body));
+                this.emit("kicked", { reason: b.reason ?? "" });
+                this.close();
+                return;
+            }
             case Op.Reconnect: {
                 const b = JSON.parse(utf8.decode(p.body));
                 // The comet drains: open a new connection after its advice; the old one closes later.

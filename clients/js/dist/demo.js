@@ -45,6 +45,7 @@ async function connect() {
             log("sys", `joined ${e.stream}`);
         }
     })
+        .on("kicked", (e) => log("err", `kicked: ${e.reason}`))
         .on("online", (e) => ($("room-online").textContent = String(e.count)))
         .on("message", (m) => log("msg", `${m.stream ? `[${m.stream} #${m.offset}] ` : ""}${m.text()}`))
         .on("error", (e) => log("err", e.message));

@@ -25,6 +25,7 @@ export declare const Op: {
     readonly Recover: 26;
     readonly RecoverReply: 27;
     readonly Ack: 28;
+    readonly Kicked: 29;
 };
 export interface Packet {
     ver: number;

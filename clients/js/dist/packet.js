@@ -29,6 +29,7 @@ export const Op = {
     Recover: 26,
     RecoverReply: 27,
     Ack: 28,
+    Kicked: 29,
 };
 /** A frame that is not goim's packet layout. */
 export class PacketError extends Error {

@@ -30,6 +30,8 @@ export interface Events {
   recovered: { stream: string; recovered: boolean; epoch: string; offset: number };
   /** The room count from a heartbeat reply. */
   online: { count: number };
+  /** An admin closed this connection (`/goim/kick`); the client does not reconnect. */
+  kicked: { reason: string };
   error: Error;
 }
 
@@ -290,6 +292,12 @@ export class GoimClient {
           this.positions.set(stream, { epoch, offset });
         }
         this.emit("recovered", { stream, recovered: !!b.recovered, epoch, offset });
+        return;
+      }
+      case Op.Kicked: {
+        const b = JSON.parse(utf8.decode(p.body)) as { reason?: string };
+        this.emit("kicked", { reason: b.reason ?? "" });
+        this.close();
         return;
       }
       case Op.Reconnect: {

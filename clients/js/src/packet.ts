@@ -31,6 +31,7 @@ export const Op = {
   Recover: 26,
   RecoverReply: 27,
   Ack: 28,
+  Kicked: 29,
 } as const;
 
 export interface Packet {

@@ -100,6 +100,17 @@ describe("against standalone", () => {
     c.close();
   });
 
+  test("a kick is reported with its reason and not reconnected", async () => {
+    const c = new GoimClient({ url: server.ws, token: token(503) });
+    await next(c, "connected");
+    const kicked = next(c, "kicked");
+    const gone = next(c, "disconnected");
+    const reply = await push(server.http, "/goim/kick?mids=503&reason=maintenance", "");
+    assert.equal(reply.code, 0);
+    assert.equal((await kicked).reason, "maintenance");
+    assert.equal((await gone).retryInMs, undefined);
+  });
+
   test("goim's protocol alone, without the extensions", async () => {
     const c = new GoimClient({ url: server.ws, token: token(502, { room_id: "live://10" }), extensions: false });
     const e = await next(c, "connected");
