@@ -205,11 +205,11 @@ impl Logic {
         if reason.len() > 256 {
             return Err(PushError::BadRequest("reason: at most 256 bytes".into()));
         }
+        // Keys by comet, each with the user presence found it for.
         let mut by: std::collections::BTreeMap<String, (Vec<String>, Vec<i64>)> =
             Default::default();
         let (mut found, mut complete) = (0, true);
-        if !keys.is_empty() {
-            let f = self.online.servers_by_keys(&keys).await?;
+        let mut add = |f: crate::online::Found<UserKeysByServer>| {
             complete &= f.complete;
             for (server, pairs) in f.servers {
                 found += pairs.len();
@@ -219,18 +219,12 @@ impl Logic {
                     e.1.push(m);
                 }
             }
+        };
+        if !keys.is_empty() {
+            add(self.online.servers_by_keys(&keys).await?);
         }
         if !mids.is_empty() {
-            let f = self.online.servers_by_mids(&mids).await?;
-            complete &= f.complete;
-            for (server, pairs) in f.servers {
-                found += pairs.len();
-                let e = by.entry(server).or_default();
-                for (k, m) in pairs {
-                    e.0.push(k);
-                    e.1.push(m);
-                }
-            }
+            add(self.online.servers_by_mids(&mids).await?);
         }
         self.count("kick");
         for (server, (keys, mids)) in by {
