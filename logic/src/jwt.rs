@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use goim_config::JwtConfig;
 use jsonwebtoken::jwk::JwkSet;
+
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -37,7 +38,8 @@ struct Keys {
     hmac: Vec<DecodingKey>,
     rsa: Vec<DecodingKey>,
     ec: Vec<DecodingKey>,
-    jwks: Option<JwkSet>,
+    /// JWKS keys, with their `kid`, converted once when loaded (not per connect).
+    jwks: Vec<(Option<String>, DecodingKey)>,
 }
 
 /// What identifies the key files' contents without reading them: size and mtime of each.
@@ -224,15 +226,20 @@ fn load(cfg: &JwtConfig) -> Result<Keys, KeyError> {
             path: f.clone(),
             reason: format!("not a JWKS: {e}"),
         })?;
-        keys.jwks
-            .get_or_insert_with(|| JwkSet { keys: Vec::new() })
-            .keys
-            .extend(set.keys);
+        // Keys this cannot verify with (encryption keys, other curves) are left out.
+        let before = keys.jwks.len();
+        keys.jwks.extend(set.keys.iter().filter_map(|j| {
+            let k = DecodingKey::from_jwk(j).ok()?;
+            Some((j.common.key_id.clone(), k))
+        }));
+        if keys.jwks.len() - before < set.keys.len() {
+            tracing::warn!(path = %f, skipped = set.keys.len() - (keys.jwks.len() - before), "JWKS keys this cannot use are left out");
+        }
     }
     let any = !keys.hmac.is_empty()
         || !keys.rsa.is_empty()
         || !keys.ec.is_empty()
-        || keys.jwks.as_ref().is_some_and(|s| !s.keys.is_empty());
+        || !keys.jwks.is_empty();
     if !any {
         return Err(KeyError {
             path: "[logic.jwt]".into(),
@@ -264,12 +271,14 @@ impl Authenticator for JwtAuth {
         // The JWKS key the token names, if it names one; else every key of its algorithm's
         // kind. A key of another kind is never tried: an RSA public key is not an HMAC
         // secret (key confusion).
-        let mut candidates: Vec<DecodingKey> = Vec::new();
-        if let (Some(kid), Some(set)) = (&header.kid, &keys.jwks) {
-            if let Some(jwk) = set.find(kid) {
-                let k = DecodingKey::from_jwk(jwk).map_err(|_| refused("unusable JWKS key"))?;
-                candidates.push(k);
-            }
+        let mut candidates: Vec<&DecodingKey> = Vec::new();
+        if let Some(kid) = &header.kid {
+            candidates.extend(
+                keys.jwks
+                    .iter()
+                    .filter(|(id, _)| id.as_deref() == Some(kid.as_str()))
+                    .map(|(_, k)| k),
+            );
         }
         if candidates.is_empty() {
             let by_kind = match family {
@@ -278,22 +287,15 @@ impl Authenticator for JwtAuth {
                 AlgorithmFamily::Ec => &keys.ec,
                 _ => return Err(refused("algorithm not accepted")),
             };
-            candidates.extend(by_kind.iter().cloned());
-            if let Some(set) = &keys.jwks {
-                candidates.extend(
-                    set.keys
-                        .iter()
-                        .filter_map(|j| DecodingKey::from_jwk(j).ok())
-                        .filter(|k| k.family() == family),
-                );
-            }
+            candidates.extend(by_kind.iter());
+            candidates.extend(keys.jwks.iter().map(|(_, k)| k));
         }
         if candidates.is_empty() {
             return Err(refused("no key for the token's algorithm"));
         }
         let validation = self.validation(alg);
         let mut last = refused("bad signature");
-        for key in &candidates {
+        for key in candidates {
             if key.family() != family {
                 continue;
             }
