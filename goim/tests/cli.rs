@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -17,25 +17,9 @@ fn goim() -> Command {
 
 /// Runs `goim args...` with `stdin`; returns (success, stdout, stderr).
 fn run(args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = goim()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut cmd = goim();
+    cmd.args(args);
+    goim_testkit::run_with_stdin(cmd, stdin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

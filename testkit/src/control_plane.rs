@@ -148,28 +148,11 @@ impl ControlPlane {
 
     /// Runs kubectl as the admin with `stdin` piped in; returns success, stdout and stderr.
     pub fn kubectl(&self, args: &[&str], stdin: &str) -> (bool, String, String) {
-        use std::io::Write;
-        let mut child = Command::new(&self.kubectl)
-            .arg("--kubeconfig")
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig")
             .arg(self.dir.path().join("admin.kubeconfig"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+            .args(args);
+        crate::run_with_stdin(cmd, stdin)
     }
 }
 

@@ -164,12 +164,19 @@ export class GoimClient {
                     }
                     continue;
                 }
-                this.handle(p, (f) => {
-                    features = f;
-                    this.emit("connected", { url, features });
-                    if (this.room)
-                        this.sendJoin();
-                });
+                try {
+                    this.handle(p, (f) => {
+                        features = f;
+                        this.emit("connected", { url, features });
+                        if (this.room)
+                            this.sendJoin();
+                    });
+                }
+                catch (err) {
+                    // A body that is not the JSON its op promises: reported, never thrown out of the
+                    // socket's handler.
+                    this.emit("error", err);
+                }
             }
             this.sendAcks();
         };
