@@ -2,6 +2,7 @@
 //! dir, and waiting on conditions (never fixed sleeps).
 
 mod control_plane;
+pub mod pki;
 mod reaper;
 
 pub use control_plane::{kubeconfig_text, tools_bin, ControlPlane, ADMIN_TOKEN};
