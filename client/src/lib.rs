@@ -15,6 +15,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::{Message, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+mod stream;
+pub use stream::Stream;
+
 pub const OP_HEARTBEAT: i32 = 2;
 pub const OP_HEARTBEAT_REPLY: i32 = 3;
 pub const OP_AUTH: i32 = 7;
@@ -112,9 +115,9 @@ pub struct Client {
 
 enum Io {
     /// TCP, or WebSocket spoken frame by frame by this file.
-    Raw(TcpStream),
+    Raw(Stream),
     /// WebSocket through tokio-tungstenite.
-    Ws(Box<WebSocketStream<TcpStream>>),
+    Ws(Box<WebSocketStream<Stream>>),
 }
 
 fn ws_error(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
@@ -158,6 +161,28 @@ impl Client {
             None => TcpStream::connect(addr).await?,
         };
         stream.set_nodelay(true)?;
+        Client::over(transport, addr, Stream::Plain(stream)).await
+    }
+
+    /// Connects over TLS (WSS, or goim's TCP protocol over TLS), checking the server's
+    /// certificate for `server_name` with `config`.
+    pub async fn connect_tls(
+        transport: Transport,
+        addr: SocketAddr,
+        config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+        server_name: &str,
+    ) -> io::Result<Client> {
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        Client::over(transport, addr, Stream::Tls(Box::new(tls))).await
+    }
+
+    async fn over(transport: Transport, addr: SocketAddr, stream: Stream) -> io::Result<Client> {
         let io = match transport {
             Transport::Tcp => Io::Raw(stream),
             Transport::WebSocket => {
@@ -188,7 +213,7 @@ impl Client {
     /// [`Client::send_frame`] can then bend (tests of bad input).
     pub async fn connect_raw(transport: Transport, addr: SocketAddr) -> io::Result<Client> {
         let mut c = Client::connect_plain(transport, addr).await?;
-        c.stream()?.set_nodelay(true)?;
+        c.stream()?.tcp().set_nodelay(true)?;
         if transport == Transport::WebSocket {
             c.upgrade("/sub", "").await?;
         }
@@ -200,7 +225,7 @@ impl Client {
         let stream = TcpStream::connect(addr).await?;
         Ok(Client {
             transport,
-            io: Io::Raw(stream),
+            io: Io::Raw(Stream::Plain(stream)),
             buf: Vec::new(),
             queued: VecDeque::new(),
             seq: 0,
@@ -208,7 +233,7 @@ impl Client {
     }
 
     /// The socket of a raw connection.
-    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+    fn stream(&mut self) -> io::Result<&mut Stream> {
         match &mut self.io {
             Io::Raw(s) => Ok(s),
             Io::Ws(_) => Err(io::Error::other(
@@ -466,8 +491,8 @@ impl Client {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match &self.io {
-            Io::Raw(s) => s.local_addr(),
-            Io::Ws(ws) => ws.get_ref().local_addr(),
+            Io::Raw(s) => s.tcp().local_addr(),
+            Io::Ws(ws) => ws.get_ref().tcp().local_addr(),
         }
     }
 }

@@ -45,6 +45,7 @@ pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     transport: Transport,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     let cfg = &comet.cfg;
     let limits = Limits {
@@ -53,6 +54,13 @@ pub(crate) async fn serve(
         write_timeout: cfg.write_timeout,
     };
     let mut conn = Connection::new(stream, transport, limits);
+    if let Some(tls) = tls {
+        if let Err(e) = conn.start_tls(tls) {
+            tracing::warn!(error = %e, "TLS session refused to start");
+            comet.metrics.closed(e.reason());
+            return;
+        }
+    }
     let mut pending = VecDeque::new();
     let deadline = Instant::now() + cfg.handshake_timeout;
     let handshake = tokio::select! {
@@ -132,6 +140,7 @@ async fn handshake(
     conn: &mut Connection,
     pending: &mut VecDeque<Packet>,
 ) -> Result<Option<(Arc<Channel>, Duration)>, ConnError> {
+    conn.tls_handshake().await?;
     let cookie = if conn.transport() == Transport::WebSocket {
         conn.upgrade(&comet.config().ws_origins).await?.cookie
     } else {

@@ -2,9 +2,15 @@
 //! packets (goim's TCP framing, or WebSocket after the upgrade), queues replies and writes
 //! them with pushes in one vectored write. Knows nothing of the comet around it. An idle
 //! connection holds no read or write buffer.
+//!
+//! TLS (WSS, TCP over TLS) runs inside the connection on rustls's own state machine rather
+//! than as a wrapping stream: the readiness-driven reads and the non-blocking write fast path
+//! stay the same for plain sockets, and a plain connection pays one pointer for it (bytes per
+//! idle connection are a measured goal).
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -41,6 +47,8 @@ pub enum ConnError {
     Ws(#[from] ws::WsError),
     #[error("write timed out")]
     WriteTimeout,
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 impl ConnError {
@@ -54,6 +62,7 @@ impl ConnError {
             ConnError::Ws(ws::WsError::Origin) => "origin",
             ConnError::Ws(_) => "bad_websocket",
             ConnError::WriteTimeout => "write_timeout",
+            ConnError::Tls(_) => "tls_error",
         }
     }
 }
@@ -68,6 +77,8 @@ pub struct Limits {
 
 pub struct Connection {
     stream: TcpStream,
+    /// The TLS session on a WSS or TCP-over-TLS listener.
+    tls: Option<Box<rustls::ServerConnection>>,
     transport: Transport,
     upgraded: bool,
     eof: bool,
@@ -82,6 +93,7 @@ impl Connection {
     pub fn new(stream: TcpStream, transport: Transport, limits: Limits) -> Self {
         Connection {
             stream,
+            tls: None,
             transport,
             upgraded: false,
             eof: false,
@@ -90,6 +102,39 @@ impl Connection {
             out: BytesMut::new(),
             limits,
         }
+    }
+
+    /// Speaks TLS from now on, with `config`; [`Connection::tls_handshake`] comes next.
+    pub fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> Result<(), ConnError> {
+        let mut tls = rustls::ServerConnection::new(config)?;
+        // What is written is bounded by the caller (a batch of queued pushes at a time);
+        // rustls must take it whole so a flush never stops halfway through a packet.
+        tls.set_buffer_limit(None);
+        self.tls = Some(Box::new(tls));
+        Ok(())
+    }
+
+    /// Whether this connection speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Runs the TLS handshake to its end (nothing to do without TLS). Application data the
+    /// client sent right behind it stays buffered for the first read.
+    pub async fn tls_handshake(&mut self) -> Result<(), ConnError> {
+        while self.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+            if self.tls.as_ref().is_some_and(|t| t.wants_write()) {
+                self.write_tls().await?;
+                continue;
+            }
+            if self.eof {
+                return Err(ConnError::Eof);
+            }
+            self.stream.readable().await?;
+            self.fill()?;
+        }
+        // Session tickets and the like, sent after the handshake.
+        self.write_tls().await
     }
 
     pub fn transport(&self) -> Transport {
@@ -105,9 +150,9 @@ impl Connection {
         self.rbuf.capacity() + self.out.capacity() + self.asm.buffered()
     }
 
-    /// Replies (or pongs) are waiting for a write.
+    /// Replies (or pongs, or TLS records) are waiting for a write.
     pub fn has_replies(&self) -> bool {
-        !self.out.is_empty()
+        !self.out.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
     }
 
     /// Waits until the socket is readable, reads what is there and appends the complete
@@ -125,19 +170,7 @@ impl Connection {
         if self.eof {
             return Err(ConnError::Eof);
         }
-        let mut got = 0;
-        while got < READ_BUDGET {
-            self.rbuf.reserve(READ_CHUNK);
-            match self.stream.try_read_buf(&mut self.rbuf) {
-                Ok(0) => {
-                    self.eof = true;
-                    break;
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.fill()?;
         self.decode(packets)?;
         if self.rbuf.is_empty() {
             // Give the buffer back while idle.
@@ -145,6 +178,47 @@ impl Connection {
         }
         if self.eof && packets.is_empty() {
             return Err(ConnError::Eof);
+        }
+        Ok(())
+    }
+
+    /// Appends what the socket has now (decrypted, with TLS) to the read buffer, up to the
+    /// read budget.
+    fn fill(&mut self) -> Result<(), ConnError> {
+        let mut got = 0;
+        while got < READ_BUDGET && !self.eof {
+            let n = match &mut self.tls {
+                None => {
+                    self.rbuf.reserve(READ_CHUNK);
+                    self.stream.try_read_buf(&mut self.rbuf)
+                }
+                Some(tls) => tls.read_tls(&mut SocketIo(&self.stream)),
+            };
+            match n {
+                Ok(0) => self.eof = true,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(tls) = &mut self.tls {
+                let state = match tls.process_new_packets() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // The alert telling the client why, if the socket takes it now.
+                        let _ = tls.write_tls(&mut SocketIo(&self.stream));
+                        return Err(e.into());
+                    }
+                };
+                let plain = state.plaintext_bytes_to_read();
+                if state.peer_has_closed() {
+                    self.eof = true;
+                }
+                if plain > 0 {
+                    let start = self.rbuf.len();
+                    self.rbuf.resize(start + plain, 0);
+                    tls.reader().read_exact(&mut self.rbuf[start..])?;
+                }
+            }
         }
         Ok(())
     }
@@ -226,6 +300,9 @@ impl Connection {
 
     /// Writes pending replies and `pushes` with as few syscalls as the kernel allows.
     pub async fn flush(&mut self, mut pushes: VecDeque<Outgoing>) -> Result<(), ConnError> {
+        if self.tls.is_some() {
+            return self.flush_tls(pushes).await;
+        }
         let items = pushes.make_contiguous();
         let mut done = 0;
         loop {
@@ -243,6 +320,52 @@ impl Connection {
                 return Ok(());
             }
         }
+    }
+
+    /// [`Connection::flush`] over TLS: each batch is encrypted whole, then written out.
+    async fn flush_tls(&mut self, mut pushes: VecDeque<Outgoing>) -> Result<(), ConnError> {
+        let items = pushes.make_contiguous();
+        let mut chunks = items.chunks(WRITE_BATCH);
+        loop {
+            let batch = chunks.next().unwrap_or_default();
+            if let Some(tls) = &mut self.tls {
+                let mut w = tls.writer();
+                w.write_all(&self.out)?;
+                for item in batch {
+                    let (p, n) = prefix(self.transport, item);
+                    w.write_all(&p[..n])?;
+                    w.write_all(body(item))?;
+                }
+            }
+            if !self.out.is_empty() {
+                self.out = BytesMut::new();
+            }
+            self.write_tls().await?;
+            if chunks.len() == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes the TLS records rustls holds, waiting for the socket within the write timeout.
+    async fn write_tls(&mut self) -> Result<(), ConnError> {
+        let Some(tls) = &mut self.tls else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + self.limits.write_timeout;
+        while tls.wants_write() {
+            match tls.write_tls(&mut SocketIo(&self.stream)) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout_at(deadline, self.stream.writable())
+                        .await
+                        .map_err(|_| ConnError::WriteTimeout)??;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// One `writev` of the replies and `batch` (at most [`WRITE_BATCH`] items); returns the
@@ -299,6 +422,27 @@ impl Connection {
         let mut bufs = &mut slices[..];
         IoSlice::advance_slices(&mut bufs, skip);
         write_all(&self.stream, bufs, self.limits.write_timeout).await
+    }
+}
+
+/// The socket as blocking-style I/O for rustls: a full socket reads as `WouldBlock`.
+struct SocketIo<'a>(&'a TcpStream);
+
+impl Read for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for SocketIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -375,6 +519,80 @@ mod tests {
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
         (server, client)
+    }
+
+    /// Over TLS: packets the client sends in one write with its handshake's end are read,
+    /// and a flush larger than the socket takes at once waits for the client and arrives
+    /// whole and in order; a client that sends something other than TLS is a TLS error.
+    #[tokio::test]
+    async fn tls_reads_and_flushes_through_the_session() {
+        use goim_testkit::pki::TestCa;
+        let ca = TestCa::new("comet-test");
+        let dir = tempfile::tempdir().unwrap();
+        ca.issue(dir.path(), "comet", &["DNS:comet.test"]);
+        let server_tls = goim_tls::server(dir.path(), Default::default()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        {
+            use rustls::pki_types::pem::PemObject;
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(ca.cert()).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+        }
+        let client_cfg = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+
+        let (server, client) = pair().await;
+        let mut conn = Connection::new(server, Transport::Tcp, LIMITS);
+        conn.start_tls(server_tls.config()).unwrap();
+        let handshake = tokio::spawn(async move { conn.tls_handshake().await.map(|()| conn) });
+        let name = rustls::pki_types::ServerName::try_from("comet.test").unwrap();
+        let mut client = tokio_rustls::TlsConnector::from(client_cfg.clone())
+            .connect(name.clone(), client)
+            .await
+            .unwrap();
+        let hb: Vec<u8> = (0..3)
+            .flat_map(|seq| Packet::new(1, op::HEARTBEAT, seq, Bytes::new()).encode())
+            .collect();
+        client.write_all(&hb).await.unwrap();
+        let mut conn = handshake.await.unwrap().unwrap();
+        let mut packets = VecDeque::new();
+        while packets.len() < 3 {
+            conn.read(&mut packets).await.unwrap();
+        }
+        assert_eq!(packets.iter().map(|p| p.seq).collect::<Vec<_>>(), [0, 1, 2]);
+
+        // 4 MB in 1 KB pushes: far more than the socket buffers hold.
+        let pushes: VecDeque<Outgoing> = (0..4096u32)
+            .map(|i| Outgoing::Raw(Bytes::from(vec![(i % 251) as u8; 1024])))
+            .collect();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 4096 * 1024];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        conn.flush(pushes).await.unwrap();
+        let got = reader.await.unwrap();
+        for (i, chunk) in got.chunks(1024).enumerate() {
+            assert!(
+                chunk.iter().all(|&b| b == (i % 251) as u8),
+                "push {i} garbled"
+            );
+        }
+
+        // Not TLS at all.
+        let (server, mut client) = pair().await;
+        let mut conn = Connection::new(server, Transport::Tcp, LIMITS);
+        conn.start_tls(server_tls.config()).unwrap();
+        client.write_all(&hb).await.unwrap();
+        let e = conn.tls_handshake().await.unwrap_err();
+        assert_eq!(e.reason(), "tls_error", "{e}");
     }
 
     /// A 64 KB burst of valid packets is read and answered, and then the connection holds no

@@ -240,6 +240,26 @@ impl Comet {
 
     /// Accepts connections until shutdown. Each connection is its own task.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, transport: Transport) {
+        self.accept_loop(listener, transport, None).await
+    }
+
+    /// As [`Comet::serve`], each connection speaking TLS first (WSS, TCP over TLS); the
+    /// certificates are the ones current at accept.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        transport: Transport,
+        tls: Arc<goim_tls::ServerTls>,
+    ) {
+        self.accept_loop(listener, transport, Some(tls)).await
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        transport: Transport,
+        tls: Option<Arc<goim_tls::ServerTls>>,
+    ) {
         let mut backoff =
             goim_discovery::Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
         loop {
@@ -276,8 +296,9 @@ impl Comet {
             };
             let _ = stream.set_nodelay(true);
             let comet = self.clone();
+            let tls = tls.as_ref().map(|t| t.config());
             self.tasks.spawn(async move {
-                conn::serve(&comet, stream, peer, transport).await;
+                conn::serve(&comet, stream, peer, transport, tls).await;
                 drop((permit, ip_slot));
             });
         }

@@ -14,6 +14,14 @@ pub struct CometConfig {
     pub tcp: String,
     /// WebSocket listen address (goim 3102); the upgrade path is `/sub`.
     pub ws: String,
+    /// A directory with `tls.crt` and `tls.key` (as cert-manager writes a Secret), read
+    /// again when they change. Set, the comet also serves WebSocket over TLS on `wss`, and
+    /// TCP over TLS on `tcp_tls` if that is set. Empty: no TLS listener.
+    pub tls_dir: String,
+    /// WebSocket over TLS listen address (goim 3103), with `tls_dir`.
+    pub wss: String,
+    /// goim's TCP protocol over TLS listen address, with `tls_dir`. Empty: not served.
+    pub tcp_tls: String,
     /// From accept to auth reply, including the WebSocket upgrade (goim's example: 8s).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -84,6 +92,9 @@ impl Default for CometConfig {
             name: String::new(),
             tcp: "0.0.0.0:3101".into(),
             ws: "0.0.0.0:3102".into(),
+            tls_dir: String::new(),
+            wss: "0.0.0.0:3103".into(),
+            tcp_tls: String::new(),
             handshake_timeout: Duration::from_secs(8),
             write_timeout: Duration::from_secs(20),
             buckets: 32,

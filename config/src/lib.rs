@@ -50,6 +50,16 @@ pub struct ClusterConfig {
     /// Directory with `ca.crt` (and `tls.crt`, `tls.key` for client certs) to reach etcd over
     /// TLS; empty: plain text.
     pub etcd_tls_dir: String,
+    /// Mutual TLS between the roles' gRPC: a directory with `tls.crt`, `tls.key` and
+    /// `ca.crt` (a cert-manager Secret from the cluster's own CA), read again when they
+    /// change. Every gRPC server then requires a client certificate from that CA, and every
+    /// role dialing another presents its certificate and checks the server's chain. Empty:
+    /// plain text.
+    pub grpc_tls_dir: String,
+    /// With `grpc_tls_dir`: the name every role's certificate must carry (a DNS SAN) for
+    /// the roles dialing it. Empty: the chain to the CA is checked but not the name (roles
+    /// dial pod IPs, which certificates rarely name).
+    pub grpc_tls_server_name: String,
     /// Prefixes every etcd key: `/goim/{cluster}/...`.
     pub name: String,
     /// Seconds a dead role's keys outlive it.
@@ -75,6 +85,8 @@ impl Default for ClusterConfig {
         ClusterConfig {
             etcd: vec!["127.0.0.1:2379".into()],
             etcd_tls_dir: String::new(),
+            grpc_tls_dir: String::new(),
+            grpc_tls_server_name: String::new(),
             name: "default".into(),
             lease_ttl: 10,
             advertise: String::new(),

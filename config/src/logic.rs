@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 pub struct LogicConfig {
     /// HTTP listen address (goim 3111).
     pub http: String,
+    /// A directory with `tls.crt` and `tls.key` (a cert-manager Secret), read again when
+    /// they change: the HTTP API is then served over TLS only. Empty: plain HTTP.
+    pub http_tls_dir: String,
     /// Client heartbeat interval advertised to clients (goim `node.heartbeat`, 4m).
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
@@ -115,6 +118,7 @@ impl Default for LogicConfig {
     fn default() -> Self {
         LogicConfig {
             http: "0.0.0.0:3111".into(),
+            http_tls_dir: String::new(),
             heartbeat: Duration::from_secs(240),
             heartbeat_max: 2,
             max_message: goim_proto::packet::MAX_BODY,

@@ -14,10 +14,10 @@ use goim_job::etcd::EtcdComets;
 use goim_job::{CometDirectory, Job, JobMetrics};
 use goim_logic::etcd::{EtcdNodes, EtcdOnline, JobRing};
 use goim_logic::http::{ops_router, router, Ready};
-use goim_logic::serve::{refused_counter, serve};
+use goim_logic::serve::{refused_counter, serve, serve_maybe_tls};
 use goim_logic::ApiKeys;
 use goim_logic::{Logic, LogicMetrics};
-use goim_proto::grpc::{balanced_channel, comet_server, job_server, logic_server, RemoteLogic};
+use goim_proto::grpc::{comet_server, job_server, logic_server, RemoteLogic};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -64,8 +64,13 @@ fn spawn_http(
     tokio::spawn(serve(listener, app, cfg.http.clone(), refused, stop));
 }
 
-fn spawn_grpc<S>(listener: TcpListener, svc: S, stop: CancellationToken)
-where
+/// Serves `svc` on `listener`, with mutual TLS when the cluster has `grpc_tls_dir`.
+fn spawn_grpc<S>(
+    listener: TcpListener,
+    svc: S,
+    tls: Option<Arc<goim_tls::ServerTls>>,
+    stop: CancellationToken,
+) where
     S: tower_service::Service<
             axum::http::Request<tonic::body::Body>,
             Response = axum::http::Response<tonic::body::Body>,
@@ -78,12 +83,22 @@ where
     S::Future: Send + 'static,
 {
     tokio::spawn(async move {
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let served = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-            .await;
+        let server = tonic::transport::Server::builder().add_service(svc);
+        let served = match tls {
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                server
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                    .await
+            }
+            Some(tls) => {
+                let incoming = crate::tls::incoming(listener, tls, stop.clone());
+                server
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                    .await
+            }
+        };
         if let Err(e) = served {
             tracing::error!(error = %e, "gRPC server failed");
         }
@@ -104,8 +119,12 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut client = crate::config::etcd(&cfg.cluster).await?;
     let keys = Keys::new(&cfg.cluster.name);
+    let dialer = crate::tls::dialer(&cfg.cluster)?;
+    let grpc_tls = crate::tls::grpc_server(&cfg.cluster)?;
     let logic = Arc::new(RemoteLogic::new(
-        balanced_channel(&cfg.cluster.logic).context("logic endpoints")?,
+        dialer
+            .balanced(&cfg.cluster.logic)
+            .context("logic endpoints")?,
     ));
     let mut registry = Registry::default();
     let metrics = Arc::new(CometMetrics::default());
@@ -115,6 +134,7 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     let ws = bind(&cfg.comet.ws, "WebSocket").await?;
     let grpc = bind(&cfg.cluster.comet_grpc, "gRPC").await?;
     let http = bind(&cfg.cluster.comet_http, "HTTP").await?;
+    let secure = crate::tls::CometTls::bind(&cfg.comet).await?;
     let (tcp_a, ws_a, grpc_a, http_a) = (
         tcp.local_addr()?,
         ws.local_addr()?,
@@ -150,7 +170,15 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(registrar.run(stop.clone()));
     tokio::spawn(comet.clone().serve(tcp, Transport::Tcp));
     tokio::spawn(comet.clone().serve(ws, Transport::WebSocket));
-    spawn_grpc(grpc, comet_server(comet.clone()), stop.clone());
+    let (wss_a, tcp_tls_a) = match secure {
+        Some(s) => {
+            let addrs = (Some(s.wss_addr()?), s.tcp_addr());
+            tokio::spawn(s.serve(comet.clone()));
+            addrs
+        }
+        None => (None, None),
+    };
+    spawn_grpc(grpc, comet_server(comet.clone()), grpc_tls, stop.clone());
     let (l, c) = (lease.clone(), comet.clone());
     // Not ready while draining: the Service stops sending this pod new clients at once.
     let ready: Ready = Arc::new(move || l.id() != 0 && !c.is_draining());
@@ -163,7 +191,7 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
         stop.clone(),
     );
     ready_line(
-        json!({"role": "comet", "name": comet.name(), "tcp": tcp_a, "ws": ws_a, "grpc": grpc_a, "http": http_a}),
+        json!({"role": "comet", "name": comet.name(), "tcp": tcp_a, "ws": ws_a, "wss": wss_a, "tcp_tls": tcp_tls_a, "grpc": grpc_a, "http": http_a}),
     );
     tracing::info!(name = comet.name(), tcp = %tcp_a, ws = %ws_a, grpc = %grpc_a, "comet started");
 
@@ -189,7 +217,9 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
     let loads = WatchCache::spawn(client.clone(), keys.loads(), stop.clone());
     let jobs = WatchCache::<JobRecord>::spawn(client.clone(), keys.jobs(), stop.clone());
     let online = Arc::new(EtcdOnline::new(client.clone(), keys, stop.clone()));
-    let ring = Arc::new(JobRing::new(jobs));
+    let ring = Arc::new(JobRing::new(jobs, crate::tls::dialer(&cfg.cluster)?));
+    let grpc_tls = crate::tls::grpc_server(&cfg.cluster)?;
+    let https = crate::tls::http(&cfg.logic.http_tls_dir)?;
     let mut registry = Registry::default();
     let metrics = Arc::new(LogicMetrics::default());
     metrics.register(&mut registry);
@@ -216,13 +246,20 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
         nodes,
         metrics,
     ));
-    spawn_grpc(grpc, logic_server(logic.clone()), stop.clone());
+    spawn_grpc(grpc, logic_server(logic.clone()), grpc_tls, stop.clone());
     let ready: Ready = Arc::new(move || online.synced() && ring.synced() && comets.synced());
     let refused = refused_counter(&mut registry);
     let keys = ApiKeys::from_config(logic.config())?;
     keys.warn_if_open(http_a);
     let app = router(logic, Arc::new(registry), ready, keys);
-    spawn_http(http, app, &http_cfg, refused, stop.clone());
+    tokio::spawn(serve_maybe_tls(
+        http,
+        app,
+        http_cfg.http.clone(),
+        refused,
+        stop.clone(),
+        https,
+    ));
     ready_line(json!({"role": "logic", "http": http_a, "grpc": grpc_a}));
     tracing::info!(http = %http_a, grpc = %grpc_a, "logic started");
     wait_for_signal().await?;
@@ -237,6 +274,7 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     let comets = Arc::new(EtcdComets::new(
         WatchCache::spawn(client.clone(), keys.comets(), stop.clone()),
         WatchCache::spawn(client.clone(), keys.loads(), stop.clone()),
+        crate::tls::dialer(&cfg.cluster)?,
     ));
     let mut registry = Registry::default();
     let metrics = Arc::new(JobMetrics::default());
@@ -265,7 +303,12 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
         serde_json::to_vec(&record)?,
         stop.clone(),
     ));
-    spawn_grpc(grpc, job_server(job.clone()), stop.clone());
+    spawn_grpc(
+        grpc,
+        job_server(job.clone()),
+        crate::tls::grpc_server(&cfg.cluster)?,
+        stop.clone(),
+    );
     let l = lease.clone();
     let c = comets.clone();
     let ready: Ready = Arc::new(move || l.id() != 0 && c.synced());

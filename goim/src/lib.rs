@@ -5,4 +5,5 @@ pub mod config;
 pub mod demo;
 pub mod distributed;
 pub mod standalone;
+pub mod tls;
 pub mod tools;

@@ -70,6 +70,10 @@ impl NodeSource for LocalCluster {
 pub struct Standalone {
     pub tcp: SocketAddr,
     pub ws: SocketAddr,
+    /// WebSocket over TLS, with `[comet] tls_dir`.
+    pub wss: Option<SocketAddr>,
+    /// goim's TCP protocol over TLS, with `tls_dir` and `tcp_tls`.
+    pub tcp_tls: Option<SocketAddr>,
     pub http: SocketAddr,
     comet: Arc<Comet>,
     job: Arc<Job>,
@@ -97,6 +101,8 @@ impl Standalone {
         let tcp = bind(&cfg.comet.tcp, "TCP").await?;
         let ws = bind(&cfg.comet.ws, "WebSocket").await?;
         let http = bind(&cfg.logic.http, "HTTP").await?;
+        let secure = crate::tls::CometTls::bind(&cfg.comet).await?;
+        let https = crate::tls::http(&cfg.logic.http_tls_dir)?;
 
         let cluster = Arc::new(LocalCluster::default());
         let job = Arc::new(Job::new(cfg.job, cluster.clone(), job_metrics));
@@ -118,23 +124,34 @@ impl Standalone {
         let mut tasks = JoinSet::new();
         tasks.spawn(comet.clone().serve(tcp, Transport::Tcp));
         tasks.spawn(comet.clone().serve(ws, Transport::WebSocket));
+        let (wss, tcp_tls) = match secure {
+            Some(s) => {
+                let addrs = (Some(s.wss_addr()?), s.tcp_addr());
+                tasks.spawn(s.serve(comet.clone()));
+                addrs
+            }
+            None => (None, None),
+        };
         tasks.spawn(comet.clone().renew_online_loop());
         let refused = goim_logic::serve::refused_counter(&mut registry);
         let keys = goim_logic::ApiKeys::from_config(logic.config())?;
         keys.warn_if_open(http_addr);
         let router = goim_logic::http::router(logic, Arc::new(registry), Arc::new(|| true), keys)
             .merge(crate::demo::router(ws_addr.port()));
-        tasks.spawn(goim_logic::serve::serve(
+        tasks.spawn(goim_logic::serve::serve_maybe_tls(
             http,
             router,
             cfg.http,
             refused,
             stop.clone(),
+            https,
         ));
-        tracing::info!(name = comet.name(), tcp = %tcp_addr, ws = %ws_addr, http = %http_addr, "goim standalone started");
+        tracing::info!(name = comet.name(), tcp = %tcp_addr, ws = %ws_addr, wss = ?wss, tcp_tls = ?tcp_tls, http = %http_addr, "goim standalone started");
         Ok(Standalone {
             tcp: tcp_addr,
             ws: ws_addr,
+            wss,
+            tcp_tls,
             http: http_addr,
             comet,
             job,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use goim_discovery::{CometRecord, LoadRecord, WatchCache};
-use goim_proto::grpc::{channel, RemoteComet};
+use goim_proto::grpc::{Dialer, RemoteComet};
 use goim_proto::service::CometService;
 
 use crate::CometDirectory;
@@ -17,10 +17,15 @@ pub struct EtcdComets {
     /// Bumped whenever either mirror changes.
     changes: tokio::sync::watch::Receiver<u64>,
     clients: Mutex<HashMap<String, (String, Arc<RemoteComet>)>>,
+    dialer: Dialer,
 }
 
 impl EtcdComets {
-    pub fn new(comets: WatchCache<CometRecord>, loads: WatchCache<LoadRecord>) -> Self {
+    pub fn new(
+        comets: WatchCache<CometRecord>,
+        loads: WatchCache<LoadRecord>,
+        dialer: Dialer,
+    ) -> Self {
         let (tx, changes) = tokio::sync::watch::channel(0u64);
         for mut sub in [comets.subscribe(), loads.subscribe()] {
             let tx = tx.clone();
@@ -35,6 +40,7 @@ impl EtcdComets {
             loads,
             changes,
             clients: Mutex::new(HashMap::new()),
+            dialer,
         }
     }
 
@@ -49,7 +55,7 @@ impl EtcdComets {
                 return Some(c.clone());
             }
         }
-        match channel(addr) {
+        match self.dialer.channel(addr) {
             Ok(ch) => {
                 let c = Arc::new(RemoteComet::new(ch));
                 clients.insert(name.to_string(), (addr.to_string(), c.clone()));

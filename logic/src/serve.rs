@@ -44,6 +44,19 @@ pub async fn serve(
     refused: Counter,
     stop: CancellationToken,
 ) {
+    serve_maybe_tls(listener, app, limits, refused, stop, None).await
+}
+
+/// As [`serve`], over TLS when `tls` is given (HTTPS only: a plain request fails the
+/// handshake). The handshake counts against `header_timeout`.
+pub async fn serve_maybe_tls(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    refused: Counter,
+    stop: CancellationToken,
+    tls: Option<Arc<goim_tls::ServerTls>>,
+) {
     let deadline = limits.request_timeout;
     let app = app.layer(axum::middleware::from_fn(
         move |req: Request, next: Next| async move {
@@ -81,19 +94,15 @@ pub async fn serve(
         let svc = TowerToHyperService::new(app.clone());
         let stop = stop.clone();
         let header_timeout = limits.header_timeout;
+        let tls = tls.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            match tls {
+                None => serve_connection(stream, svc, header_timeout, stop).await,
+                Some(tls) => match goim_tls::accept(&tls, stream, header_timeout).await {
+                    Ok(s) => serve_connection(s, svc, header_timeout, stop).await,
+                    Err(e) => tracing::debug!(error = %e, "HTTPS handshake failed"),
+                },
             }
         });
     }
@@ -104,6 +113,28 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("HTTP requests still in flight at the shutdown deadline were dropped");
+    }
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    svc: TowerToHyperService<Router>,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 

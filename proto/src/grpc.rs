@@ -266,3 +266,50 @@ pub fn balanced_channel(addrs: &[String]) -> Result<Channel, tonic::transport::E
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Channel::balance_list(eps.into_iter()))
 }
+
+/// A gRPC address that cannot be dialed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("{0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("with mutual TLS between roles, give one address (a Service) instead of {0}")]
+    TlsBalance(usize),
+}
+
+/// How a role dials the others: plain HTTP/2, or mutual TLS with the cluster's certificates
+/// (each reconnect uses the certificates current then).
+#[derive(Clone, Default)]
+pub struct Dialer {
+    tls: Option<goim_tls::Connector>,
+}
+
+impl Dialer {
+    pub fn plain() -> Self {
+        Dialer::default()
+    }
+
+    pub fn tls(connector: goim_tls::Connector) -> Self {
+        Dialer {
+            tls: Some(connector),
+        }
+    }
+
+    /// A lazily connecting channel to `addr`.
+    pub fn channel(&self, addr: &str) -> Result<Channel, DialError> {
+        let ep = endpoint(addr)?;
+        Ok(match &self.tls {
+            None => ep.connect_lazy(),
+            Some(c) => ep.connect_with_connector_lazy(c.clone()),
+        })
+    }
+
+    /// A channel balancing calls over `addrs`. tonic balances only over its own
+    /// connections, so with TLS there must be one address.
+    pub fn balanced(&self, addrs: &[String]) -> Result<Channel, DialError> {
+        match (&self.tls, addrs) {
+            (None, _) => Ok(balanced_channel(addrs)?),
+            (Some(_), [one]) => self.channel(one),
+            (Some(_), many) => Err(DialError::TlsBalance(many.len())),
+        }
+    }
+}

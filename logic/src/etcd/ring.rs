@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use goim_discovery::{JobRecord, WatchCache};
-use goim_proto::grpc::{channel, RemoteJob};
+use goim_proto::grpc::{Dialer, RemoteJob};
 use goim_proto::job::PushReply;
 use goim_proto::logic::push_msg::Type as PushType;
 use goim_proto::logic::{HistoryReply, HistoryReq, PushMsg};
@@ -18,6 +18,7 @@ use tonic::Status;
 pub struct JobRing {
     jobs: WatchCache<JobRecord>,
     clients: Mutex<HashMap<String, (String, RemoteJob)>>,
+    dialer: Dialer,
 }
 
 /// Points per job on the ring.
@@ -56,10 +57,11 @@ pub fn ring_order<'a>(ids: &'a [String], route: &str) -> Vec<&'a String> {
 }
 
 impl JobRing {
-    pub fn new(jobs: WatchCache<JobRecord>) -> Self {
+    pub fn new(jobs: WatchCache<JobRecord>, dialer: Dialer) -> Self {
         JobRing {
             jobs,
             clients: Mutex::new(HashMap::new()),
+            dialer,
         }
     }
 
@@ -96,7 +98,9 @@ impl JobRing {
                 return Ok(c.clone());
             }
         }
-        let c = channel(addr)
+        let c = self
+            .dialer
+            .channel(addr)
             .map(RemoteJob::new)
             .map_err(|e| Status::unavailable(format!("job {id} address {addr}: {e}")))?;
         clients.insert(id.to_string(), (addr.to_string(), c.clone()));
