@@ -378,3 +378,67 @@ async fn a_goim_comet_can_use_our_logic() {
         .kvs()
         .is_empty());
 }
+
+/// `[cluster] grpc_tls_dir` on every role: comet → logic (auth), logic → job and job → comet
+/// (a push) all run over mutual TLS; a plain client, and one whose certificate another CA
+/// signed, get no answer from a role's gRPC port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_talk_over_mutual_tls() {
+    use goim_proto::logic::NodesReq;
+    use goim_proto::service::LogicService;
+    use goim_testkit::pki::TestCa;
+    let (ca, other) = (TestCa::new("cluster-ca"), TestCa::new("other-ca"));
+    let certs = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (certs.path().join("ours"), certs.path().join("theirs"));
+    ca.issue(&ours, "goim-role", &["DNS:goim.internal"]);
+    other.issue(&theirs, "stranger", &["DNS:goim.internal"]);
+    std::fs::copy(ca.cert(), theirs.join("ca.crt")).unwrap();
+    let tls = format!(
+        "\n[cluster]\ngrpc_tls_dir = \"{}\"\ngrpc_tls_server_name = \"goim.internal\"\n",
+        ours.display()
+    );
+    let c = {
+        let tls = tls.clone();
+        tokio::task::spawn_blocking(move || Cluster::start_configured(1, 1, &tls, &tls, &tls))
+            .await
+            .unwrap()
+    };
+    let mut a = connect(
+        c.comet(0, Transport::Tcp),
+        Transport::Tcp,
+        5,
+        "tls-a",
+        "live://5",
+    )
+    .await;
+    push(c.http(), "/goim/push/mids?operation=1000&mids=5", b"sealed").await;
+    assert_eq!(recv_body(&mut a).await, b"sealed");
+    push(
+        c.http(),
+        "/goim/push/room?operation=1000&type=live&room=5",
+        b"room",
+    )
+    .await;
+    assert_eq!(recv_body(&mut a).await, b"room");
+
+    let logic_grpc = c.logic.addr("grpc").to_string();
+    let plain = goim_proto::grpc::RemoteLogic::new(goim_proto::grpc::channel(&logic_grpc).unwrap());
+    assert!(within(plain.nodes(NodesReq::default())).await.is_err());
+    let stranger = goim::tls::dialer(&goim_config::ClusterConfig {
+        grpc_tls_dir: theirs.display().to_string(),
+        grpc_tls_server_name: "goim.internal".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let stranger = goim_proto::grpc::RemoteLogic::new(stranger.channel(&logic_grpc).unwrap());
+    assert!(within(stranger.nodes(NodesReq::default())).await.is_err());
+    // The same call with the cluster's certificate is answered.
+    let member = goim::tls::dialer(&goim_config::ClusterConfig {
+        grpc_tls_dir: ours.display().to_string(),
+        grpc_tls_server_name: "goim.internal".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let member = goim_proto::grpc::RemoteLogic::new(member.channel(&logic_grpc).unwrap());
+    within(member.nodes(NodesReq::default())).await.unwrap();
+}

@@ -214,6 +214,18 @@ impl Cluster {
 
     /// With extra `[job]` settings for every job, and `[logic]` settings.
     pub fn start_with(comets: usize, jobs: usize, job_toml: &str, logic_toml: &str) -> Cluster {
+        Cluster::start_configured(comets, jobs, job_toml, logic_toml, "")
+    }
+
+    /// With extra settings for every job, the logic and every comet (each file starts in
+    /// the role's own table; later tables such as `[cluster]` may follow).
+    pub fn start_configured(
+        comets: usize,
+        jobs: usize,
+        job_toml: &str,
+        logic_toml: &str,
+        comet_toml: &str,
+    ) -> Cluster {
         let etcd = Etcd::start();
         let dir = tempfile::tempdir().unwrap();
         let logic = start_logic_with(&etcd, dir.path(), "127.0.0.1:0", logic_toml);
@@ -222,7 +234,15 @@ impl Cluster {
             .map(|i| start_job_with(&etcd, dir.path(), &format!("job-{i}"), job_toml))
             .collect();
         let comets = (0..comets)
-            .map(|i| start_comet(&etcd, dir.path(), &format!("comet-{i}"), &logic_grpc))
+            .map(|i| {
+                start_comet_with(
+                    &etcd,
+                    dir.path(),
+                    &format!("comet-{i}"),
+                    &logic_grpc,
+                    comet_toml,
+                )
+            })
             .collect();
         let c = Cluster {
             etcd,
