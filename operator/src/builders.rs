@@ -34,6 +34,12 @@ pub const ETCD_TLS_PATH: &str = "/etc/goim-etcd-tls";
 pub const JWT_KEYS_PATH: &str = "/etc/goim-jwt";
 /// Where logic's pods mount the API keys Secret (`spec.auth.apiKeys.secretRef`).
 pub const API_KEYS_PATH: &str = "/etc/goim-api-keys";
+/// Where comet's pods mount the clients' TLS Secret (`spec.tls.clients`).
+pub const CLIENT_TLS_PATH: &str = "/etc/goim-client-tls";
+/// Where logic's pods mount the API's TLS Secret (`spec.tls.api`).
+pub const API_TLS_PATH: &str = "/etc/goim-api-tls";
+/// Where every role's pods mount the gRPC mutual TLS Secret (`spec.tls.internal`).
+pub const GRPC_TLS_PATH: &str = "/etc/goim-grpc-tls";
 
 /// Everything one PushCluster owns.
 #[derive(Debug, Clone)]
@@ -129,7 +135,7 @@ pub fn config(pc: &PushCluster) -> Config {
         .unwrap_or_else(|| format!(".{}.{ns}.svc", name(pc, "comet-headless")));
     node.tcp_port = l.nodes.tcp_port.unwrap_or(s.comet.ports.tcp);
     node.ws_port = l.nodes.ws_port.unwrap_or(s.comet.ports.ws);
-    set(&mut node.wss_port, l.nodes.wss_port, |n| n);
+    node.wss_port = l.nodes.wss_port.unwrap_or(s.comet.ports.wss);
     set(&mut node.region_weight, l.nodes.region_weight, |n| n);
     logic.user_streams = s.history.users.is_some();
     match s.auth.mode {
@@ -146,6 +152,22 @@ pub fn config(pc: &PushCluster) -> Config {
     if let Some(k) = &s.auth.api_keys {
         logic.api_keys_file = format!("{API_KEYS_PATH}/{}", k.key);
         logic.protect_reads = k.protect_reads;
+    }
+
+    if let Some(t) = &s.tls.clients {
+        let p = &s.comet.ports;
+        c.comet.tls_dir = CLIENT_TLS_PATH.into();
+        c.comet.wss = format!("0.0.0.0:{}", p.wss);
+        if t.tcp {
+            c.comet.tcp_tls = format!("0.0.0.0:{}", p.tcp_tls);
+        }
+    }
+    if s.tls.api.is_some() {
+        c.logic.http_tls_dir = API_TLS_PATH.into();
+    }
+    if let Some(t) = &s.tls.internal {
+        c.cluster.grpc_tls_dir = GRPC_TLS_PATH.into();
+        c.cluster.grpc_tls_server_name = t.server_name.clone().unwrap_or_default();
     }
 
     let job = &mut c.job;
@@ -300,7 +322,7 @@ fn pod(
     // A config change rolls the pods.
     annotations.insert(CONFIG_HASH.into(), config_hash.into());
     c.security_context = settings.container_security_context.clone();
-    PodTemplateSpec {
+    let mut t = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
             annotations: Some(annotations),
@@ -337,7 +359,11 @@ fn pod(
             ),
             ..Default::default()
         }),
+    };
+    if let Some(i) = &pc.spec.tls.internal {
+        mount_secret(&mut t, "grpc-tls", &i.secret_ref.name, GRPC_TLS_PATH);
     }
+    t
 }
 
 /// Mounts Secret `secret` read-only at `path` in the pod's (only) container.
@@ -442,12 +468,15 @@ fn comet_template(pc: &PushCluster, config_hash: &str) -> PodTemplateSpec {
     let mut comet_c = container(
         pc,
         "comet",
-        vec![
+        [
             port("tcp", p.tcp),
             port("ws", p.ws),
             port("grpc", p.grpc),
             port("metrics", p.metrics),
-        ],
+        ]
+        .into_iter()
+        .chain(client_tls_ports(pc).map(|(n, p)| port(n, p)))
+        .collect(),
         "metrics",
     );
     comet_c.resources = s.comet.resources.clone();
@@ -460,14 +489,27 @@ fn comet_template(pc: &PushCluster, config_hash: &str) -> PodTemplateSpec {
         }),
         ..Default::default()
     });
-    pod(
+    let mut t = pod(
         pc,
         "comet",
         &s.comet.pod,
         comet_c,
         config_hash,
         Some(grace_seconds(pc)),
-    )
+    );
+    if let Some(c) = &s.tls.clients {
+        mount_secret(&mut t, "client-tls", &c.secret_ref.name, CLIENT_TLS_PATH);
+    }
+    t
+}
+
+/// The comet's TLS client ports the spec asks for: `wss`, and `tcp-tls`.
+fn client_tls_ports(pc: &PushCluster) -> impl Iterator<Item = (&'static str, i32)> {
+    let p = &pc.spec.comet.ports;
+    let c = pc.spec.tls.clients.as_ref();
+    c.map(|_| ("wss", p.wss))
+        .into_iter()
+        .chain(c.filter(|c| c.tcp).map(|_| ("tcp-tls", p.tcp_tls)))
 }
 
 /// How long a comet pod may take to stop: its drain, the pre-stop sleep and a margin.
@@ -542,7 +584,12 @@ pub fn build(pc: &PushCluster) -> Objects {
                 .into(),
             ),
             selector: Some(selector(pc, "comet")),
-            ports: Some(vec![svc_port("tcp", p.tcp), svc_port("ws", p.ws)]),
+            ports: Some(
+                [svc_port("tcp", p.tcp), svc_port("ws", p.ws)]
+                    .into_iter()
+                    .chain(client_tls_ports(pc).map(|(n, p)| svc_port(n, p)))
+                    .collect(),
+            ),
             external_traffic_policy: client.external_traffic_policy.as_ref().map(|t| {
                 match t {
                     TrafficPolicy::Cluster => "Cluster",
@@ -582,6 +629,21 @@ pub fn build(pc: &PushCluster) -> Objects {
         }
         if let Some(k) = &s.auth.api_keys {
             mount_secret(t, "api-keys", &k.secret_ref.name, API_KEYS_PATH);
+        }
+        if let Some(a) = &s.tls.api {
+            mount_secret(t, "api-tls", &a.secret_ref.name, API_TLS_PATH);
+            // The API (and its probes) speak HTTPS only; kubelet does not check the
+            // certificate.
+            for c in t.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
+                for p in [&mut c.readiness_probe, &mut c.liveness_probe]
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(h) = p.http_get.as_mut() {
+                        h.scheme = Some("HTTPS".into());
+                    }
+                }
+            }
         }
     }
     let (job, job_service) = stateless_role(
@@ -1061,6 +1123,68 @@ spec:
         // json: goim's token, chosen explicitly; nothing mounted.
         let plain = config(&fixture());
         assert_eq!(plain.logic.auth, goim_config::AuthMode::Json);
+    }
+
+    /// TLS Secrets: each mounted where it is used and named in the config; the client ports
+    /// exposed; logic's probes switch to HTTPS with its API.
+    #[test]
+    fn tls_secrets_reach_the_roles_that_use_them() {
+        let mut pc = fixture();
+        pc.spec.tls = serde_json::from_value(serde_json::json!({
+            "clients": {"secretRef": {"name": "clients"}, "tcp": true},
+            "api": {"secretRef": {"name": "api-cert"}},
+            "internal": {"secretRef": {"name": "mesh"}, "serverName": "goim.internal"}
+        }))
+        .unwrap();
+        let c = config(&pc);
+        assert_eq!(c.comet.tls_dir, CLIENT_TLS_PATH);
+        assert_eq!(c.comet.wss, "0.0.0.0:3103");
+        assert_eq!(c.comet.tcp_tls, "0.0.0.0:3104");
+        assert_eq!(c.logic.http_tls_dir, API_TLS_PATH);
+        assert_eq!(c.logic.node.wss_port, 3103);
+        assert_eq!(c.cluster.grpc_tls_dir, GRPC_TLS_PATH);
+        assert_eq!(c.cluster.grpc_tls_server_name, "goim.internal");
+        let o = build(&pc);
+        let secrets = |t: &k8s_openapi::api::core::v1::PodSpec| -> Vec<String> {
+            t.volumes
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|v| v.secret.and_then(|s| s.secret_name))
+                .collect()
+        };
+        let comet = o.comet.spec.unwrap().template.spec.unwrap();
+        assert_eq!(secrets(&comet), ["mesh", "clients"]);
+        let ports: Vec<_> = comet.containers[0]
+            .ports
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name.unwrap(), p.container_port))
+            .collect();
+        assert!(ports.contains(&("wss".into(), 3103)) && ports.contains(&("tcp-tls".into(), 3104)));
+        let logic = o.logic.spec.unwrap().template.spec.unwrap();
+        assert_eq!(secrets(&logic), ["mesh", "api-cert"]);
+        let probe = logic.containers[0].readiness_probe.clone().unwrap();
+        assert_eq!(probe.http_get.unwrap().scheme.as_deref(), Some("HTTPS"));
+        let job = o.job.spec.unwrap().template.spec.unwrap();
+        assert_eq!(secrets(&job), ["mesh"]);
+        let svc: Vec<_> = o
+            .comet_service
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name.unwrap())
+            .collect();
+        assert_eq!(svc, ["tcp", "ws", "wss", "tcp-tls"]);
+        // A certificate renewal needs no restart, but turning TLS on does.
+        assert_ne!(comet_revision(&pc), comet_revision(&fixture()));
+        // Without TLS nothing of it shows.
+        let plain = config(&fixture());
+        assert!(plain.comet.tls_dir.is_empty() && plain.logic.http_tls_dir.is_empty());
+        assert!(plain.cluster.grpc_tls_dir.is_empty());
     }
 
     #[test]

@@ -106,6 +106,53 @@ pub struct PushClusterSpec {
     /// Numbered streams kept for recovery (docs/PROTOCOL.md): off unless named here.
     #[serde(default)]
     pub history: HistorySpec,
+    /// TLS for clients, the HTTP API and between the roles, from Secrets laid out as
+    /// cert-manager writes them (`tls.crt`, `tls.key`, `ca.crt`). Renewed certificates
+    /// apply to new connections without a restart.
+    #[serde(default)]
+    pub tls: TlsSpec,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// WebSocket over TLS on comet's `wss` port (goim 3103), and with `tcp` goim's TCP
+    /// protocol over TLS on `tcpTls`. The Secret needs `tls.crt` and `tls.key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<ClientTls>,
+    /// HTTPS only for logic's HTTP API (`tls.crt`, `tls.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiTls>,
+    /// Mutual TLS on the gRPC between comet, logic and job: every role presents `tls.crt`
+    /// and accepts only peers whose certificate chains to `ca.crt` (use a CA of this
+    /// cluster's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal: Option<InternalTls>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTls {
+    pub secret_ref: SecretRef,
+    /// Also serve goim's TCP protocol over TLS.
+    #[serde(default)]
+    pub tcp: bool,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiTls {
+    pub secret_ref: SecretRef,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InternalTls {
+    pub secret_ref: SecretRef,
+    /// A DNS name the certificate carries, checked by every role it dials. Unset: only the
+    /// chain to `ca.crt` is checked (roles dial pod IPs, which certificates rarely name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// Which streams are numbered and kept, so clients that reconnect recover what they missed.
@@ -283,6 +330,12 @@ pub struct CometPorts {
     pub grpc: i32,
     #[serde(default = "p3108")]
     pub metrics: i32,
+    /// WebSocket over TLS, with `tls.clients`.
+    #[serde(default = "p3103")]
+    pub wss: i32,
+    /// goim's TCP protocol over TLS, with `tls.clients.tcp`.
+    #[serde(default = "p3104")]
+    pub tcp_tls: i32,
 }
 
 /// The client Service in front of the comets.
@@ -510,6 +563,12 @@ fn p3109() -> i32 {
 fn p3108() -> i32 {
     3108
 }
+fn p3103() -> i32 {
+    3103
+}
+fn p3104() -> i32 {
+    3104
+}
 
 impl Default for CometSpec {
     fn default() -> Self {
@@ -541,6 +600,8 @@ impl Default for CometPorts {
             ws: 3102,
             grpc: 3109,
             metrics: 3108,
+            wss: 3103,
+            tcp_tls: 3104,
         }
     }
 }
