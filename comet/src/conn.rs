@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use goim_proto::logic::{
-    ConnectReq, DisconnectReq, HeartbeatReq, HistoryReply, HistoryReq, ReceiveReq,
+    ConnectReq, DisconnectReq, HeartbeatReq, HistoryReply, HistoryReq, ReceiveReq, RefreshReq,
 };
 use goim_proto::op;
 use goim_proto::packet::{raw_packets, Packet};
@@ -24,7 +24,7 @@ use tonic::Status;
 
 use crate::channel::{Channel, Outgoing};
 use crate::connection::{ConnError, Connection, Limits, Transport};
-use crate::handler::{Handler, HandlerLimits, RateLimited, Replies, Session};
+use crate::handler::{Deadline, Handler, HandlerLimits, RateLimited, Replies, Session};
 use crate::server::{extension_packet, numbered, reserved_type, Comet, KEY_STREAM, USER_STREAM};
 use crate::ws;
 
@@ -32,6 +32,8 @@ use crate::ws;
 enum Exit {
     Error(ConnError),
     Timeout,
+    /// The token expired and no new one came within the grace period.
+    TokenExpired,
     Kicked,
     /// Closed by an admin (`/goim/kick`).
     Evicted,
@@ -67,7 +69,7 @@ pub(crate) async fn serve(
         _ = comet.shutdown.cancelled() => return,
         r = tokio::time::timeout_at(deadline, handshake(comet, &mut conn, &mut pending)) => r,
     };
-    let (ch, heartbeat) = match handshake {
+    let (ch, heartbeat, expires) = match handshake {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -91,7 +93,7 @@ pub(crate) async fn serve(
                 ops_burst: cfg.client_ops_burst,
                 presence_renew: cfg.presence_renew,
             };
-            let handler = Handler::new(ch.clone(), heartbeat, limits, pending);
+            let handler = Handler::new(ch.clone(), heartbeat, limits, pending, expires);
             run(comet, &mut conn, handler).await
         }
         Err(e) => Exit::Error(e),
@@ -102,19 +104,22 @@ pub(crate) async fn serve(
     }
     comet.metrics.connections.dec();
     comet.unregister(&ch);
-    match &exit {
+    let reason = match &exit {
         Exit::Error(e) => {
             tracing::debug!(%peer, key = %ch.key, error = %e, "connection closed");
-            if !matches!(e, ConnError::Eof | ConnError::Ws(ws::WsError::Closed)) {
-                comet.metrics.closed(e.reason());
-            }
+            e.reason()
         }
-        Exit::Timeout => comet.metrics.closed("heartbeat_timeout"),
-        Exit::Kicked => comet.metrics.closed("duplicate_key"),
-        Exit::Evicted => comet.metrics.closed("admin_kick"),
-        Exit::Shutdown if comet.is_draining() => comet.metrics.closed("drain"),
-        Exit::Shutdown => comet.metrics.closed("shutdown"),
-        Exit::RateLimited => comet.metrics.closed("rate_limited"),
+        Exit::Timeout => "heartbeat_timeout",
+        Exit::TokenExpired => "token_expired",
+        Exit::Kicked => "duplicate_key",
+        Exit::Evicted => "admin_kick",
+        Exit::Shutdown if comet.is_draining() => "drain",
+        Exit::Shutdown => "shutdown",
+        Exit::RateLimited => "rate_limited",
+    };
+    // A client's own close is not a failure to count.
+    if reason != "client_closed" {
+        comet.metrics.closed(reason);
     }
     // A kicked connection's key lives on in the newer connection on this comet.
     if !matches!(exit, Exit::Kicked) {
@@ -126,6 +131,7 @@ pub(crate) async fn serve(
             presence_revision: ch
                 .presence_revision
                 .load(std::sync::atomic::Ordering::Relaxed),
+            reason: reason.into(),
         };
         if let Err(e) = comet.logic.disconnect(req).await {
             tracing::warn!(key = %ch.key, error = %e, "disconnect failed");
@@ -139,7 +145,7 @@ async fn handshake(
     comet: &Arc<Comet>,
     conn: &mut Connection,
     pending: &mut VecDeque<Packet>,
-) -> Result<Option<(Arc<Channel>, Duration)>, ConnError> {
+) -> Result<Option<(Arc<Channel>, Duration, i64)>, ConnError> {
     conn.tls_handshake().await?;
     let cookie = if conn.transport() == Transport::WebSocket {
         conn.upgrade(&comet.config().ws_origins).await?.cookie
@@ -204,12 +210,13 @@ async fn handshake(
         .ok()
         .filter(|&n| n > 0)
         .map_or(Duration::from_secs(480), Duration::from_nanos);
-    Ok(Some((ch, hb)))
+    Ok(Some((ch, hb, reply.expires)))
 }
 
 async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) -> Exit {
     let ch = handler.channel().clone();
-    let timer = sleep_until(Instant::now() + handler.heartbeat());
+    let grace = comet.cfg.token_grace;
+    let timer = sleep_until(handler.deadline(grace));
     tokio::pin!(timer);
     let notified = ch.notify.notified();
     tokio::pin!(notified);
@@ -222,7 +229,7 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
         if !handler.pending_mut().is_empty() {
             match handler.answer(comet, conn).await {
                 Err(RateLimited) => return Exit::RateLimited,
-                Ok(true) => timer.as_mut().reset(Instant::now() + handler.heartbeat()),
+                Ok(true) => timer.as_mut().reset(handler.deadline(grace)),
                 Ok(false) => {}
             }
         }
@@ -292,7 +299,26 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
                     return Exit::Error(e);
                 }
             }
-            Event::Timeout => return Exit::Timeout,
+            Event::Timeout => match handler.on_deadline(Instant::now(), grace) {
+                Deadline::Heartbeat => return Exit::Timeout,
+                Deadline::TokenExpired => return Exit::TokenExpired,
+                Deadline::TokenExpiring => {
+                    if ch.is_extended() {
+                        let body = json!({
+                            "expires": handler.expires(),
+                            "grace_ms": u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+                        });
+                        conn.reply(
+                            goim_proto::packet::SERVER_VER,
+                            op::TOKEN_EXPIRING,
+                            0,
+                            body.to_string().as_bytes(),
+                        );
+                    }
+                    timer.as_mut().reset(handler.deadline(grace));
+                }
+                Deadline::NotYet => timer.as_mut().reset(handler.deadline(grace)),
+            },
             Event::Resend => {
                 let r = ch.resend(cfg.ack_timeout, cfg.ack_retries);
                 comet.metrics.dropped("unacked", r.given_up);
@@ -515,6 +541,26 @@ impl Session for Arc<Comet> {
         body: Bytes,
     ) -> impl Future<Output = ()> + Send {
         Box::pin(recover(self, ch, ver, seq, body))
+    }
+
+    fn refresh(
+        &self,
+        ch: &Arc<Channel>,
+        token: Bytes,
+    ) -> impl Future<Output = Result<i64, Status>> + Send {
+        let logic = self.logic.clone();
+        let req = RefreshReq {
+            mid: ch.mid,
+            key: ch.key.to_string(),
+            server: self.cfg.name.clone(),
+            token,
+        };
+        // Boxed: rare, and its state would otherwise size every connection's task.
+        Box::pin(async move { logic.refresh(req).await.map(|r| r.expires) })
+    }
+
+    fn token_grace(&self) -> Duration {
+        self.cfg.token_grace
     }
 
     fn change_room(&self, ch: &Arc<Channel>, room: &str) {

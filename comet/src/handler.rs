@@ -39,6 +39,15 @@ pub trait Session {
         seq: i32,
         body: bytes::Bytes,
     ) -> impl Future<Output = ()> + Send;
+    /// An extension `REFRESH`: logic checks the connection's new token; its expiry (Unix
+    /// seconds, 0: never) if it was taken.
+    fn refresh(
+        &self,
+        ch: &Arc<Channel>,
+        token: bytes::Bytes,
+    ) -> impl Future<Output = Result<i64, Status>> + Send;
+    /// How long a connection whose token expired has to send a new one.
+    fn token_grace(&self) -> Duration;
     /// An extension `RECOVER`: what was pushed to this connection's user and key since the
     /// positions given, ahead of the next pushes, as for `join`.
     fn recover(
@@ -68,7 +77,7 @@ pub struct HandlerLimits {
 pub struct RateLimited;
 
 /// What `HELLO_REPLY` says this server does (docs/PROTOCOL.md).
-pub const FEATURES: &[&str] = &["reconnect", "recover", "acks"];
+pub const FEATURES: &[&str] = &["reconnect", "recover", "acks", "refresh"];
 
 /// A `HELLO` body; anything else in it is ignored.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -103,6 +112,11 @@ const YIELD_EVERY: u32 = 64;
 pub struct Handler {
     ch: Arc<Channel>,
     heartbeat: Duration,
+    /// When the connection is closed unless a heartbeat comes first.
+    heartbeat_deadline: Instant,
+    /// When the token expires, and whether the client was told. Boxed: goim's tokens never
+    /// expire, and an idle connection should not pay for the field.
+    expiry: Option<Box<Expiry>>,
     /// When a heartbeat next renews presence.
     next_renew: Instant,
     budget: OpBudget,
@@ -119,16 +133,20 @@ fn spread(base: Duration) -> Duration {
 }
 
 impl Handler {
-    /// `pending`: packets that arrived with the auth packet, answered first.
+    /// `pending`: packets that arrived with the auth packet, answered first. `expires`: the
+    /// token's expiry in Unix seconds (0: never).
     pub fn new(
         ch: Arc<Channel>,
         heartbeat: Duration,
         limits: HandlerLimits,
         pending: VecDeque<Packet>,
+        expires: i64,
     ) -> Self {
         Handler {
             ch,
             heartbeat,
+            heartbeat_deadline: Instant::now() + heartbeat,
+            expiry: Expiry::new(expires),
             next_renew: Instant::now() + spread(limits.presence_renew),
             budget: OpBudget::new(limits.ops_per_sec, limits.ops_burst),
             pending,
@@ -155,6 +173,38 @@ impl Handler {
         self.heartbeat
     }
 
+    /// When the connection's timer must next fire: its heartbeat deadline, or its token's
+    /// expiry (then the end of the grace period).
+    pub fn deadline(&self, grace: Duration) -> Instant {
+        match &self.expiry {
+            Some(e) => {
+                let at = if e.warned { e.at + grace } else { e.at };
+                at.min(self.heartbeat_deadline)
+            }
+            None => self.heartbeat_deadline,
+        }
+    }
+
+    /// The token's expiry in Unix seconds (0: never).
+    pub fn expires(&self) -> i64 {
+        self.expiry.as_ref().map_or(0, |e| e.unix)
+    }
+
+    /// What the timer firing at `now` means.
+    pub fn on_deadline(&mut self, now: Instant, grace: Duration) -> Deadline {
+        if now >= self.heartbeat_deadline {
+            return Deadline::Heartbeat;
+        }
+        match &mut self.expiry {
+            Some(e) if !e.warned && now >= e.at => {
+                e.warned = true;
+                Deadline::TokenExpiring
+            }
+            Some(e) if e.warned && now >= e.at + grace => Deadline::TokenExpired,
+            _ => Deadline::NotYet,
+        }
+    }
+
     /// Bytes of queue this handler holds now: what a burst must give back.
     pub fn buffered(&self) -> usize {
         self.pending.capacity() * std::mem::size_of::<Packet>()
@@ -172,7 +222,7 @@ impl Handler {
         while let Some(p) = self.pending.pop_front() {
             // A JOIN or RECOVER costs a history call and can queue a room's whole history:
             // a client gets a few a second, not 64.
-            let cost = if matches!(p.op, op::JOIN | op::RECOVER) {
+            let cost = if matches!(p.op, op::JOIN | op::RECOVER | op::REFRESH) {
                 RECOVERY_COST
             } else {
                 1.0
@@ -180,7 +230,7 @@ impl Handler {
             if !self.budget.take(cost) {
                 return Err(RateLimited);
             }
-            heartbeat |= p.op == op::HEARTBEAT;
+            heartbeat |= matches!(p.op, op::HEARTBEAT | op::REFRESH);
             self.handle(session, out, p).await;
             handled += 1;
             // A read can hold thousands of packets: let other connections run between.
@@ -189,6 +239,7 @@ impl Handler {
             }
         }
         // After a burst, give the queue's memory back: an idle connection holds none.
+        // (`Ok(true)`: a heartbeat or a new token moved the connection's deadline.)
         if self.pending.capacity() > IDLE_QUEUE {
             self.pending = VecDeque::new();
         }
@@ -200,6 +251,7 @@ impl Handler {
         match p.op {
             op::HEARTBEAT => {
                 let now = Instant::now();
+                self.heartbeat_deadline = now + self.heartbeat;
                 if now >= self.next_renew {
                     self.next_renew = now + spread(session.presence_renew());
                     session.renew_presence(ch);
@@ -242,6 +294,21 @@ impl Handler {
                 }
             }
             op::JOIN if ch.is_extended() => session.join(ch, p.ver, p.seq, p.body).await,
+            op::REFRESH if ch.is_extended() => {
+                let reply = match session.refresh(ch, p.body).await {
+                    Ok(expires) => {
+                        self.expiry = Expiry::new(expires);
+                        serde_json::json!({ "expires": expires })
+                    }
+                    Err(e) => serde_json::json!({ "error": e.message() }),
+                };
+                out.reply(
+                    p.ver,
+                    op::REFRESH_REPLY,
+                    p.seq,
+                    reply.to_string().as_bytes(),
+                );
+            }
             op::RECOVER if ch.is_extended() => session.recover(ch, p.ver, p.seq, p.body).await,
             op::SUB | op::UNSUB => {
                 if let Some(ops) = parse_ops(&p.body) {
@@ -269,6 +336,47 @@ impl Handler {
                 out.reply(p.ver, other, p.seq, &[]);
             }
         }
+    }
+}
+
+/// What a connection's timer firing means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// No heartbeat in time: close.
+    Heartbeat,
+    /// The token just expired: tell the client to refresh.
+    TokenExpiring,
+    /// The grace period after expiry ended without a new token: close.
+    TokenExpired,
+    /// Nothing due yet (the deadline moved since the timer was set).
+    NotYet,
+}
+
+/// A token's expiry.
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    /// On this process's clock.
+    at: Instant,
+    /// As the token says, in Unix seconds.
+    unix: i64,
+    /// The client was told it expired.
+    warned: bool,
+}
+
+impl Expiry {
+    /// `None` for 0 (never).
+    fn new(unix: i64) -> Option<Box<Expiry>> {
+        let secs = u64::try_from(unix).ok().filter(|&e| e > 0)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // A far-future expiry is capped at a year: the timer must not overflow.
+        let left = secs.saturating_sub(now).min(365 * 86_400);
+        Some(Box::new(Expiry {
+            at: Instant::now() + Duration::from_secs(left),
+            unix,
+            warned: false,
+        }))
     }
 }
 
@@ -356,6 +464,95 @@ mod tests {
         async fn recover(&self, _: &Arc<Channel>, _: i16, _: i32, body: bytes::Bytes) {
             self.joins.lock().unwrap().push(body.to_vec());
         }
+        async fn refresh(&self, _: &Arc<Channel>, token: bytes::Bytes) -> Result<i64, Status> {
+            match &token[..] {
+                b"good" => Ok(unix_now() + 3600),
+                _ => Err(Status::unauthenticated("token refused")),
+            }
+        }
+        fn token_grace(&self) -> Duration {
+            GRACE
+        }
+    }
+
+    const GRACE: Duration = Duration::from_secs(5);
+
+    fn unix_now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    /// A token that expires: the client is told at expiry and closed a grace period later,
+    /// unless a refresh with a token logic takes moves the expiry; a refused one changes
+    /// nothing; a heartbeat keeps the connection but not the token.
+    #[tokio::test(start_paused = true)]
+    async fn an_expiring_token_is_refreshed_or_closes() {
+        let fake = Fake::default();
+        let ch = Arc::new(Channel::new(
+            "k".into(),
+            7,
+            "127.0.0.1".parse().unwrap(),
+            &[],
+        ));
+        ch.set_extended();
+        let start = Instant::now();
+        let mut h = Handler::new(
+            ch,
+            Duration::from_secs(600),
+            LIMITS,
+            VecDeque::new(),
+            unix_now() + 10,
+        );
+        let at = h.deadline(GRACE);
+        assert!(at >= start + Duration::from_secs(9) && at <= start + Duration::from_secs(10));
+        assert_eq!(
+            h.on_deadline(at - Duration::from_secs(1), GRACE),
+            Deadline::NotYet
+        );
+        assert_eq!(h.on_deadline(at, GRACE), Deadline::TokenExpiring);
+        assert_eq!(h.deadline(GRACE), at + GRACE);
+
+        // A refused token: the reply says why, the grace period runs on.
+        let mut out: Vec<Reply> = Vec::new();
+        h.pending_mut().push_back(packet(op::REFRESH, 1, b"bad"));
+        h.pending_mut().push_back(packet(op::HEARTBEAT, 2, b""));
+        assert_eq!(h.answer(&fake, &mut out).await, Ok(true));
+        assert_eq!(out[0].1, op::REFRESH_REPLY);
+        assert!(String::from_utf8_lossy(&out[0].3).contains("token refused"));
+        assert_eq!(h.deadline(GRACE), at + GRACE);
+        assert_eq!(h.on_deadline(at + GRACE, GRACE), Deadline::TokenExpired);
+
+        // A good one: a new expiry an hour away, and the warning may come again then.
+        out.clear();
+        h.pending_mut().push_back(packet(op::REFRESH, 3, b"good"));
+        assert_eq!(h.answer(&fake, &mut out).await, Ok(true));
+        let v: serde_json::Value = serde_json::from_slice(&out[0].3).unwrap();
+        assert_eq!(v["expires"].as_i64(), Some(h.expires()));
+        assert_eq!(h.on_deadline(at + GRACE, GRACE), Deadline::NotYet);
+        // The heartbeat's deadline (600 s) now comes before the token's (an hour).
+        assert!(h.expires() >= unix_now() + 3599);
+        assert!(h.deadline(GRACE) >= start + Duration::from_secs(599));
+    }
+
+    /// A token without expiry (goim's) only ever has the heartbeat deadline; a client that
+    /// did not say HELLO cannot refresh (the op goes to logic like any other).
+    #[tokio::test(start_paused = true)]
+    async fn tokens_without_expiry_and_clients_without_extensions() {
+        let fake = Fake::default();
+        let mut h = handler(LIMITS);
+        let start = Instant::now();
+        assert_eq!(h.deadline(GRACE), start + Duration::from_secs(30));
+        assert_eq!(
+            h.on_deadline(start + Duration::from_secs(30), GRACE),
+            Deadline::Heartbeat
+        );
+        let mut out: Vec<Reply> = Vec::new();
+        h.pending_mut().push_back(packet(op::REFRESH, 1, b"good"));
+        h.answer(&fake, &mut out).await.unwrap();
+        assert_eq!(*fake.received.lock().unwrap(), vec![op::REFRESH]);
+        assert_eq!(h.expires(), 0);
     }
 
     type Reply = (i16, i32, i32, Vec<u8>);
@@ -379,7 +576,7 @@ mod tests {
             "127.0.0.1".parse().unwrap(),
             &[],
         ));
-        Handler::new(ch, Duration::from_secs(30), limits, VecDeque::new())
+        Handler::new(ch, Duration::from_secs(30), limits, VecDeque::new(), 0)
     }
 
     fn packet(op: i32, seq: i32, body: &'static [u8]) -> Packet {
@@ -428,7 +625,7 @@ mod tests {
         let hello: serde_json::Value = serde_json::from_slice(&out[6].3).unwrap();
         assert_eq!(
             hello,
-            serde_json::json!({"v": 1, "features": ["reconnect", "recover", "acks"]})
+            serde_json::json!({"v": 1, "features": ["reconnect", "recover", "acks", "refresh"]})
         );
         assert!(h.channel().is_extended());
         // The heartbeat reply carries the room's online count (4 bytes); echoes carry bodies.

@@ -25,6 +25,10 @@ pub struct CometConfig {
     /// From accept to auth reply, including the WebSocket upgrade (goim's example: 8s).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// A connection whose token expired is told so (extension clients) and closed this much
+    /// later unless it sends a new token (`REFRESH`).
+    #[serde(with = "humantime_serde")]
+    pub token_grace: Duration,
     /// How long one write to a client may stall before the connection is closed.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
@@ -96,6 +100,7 @@ impl Default for CometConfig {
             wss: "0.0.0.0:3103".into(),
             tcp_tls: String::new(),
             handshake_timeout: Duration::from_secs(8),
+            token_grace: Duration::from_secs(30),
             write_timeout: Duration::from_secs(20),
             buckets: 32,
             push_queue: 64,

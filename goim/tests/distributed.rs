@@ -366,6 +366,7 @@ async fn a_goim_comet_can_use_our_logic() {
             server: "goim-comet-1".into(),
             lease: 0,
             presence_revision: 0,
+            reason: String::new(),
         })
         .await
         .unwrap()

@@ -250,3 +250,89 @@ async fn kick_closes_connections_with_a_reason() {
     );
     s.shutdown().await;
 }
+
+/// A token that expires while connected (JWT `exp`): an extension client is told, may send a
+/// new token for the same user and stays; one naming another user is refused; a client that
+/// does not refresh is closed when the grace period ends, and counted.
+#[tokio::test]
+async fn expiring_tokens_are_refreshed_or_closed() {
+    use goim_client::{Client, Transport};
+    use goim_proto::op;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = b"a test secret of thirty-two bytes or more";
+    let file = dir.path().join("hs256");
+    std::fs::write(&file, secret).unwrap();
+    let mut cfg = config();
+    cfg.logic.auth = goim_config::AuthMode::Jwt;
+    cfg.logic.jwt.hs256_secret_files = vec![file.display().to_string()];
+    cfg.logic.jwt.leeway = std::time::Duration::ZERO;
+    cfg.comet.token_grace = std::time::Duration::from_secs(1);
+    let s = start_with(cfg).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let token = |mid: i64, key: &str, exp: u64| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": mid.to_string(), "key": key, "accepts": [1000], "exp": exp}),
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    };
+    let exp = now + 2;
+    let connect = |mid: i64, key: &'static str| {
+        let t = token(mid, key, exp);
+        let addr = s.tcp;
+        async move {
+            let mut c = within(Client::connect(Transport::Tcp, addr, None))
+                .await
+                .unwrap();
+            within(c.auth(t.as_bytes())).await.unwrap();
+            c.send(op::HELLO, br#"{"v":1}"#).await.unwrap();
+            assert_eq!(recv(&mut c).await.op, op::HELLO_REPLY);
+            c
+        }
+    };
+    let mut keeper = connect(81, "keeper").await;
+    let mut lapser = connect(82, "lapser").await;
+
+    // Told at expiry, with the expiry and the grace period.
+    let told = recv(&mut keeper).await;
+    assert_eq!(told.op, op::TOKEN_EXPIRING);
+    let v: serde_json::Value = serde_json::from_slice(&told.body).unwrap();
+    assert_eq!(
+        (v["expires"].as_u64(), v["grace_ms"].as_u64()),
+        (Some(exp), Some(1000))
+    );
+    // Another user's token is refused; the connection's own is taken.
+    keeper
+        .send(op::REFRESH, token(99, "keeper", now + 3600).as_bytes())
+        .await
+        .unwrap();
+    let r = recv(&mut keeper).await;
+    assert_eq!(r.op, op::REFRESH_REPLY);
+    assert!(String::from_utf8_lossy(&r.body).contains("error"));
+    keeper
+        .send(op::REFRESH, token(81, "keeper", now + 3600).as_bytes())
+        .await
+        .unwrap();
+    let r = recv(&mut keeper).await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["expires"].as_u64(), Some(now + 3600), "{v}");
+
+    // The one that did not refresh: told, then closed.
+    assert_eq!(recv(&mut lapser).await.op, op::TOKEN_EXPIRING);
+    within(lapser.read_to_close()).await.unwrap();
+    // Past the same grace period, the refreshed one still gets pushes.
+    push_ok(&s, "/goim/push/mids?operation=1000&mids=81", b"still here").await;
+    assert_eq!(recv(&mut keeper).await.body, b"still here");
+    let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains(r#"goim_comet_closed_total{reason="token_expired"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("goim_logic_refreshes_total 1"),
+        "{metrics}"
+    );
+    s.shutdown().await;
+}

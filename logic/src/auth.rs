@@ -9,6 +9,8 @@ pub struct Identity {
     pub key: String,
     pub room_id: String,
     pub accepts: Vec<i32>,
+    /// When the token stops being valid, in Unix seconds (0: never).
+    pub expires: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -19,8 +21,15 @@ pub enum AuthError {
     Refused(String),
 }
 
+#[async_trait::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
+    /// Checks a token on the spot (local keys, no I/O).
     fn authenticate(&self, token: &[u8], cookie: &str) -> Result<Identity, AuthError>;
+    /// What logic calls: the same check by default; an authenticator that must ask
+    /// elsewhere (the connect hook) overrides it.
+    async fn verify(&self, token: &[u8], cookie: &str) -> Result<Identity, AuthError> {
+        self.authenticate(token, cookie)
+    }
 }
 
 /// The authenticator `[logic] auth` names: goim's JSON token, or signed tokens checked
@@ -78,6 +87,7 @@ impl Authenticator for JsonTokenAuth {
             key: t.key,
             room_id: t.room_id,
             accepts: t.accepts,
+            expires: 0,
         })
     }
 }
@@ -100,7 +110,8 @@ mod tests {
                 mid: 123,
                 key: String::new(),
                 room_id: "live://1000".into(),
-                accepts: vec![1000, 1001, 1002]
+                accepts: vec![1000, 1001, 1002],
+                expires: 0,
             }
         );
     }

@@ -30,6 +30,9 @@ struct Claims {
     rooms: Vec<String>,
     #[serde(default)]
     accepts: Vec<i32>,
+    /// Checked by the validation (required); kept for the connection's expiry.
+    #[serde(default)]
+    exp: u64,
 }
 
 /// The keys as read from the files, by kind.
@@ -346,6 +349,7 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
         key: c.key,
         room_id,
         accepts: c.accepts,
+        expires: c.exp,
     })
 }
 
@@ -445,8 +449,9 @@ mod tests {
             (Algorithm::RS256, &rs),
             (Algorithm::ES256, &es),
         ] {
+            let c = claims(42);
             let id = auth
-                .authenticate(sign(alg, key, claims(42)).as_bytes(), "")
+                .authenticate(sign(alg, key, c.clone()).as_bytes(), "")
                 .unwrap_or_else(|e| panic!("{alg:?}: {e}"));
             assert_eq!(
                 id,
@@ -454,7 +459,9 @@ mod tests {
                     mid: 42,
                     key: "phone".into(),
                     room_id: "live://1".into(),
-                    accepts: vec![1000]
+                    accepts: vec![1000],
+                    // The connection's expiry is the token's.
+                    expires: c["exp"].as_u64().unwrap(),
                 }
             );
         }

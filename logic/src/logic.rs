@@ -9,7 +9,7 @@ use goim_proto::logic::push_msg::Type as PushType;
 use goim_proto::logic::{
     Backoff, ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply,
     HeartbeatReq, HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg,
-    ReceiveReply, ReceiveReq,
+    ReceiveReply, ReceiveReq, RefreshReply, RefreshReq,
 };
 use goim_proto::service::{JobService, LogicService};
 use goim_proto::MAX_ID;
@@ -52,6 +52,8 @@ pub struct LogicMetrics {
     pub push_seconds: Family<Kind, Histogram, fn() -> Histogram>,
     pub connects: Counter,
     pub auth_failures: Counter,
+    /// Tokens a connection replaced before its old one expired.
+    pub refreshes: Counter,
     pub disconnects: Counter,
     /// Push requests accepted, by kind (keys, mids, room, all).
     pub pushes: Family<Kind, Counter>,
@@ -78,6 +80,7 @@ impl Default for LogicMetrics {
             push_seconds: Family::new_with_constructor(latency),
             connects: Counter::default(),
             auth_failures: Counter::default(),
+            refreshes: Counter::default(),
             disconnects: Counter::default(),
             pushes: Family::default(),
             unknown_targets: Counter::default(),
@@ -101,8 +104,13 @@ impl LogicMetrics {
         );
         r.register(
             "auth_failures",
-            "Refused Connect calls",
+            "Refused Connect and Refresh calls",
             self.auth_failures.clone(),
+        );
+        r.register(
+            "refreshes",
+            "Connections that replaced their token",
+            self.refreshes.clone(),
         );
         r.register("disconnects", "Disconnect calls", self.disconnects.clone());
         r.register("pushes", "Push requests handed to job", self.pushes.clone());
@@ -530,19 +538,27 @@ fn online_status(e: OnlineError) -> Status {
     Status::unavailable(e.to_string())
 }
 
+fn unix_secs(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+impl Logic {
+    /// A token checked by the configured authenticator; failures counted.
+    async fn verify(&self, token: &[u8], cookie: &str) -> Result<crate::auth::Identity, Status> {
+        self.auth.verify(token, cookie).await.map_err(|e| {
+            self.metrics.auth_failures.inc();
+            match e {
+                AuthError::Malformed(_) => Status::invalid_argument(e.to_string()),
+                AuthError::Refused(_) => Status::unauthenticated(e.to_string()),
+            }
+        })
+    }
+}
+
 #[async_trait]
 impl LogicService for Logic {
     async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, Status> {
-        let id = self
-            .auth
-            .authenticate(&req.token, &req.cookie)
-            .map_err(|e| {
-                self.metrics.auth_failures.inc();
-                match e {
-                    AuthError::Malformed(_) => Status::invalid_argument(e.to_string()),
-                    AuthError::Refused(_) => Status::unauthenticated(e.to_string()),
-                }
-            })?;
+        let id = self.verify(&req.token, &req.cookie).await?;
         let key = if id.key.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
@@ -569,6 +585,23 @@ impl LogicService for Logic {
             accepts: id.accepts,
             heartbeat: self.cfg.idle_timeout().as_nanos().min(i64::MAX as u128) as i64,
             presence_revision,
+            expires: unix_secs(id.expires),
+        })
+    }
+
+    /// A connection's new token: it must be valid and name the same user (and the same key,
+    /// if it names one); a token cannot move a connection to another identity.
+    async fn refresh(&self, req: RefreshReq) -> Result<RefreshReply, Status> {
+        let id = self.verify(&req.token, "").await?;
+        if id.mid != req.mid || (!id.key.is_empty() && id.key != req.key) {
+            self.metrics.auth_failures.inc();
+            return Err(Status::permission_denied(
+                "the new token names another user or key",
+            ));
+        }
+        self.metrics.refreshes.inc();
+        Ok(RefreshReply {
+            expires: unix_secs(id.expires),
         })
     }
 
@@ -618,6 +651,6 @@ impl LogicService for Logic {
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
         let op = req.proto.as_ref().map_or(0, |p| p.op);
         tracing::debug!(mid = req.mid, op, "receive");
-        Ok(ReceiveReply {})
+        Ok(ReceiveReply::default())
     }
 }

@@ -88,6 +88,9 @@ impl Logic for LogicGrpc {
     async fn nodes(&self, r: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {
         self.0.nodes(r.into_inner()).await.map(Response::new)
     }
+    async fn refresh(&self, r: Request<RefreshReq>) -> Result<Response<RefreshReply>, Status> {
+        self.0.refresh(r.into_inner()).await.map(Response::new)
+    }
 }
 
 pub fn logic_server(s: Arc<dyn LogicService>) -> LogicServer<LogicGrpc> {
@@ -211,6 +214,10 @@ impl LogicService for RemoteLogic {
     async fn history(&self, req: HistoryReq) -> Result<HistoryReply, Status> {
         let (mut c, _p) = self.slot().await?;
         Ok(c.history(req).await?.into_inner())
+    }
+    async fn refresh(&self, req: RefreshReq) -> Result<RefreshReply, Status> {
+        let (mut c, _p) = self.slot().await?;
+        Ok(c.refresh(req).await?.into_inner())
     }
 }
 

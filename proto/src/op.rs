@@ -48,3 +48,13 @@ pub const ACK: i32 = 28;
 /// s→c: an admin closed this connection (`/goim/kick`); JSON body `{"reason":R}`. The server
 /// closes the connection after it. Only to clients that said `HELLO`.
 pub const KICKED: i32 = 29;
+/// c→s: a new token for this connection before its current one expires; the body is the
+/// token. Only after `HELLO`.
+pub const REFRESH: i32 = 30;
+/// s→c: JSON body `{"expires":N}` (Unix seconds, 0: never), or `{"error":...}` when the
+/// token was refused (the connection keeps its old expiry).
+pub const REFRESH_REPLY: i32 = 31;
+/// s→c: the connection's token has expired; send `REFRESH` within `grace_ms` or be closed.
+/// JSON body `{"expires":N,"grace_ms":G}`. Only to clients that said `HELLO` (others are
+/// closed when the grace period ends).
+pub const TOKEN_EXPIRING: i32 = 32;

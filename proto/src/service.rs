@@ -14,7 +14,7 @@ use crate::job::PushReply;
 use crate::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
     HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply,
-    ReceiveReq,
+    ReceiveReq, RefreshReply, RefreshReq,
 };
 
 /// comet -> logic (`goim.logic.Logic`).
@@ -32,6 +32,10 @@ pub trait LogicService: Send + Sync + 'static {
     /// A room's messages after a position (goim-rs; answered by the job sequencing the room).
     async fn history(&self, _req: HistoryReq) -> Result<HistoryReply, Status> {
         Err(Status::unimplemented("history"))
+    }
+    /// A connection's new token (goim-rs): its expiry if it names the same user.
+    async fn refresh(&self, _req: RefreshReq) -> Result<RefreshReply, Status> {
+        Err(Status::unimplemented("refresh"))
     }
 }
 

@@ -41,6 +41,10 @@ export interface Events {
     kicked: {
         reason: string;
     };
+    /** The server took a new token (after `TOKEN_EXPIRING`, or `refresh()`); `expires` in Unix seconds. */
+    refreshed: {
+        expires: number;
+    };
     error: Error;
 }
 type Listener<T> = (e: T) => void;
@@ -49,7 +53,8 @@ export interface ClientOptions {
     url?: string;
     /** logic's HTTP API (`http://host:3111`): nodes, ports and heartbeat come from it. */
     api?: string;
-    /** goim's JSON token, or a JWT: a string, or a function asked before every connect. */
+    /** goim's JSON token, or a JWT: a string, or a function asked before every connect and
+     * whenever the server says the token expired (the new one is sent with `REFRESH`). */
     token: string | object | (() => string | object | Promise<string | object>);
     /** Room to join after auth (with recovery when the server numbers it). */
     room?: string;
@@ -97,6 +102,10 @@ export declare class GoimClient {
     connect(): Promise<void>;
     /** A node from logic's `/goim/nodes/weighted`, for a web client. */
     private nodes;
+    private token;
+    /** Sends a new token for this connection (asked from `token`); the server answers with
+     * `refreshed`, or an `error` event if it refused it (the old expiry then stands). */
+    refresh(): Promise<void>;
     private open;
     private handle;
     private deliver;

@@ -95,8 +95,7 @@ export class GoimClient {
                 url = nodes.url;
                 heartbeatMs ??= nodes.heartbeatMs;
             }
-            const token = typeof this.opts.token === "function" ? await this.opts.token() : this.opts.token;
-            this.open(url, typeof token === "string" ? token : JSON.stringify(token), heartbeatMs ?? 30_000);
+            this.open(url, await this.token(), heartbeatMs ?? 30_000);
         }
         catch (err) {
             this.emit("error", err);
@@ -122,6 +121,18 @@ export class GoimClient {
             url: `${secure ? "wss" : "ws"}://${host}${port ? `:${port}` : ""}/sub`,
             heartbeatMs: d.heartbeat ? d.heartbeat * 1000 : undefined,
         };
+    }
+    async token() {
+        const t = typeof this.opts.token === "function" ? await this.opts.token() : this.opts.token;
+        return typeof t === "string" ? t : JSON.stringify(t);
+    }
+    /** Sends a new token for this connection (asked from `token`); the server answers with
+     * `refreshed`, or an `error` event if it refused it (the old expiry then stands). */
+    async refresh() {
+        const ws = this.ws;
+        const token = await this.token();
+        if (ws && ws.readyState === 1 && ws === this.ws)
+            ws.send(encode(Op.Refresh, token));
     }
     open(url, token, heartbeatMs) {
         const WS = this.opts.WebSocket ?? globalThis.WebSocket;
@@ -234,6 +245,20 @@ export class GoimClient {
                 const b = JSON.parse(utf8.decode(p.body));
                 this.emit("kicked", { reason: b.reason ?? "" });
                 this.close();
+                return;
+            }
+            case Op.TokenExpiring: {
+                this.refresh().catch((err) => this.emit("error", err));
+                return;
+            }
+            case Op.RefreshReply: {
+                const b = JSON.parse(utf8.decode(p.body));
+                if (b.error) {
+                    this.emit("error", new Error(`refresh: ${b.error}`));
+                }
+                else {
+                    this.emit("refreshed", { expires: b.expires ?? 0 });
+                }
                 return;
             }
             case Op.Reconnect: {

@@ -26,6 +26,9 @@ export declare const Op: {
     readonly RecoverReply: 27;
     readonly Ack: 28;
     readonly Kicked: 29;
+    readonly Refresh: 30;
+    readonly RefreshReply: 31;
+    readonly TokenExpiring: 32;
 };
 export interface Packet {
     ver: number;

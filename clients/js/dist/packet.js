@@ -30,6 +30,9 @@ export const Op = {
     RecoverReply: 27,
     Ack: 28,
     Kicked: 29,
+    Refresh: 30,
+    RefreshReply: 31,
+    TokenExpiring: 32,
 };
 /** A frame that is not goim's packet layout. */
 export class PacketError extends Error {

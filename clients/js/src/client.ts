@@ -32,6 +32,8 @@ export interface Events {
   online: { count: number };
   /** An admin closed this connection (`/goim/kick`); the client does not reconnect. */
   kicked: { reason: string };
+  /** The server took a new token (after `TOKEN_EXPIRING`, or `refresh()`); `expires` in Unix seconds. */
+  refreshed: { expires: number };
   error: Error;
 }
 
@@ -42,7 +44,8 @@ export interface ClientOptions {
   url?: string;
   /** logic's HTTP API (`http://host:3111`): nodes, ports and heartbeat come from it. */
   api?: string;
-  /** goim's JSON token, or a JWT: a string, or a function asked before every connect. */
+  /** goim's JSON token, or a JWT: a string, or a function asked before every connect and
+   * whenever the server says the token expired (the new one is sent with `REFRESH`). */
   token: string | object | (() => string | object | Promise<string | object>);
   /** Room to join after auth (with recovery when the server numbers it). */
   room?: string;
@@ -160,8 +163,7 @@ export class GoimClient {
         url = nodes.url;
         heartbeatMs ??= nodes.heartbeatMs;
       }
-      const token = typeof this.opts.token === "function" ? await this.opts.token() : this.opts.token;
-      this.open(url, typeof token === "string" ? token : JSON.stringify(token), heartbeatMs ?? 30_000);
+      this.open(url, await this.token(), heartbeatMs ?? 30_000);
     } catch (err) {
       this.emit("error", err as Error);
       this.scheduleRetry(0, String(err));
@@ -189,6 +191,19 @@ export class GoimClient {
       url: `${secure ? "wss" : "ws"}://${host}${port ? `:${port}` : ""}/sub`,
       heartbeatMs: d.heartbeat ? d.heartbeat * 1000 : undefined,
     };
+  }
+
+  private async token(): Promise<string> {
+    const t = typeof this.opts.token === "function" ? await this.opts.token() : this.opts.token;
+    return typeof t === "string" ? t : JSON.stringify(t);
+  }
+
+  /** Sends a new token for this connection (asked from `token`); the server answers with
+   * `refreshed`, or an `error` event if it refused it (the old expiry then stands). */
+  async refresh(): Promise<void> {
+    const ws = this.ws;
+    const token = await this.token();
+    if (ws && ws.readyState === 1 && ws === this.ws) ws.send(encode(Op.Refresh, token));
   }
 
   private open(url: string, token: string, heartbeatMs: number): void {
@@ -304,6 +319,19 @@ export class GoimClient {
         const b = JSON.parse(utf8.decode(p.body)) as { reason?: string };
         this.emit("kicked", { reason: b.reason ?? "" });
         this.close();
+        return;
+      }
+      case Op.TokenExpiring: {
+        this.refresh().catch((err) => this.emit("error", err as Error));
+        return;
+      }
+      case Op.RefreshReply: {
+        const b = JSON.parse(utf8.decode(p.body)) as { expires?: number; error?: string };
+        if (b.error) {
+          this.emit("error", new Error(`refresh: ${b.error}`));
+        } else {
+          this.emit("refreshed", { expires: b.expires ?? 0 });
+        }
         return;
       }
       case Op.Reconnect: {

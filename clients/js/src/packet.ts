@@ -32,6 +32,9 @@ export const Op = {
   RecoverReply: 27,
   Ack: 28,
   Kicked: 29,
+  Refresh: 30,
+  RefreshReply: 31,
+  TokenExpiring: 32,
 } as const;
 
 export interface Packet {

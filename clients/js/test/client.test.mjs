@@ -2,6 +2,7 @@
 // nodes from logic, recovery after a lost connection; the codec and the backoff on their own.
 
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -221,6 +222,48 @@ describe("with history and nodes from logic", () => {
     const userSeen = seen.filter((s) => s.startsWith("user#")).map((s) => s.split(":")[1]);
     assert.deepEqual(userSeen, ["u1", "u2"]);
     assert.equal(c.streams.get("chat://1").offset, 5);
+    c.close();
+  });
+});
+
+describe("with signed tokens that expire", () => {
+  let server;
+  const secret = "a test secret of thirty-two bytes or more";
+  const b64url = (b) => Buffer.from(b).toString("base64url");
+  const jwt = (claims) => {
+    const head = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
+    const body = b64url(JSON.stringify(claims));
+    const sig = createHmac("sha256", secret).update(`${head}.${body}`).digest("base64url");
+    return `${head}.${body}.${sig}`;
+  };
+  before(async () => {
+    const dir = mkdtempSync(join(tmpdir(), "goim-js-jwt-"));
+    writeFileSync(join(dir, "hs256"), secret);
+    const config = join(dir, "goim.toml");
+    writeFileSync(
+      config,
+      `[comet]\ntoken_grace = "5s"\n[logic]\nauth = "jwt"\n[logic.jwt]\nhs256_secret_files = ["${join(dir, "hs256")}"]\nleeway = "0s"\n`,
+    );
+    server = await startStandalone({ config });
+  });
+  after(() => server?.stop());
+
+  test("the token function is asked again when the server says the token expired", async () => {
+    const now = Math.floor(Date.now() / 1000);
+    let asked = 0;
+    const c = new GoimClient({
+      url: server.ws,
+      // First a token that expires in a second, then one good for an hour.
+      token: () => jwt({ sub: "601", key: "js-refresh", accepts: [1000], exp: asked++ === 0 ? now + 1 : now + 3600 }),
+    });
+    const e = await next(c, "connected");
+    assert.ok(e.features.includes("refresh"), `${e.features}`);
+    const refreshed = await next(c, "refreshed");
+    assert.ok(refreshed.expires >= now + 3600, `${refreshed.expires}`);
+    assert.equal(asked, 2);
+    const got = next(c, "message");
+    assert.equal((await push(server.http, "/goim/push/mids?operation=1000&mids=601", "after refresh")).code, 0);
+    assert.equal((await got).text(), "after refresh");
     c.close();
   });
 });
