@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 pub use comet::CometConfig;
 pub use http::HttpLimits;
 pub use job::{HistoryConfig, JobConfig};
-pub use logic::{AuthMode, BackoffConfig, JwtConfig, LogicConfig, NodeConfig};
+pub use logic::{
+    AuthMode, BackoffConfig, EventsConfig, ForwardConfig, HookConfig, JwtConfig, LogicConfig,
+    NodeConfig,
+};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

@@ -36,6 +36,12 @@ pub struct LogicConfig {
     /// claim any user); `jwt` verifies signed tokens with `[logic.jwt]`.
     pub auth: AuthMode,
     pub jwt: JwtConfig,
+    /// The connect hook, for `auth = "hook"`.
+    pub hook: HookConfig,
+    /// Where client messages of ops the comet does not answer go (`[logic.forward]`).
+    pub forward: ForwardConfig,
+    /// Where connection lifecycle events go (`[logic.events]`).
+    pub events: EventsConfig,
     pub node: NodeConfig,
     pub backoff: BackoffConfig,
 }
@@ -48,6 +54,102 @@ pub enum AuthMode {
     Json,
     /// Signed tokens (HS256, RS256, ES256), checked against `[logic.jwt]`'s keys.
     Jwt,
+    /// The business says: logic POSTs the token to `[logic.hook] url` and takes the identity
+    /// it answers (EMQX's HTTP auth, Centrifugo's connect proxy).
+    Hook,
+}
+
+/// `auth = "hook"`: `POST url` with `{"token":T,"cookie":C}` (`token_base64` instead when
+/// the token is not UTF-8). A 200 reply `{"mid":N,"key":K,"room":R,"accepts":[...],
+/// "expires":UNIX}` (all but `mid` optional) admits the client; 401 or 403 refuses it; any
+/// other status, a timeout or an unreachable hook refuses it too (fail closed) and is logged.
+/// Admissions are cached (`cache_ttl`, at most `cache_size` tokens) so reconnect storms do
+/// not become hook storms.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HookConfig {
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A file whose content keys an HMAC-SHA256 of each body (`X-Goim-Signature:
+    /// sha256=<hex>`); empty: unsigned.
+    pub secret_file: String,
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    pub cache_size: usize,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        HookConfig {
+            url: String::new(),
+            timeout: Duration::from_secs(2),
+            secret_file: String::new(),
+            cache_ttl: Duration::from_secs(30),
+            cache_size: 10_000,
+        }
+    }
+}
+
+/// Client messages the comet does not answer itself (ops outside goim's set): with `url`,
+/// logic POSTs `{"mid","key","server","op","seq","body"}` (body base64) and sends the
+/// business's reply back to the connection on the same op; without, they are logged and
+/// dropped as goim does.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardConfig {
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub secret_file: String,
+    /// Calls in flight at most; beyond, a message gets an `overloaded` error at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            url: String::new(),
+            timeout: Duration::from_secs(5),
+            secret_file: String::new(),
+            max_in_flight: 256,
+        }
+    }
+}
+
+/// Connection lifecycle events (connect, disconnect with its reason) POSTed in batches:
+/// `{"events":[{"type","mid","key","server","room","reason","time"}...]}`, with an
+/// `Idempotency-Key` per batch, retried with backoff until `max_attempts`; a full queue
+/// drops and counts new events rather than slow connects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub secret_file: String,
+    /// Events per POST at most.
+    pub batch: usize,
+    /// How long an event waits for others to fill its batch.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Events waiting at most.
+    pub queue: usize,
+    pub max_attempts: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            url: String::new(),
+            timeout: Duration::from_secs(5),
+            secret_file: String::new(),
+            batch: 100,
+            linger: Duration::from_millis(200),
+            queue: 10_000,
+            max_attempts: 5,
+        }
+    }
 }
 
 /// Keys and checks for `auth = "jwt"`. Key files are read again when they change (checked
@@ -128,6 +230,9 @@ impl Default for LogicConfig {
             protect_reads: false,
             auth: AuthMode::Json,
             jwt: JwtConfig::default(),
+            hook: HookConfig::default(),
+            forward: ForwardConfig::default(),
+            events: EventsConfig::default(),
             node: NodeConfig::default(),
             backoff: BackoffConfig::default(),
         }

@@ -36,13 +36,23 @@ pub trait Authenticator: Send + Sync + 'static {
 /// against `[logic.jwt]`'s keys (an error if none load).
 pub fn from_config(
     cfg: &goim_config::LogicConfig,
-) -> Result<std::sync::Arc<dyn Authenticator>, crate::jwt::KeyError> {
+) -> Result<std::sync::Arc<dyn Authenticator>, ConfigError> {
     Ok(match cfg.auth {
         goim_config::AuthMode::Json => std::sync::Arc::new(JsonTokenAuth),
         goim_config::AuthMode::Jwt => {
             std::sync::Arc::new(crate::jwt::JwtAuth::new(cfg.jwt.clone())?)
         }
+        goim_config::AuthMode::Hook => std::sync::Arc::new(crate::hook::HookAuth::new(&cfg.hook)?),
     })
+}
+
+/// An authenticator that cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("JWT keys: {0}")]
+    Jwt(#[from] crate::jwt::KeyError),
+    #[error("connect hook: {0}")]
+    Hook(#[from] crate::webhook::WebhookError),
 }
 
 /// Longest key or room id accepted. They become etcd keys and room-count records; a client

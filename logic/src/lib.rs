@@ -4,12 +4,14 @@ pub mod api_keys;
 pub mod auth;
 
 pub mod etcd;
+pub mod hook;
 pub mod http;
 pub mod jwt;
 pub mod logic;
 pub mod nodes;
 pub mod online;
 pub mod serve;
+pub mod webhook;
 
 pub use api_keys::ApiKeys;
 pub use goim_config::LogicConfig;
