@@ -567,9 +567,13 @@ impl Session for Arc<Comet> {
         Comet::change_room(self, ch, room);
     }
 
-    fn receive(&self, req: ReceiveReq) -> impl Future<Output = Result<(), Status>> + Send {
+    fn receive(
+        &self,
+        mut req: ReceiveReq,
+    ) -> impl Future<Output = Result<goim_proto::logic::ReceiveReply, Status>> + Send {
         let logic = self.logic.clone();
-        async move { logic.receive(req).await.map(drop) }
+        req.server = self.cfg.name.clone();
+        async move { logic.receive(req).await }
     }
 
     fn presence_renew(&self) -> Duration {

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use goim_proto::logic::ReceiveReq;
+use goim_proto::logic::{ReceiveReply, ReceiveReq};
 use goim_proto::op;
 use goim_proto::packet::Packet;
 use goim_proto::protocol::Proto;
@@ -21,8 +21,10 @@ use crate::channel::Channel;
 pub trait Session {
     /// Moves the connection to `room` ("" leaves every room).
     fn change_room(&self, ch: &Arc<Channel>, room: &str);
-    /// Hands a packet of an op the comet does not answer itself to logic.
-    fn receive(&self, req: ReceiveReq) -> impl Future<Output = Result<(), Status>> + Send;
+    /// Hands a packet of an op the comet does not answer itself to logic; what the business
+    /// answered (with forwarding configured) comes back.
+    fn receive(&self, req: ReceiveReq)
+        -> impl Future<Output = Result<ReceiveReply, Status>> + Send;
     /// Renews the connection's presence (in the background: a heartbeat never waits on it).
     fn renew_presence(&self, ch: &Arc<Channel>);
     /// How often presence is renewed (on average; each renewal is spread at random).
@@ -329,11 +331,28 @@ impl Handler {
                         seq: p.seq,
                         body: p.body,
                     }),
+                    key: ch.key.to_string(),
+                    server: String::new(),
                 };
-                if let Err(e) = session.receive(req).await {
-                    tracing::debug!(key = %ch.key, error = %e, "receive failed");
-                }
-                out.reply(p.ver, other, p.seq, &[]);
+                // goim echoes the op with an empty body; with forwarding, the business's
+                // reply is the body, and an extension client is told about errors.
+                let error = |msg: &str, code: i32| {
+                    if ch.is_extended() {
+                        let e = serde_json::json!({ "error": msg, "code": code });
+                        bytes::Bytes::from(e.to_string())
+                    } else {
+                        bytes::Bytes::new()
+                    }
+                };
+                let body = match session.receive(req).await {
+                    Ok(r) if r.error.is_empty() => r.reply,
+                    Ok(r) => error(&r.error, r.code),
+                    Err(e) => {
+                        tracing::debug!(key = %ch.key, error = %e, "receive failed");
+                        error("unavailable", 503)
+                    }
+                };
+                out.reply(p.ver, other, p.seq, &body);
             }
         }
     }
@@ -445,9 +464,22 @@ mod tests {
         fn change_room(&self, _: &Arc<Channel>, room: &str) {
             self.rooms.lock().unwrap().push(room.to_string());
         }
-        async fn receive(&self, req: ReceiveReq) -> Result<(), Status> {
-            self.received.lock().unwrap().push(req.proto.unwrap().op);
-            Ok(())
+        async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
+            let op = req.proto.unwrap().op;
+            self.received.lock().unwrap().push(op);
+            Ok(match op {
+                // The business answers 1001 with a body, refuses 1002.
+                1001 => ReceiveReply {
+                    reply: bytes::Bytes::from_static(b"pong"),
+                    ..Default::default()
+                },
+                1002 => ReceiveReply {
+                    error: "no".into(),
+                    code: 403,
+                    ..Default::default()
+                },
+                _ => ReceiveReply::default(),
+            })
         }
         fn renew_presence(&self, _: &Arc<Channel>) {
             *self.renewals.lock().unwrap() += 1;
@@ -482,6 +514,29 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64
+    }
+
+    /// With forwarding, the business's reply is the body of the op's echo; its refusal is
+    /// an empty echo for a goim client and an error for an extension client.
+    #[tokio::test(start_paused = true)]
+    async fn forwarded_messages_carry_the_business_reply() {
+        let fake = Fake::default();
+        let mut h = handler(LIMITS);
+        let mut out: Vec<Reply> = Vec::new();
+        h.pending_mut()
+            .extend([packet(1001, 1, b"ping"), packet(1002, 2, b"x")]);
+        h.answer(&fake, &mut out).await.unwrap();
+        assert_eq!(out[0], (1, 1001, 1, b"pong".to_vec()));
+        assert_eq!(out[1], (1, 1002, 2, Vec::new()));
+        h.channel().set_extended();
+        out.clear();
+        h.pending_mut().push_back(packet(1002, 3, b"x"));
+        h.answer(&fake, &mut out).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out[0].3).unwrap();
+        assert_eq!(
+            (v["error"].as_str(), v["code"].as_i64()),
+            (Some("no"), Some(403))
+        );
     }
 
     /// A token that expires: the client is told at expiry and closed a grace period later,

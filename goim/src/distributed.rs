@@ -238,14 +238,17 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
     });
     let http_cfg = cfg.clone();
     let auth = goim_logic::auth::from_config(&cfg.logic)?;
-    let logic = Arc::new(Logic::new(
-        cfg.logic,
-        auth,
-        online.clone(),
-        ring.clone(),
-        nodes,
-        metrics,
-    ));
+    let logic = Arc::new(
+        Logic::new(
+            cfg.logic,
+            auth,
+            online.clone(),
+            ring.clone(),
+            nodes,
+            metrics,
+        )
+        .with_business_hooks()?,
+    );
     spawn_grpc(grpc, logic_server(logic.clone()), grpc_tls, stop.clone());
     let ready: Ready = Arc::new(move || online.synced() && ring.synced() && comets.synced());
     let refused = refused_counter(&mut registry);

@@ -107,14 +107,17 @@ impl Standalone {
         let cluster = Arc::new(LocalCluster::default());
         let job = Arc::new(Job::new(cfg.job, cluster.clone(), job_metrics));
         let auth = goim_logic::auth::from_config(&cfg.logic)?;
-        let logic = Arc::new(Logic::new(
-            cfg.logic,
-            auth,
-            Arc::new(MemoryOnline::default()),
-            job.clone(),
-            cluster.clone(),
-            logic_metrics,
-        ));
+        let logic = Arc::new(
+            Logic::new(
+                cfg.logic,
+                auth,
+                Arc::new(MemoryOnline::default()),
+                job.clone(),
+                cluster.clone(),
+                logic_metrics,
+            )
+            .with_business_hooks()?,
+        );
         let comet = Comet::new(cfg.comet, logic.clone(), comet_metrics);
         let _ = cluster.comet.set(comet.clone());
 

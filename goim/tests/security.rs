@@ -336,3 +336,130 @@ async fn expiring_tokens_are_refreshed_or_closed() {
     );
     s.shutdown().await;
 }
+
+/// The business takes part over HTTP (real sockets): clients admitted by the connect hook,
+/// their messages forwarded with their identity and answered, refusals and overload told to
+/// extension clients, lifecycle events delivered in batches with the disconnect's reason.
+#[tokio::test]
+async fn the_business_admits_answers_and_hears_of_connections() {
+    use axum::routing::post;
+    use goim_client::{Client, Transport};
+    use goim_proto::op;
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let app = axum::Router::new()
+        .route(
+            "/connect",
+            post(|body: axum::body::Bytes| async move {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                match v["token"].as_str() {
+                    Some("alice") => (
+                        axum::http::StatusCode::OK,
+                        r#"{"mid":71,"key":"alice-phone","accepts":[1000]}"#.to_string(),
+                    ),
+                    _ => (axum::http::StatusCode::FORBIDDEN, String::new()),
+                }
+            }),
+        )
+        .route(
+            "/messages",
+            post(|body: axum::body::Bytes| async move {
+                use base64::Engine;
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let text = base64::engine::general_purpose::STANDARD
+                    .decode(v["body"].as_str().unwrap())
+                    .unwrap();
+                if text == b"forbidden" {
+                    return (axum::http::StatusCode::FORBIDDEN, "not for you".to_string());
+                }
+                let reply = format!(
+                    "{}/{}/{}/{}",
+                    v["mid"],
+                    v["key"].as_str().unwrap(),
+                    v["op"],
+                    String::from_utf8_lossy(&text)
+                );
+                (axum::http::StatusCode::OK, reply)
+            }),
+        )
+        .route(
+            "/events",
+            post(move |body: axum::body::Bytes| {
+                let tx = events_tx.clone();
+                async move {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    for e in v["events"].as_array().unwrap() {
+                        let _ = tx.send(e.clone());
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let biz = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let mut cfg = config();
+    cfg.logic.auth = goim_config::AuthMode::Hook;
+    cfg.logic.hook.url = format!("http://{biz}/connect");
+    cfg.logic.forward.url = format!("http://{biz}/messages");
+    cfg.logic.events.url = format!("http://{biz}/events");
+    cfg.logic.events.linger = std::time::Duration::from_millis(10);
+    let s = start_with(cfg).await;
+
+    // Refused by the hook: closed without a reply.
+    let mut mallory = within(Client::connect(Transport::Tcp, s.tcp, None))
+        .await
+        .unwrap();
+    mallory.send(op::AUTH, b"mallory").await.unwrap();
+    assert_eq!(within(mallory.read_to_close()).await.unwrap(), 0);
+
+    let mut alice = within(Client::connect(Transport::WebSocket, s.ws, None))
+        .await
+        .unwrap();
+    within(alice.auth(b"alice"))
+        .await
+        .expect("the hook admits alice");
+    push_ok(&s, "/goim/push/mids?operation=1000&mids=71", b"hi alice").await;
+    assert_eq!(recv(&mut alice).await.body, b"hi alice");
+
+    // A message of an app op: forwarded with the connection's identity, answered.
+    let seq = alice.send(1500, b"ping").await.unwrap();
+    let r = recv(&mut alice).await;
+    assert_eq!((r.op, r.seq), (1500, seq));
+    assert_eq!(r.body, b"71/alice-phone/1500/ping");
+    // Refused: a goim client gets goim's empty echo; an extension client the error.
+    alice.send(1500, b"forbidden").await.unwrap();
+    assert!(recv(&mut alice).await.body.is_empty());
+    alice.send(op::HELLO, br#"{"v":1}"#).await.unwrap();
+    assert_eq!(recv(&mut alice).await.op, op::HELLO_REPLY);
+    alice.send(1500, b"forbidden").await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&recv(&mut alice).await.body).unwrap();
+    assert_eq!(
+        (v["code"].as_i64(), v["error"].as_str()),
+        (Some(403), Some("not for you"))
+    );
+    drop(alice);
+
+    // Events: alice's connect, then her disconnect with its reason (mallory never connected).
+    let connect = within(events_rx.recv()).await.unwrap();
+    assert_eq!(
+        (connect["type"].as_str(), connect["mid"].as_i64()),
+        (Some("connect"), Some(71))
+    );
+    assert_eq!(connect["key"], "alice-phone");
+    let gone = within(events_rx.recv()).await.unwrap();
+    assert_eq!(
+        (gone["type"].as_str(), gone["reason"].as_str()),
+        (Some("disconnect"), Some("client_closed"))
+    );
+
+    let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
+    for line in [
+        r#"goim_logic_forwarded_total{outcome="replied"} 1"#,
+        r#"goim_logic_forwarded_total{outcome="refused"} 2"#,
+        "goim_logic_auth_failures_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    s.shutdown().await;
+}

@@ -4,6 +4,8 @@ pub mod api_keys;
 pub mod auth;
 
 pub mod etcd;
+pub mod events;
+pub mod forward;
 pub mod hook;
 pub mod http;
 pub mod jwt;

@@ -41,6 +41,12 @@ pub struct Kind {
     pub kind: &'static str,
 }
 
+/// A forwarded client message's end.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
 /// Seconds, 100 µs to about 3 s.
 fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -55,6 +61,10 @@ pub struct LogicMetrics {
     /// Tokens a connection replaced before its old one expired.
     pub refreshes: Counter,
     pub disconnects: Counter,
+    /// Client messages forwarded to the business, by outcome.
+    pub forwarded: Family<Outcome, Counter>,
+    /// Lifecycle events, by outcome (sent, queue_full, failed).
+    pub events: Family<crate::events::Outcome, Counter>,
     /// Push requests accepted, by kind (keys, mids, room, all).
     pub pushes: Family<Kind, Counter>,
     /// Keys or mids a push named that are not online anywhere.
@@ -82,6 +92,8 @@ impl Default for LogicMetrics {
             auth_failures: Counter::default(),
             refreshes: Counter::default(),
             disconnects: Counter::default(),
+            forwarded: Family::default(),
+            events: Family::default(),
             pushes: Family::default(),
             unknown_targets: Counter::default(),
             presence_incomplete: Counter::default(),
@@ -113,6 +125,16 @@ impl LogicMetrics {
             self.refreshes.clone(),
         );
         r.register("disconnects", "Disconnect calls", self.disconnects.clone());
+        r.register(
+            "forwarded",
+            "Client messages forwarded to the business, by outcome",
+            self.forwarded.clone(),
+        );
+        r.register(
+            "events",
+            "Lifecycle events for the business, by outcome (sent, queue_full, failed)",
+            self.events.clone(),
+        );
         r.register("pushes", "Push requests handed to job", self.pushes.clone());
         r.register(
             "unknown_targets",
@@ -135,6 +157,10 @@ pub struct Logic {
     nodes: Arc<dyn NodeSource>,
     balancer: Mutex<Balancer>,
     metrics: Arc<LogicMetrics>,
+    /// Where client messages go (`[logic.forward]`).
+    forward: Option<crate::forward::Forwarder>,
+    /// Where lifecycle events go (`[logic.events]`).
+    events: Option<crate::events::EventSink>,
 }
 
 impl Logic {
@@ -154,6 +180,24 @@ impl Logic {
             nodes,
             balancer: Mutex::new(Balancer::default()),
             metrics,
+            forward: None,
+            events: None,
+        }
+    }
+
+    /// Connects the business hooks the config names: message forwarding and lifecycle
+    /// events (starts the events' sender task).
+    pub fn with_business_hooks(mut self) -> Result<Self, crate::webhook::WebhookError> {
+        self.forward =
+            crate::forward::Forwarder::from_config(&self.cfg.forward, self.cfg.max_message)?;
+        self.events =
+            crate::events::EventSink::from_config(&self.cfg.events, self.metrics.events.clone())?;
+        Ok(self)
+    }
+
+    fn event(&self, e: impl FnOnce() -> crate::events::Event) {
+        if let Some(sink) = &self.events {
+            sink.emit(e());
         }
     }
 
@@ -578,6 +622,11 @@ impl LogicService for Logic {
             .map_err(online_status)?;
         self.metrics.connects.inc();
         tracing::debug!(%key, mid = id.mid, server = %req.server, "connected");
+        self.event(|| {
+            let mut e = crate::events::Event::new("connect", id.mid, &key, &req.server);
+            e.room = id.room_id.clone();
+            e
+        });
         Ok(ConnectReply {
             mid: id.mid,
             key,
@@ -617,6 +666,11 @@ impl LogicService for Logic {
             )
             .await
             .map_err(online_status)?;
+        self.event(|| {
+            let mut e = crate::events::Event::new("disconnect", req.mid, &req.key, &req.server);
+            e.reason = req.reason.clone();
+            e
+        });
         Ok(DisconnectReply { has })
     }
 
@@ -650,7 +704,21 @@ impl LogicService for Logic {
 
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
         let op = req.proto.as_ref().map_or(0, |p| p.op);
-        tracing::debug!(mid = req.mid, op, "receive");
-        Ok(ReceiveReply::default())
+        let Some(f) = &self.forward else {
+            tracing::debug!(
+                mid = req.mid,
+                op,
+                "receive: no forwarding configured, dropped"
+            );
+            return Ok(ReceiveReply::default());
+        };
+        let (reply, outcome) = f.forward(&req).await;
+        self.metrics
+            .forwarded
+            .get_or_create(&Outcome {
+                outcome: outcome.label(),
+            })
+            .inc();
+        Ok(reply)
     }
 }
