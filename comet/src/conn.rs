@@ -56,20 +56,13 @@ pub(crate) async fn serve(
         write_timeout: cfg.write_timeout,
     };
     let mut conn = Connection::new(stream, transport, limits);
-    if let Some(tls) = tls {
-        if let Err(e) = conn.start_tls(tls) {
-            tracing::warn!(error = %e, "TLS session refused to start");
-            comet.metrics.closed(e.reason());
-            return;
-        }
-    }
     let mut pending = VecDeque::new();
     let deadline = Instant::now() + cfg.handshake_timeout;
     let handshake = tokio::select! {
         _ = comet.shutdown.cancelled() => return,
-        r = tokio::time::timeout_at(deadline, handshake(comet, &mut conn, &mut pending)) => r,
+        r = tokio::time::timeout_at(deadline, handshake(comet, &mut conn, &mut pending, peer, tls)) => r,
     };
-    let (ch, heartbeat, expires) = match handshake {
+    let (ch, heartbeat, expires, _ip_slot) = match handshake {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -141,11 +134,39 @@ pub(crate) async fn serve(
 
 /// Upgrade (WebSocket), then read until `OpAuth`, ignoring anything before it; authenticate
 /// through logic and register. `Ok(None)`: logic refused (closed without a reply, as goim does).
+/// What a finished handshake hands the connection: its channel, heartbeat, token expiry and
+/// (behind a PROXY-protocol balancer) its address's connection slot.
+type Accepted = (Arc<Channel>, Duration, i64, Option<crate::per_ip::IpSlot>);
+
 async fn handshake(
     comet: &Arc<Comet>,
     conn: &mut Connection,
     pending: &mut VecDeque<Packet>,
-) -> Result<Option<(Arc<Channel>, Duration, i64)>, ConnError> {
+    peer: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<Option<Accepted>, ConnError> {
+    // Behind a balancer: the client's address from its PROXY header, then the per-address
+    // limits the accept loop left for now.
+    let mut ip_slot = None;
+    let peer_ip = if comet.cfg.proxy_protocol {
+        let ip = conn
+            .read_proxy_header()
+            .await?
+            .map_or(peer.ip(), |a| a.ip());
+        match comet.admit(ip) {
+            Ok(slot) => ip_slot = slot,
+            Err(reason) => {
+                comet.metrics.closed(reason);
+                return Ok(None);
+            }
+        }
+        ip
+    } else {
+        peer.ip()
+    };
+    if let Some(tls) = tls {
+        conn.start_tls(tls)?;
+    }
     conn.tls_handshake().await?;
     let cookie = if conn.transport() == Transport::WebSocket {
         conn.upgrade(&comet.config().ws_origins).await?.cookie
@@ -161,7 +182,6 @@ async fn handshake(
         pending.clear();
         conn.read(pending).await?;
     };
-    let peer_ip = conn.stream().peer_addr()?.ip();
     if !comet.can_take_clients() {
         tracing::debug!(ip = %peer_ip, "refused: no etcd lease yet");
         comet.metrics.closed("no_lease");
@@ -210,7 +230,7 @@ async fn handshake(
         .ok()
         .filter(|&n| n > 0)
         .map_or(Duration::from_secs(480), Duration::from_nanos);
-    Ok(Some((ch, hb, reply.expires)))
+    Ok(Some((ch, hb, reply.expires, ip_slot)))
 }
 
 async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) -> Exit {

@@ -49,6 +49,8 @@ pub enum ConnError {
     WriteTimeout,
     #[error("tls: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
 }
 
 impl ConnError {
@@ -63,6 +65,7 @@ impl ConnError {
             ConnError::Ws(_) => "bad_websocket",
             ConnError::WriteTimeout => "write_timeout",
             ConnError::Tls(_) => "tls_error",
+            ConnError::Proxy(_) => "proxy_header",
         }
     }
 }
@@ -104,12 +107,42 @@ impl Connection {
         }
     }
 
+    /// Reads the PROXY protocol header a load balancer sends first; the client's address
+    /// it gives (`None`: the balancer's own connection). Comes before TLS.
+    pub async fn read_proxy_header(&mut self) -> Result<Option<std::net::SocketAddr>, ConnError> {
+        loop {
+            if let Some(h) = crate::proxy::parse(&self.rbuf)? {
+                let _ = self.rbuf.split_to(h.len);
+                return Ok(h.source);
+            }
+            if self.eof {
+                return Err(ConnError::Eof);
+            }
+            self.stream.readable().await?;
+            // Raw bytes: the header is outside any TLS session.
+            self.rbuf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Speaks TLS from now on, with `config`; [`Connection::tls_handshake`] comes next.
+    /// Bytes already read (after a PROXY header) are the session's first.
     pub fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> Result<(), ConnError> {
         let mut tls = rustls::ServerConnection::new(config)?;
         // What is written is bounded by the caller (a batch of queued pushes at a time);
         // rustls must take it whole so a flush never stops halfway through a packet.
         tls.set_buffer_limit(None);
+        let mut early = &self.rbuf[..];
+        while !early.is_empty() {
+            tls.read_tls(&mut early)?;
+            tls.process_new_packets()?;
+        }
+        self.rbuf = BytesMut::new();
         self.tls = Some(Box::new(tls));
         Ok(())
     }

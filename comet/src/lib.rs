@@ -9,6 +9,7 @@ pub mod connection;
 pub mod handler;
 pub mod metrics;
 pub mod per_ip;
+pub mod proxy;
 pub mod registry;
 pub mod rooms;
 pub mod server;

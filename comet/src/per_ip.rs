@@ -1,9 +1,12 @@
-//! At most so many connections per client address (`max_connections_per_ip`), so one host
-//! cannot take every slot. Off (0) by default: many users behind one NAT share an address.
+//! Limits per client address: at most so many connections (`max_connections_per_ip`), so one
+//! host cannot take every slot, and at most so many new ones a second
+//! (`handshakes_per_ip_per_sec`), so one host cannot keep logic busy authenticating. Both
+//! off (0) by default: many users behind one NAT share an address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 #[derive(Debug, Default)]
 pub struct PerIp {
@@ -63,9 +66,77 @@ impl Drop for IpSlot {
     }
 }
 
+/// Addresses remembered at most; beyond, full buckets are forgotten first, then all.
+const MAX_TRACKED: usize = 100_000;
+
+/// A token bucket of new connections per address.
+#[derive(Debug)]
+pub struct HandshakeRate {
+    per_sec: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl HandshakeRate {
+    pub fn new(per_sec: u32, burst: u32) -> HandshakeRate {
+        HandshakeRate {
+            per_sec: f64::from(per_sec),
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a new connection from `ip` may proceed now (always, with no limit).
+    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.per_sec == 0.0 {
+            return true;
+        }
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if b.len() >= MAX_TRACKED && !b.contains_key(&ip) {
+            let (per_sec, burst) = (self.per_sec, self.burst);
+            b.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * per_sec < burst);
+            if b.len() >= MAX_TRACKED {
+                b.clear();
+            }
+        }
+        let (tokens, at) = b.entry(ip).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+
+    /// Addresses tracked now.
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshakes_per_address_per_second() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let t0 = Instant::now();
+        let r = HandshakeRate::new(2, 3);
+        assert!((0..3).all(|_| r.allow(a, t0)));
+        assert!(!r.allow(a, t0), "burst spent");
+        assert!(r.allow(b, t0), "another address has its own bucket");
+        assert!(!r.allow(a, t0 + std::time::Duration::from_millis(400)));
+        assert!(
+            r.allow(a, t0 + std::time::Duration::from_millis(600)),
+            "refilled at 2/s"
+        );
+        let off = HandshakeRate::new(0, 0);
+        assert!((0..1000).all(|_| off.allow(a, t0)));
+        assert_eq!(off.tracked(), 0);
+    }
 
     #[test]
     fn counts_per_address_and_forgets_empty_ones() {

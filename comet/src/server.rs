@@ -52,7 +52,9 @@ pub struct Comet {
     workers: Vec<mpsc::Sender<BucketJob>>,
     limit: Arc<Semaphore>,
     /// Connections per client address (`max_connections_per_ip`).
-    per_ip: Arc<crate::per_ip::PerIp>,
+    pub(crate) per_ip: Arc<crate::per_ip::PerIp>,
+    /// New connections per client address per second (`handshakes_per_ip_per_sec`).
+    pub(crate) handshakes: crate::per_ip::HandshakeRate,
     /// Draining (the operator's record says so, or the comet is stopping): new clients are
     /// refused and the current ones closed evenly over `drain_period`. A watch, so the
     /// registry can publish it at once.
@@ -171,6 +173,10 @@ impl Comet {
         let cfg_drain = cfg.drain_period;
         Arc::new(Comet {
             per_ip: crate::per_ip::PerIp::new(cfg.max_connections_per_ip),
+            handshakes: crate::per_ip::HandshakeRate::new(
+                cfg.handshakes_per_ip_per_sec,
+                cfg.handshakes_per_ip_burst,
+            ),
             limit: Arc::new(Semaphore::new(
                 cfg.max_connections.min(Semaphore::MAX_PERMITS),
             )),
@@ -290,9 +296,18 @@ impl Comet {
                 self.metrics.closed("connection_limit");
                 continue;
             };
-            let Ok(ip_slot) = self.per_ip.take(peer.ip()) else {
-                self.metrics.closed("ip_limit");
-                continue;
+            // Behind a PROXY-protocol balancer the address here is the balancer's: the
+            // per-address limits wait for the header (conn::serve).
+            let ip_slot = if self.cfg.proxy_protocol {
+                None
+            } else {
+                match self.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(reason) => {
+                        self.metrics.closed(reason);
+                        continue;
+                    }
+                }
             };
             let _ = stream.set_nodelay(true);
             let comet = self.clone();
@@ -302,6 +317,18 @@ impl Comet {
                 drop((permit, ip_slot));
             });
         }
+    }
+
+    /// The per-address limits for a new connection from `ip`: its connection slot, or the
+    /// reason it is refused.
+    pub(crate) fn admit(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> Result<Option<crate::per_ip::IpSlot>, &'static str> {
+        if !self.handshakes.allow(ip, std::time::Instant::now()) {
+            return Err("handshake_rate");
+        }
+        self.per_ip.take(ip).map_err(|()| "ip_limit")
     }
 
     /// Sends the local room counts to logic once and applies the cluster-wide counts it

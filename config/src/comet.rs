@@ -63,6 +63,16 @@ pub struct CometConfig {
     /// Connections held at once per client address; beyond it new ones from that address are
     /// closed at accept (`ip_limit`). 0: no limit (users behind one NAT share an address).
     pub max_connections_per_ip: usize,
+    /// New connections per client address per second, on average (0: no limit); over it
+    /// they are closed at accept (`handshake_rate`).
+    pub handshakes_per_ip_per_sec: u32,
+    /// New connections an address may open in one burst before the average applies.
+    pub handshakes_per_ip_burst: u32,
+    /// Every client listener expects HAProxy's PROXY protocol header (v1 or v2) first, as a
+    /// load balancer sends it, and takes the client's address from it for limits, logs and
+    /// hooks. Only turn on when every connection comes through such a balancer: a
+    /// connection without the header is closed (`proxy_header`).
+    pub proxy_protocol: bool,
     /// Packets a client may send after auth, per second on average (heartbeats, room
     /// changes, subs); a client over it is closed (`rate_limited`).
     pub client_ops_per_sec: u32,
@@ -113,6 +123,9 @@ impl Default for CometConfig {
             ws_max_fragments: 100,
             max_connections: 1_000_000,
             max_connections_per_ip: 0,
+            handshakes_per_ip_per_sec: 0,
+            handshakes_per_ip_burst: 20,
+            proxy_protocol: false,
             client_ops_per_sec: 64,
             client_ops_burst: 256,
             shutdown_timeout: Duration::from_secs(10),

@@ -463,3 +463,122 @@ async fn the_business_admits_answers_and_hears_of_connections() {
     }
     s.shutdown().await;
 }
+
+/// Behind a PROXY-protocol balancer (v1 and v2, plain and TLS): the address in the header is
+/// the client's for the per-address limits; a connection without a header is closed.
+/// Handshakes per address per second are capped.
+#[tokio::test]
+async fn proxy_protocol_and_handshake_rate() {
+    use goim_client::token;
+    use goim_testkit::pki::TestCa;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::new("proxy-test-ca");
+    let dir = tempfile::tempdir().unwrap();
+    ca.issue(dir.path(), "goim", &["DNS:goim.test"]);
+    let mut cfg = config();
+    cfg.comet.proxy_protocol = true;
+    cfg.comet.max_connections_per_ip = 1;
+    cfg.comet.tls_dir = dir.path().display().to_string();
+    cfg.comet.wss = "127.0.0.1:0".into();
+    cfg.comet.tcp_tls = "127.0.0.1:0".into();
+    let s = start_with(cfg).await;
+    let auth = |mid: i64| goim_client::encode(1, 7, 1, &token(mid, &format!("p{mid}"), "", &[]));
+    // Sends `header` and AUTH on a plain socket; whether the auth reply came.
+    let plain = |header: Vec<u8>, mid: i64| {
+        let addr = s.tcp;
+        async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut out = header;
+            out.extend(auth(mid));
+            c.write_all(&out).await.unwrap();
+            let mut reply = [0u8; 16];
+            let ok = within(c.read_exact(&mut reply)).await.is_ok();
+            (ok, c)
+        }
+    };
+    let v1 = |ip: &str| format!("PROXY TCP4 {ip} 10.0.0.1 5555 3101\r\n").into_bytes();
+    let (ok, _a) = plain(v1("203.0.113.1"), 1).await;
+    assert!(ok, "v1 header then auth");
+    // Same TCP peer (127.0.0.1), another client address: its own slot.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend([
+        0x21, 0x11, 0, 12, 203, 0, 113, 2, 10, 0, 0, 1, 0x15, 0xb3, 0x0c, 0x1d,
+    ]);
+    let (ok, _b) = plain(v2, 2).await;
+    assert!(ok, "v2 header then auth");
+    // The first client's address again: over its one connection.
+    let (ok, _c) = plain(v1("203.0.113.1"), 3).await;
+    assert!(
+        !ok,
+        "a second connection from 203.0.113.1 is over the limit"
+    );
+    // No header at all.
+    let (ok, _d) = plain(Vec::new(), 4).await;
+    assert!(!ok);
+
+    // TLS behind the balancer: the header, then the TLS session on the same socket.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        for c in tokio_rustls::rustls::pki_types::CertificateDer::pem_file_iter(ca.cert()).unwrap()
+        {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let client = std::sync::Arc::new(
+        tokio_rustls::rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let mut tcp = tokio::net::TcpStream::connect(s.tcp_tls.unwrap())
+        .await
+        .unwrap();
+    tcp.write_all(&v1("203.0.113.5")).await.unwrap();
+    let mut tls = within(tokio_rustls::TlsConnector::from(client).connect(
+        tokio_rustls::rustls::pki_types::ServerName::try_from("goim.test").unwrap(),
+        tcp,
+    ))
+    .await
+    .expect("TLS after the PROXY header");
+    tls.write_all(&auth(5)).await.unwrap();
+    let mut reply = [0u8; 16];
+    within(tls.read_exact(&mut reply)).await.unwrap();
+    assert_eq!(&reply[8..12], &8i32.to_be_bytes(), "auth reply over TLS");
+
+    let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
+    for line in [
+        r#"goim_comet_closed_total{reason="ip_limit"} 1"#,
+        r#"goim_comet_closed_total{reason="proxy_header"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    s.shutdown().await;
+
+    // One new connection a second per address, one at once: twenty in a row cannot all pass.
+    let mut cfg = config();
+    cfg.comet.handshakes_per_ip_per_sec = 1;
+    cfg.comet.handshakes_per_ip_burst = 1;
+    let s = start_with(cfg).await;
+    let mut refused = 0;
+    for i in 0..20 {
+        let mut c = tokio::net::TcpStream::connect(s.tcp).await.unwrap();
+        c.write_all(&auth(100 + i)).await.unwrap();
+        let mut reply = [0u8; 16];
+        if within(c.read_exact(&mut reply)).await.is_err() {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 1, "no handshake was refused");
+    let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains(&format!(
+            r#"goim_comet_closed_total{{reason="handshake_rate"}} {refused}"#
+        )),
+        "{metrics}"
+    );
+    s.shutdown().await;
+}

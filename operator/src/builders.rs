@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use goim_config::{Config, HistoryConfig};
 
-use crate::crd::{AuthMode, HistoryLimits, PodSettings, PushCluster, ServiceType, TrafficPolicy};
+use crate::crd::{
+    AuthMode, HistoryLimits, PodSettings, PushCluster, ServiceType, TrafficPolicy, WebhookSpec,
+};
 
 pub const CONFIG_HASH: &str = "goim.rs/config-hash";
 /// The comet revision a pod runs: [`comet_revision`] of the spec it was created from.
@@ -34,6 +36,8 @@ pub const ETCD_TLS_PATH: &str = "/etc/goim-etcd-tls";
 pub const JWT_KEYS_PATH: &str = "/etc/goim-jwt";
 /// Where logic's pods mount the API keys Secret (`spec.auth.apiKeys.secretRef`).
 pub const API_KEYS_PATH: &str = "/etc/goim-api-keys";
+/// Where logic's pods mount the business webhooks' signing Secrets, one directory each.
+pub const WEBHOOK_SECRETS_PATH: &str = "/etc/goim-webhooks";
 /// Where comet's pods mount the clients' TLS Secret (`spec.tls.clients`).
 pub const CLIENT_TLS_PATH: &str = "/etc/goim-client-tls";
 /// Where logic's pods mount the API's TLS Secret (`spec.tls.api`).
@@ -114,6 +118,24 @@ pub fn config(pc: &PushCluster) -> Config {
         s.comet.write_timeout_seconds,
         secs,
     );
+    comet.ws_origins = s.comet.ws_origins.clone();
+    set(
+        &mut comet.max_connections_per_ip,
+        s.comet.max_connections_per_ip,
+        |n| n as usize,
+    );
+    set(
+        &mut comet.handshakes_per_ip_per_sec,
+        s.comet.handshakes_per_ip_per_second,
+        |n| n,
+    );
+    set(
+        &mut comet.handshakes_per_ip_burst,
+        s.comet.handshakes_per_ip_burst,
+        |n| n,
+    );
+    comet.proxy_protocol = s.comet.proxy_protocol;
+    set(&mut comet.token_grace, s.comet.token_grace_seconds, secs);
 
     let logic = &mut c.logic;
     let l = &s.logic;
@@ -140,6 +162,7 @@ pub fn config(pc: &PushCluster) -> Config {
     logic.user_streams = s.history.users.is_some();
     match s.auth.mode {
         AuthMode::Json => logic.auth = goim_config::AuthMode::Json,
+        AuthMode::Hook => logic.auth = goim_config::AuthMode::Hook,
         AuthMode::Jwt => {
             logic.auth = goim_config::AuthMode::Jwt;
             logic.jwt.key_dir = JWT_KEYS_PATH.into();
@@ -152,6 +175,30 @@ pub fn config(pc: &PushCluster) -> Config {
     if let Some(k) = &s.auth.api_keys {
         logic.api_keys_file = format!("{API_KEYS_PATH}/{}", k.key);
         logic.protect_reads = k.protect_reads;
+    }
+    // The business's endpoints; each signing Secret is mounted under its own name.
+    let hook = |w: &WebhookSpec,
+                what: &str,
+                url: &mut String,
+                timeout: &mut Duration,
+                secret: &mut String| {
+        *url = w.url.clone();
+        set(timeout, w.timeout_seconds, secs);
+        if w.signing_secret_ref.is_some() {
+            *secret = format!("{WEBHOOK_SECRETS_PATH}/{what}/secret");
+        }
+    };
+    if let Some(w) = &s.auth.hook {
+        let h = &mut logic.hook;
+        hook(w, "hook", &mut h.url, &mut h.timeout, &mut h.secret_file);
+    }
+    if let Some(w) = &l.forward {
+        let f = &mut logic.forward;
+        hook(w, "forward", &mut f.url, &mut f.timeout, &mut f.secret_file);
+    }
+    if let Some(w) = &l.events {
+        let e = &mut logic.events;
+        hook(w, "events", &mut e.url, &mut e.timeout, &mut e.secret_file);
     }
 
     if let Some(t) = &s.tls.clients {
@@ -629,6 +676,16 @@ pub fn build(pc: &PushCluster) -> Objects {
         }
         if let Some(k) = &s.auth.api_keys {
             mount_secret(t, "api-keys", &k.secret_ref.name, API_KEYS_PATH);
+        }
+        for (what, w) in [
+            ("hook", &s.auth.hook),
+            ("forward", &s.logic.forward),
+            ("events", &s.logic.events),
+        ] {
+            if let Some(r) = w.as_ref().and_then(|w| w.signing_secret_ref.as_ref()) {
+                let path = format!("{WEBHOOK_SECRETS_PATH}/{what}");
+                mount_secret(t, &format!("{what}-signing"), &r.name, &path);
+            }
         }
         if let Some(a) = &s.tls.api {
             mount_secret(t, "api-tls", &a.secret_ref.name, API_TLS_PATH);
@@ -1185,6 +1242,72 @@ spec:
         let plain = config(&fixture());
         assert!(plain.comet.tls_dir.is_empty() && plain.logic.http_tls_dir.is_empty());
         assert!(plain.cluster.grpc_tls_dir.is_empty());
+    }
+
+    /// The business's endpoints and the comet's edge settings reach the config; each
+    /// signing Secret is mounted into logic only.
+    #[test]
+    fn business_hooks_and_edge_settings() {
+        let mut pc = fixture();
+        pc.spec.auth = serde_json::from_value(serde_json::json!({
+            "mode": "hook",
+            "hook": {"url": "http://auth.biz/connect", "timeoutSeconds": 3,
+                     "signingSecretRef": {"name": "hook-key"}}
+        }))
+        .unwrap();
+        pc.spec.logic.forward = Some(
+            serde_json::from_value(serde_json::json!({"url": "https://biz/messages"})).unwrap(),
+        );
+        pc.spec.logic.events = Some(
+            serde_json::from_value(serde_json::json!({
+                "url": "https://biz/events", "signingSecretRef": {"name": "events-key"}
+            }))
+            .unwrap(),
+        );
+        pc.spec.comet.ws_origins = vec!["https://app.example.com".into()];
+        pc.spec.comet.max_connections_per_ip = Some(50);
+        pc.spec.comet.handshakes_per_ip_per_second = Some(5);
+        pc.spec.comet.proxy_protocol = true;
+        pc.spec.comet.token_grace_seconds = Some(45);
+        let c = config(&pc);
+        assert_eq!(c.logic.auth, goim_config::AuthMode::Hook);
+        assert_eq!(c.logic.hook.url, "http://auth.biz/connect");
+        assert_eq!(c.logic.hook.timeout, Duration::from_secs(3));
+        assert_eq!(
+            c.logic.hook.secret_file,
+            format!("{WEBHOOK_SECRETS_PATH}/hook/secret")
+        );
+        assert_eq!(c.logic.forward.url, "https://biz/messages");
+        assert!(c.logic.forward.secret_file.is_empty());
+        assert_eq!(
+            c.logic.events.secret_file,
+            format!("{WEBHOOK_SECRETS_PATH}/events/secret")
+        );
+        assert_eq!(c.comet.ws_origins, ["https://app.example.com"]);
+        assert_eq!(c.comet.max_connections_per_ip, 50);
+        assert_eq!(c.comet.handshakes_per_ip_per_sec, 5);
+        assert!(c.comet.proxy_protocol);
+        assert_eq!(c.comet.token_grace, Duration::from_secs(45));
+        let o = build(&pc);
+        let logic = o.logic.spec.unwrap().template.spec.unwrap();
+        let secrets: Vec<_> = logic
+            .volumes
+            .unwrap()
+            .into_iter()
+            .filter_map(|v| v.secret.and_then(|s| s.secret_name))
+            .collect();
+        assert_eq!(secrets, ["hook-key", "events-key"]);
+        assert!(o
+            .comet
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .volumes
+            .unwrap_or_default()
+            .iter()
+            .all(|v| v.secret.is_none()));
     }
 
     #[test]

@@ -257,6 +257,32 @@ pub struct CometSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 600))]
     pub write_timeout_seconds: Option<u32>,
+    /// Origins allowed to open a WebSocket (`https://app.example.com`, or
+    /// `https://*.example.com`); empty: any. Others get HTTP 403.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ws_origins: Vec<String>,
+    /// Connections per client address at once (default: no limit; users behind one NAT
+    /// share an address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections_per_ip: Option<u32>,
+    /// New connections per client address per second (default: no limit) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub handshakes_per_ip_per_second: Option<u32>,
+    /// ... and at once (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub handshakes_per_ip_burst: Option<u32>,
+    /// Every client connection starts with a PROXY protocol header (v1 or v2) from the load
+    /// balancer in front; the client's address is taken from it. Only when every
+    /// connection comes through such a balancer: one without the header is closed.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// How long a connection whose token expired may take to send a new one (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub token_grace_seconds: Option<u32>,
     /// How long a comet being removed may take to hand its clients over.
     #[serde(default = "default_drain")]
     #[schemars(range(min = 0, max = 3600))]
@@ -418,6 +444,14 @@ pub struct LogicSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub max_message_bytes: Option<u32>,
+    /// Client messages of ops the comet does not answer go to the business here; its reply
+    /// goes back to the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<WebhookSpec>,
+    /// Connection lifecycle events (connect, disconnect with its reason) are POSTed here in
+    /// batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<WebhookSpec>,
 }
 
 /// The nodes logic offers clients. Defaults reach the comets inside the cluster: the client
@@ -479,6 +513,7 @@ pub struct JobSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'jwt' || has(self.jwt)").message("auth.mode jwt needs auth.jwt.secretRef"))]
+#[x_kube(validation = Rule::new("self.mode != 'hook' || has(self.hook)").message("auth.mode hook needs auth.hook.url"))]
 pub struct AuthSpec {
     /// `jwt`: signed client tokens (HS256, RS256, ES256) checked against the keys in
     /// `jwt.secretRef`. `json`: goim's development token, not verified, so any client can
@@ -489,6 +524,9 @@ pub struct AuthSpec {
     /// Keys the HTTP push API requires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys: Option<ApiKeysSpec>,
+    /// With `mode: hook`: where the business admits clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<WebhookSpec>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -496,6 +534,24 @@ pub struct AuthSpec {
 pub enum AuthMode {
     Json,
     Jwt,
+    /// The business admits each client: logic POSTs the token to `hook.url`.
+    Hook,
+}
+
+/// Where the business is asked (the connect hook, forwarded messages, lifecycle events).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSpec {
+    /// `http://` or `https://`.
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600))]
+    pub timeout_seconds: Option<u32>,
+    /// A Secret whose entry `secret` keys an HMAC-SHA256 signature of each body
+    /// (`X-Goim-Signature: sha256=<hex>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_ref: Option<SecretRef>,
 }
 
 /// Where logic finds its JWT keys: a Secret mounted as a directory, each entry a key (`*.json`
@@ -585,6 +641,12 @@ impl Default for CometSpec {
             bucket_queue: None,
             handshake_timeout_seconds: None,
             write_timeout_seconds: None,
+            ws_origins: Vec::new(),
+            max_connections_per_ip: None,
+            handshakes_per_ip_per_second: None,
+            handshakes_per_ip_burst: None,
+            proxy_protocol: false,
+            token_grace_seconds: None,
             drain_seconds: default_drain(),
             weight: default_weight(),
             max_unavailable: default_max_unavailable(),
@@ -616,6 +678,8 @@ impl Default for LogicSpec {
             heartbeat_seconds: None,
             heartbeat_max: None,
             max_message_bytes: None,
+            forward: None,
+            events: None,
         }
     }
 }
