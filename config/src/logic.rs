@@ -27,7 +27,8 @@ pub struct LogicConfig {
     /// Keys the HTTP API's push routes require (`Authorization: Bearer KEY` or
     /// `X-Api-Key: KEY`); none: the API is open (fine on loopback only).
     pub api_keys: Vec<String>,
-    /// A file with more keys, one per line (a mounted Secret); read at start.
+    /// A file with more keys, one per line (a mounted Secret); read again when it
+    /// changes (keys rotate without a restart).
     pub api_keys_file: String,
     /// Whether the read-only routes (`/goim/online/*`, `/goim/nodes/*`) need a key too.
     /// goim's clients fetch `/goim/nodes/weighted` without one.

@@ -22,6 +22,7 @@ fn sample(name: &str) -> &'static str {
         "speed" => "0",
         "platform" => "web",
         "reason" => "maintenance",
+        "mid" => "1",
         other => panic!("no sample value for parameter {other:?}: add one"),
     }
 }

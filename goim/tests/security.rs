@@ -582,3 +582,32 @@ async fn proxy_protocol_and_handshake_rate() {
     );
     s.shutdown().await;
 }
+
+/// "Is this user online, on which devices": every connection's key and comet.
+#[tokio::test]
+async fn a_users_devices() {
+    let s = start().await;
+    let _phone = raw_client(&s, goim_client::Transport::Tcp, 91, "phone").await;
+    let _laptop = raw_client(&s, goim_client::Transport::WebSocket, 91, "laptop").await;
+    let _other = raw_client(&s, goim_client::Transport::Tcp, 92, "other").await;
+    let v = api(&s, "GET", "/goim/online/user?mid=91", b"").await;
+    assert_eq!(v["data"]["online"], true, "{v}");
+    assert_eq!(
+        v["data"]["devices"],
+        serde_json::json!([
+            {"key": "laptop", "server": "comet-test"},
+            {"key": "phone", "server": "comet-test"}
+        ])
+    );
+    let v = api(&s, "GET", "/goim/online/user?mid=93", b"").await;
+    assert_eq!(
+        (
+            v["data"]["online"].as_bool(),
+            v["data"]["devices"].as_array().map(Vec::len)
+        ),
+        (Some(false), Some(0))
+    );
+    let (_, body) = http(s.http, "GET", "/goim/online/user?mid=x", b"").await;
+    assert!(body.contains("-400"), "{body}");
+    s.shutdown().await;
+}

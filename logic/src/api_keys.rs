@@ -1,9 +1,12 @@
 //! API keys for logic's HTTP API (pushes and, when asked, the read-only routes). Keys come
 //! from the config and a file (one per line: a Kubernetes Secret mounted as a file), are
-//! compared in constant time, and are never logged.
+//! compared in constant time, and are never logged. The file is read again when it changes
+//! (looked at every [`RELOAD`] at most), so keys rotate without a restart: add the new key,
+//! move clients over, remove the old one.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::{header, HeaderMap};
 use subtle::ConstantTimeEq;
@@ -17,42 +20,116 @@ pub enum ApiKeyError {
     },
 }
 
+/// How often the keys file is looked at for changes.
+pub const RELOAD: Duration = Duration::from_secs(10);
+
+type Stamp = Option<(u64, SystemTime)>;
+
 /// The keys a request may carry; none configured means the API is open.
 #[derive(Clone, Default)]
 pub struct ApiKeys {
-    keys: Arc<Vec<Vec<u8>>>,
+    keys: Arc<RwLock<Arc<Vec<Vec<u8>>>>>,
+    /// The keys file, with the inline keys, and when and how it was last seen.
+    file: Option<Arc<KeysFile>>,
+}
+
+struct KeysFile {
+    path: PathBuf,
+    inline: Vec<String>,
+    reload: Duration,
+    checked: Mutex<(Instant, Stamp)>,
 }
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the keys themselves.
-        write!(f, "ApiKeys({} keys)", self.keys.len())
+        write!(f, "ApiKeys({} keys)", self.current().len())
     }
+}
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+fn parse(keys: impl IntoIterator<Item = String>) -> Vec<Vec<u8>> {
+    keys.into_iter()
+        .map(|k| k.trim().as_bytes().to_vec())
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
+fn read(inline: &[String], path: &Path) -> Result<Vec<Vec<u8>>, ApiKeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ApiKeyError::File {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(parse(
+        inline.iter().cloned().chain(text.lines().map(String::from)),
+    ))
 }
 
 impl ApiKeys {
     pub fn new(keys: impl IntoIterator<Item = String>) -> Self {
-        let keys = keys
-            .into_iter()
-            .map(|k| k.trim().as_bytes().to_vec())
-            .filter(|k| !k.is_empty())
-            .collect();
         ApiKeys {
-            keys: Arc::new(keys),
+            keys: Arc::new(RwLock::new(Arc::new(parse(keys)))),
+            file: None,
         }
     }
 
-    /// `keys`, plus one per non-empty line of `file` (when given).
+    /// `keys`, plus one per non-empty line of `file` (when given), read again when it
+    /// changes.
     pub fn load(keys: &[String], file: Option<&Path>) -> Result<Self, ApiKeyError> {
-        let mut all = keys.to_vec();
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ApiKeyError::File {
-                path: path.display().to_string(),
-                source,
-            })?;
-            all.extend(text.lines().map(String::from));
+        Self::load_every(keys, file, RELOAD)
+    }
+
+    fn load_every(
+        keys: &[String],
+        file: Option<&Path>,
+        reload: Duration,
+    ) -> Result<Self, ApiKeyError> {
+        let Some(path) = file else {
+            return Ok(ApiKeys::new(keys.to_vec()));
+        };
+        let all = read(keys, path)?;
+        Ok(ApiKeys {
+            keys: Arc::new(RwLock::new(Arc::new(all))),
+            file: Some(Arc::new(KeysFile {
+                path: path.to_path_buf(),
+                inline: keys.to_vec(),
+                reload,
+                checked: Mutex::new((Instant::now(), stamp(path))),
+            })),
+        })
+    }
+
+    /// The keys now: read again first if the file changed since the last look. A change
+    /// that cannot be read, or that would leave no key at all (which would open the API),
+    /// keeps the old keys.
+    fn current(&self) -> Arc<Vec<Vec<u8>>> {
+        if let Some(f) = &self.file {
+            let mut checked = f.checked.lock().unwrap_or_else(|e| e.into_inner());
+            if checked.0.elapsed() >= f.reload {
+                checked.0 = Instant::now();
+                let now = stamp(&f.path);
+                if now != checked.1 {
+                    match read(&f.inline, &f.path) {
+                        Ok(keys) if !keys.is_empty() => {
+                            *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                            checked.1 = now;
+                            tracing::info!("API keys reloaded");
+                        }
+                        Ok(_) => tracing::warn!(
+                            "the API keys file changed to no key at all; keeping the old keys"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "API keys file changed but cannot be read; keeping the old keys")
+                        }
+                    }
+                }
+            }
         }
-        Ok(ApiKeys::new(all))
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The keys `[logic]` configures (`api_keys`, `api_keys_file`).
@@ -69,14 +146,15 @@ impl ApiKeys {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.current().is_empty()
     }
 
     /// Whether the request carries one of the keys, as `Authorization: Bearer KEY` or
     /// `X-Api-Key: KEY`. Each key is compared in constant time (a key's length is not
     /// secret).
     pub fn allows(&self, headers: &HeaderMap) -> bool {
-        if self.keys.is_empty() {
+        let keys = self.current();
+        if keys.is_empty() {
             return true;
         }
         let bearer = headers
@@ -91,8 +169,7 @@ impl ApiKeys {
             return false;
         };
         // Every key is compared, so the time does not tell which one matched.
-        self.keys
-            .iter()
+        keys.iter()
             .fold(subtle::Choice::from(0), |any, k| {
                 any | k.as_slice().ct_eq(given)
             })
@@ -136,5 +213,43 @@ mod tests {
         assert!(keys.allows(&headers("x-api-key", "inline")));
         std::fs::remove_file(&dir).unwrap();
         assert!(ApiKeys::load(&[], Some(&dir)).is_err());
+    }
+
+    /// Rotation: a key added to the file works and a removed one stops, without a restart;
+    /// a file emptied or gone keeps the last keys (the API never opens by accident).
+    #[test]
+    fn keys_rotate_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(
+            &file, "old
+",
+        )
+        .unwrap();
+        let keys = ApiKeys::load_every(&[], Some(&file), Duration::ZERO).unwrap();
+        assert!(keys.allows(&headers("x-api-key", "old")));
+        std::fs::write(
+            &file,
+            "old
+new-and-longer
+",
+        )
+        .unwrap();
+        assert!(keys.allows(&headers("x-api-key", "new-and-longer")));
+        std::fs::write(
+            &file,
+            "new-and-longer
+",
+        )
+        .unwrap();
+        assert!(!keys.allows(&headers("x-api-key", "old")));
+        std::fs::write(&file, "").unwrap();
+        assert!(keys.allows(&headers("x-api-key", "new-and-longer")));
+        assert!(
+            !keys.allows(&HeaderMap::new()),
+            "an empty file must not open the API"
+        );
+        std::fs::remove_file(&file).unwrap();
+        assert!(keys.allows(&headers("x-api-key", "new-and-longer")));
     }
 }

@@ -63,6 +63,7 @@ pub fn router(logic: Arc<Logic>, registry: Arc<Registry>, ready: Ready, keys: Ap
         .route("/goim/online/top", get(online_top))
         .route("/goim/online/room", get(online_room))
         .route("/goim/online/total", get(online_total))
+        .route("/goim/online/user", get(online_user))
         .route("/goim/nodes/weighted", get(nodes_weighted))
         .route("/goim/nodes/instances", get(nodes_instances));
     if logic.config().protect_reads {
@@ -307,6 +308,29 @@ async fn online_room(State(s): State<AppState>, uri: Uri) -> Response {
         })
         .collect();
     ok(Some(Value::Object(data)))
+}
+
+/// goim-rs: is this user online, and on which devices (connection keys) and comets.
+async fn online_user(State(s): State<AppState>, uri: Uri) -> Response {
+    let p = Params::from_uri(&uri);
+    let Some(mid) = p.str("mid").and_then(|m| m.parse::<i64>().ok()) else {
+        return bad("mid: required, a number");
+    };
+    match s.logic.devices(mid).await {
+        Ok((devices, complete)) => {
+            let list: Vec<Value> = devices
+                .into_iter()
+                .map(|(key, server)| json!({"key": key, "server": server}))
+                .collect();
+            ok(Some(json!({
+                "mid": mid,
+                "online": !list.is_empty(),
+                "devices": list,
+                "complete": complete,
+            })))
+        }
+        Err(e) => reply(SERVER_ERR, e.to_string(), None),
+    }
 }
 
 async fn online_total(State(s): State<AppState>) -> Response {

@@ -241,6 +241,23 @@ impl Logic {
 
     /// Closes connections by key and every connection of the users named, telling clients
     /// that speak the extensions `reason` first. Returns the connections presence named.
+    /// Where a user is connected: each of its connections' key and comet, and whether the
+    /// answer can have missed some (a comet putting its presence back).
+    pub async fn devices(&self, mid: i64) -> Result<(Vec<(String, String)>, bool), OnlineError> {
+        let found = self.online.servers_by_mids(&[mid]).await?;
+        let mut devices: Vec<(String, String)> = found
+            .servers
+            .into_iter()
+            .flat_map(|(server, keys)| {
+                keys.into_iter()
+                    .filter(move |(_, m)| *m == mid)
+                    .map(move |(key, _)| (key, server.clone()))
+            })
+            .collect();
+        devices.sort();
+        Ok((devices, found.complete))
+    }
+
     pub async fn kick(
         &self,
         keys: Vec<String>,

@@ -569,7 +569,8 @@ pub struct JwtSpec {
     pub issuer: Vec<String>,
 }
 
-/// The push API's keys: one per line in a Secret's entry (read when logic starts).
+/// The push API's keys: one per line in a Secret's entry (read again when it changes: keys rotate without a
+/// restart).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeysSpec {
