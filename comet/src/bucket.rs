@@ -137,10 +137,81 @@ impl Bucket {
         if ch.state().room.as_ref().is_some_and(|r| &*r.id == room) {
             return;
         }
+        // A room joined beside it becomes the goim room: a member once, not twice.
+        let mut st = ch.state();
+        let extra = st.extra_rooms.as_mut().and_then(|v| {
+            let i = v.iter().position(|r| &*r.id == room)?;
+            Some(v.swap_remove(i))
+        });
+        if st.extra_rooms.as_ref().is_some_and(|v| v.is_empty()) {
+            st.extra_rooms = None;
+        }
+        drop(st);
+        if let Some(info) = extra {
+            remove_member(&mut inner, ch, &info);
+            rooms.leave(&info);
+        }
         leave(&mut inner, ch, rooms);
         if !room.is_empty() {
             join(&mut inner, ch, room, rooms);
         }
+    }
+
+    /// Joins `room` beside the connection's goim room (and any others); `Ok(false)` when it
+    /// is in it already, `Err(())` beyond `max` extra rooms.
+    #[allow(clippy::result_unit_err)]
+    pub fn add_room(
+        &self,
+        ch: &Arc<Channel>,
+        room: &str,
+        rooms: &Rooms,
+        max: usize,
+    ) -> Result<bool, ()> {
+        let mut inner = self.write();
+        let mut st = ch.state();
+        if !st.registered || room.is_empty() {
+            return Ok(false);
+        }
+        let held = st
+            .room
+            .iter()
+            .chain(st.extra_rooms.iter().flat_map(|v| v.iter()));
+        if held.clone().any(|r| &*r.id == room) {
+            return Ok(false);
+        }
+        if st.extra_rooms.as_ref().map_or(0, |v| v.len()) >= max {
+            return Err(());
+        }
+        let info = rooms.join(room);
+        inner
+            .rooms
+            .entry(info.id.clone())
+            .or_default()
+            .push(ch.clone());
+        st.extra_rooms
+            .get_or_insert_with(Default::default)
+            .push(info);
+        Ok(true)
+    }
+
+    /// Leaves a room joined with [`Bucket::add_room`]; `false` if it was not one.
+    pub fn remove_room(&self, ch: &Arc<Channel>, room: &str, rooms: &Rooms) -> bool {
+        let mut inner = self.write();
+        let mut st = ch.state();
+        let Some(extra) = st.extra_rooms.as_mut() else {
+            return false;
+        };
+        let Some(i) = extra.iter().position(|r| &*r.id == room) else {
+            return false;
+        };
+        let info = extra.swap_remove(i);
+        if extra.is_empty() {
+            st.extra_rooms = None;
+        }
+        drop(st);
+        remove_member(&mut inner, ch, &info);
+        rooms.leave(&info);
+        true
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Channel>> {
@@ -189,6 +260,11 @@ impl Bucket {
 
 fn unregister(inner: &mut Inner, ch: &Arc<Channel>, shared: &Shared) {
     leave(inner, ch, &shared.rooms);
+    let extra = ch.state().extra_rooms.take();
+    for info in extra.into_iter().flat_map(|v| v.into_iter()) {
+        remove_member(inner, ch, &info);
+        shared.rooms.leave(&info);
+    }
     if std::mem::take(&mut ch.state().registered) {
         shared.ips.remove(ch.ip);
     }
@@ -212,16 +288,37 @@ fn leave(inner: &mut Inner, ch: &Arc<Channel>, rooms: &Rooms) {
     drop(st);
     if let Some(members) = inner.rooms.get_mut(&info.id) {
         if members.get(slot).is_some_and(|m| Arc::ptr_eq(m, ch)) {
-            members.swap_remove(slot);
-            if let Some(moved) = members.get(slot) {
-                moved.state().room_slot = slot;
-            }
+            swap_remove_member(members, slot, &info.id);
         }
         if members.is_empty() {
             inner.rooms.remove(&info.id);
         }
     }
     rooms.leave(&info);
+}
+
+/// Removes `ch` from an extra room's members (found by a scan: extra rooms keep no slot).
+fn remove_member(inner: &mut Inner, ch: &Arc<Channel>, info: &crate::rooms::RoomInfo) {
+    if let Some(members) = inner.rooms.get_mut(&info.id) {
+        if let Some(i) = members.iter().position(|m| Arc::ptr_eq(m, ch)) {
+            swap_remove_member(members, i, &info.id);
+        }
+        if members.is_empty() {
+            inner.rooms.remove(&info.id);
+        }
+    }
+}
+
+/// Removes the member at `i`; the member moved into its place keeps a correct slot if this
+/// room is its goim room (an extra room has no slot to fix).
+fn swap_remove_member(members: &mut Vec<Arc<Channel>>, i: usize, room: &str) {
+    members.swap_remove(i);
+    if let Some(moved) = members.get(i) {
+        let mut st = moved.state();
+        if st.room.as_ref().is_some_and(|r| &*r.id == room) {
+            st.room_slot = i;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -267,6 +364,64 @@ mod tests {
         assert_eq!(b.room_members("r"), 0);
         assert!(rooms.get("r").is_none());
         assert_eq!(b.channel_count(), 4);
+    }
+
+    /// Several rooms per connection: pushes to each reach it once; members mixing a goim
+    /// room and extra rooms of one id keep correct slots through every removal; leaving,
+    /// changing room and closing give every count back.
+    #[test]
+    fn extra_rooms_beside_the_goim_room() {
+        let (b, shared) = (Bucket::default(), Shared::default());
+        let rooms = &shared.rooms;
+        let chans: Vec<_> = (0..6).map(|i| ch(&format!("k{i}"))).collect();
+        // Even ones have "r" as their goim room, odd ones join it as an extra room.
+        for (i, c) in chans.iter().enumerate() {
+            b.put(c, if i % 2 == 0 { "r" } else { "home" }, &shared);
+            if i % 2 == 1 {
+                assert_eq!(b.add_room(c, "r", rooms, 4), Ok(true));
+            }
+            assert_eq!(b.add_room(c, "news", rooms, 4), Ok(true));
+        }
+        assert_eq!(
+            b.add_room(&chans[0], "r", rooms, 4),
+            Ok(false),
+            "its goim room"
+        );
+        assert_eq!(
+            b.add_room(&chans[1], "news", rooms, 4),
+            Ok(false),
+            "joined already"
+        );
+        assert_eq!(b.room_members("r"), 6);
+        let out = Outgoing::Raw(Bytes::from_static(b"x"));
+        assert_eq!(b.push_room("r", &out, None, 64).queued, 6);
+        assert_eq!(b.push_room("news", &out, None, 64).queued, 6);
+        // Remove members in an order that moves goim-room members and extra members around.
+        assert!(b.remove_room(&chans[1], "r", rooms));
+        assert!(!b.remove_room(&chans[1], "r", rooms), "not in it any more");
+        b.change_room(&chans[0], "", rooms);
+        assert!(b.remove_room(&chans[3], "r", rooms));
+        b.del(&chans[2], &shared);
+        assert_eq!(b.room_members("r"), 2);
+        assert_eq!(rooms.get("r").unwrap().local(), 2);
+        assert_eq!(b.push_room("r", &out, None, 64).queued, 2);
+        // An extra room made the goim room is held once.
+        b.change_room(&chans[5], "news", rooms);
+        assert_eq!(b.room_members("news"), 5);
+        assert_eq!(rooms.get("news").unwrap().local(), 5);
+        // The limit.
+        for r in ["a", "b", "c"] {
+            assert_eq!(b.add_room(&chans[4], r, rooms, 4), Ok(true));
+        }
+        assert_eq!(b.add_room(&chans[4], "d", rooms, 4), Err(()));
+        for c in &chans {
+            b.del(c, &shared);
+        }
+        assert_eq!(rooms.len(), 0, "every count given back");
+        assert_eq!(
+            b.room_members("r") + b.room_members("news") + b.room_members("a"),
+            0
+        );
     }
 
     #[test]

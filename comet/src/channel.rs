@@ -84,6 +84,10 @@ pub(crate) struct State {
     pub room: Option<Arc<RoomInfo>>,
     /// Index in the bucket's member list of `room`; valid while `room` is set.
     pub room_slot: usize,
+    /// Rooms joined beside goim's one (`ROOM_JOIN`); boxed: nothing for connections in one
+    /// room (bytes per idle connection are a measured goal).
+    #[allow(clippy::box_collection)]
+    pub extra_rooms: Option<Box<Vec<Arc<RoomInfo>>>>,
     /// Whether the bucket still counts this channel (its map entry and IP count).
     pub registered: bool,
     pub closed: bool,

@@ -221,6 +221,13 @@ async fn handshake(
         }
     }
     comet.register(&ch, &reply.room_id);
+    // Rooms the token names beside goim's one; ones no client may join are left out.
+    for room in reply.rooms.iter().filter(|r| is_room_stream(r)) {
+        if comet.add_room(&ch, room).is_err() {
+            tracing::debug!(key = %ch.key, "token names more rooms than max_extra_rooms");
+            break;
+        }
+    }
     // Registration is the last step under the handshake deadline and has no await after it:
     // a timeout can never leave a registered channel behind. The reply is written by the
     // caller, whose teardown unregisters on any failure.
@@ -585,6 +592,17 @@ impl Session for Arc<Comet> {
 
     fn change_room(&self, ch: &Arc<Channel>, room: &str) {
         Comet::change_room(self, ch, room);
+    }
+
+    fn add_room(&self, ch: &Arc<Channel>, room: &str) -> Result<bool, &'static str> {
+        if !is_room_stream(room) {
+            return Err("room must be TYPE://ID, at most 256 bytes, not user:// or key://");
+        }
+        Comet::add_room(self, ch, room)
+    }
+
+    fn remove_room(&self, ch: &Arc<Channel>, room: &str) -> bool {
+        Comet::remove_room(self, ch, room)
     }
 
     fn receive(

@@ -21,6 +21,11 @@ use crate::channel::Channel;
 pub trait Session {
     /// Moves the connection to `room` ("" leaves every room).
     fn change_room(&self, ch: &Arc<Channel>, room: &str);
+    /// Joins `room` beside the connection's goim room: `Ok(false)` if in it already, or why
+    /// not.
+    fn add_room(&self, ch: &Arc<Channel>, room: &str) -> Result<bool, &'static str>;
+    /// Leaves a room joined with `add_room`; `false` if it was not one.
+    fn remove_room(&self, ch: &Arc<Channel>, room: &str) -> bool;
     /// Hands a packet of an op the comet does not answer itself to logic; what the business
     /// answered (with forwarding configured) comes back.
     fn receive(&self, req: ReceiveReq)
@@ -79,7 +84,7 @@ pub struct HandlerLimits {
 pub struct RateLimited;
 
 /// What `HELLO_REPLY` says this server does (docs/PROTOCOL.md).
-pub const FEATURES: &[&str] = &["reconnect", "recover", "acks", "refresh"];
+pub const FEATURES: &[&str] = &["reconnect", "recover", "acks", "refresh", "rooms"];
 
 /// A `HELLO` body; anything else in it is ignored.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -296,6 +301,26 @@ impl Handler {
                 }
             }
             op::JOIN if ch.is_extended() => session.join(ch, p.ver, p.seq, p.body).await,
+            op::ROOM_JOIN | op::ROOM_LEAVE if ch.is_extended() => {
+                #[derive(serde::Deserialize)]
+                struct Room {
+                    room: String,
+                }
+                let reply = match serde_json::from_slice::<Room>(&p.body) {
+                    Err(_) => serde_json::json!({ "error": "body must be {\"room\":R}" }),
+                    Ok(Room { room }) if p.op == op::ROOM_JOIN => {
+                        match session.add_room(ch, &room) {
+                            Ok(joined) => serde_json::json!({ "room": room, "joined": joined }),
+                            Err(why) => serde_json::json!({ "room": room, "error": why }),
+                        }
+                    }
+                    Ok(Room { room }) => {
+                        let left = session.remove_room(ch, &room);
+                        serde_json::json!({ "room": room, "left": left })
+                    }
+                };
+                out.reply(p.ver, p.op + 1, p.seq, reply.to_string().as_bytes());
+            }
             op::REFRESH if ch.is_extended() => {
                 let reply = match session.refresh(ch, p.body).await {
                     Ok(expires) => {
@@ -464,6 +489,17 @@ mod tests {
         fn change_room(&self, _: &Arc<Channel>, room: &str) {
             self.rooms.lock().unwrap().push(room.to_string());
         }
+        fn add_room(&self, _: &Arc<Channel>, room: &str) -> Result<bool, &'static str> {
+            if room == "bad" {
+                return Err("no");
+            }
+            self.rooms.lock().unwrap().push(format!("+{room}"));
+            Ok(true)
+        }
+        fn remove_room(&self, _: &Arc<Channel>, room: &str) -> bool {
+            self.rooms.lock().unwrap().push(format!("-{room}"));
+            true
+        }
         async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
             let op = req.proto.unwrap().op;
             self.received.lock().unwrap().push(op);
@@ -537,6 +573,55 @@ mod tests {
             (v["error"].as_str(), v["code"].as_i64()),
             (Some("no"), Some(403))
         );
+    }
+
+    /// `ROOM_JOIN` and `ROOM_LEAVE` for extension clients; a goim client's op 33 is one of
+    /// its app's ops (forwarded).
+    #[tokio::test(start_paused = true)]
+    async fn rooms_beside_the_goim_room() {
+        let fake = Fake::default();
+        let mut h = handler(LIMITS);
+        let mut out: Vec<Reply> = Vec::new();
+        h.pending_mut()
+            .push_back(packet(op::ROOM_JOIN, 1, br#"{"room":"chat://1"}"#));
+        h.answer(&fake, &mut out).await.unwrap();
+        assert_eq!(*fake.received.lock().unwrap(), vec![op::ROOM_JOIN]);
+        h.channel().set_extended();
+        out.clear();
+        h.pending_mut().extend([
+            packet(op::ROOM_JOIN, 2, br#"{"room":"chat://1"}"#),
+            packet(op::ROOM_JOIN, 3, br#"{"room":"bad"}"#),
+            packet(op::ROOM_LEAVE, 4, br#"{"room":"chat://1"}"#),
+            packet(op::ROOM_JOIN, 5, b"not json"),
+        ]);
+        h.answer(&fake, &mut out).await.unwrap();
+        let bodies: Vec<(i32, serde_json::Value)> = out
+            .iter()
+            .map(|r| (r.1, serde_json::from_slice(&r.3).unwrap()))
+            .collect();
+        assert_eq!(
+            bodies[0],
+            (
+                op::ROOM_JOIN_REPLY,
+                serde_json::json!({"room": "chat://1", "joined": true})
+            )
+        );
+        assert_eq!(
+            bodies[1],
+            (
+                op::ROOM_JOIN_REPLY,
+                serde_json::json!({"room": "bad", "error": "no"})
+            )
+        );
+        assert_eq!(
+            bodies[2],
+            (
+                op::ROOM_LEAVE_REPLY,
+                serde_json::json!({"room": "chat://1", "left": true})
+            )
+        );
+        assert!(bodies[3].1["error"].is_string());
+        assert_eq!(*fake.rooms.lock().unwrap(), vec!["+chat://1", "-chat://1"]);
     }
 
     /// A token that expires: the client is told at expiry and closed a grace period later,
@@ -680,7 +765,7 @@ mod tests {
         let hello: serde_json::Value = serde_json::from_slice(&out[6].3).unwrap();
         assert_eq!(
             hello,
-            serde_json::json!({"v": 1, "features": ["reconnect", "recover", "acks", "refresh"]})
+            serde_json::json!({"v": 1, "features": ["reconnect", "recover", "acks", "refresh", "rooms"]})
         );
         assert!(h.channel().is_extended());
         // The heartbeat reply carries the room's online count (4 bytes); echoes carry bodies.

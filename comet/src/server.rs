@@ -232,8 +232,59 @@ impl Comet {
     }
 
     pub(crate) fn change_room(&self, ch: &Arc<Channel>, room: &str) {
+        let before = ch.room().map(|r| r.id.clone());
         self.bucket(&ch.key)
             .change_room(ch, room, &self.shared.rooms);
+        if before.as_deref() != Some(room) {
+            if let Some(old) = before {
+                self.room_event(ch, &old, false);
+            }
+            if !room.is_empty() {
+                self.room_event(ch, room, true);
+            }
+        }
+    }
+
+    pub(crate) fn add_room(&self, ch: &Arc<Channel>, room: &str) -> Result<bool, &'static str> {
+        let joined = self
+            .bucket(&ch.key)
+            .add_room(ch, room, &self.shared.rooms, self.cfg.max_extra_rooms)
+            .map_err(|()| "too many rooms")?;
+        if joined {
+            self.room_event(ch, room, true);
+        }
+        Ok(joined)
+    }
+
+    pub(crate) fn remove_room(&self, ch: &Arc<Channel>, room: &str) -> bool {
+        let left = self
+            .bucket(&ch.key)
+            .remove_room(ch, room, &self.shared.rooms);
+        if left {
+            self.room_event(ch, room, false);
+        }
+        left
+    }
+
+    /// Tells logic a connection joined or left a room (`room_events`), in the background:
+    /// a room change never waits on it, and one lost is logged.
+    fn room_event(&self, ch: &Arc<Channel>, room: &str, joined: bool) {
+        if !self.cfg.room_events {
+            return;
+        }
+        let req = goim_proto::logic::RoomEventReq {
+            mid: ch.mid,
+            key: ch.key.to_string(),
+            server: self.cfg.name.clone(),
+            room: room.to_string(),
+            joined,
+        };
+        let logic = self.logic.clone();
+        tokio::spawn(async move {
+            if let Err(e) = logic.room_event(req).await {
+                tracing::debug!(error = %e, "room event not delivered");
+            }
+        });
     }
 
     /// Current connection and distinct-IP counts.

@@ -54,6 +54,11 @@ pub struct CometConfig {
     /// `https://*.example.com` for one subdomain level). Empty: any. Requests without an
     /// Origin (not from a browser) are always allowed; a refused one gets HTTP 403.
     pub ws_origins: Vec<String>,
+    /// Rooms a connection may join beside goim's one (`ROOM_JOIN`).
+    pub max_extra_rooms: usize,
+    /// Tell logic when a connection joins or leaves a room, for `[logic.events]` (one call
+    /// per change; leave off unless the business wants room events).
+    pub room_events: bool,
     /// Largest WebSocket frame payload (goim's read buffer, 8 KiB).
     pub ws_max_frame: usize,
     /// Most continuation frames in one message (goim 100).
@@ -119,6 +124,8 @@ impl Default for CometConfig {
             presence_renew: Duration::from_secs(600),
             presence_sweep: Duration::from_secs(60),
             ws_origins: Vec::new(),
+            max_extra_rooms: 16,
+            room_events: false,
             ws_max_frame: 8192,
             ws_max_fragments: 100,
             max_connections: 1_000_000,

@@ -82,7 +82,7 @@ async fn signed_tokens_only_with_jwt_auth() {
     let token = |key: &[u8], exp: u64| {
         encode(
             &Header::new(Algorithm::HS256),
-            &serde_json::json!({"sub": "77", "key": "tab", "room": "live://3", "accepts": [1000], "exp": exp}),
+            &serde_json::json!({"sub": "77", "key": "tab", "room": "live://3", "rooms": ["chat://8"], "accepts": [1000], "exp": exp}),
             &EncodingKey::from_secret(key),
         )
         .unwrap()
@@ -101,6 +101,14 @@ async fn signed_tokens_only_with_jwt_auth() {
         )
         .await;
         assert_eq!(recv(&mut c).await.body, b"to 3");
+        // The token's other rooms are joined beside goim's.
+        push_ok(
+            &s,
+            "/goim/push/room?operation=1000&type=chat&room=8",
+            b"to 8",
+        )
+        .await;
+        assert_eq!(recv(&mut c).await.body, b"to 8");
         push_ok(&s, "/goim/push/mids?operation=1000&mids=77", b"to 77").await;
         assert_eq!(recv(&mut c).await.body, b"to 77");
     }
@@ -404,6 +412,7 @@ async fn the_business_admits_answers_and_hears_of_connections() {
     cfg.logic.forward.url = format!("http://{biz}/messages");
     cfg.logic.events.url = format!("http://{biz}/events");
     cfg.logic.events.linger = std::time::Duration::from_millis(10);
+    cfg.comet.room_events = true;
     let s = start_with(cfg).await;
 
     // Refused by the hook: closed without a reply.
@@ -609,5 +618,69 @@ async fn a_users_devices() {
     );
     let (_, body) = http(s.http, "GET", "/goim/online/user?mid=x", b"").await;
     assert!(body.contains("-400"), "{body}");
+    s.shutdown().await;
+}
+
+/// Several rooms per connection over real sockets: pushes to goim's room and to each room
+/// joined beside it arrive; after a leave, that room's pushes stop; the limit holds.
+#[tokio::test]
+async fn a_connection_in_several_rooms() {
+    use goim_client::{token, Client, Transport};
+    use goim_proto::op;
+    let mut cfg = config();
+    cfg.comet.max_extra_rooms = 2;
+    let s = start_with(cfg).await;
+    let mut c = within(Client::connect(Transport::WebSocket, s.ws, None))
+        .await
+        .unwrap();
+    within(c.auth(&token(95, "rooms", "live://1", &[])))
+        .await
+        .unwrap();
+    c.send(op::HELLO, br#"{"v":1}"#).await.unwrap();
+    assert_eq!(recv(&mut c).await.op, op::HELLO_REPLY);
+    for room in ["chat://2", "chat://3", "chat://4"] {
+        c.send(op::ROOM_JOIN, format!(r#"{{"room":"{room}"}}"#).as_bytes())
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let p = recv(&mut c).await;
+        assert_eq!(p.op, op::ROOM_JOIN_REPLY);
+        got.push(serde_json::from_slice::<serde_json::Value>(&p.body).unwrap());
+    }
+    assert_eq!(got[0]["joined"], true);
+    assert_eq!(got[1]["joined"], true);
+    assert_eq!(got[2]["error"], "too many rooms", "{}", got[2]);
+    for (t, r) in [("live", "1"), ("chat", "2"), ("chat", "3")] {
+        push_ok(
+            &s,
+            &format!("/goim/push/room?operation=1000&type={t}&room={r}"),
+            format!("{t}{r}").as_bytes(),
+        )
+        .await;
+        assert_eq!(recv(&mut c).await.body, format!("{t}{r}").as_bytes());
+    }
+    c.send(op::ROOM_LEAVE, br#"{"room":"chat://2"}"#)
+        .await
+        .unwrap();
+    let left = recv(&mut c).await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&left.body).unwrap()["left"],
+        true
+    );
+    push_ok(
+        &s,
+        "/goim/push/room?operation=1000&type=chat&room=2",
+        b"gone",
+    )
+    .await;
+    push_ok(
+        &s,
+        "/goim/push/room?operation=1000&type=chat&room=3",
+        b"still",
+    )
+    .await;
+    assert_eq!(recv(&mut c).await.body, b"still");
     s.shutdown().await;
 }

@@ -11,7 +11,12 @@ pub struct Identity {
     pub accepts: Vec<i32>,
     /// When the token stops being valid, in Unix seconds (0: never).
     pub expires: u64,
+    /// Rooms joined at auth beside `room_id` (a signed token's `rooms`).
+    pub extra_rooms: Vec<String>,
 }
+
+/// Rooms a token may name beside its first.
+pub const MAX_TOKEN_ROOMS: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -98,6 +103,7 @@ impl Authenticator for JsonTokenAuth {
             room_id: t.room_id,
             accepts: t.accepts,
             expires: 0,
+            extra_rooms: Vec::new(),
         })
     }
 }
@@ -122,6 +128,7 @@ mod tests {
                 room_id: "live://1000".into(),
                 accepts: vec![1000, 1001, 1002],
                 expires: 0,
+                extra_rooms: Vec::new(),
             }
         );
     }

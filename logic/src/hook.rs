@@ -31,6 +31,9 @@ struct Admitted {
     accepts: Vec<i32>,
     #[serde(default)]
     expires: u64,
+    /// Rooms beside `room`.
+    #[serde(default)]
+    rooms: Vec<String>,
 }
 
 impl HookAuth {
@@ -128,7 +131,11 @@ impl Authenticator for HookAuth {
             tracing::warn!(error = %e, "connect hook reply is not the expected JSON; client refused");
             AuthError::Refused("connect hook reply not understood".into())
         })?;
-        if a.key.len() > MAX_ID || a.room.len() > MAX_ID {
+        if a.key.len() > MAX_ID
+            || a.room.len() > MAX_ID
+            || a.rooms.iter().any(|r| r.len() > MAX_ID)
+            || a.rooms.len() > crate::auth::MAX_TOKEN_ROOMS
+        {
             return Err(AuthError::Refused(format!(
                 "connect hook gave a key or room over {MAX_ID} bytes"
             )));
@@ -144,6 +151,7 @@ impl Authenticator for HookAuth {
             room_id: a.room,
             accepts: a.accepts,
             expires: a.expires,
+            extra_rooms: a.rooms,
         };
         self.remember(id, &who);
         Ok(who)

@@ -335,14 +335,21 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
             .map_err(|_| AuthError::Malformed("sub must be a numeric user id".into()))?,
         (None, None) => return Err(AuthError::Malformed("no sub or mid".into())),
     };
-    let room_id = c
-        .room
-        .or_else(|| c.rooms.into_iter().next())
-        .unwrap_or_default();
-    if c.key.len() > MAX_ID || room_id.len() > MAX_ID {
+    // `room` is goim's room; without it the first of `rooms` is. The others are joined
+    // beside it.
+    let mut rooms = c.rooms.into_iter();
+    let room_id = c.room.or_else(|| rooms.next()).unwrap_or_default();
+    let extra_rooms: Vec<String> = rooms.filter(|r| *r != room_id && !r.is_empty()).collect();
+    if c.key.len() > MAX_ID
+        || room_id.len() > MAX_ID
+        || extra_rooms.iter().any(|r| r.len() > MAX_ID)
+    {
         return Err(AuthError::Malformed(format!(
-            "key and room are limited to {MAX_ID} bytes"
+            "key and rooms are limited to {MAX_ID} bytes"
         )));
+    }
+    if extra_rooms.len() > crate::auth::MAX_TOKEN_ROOMS {
+        return Err(AuthError::Malformed("too many rooms".into()));
     }
     Ok(Identity {
         mid,
@@ -350,6 +357,7 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
         room_id,
         accepts: c.accepts,
         expires: c.exp,
+        extra_rooms,
     })
 }
 
@@ -421,7 +429,7 @@ mod tests {
     }
 
     fn claims(mid: i64) -> serde_json::Value {
-        json!({"sub": mid.to_string(), "key": "phone", "rooms": ["live://1"], "accepts": [1000], "exp": now() + 60})
+        json!({"sub": mid.to_string(), "key": "phone", "rooms": ["live://1", "live://2"], "accepts": [1000], "exp": now() + 60})
     }
 
     fn secret_file(dir: &Path, name: &str, secret: &[u8]) -> String {
@@ -462,6 +470,7 @@ mod tests {
                     accepts: vec![1000],
                     // The connection's expiry is the token's.
                     expires: c["exp"].as_u64().unwrap(),
+                    extra_rooms: vec!["live://2".into()],
                 }
             );
         }

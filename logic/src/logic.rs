@@ -9,7 +9,7 @@ use goim_proto::logic::push_msg::Type as PushType;
 use goim_proto::logic::{
     Backoff, ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply,
     HeartbeatReq, HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg,
-    ReceiveReply, ReceiveReq, RefreshReply, RefreshReq,
+    ReceiveReply, ReceiveReq, RefreshReply, RefreshReq, RoomEventReply, RoomEventReq,
 };
 use goim_proto::service::{JobService, LogicService};
 use goim_proto::MAX_ID;
@@ -652,7 +652,23 @@ impl LogicService for Logic {
             heartbeat: self.cfg.idle_timeout().as_nanos().min(i64::MAX as u128) as i64,
             presence_revision,
             expires: unix_secs(id.expires),
+            rooms: id.extra_rooms,
         })
+    }
+
+    /// A comet says a connection joined or left a room: a lifecycle event for the business.
+    async fn room_event(&self, req: RoomEventReq) -> Result<RoomEventReply, Status> {
+        self.event(|| {
+            let kind = if req.joined {
+                "room_join"
+            } else {
+                "room_leave"
+            };
+            let mut e = crate::events::Event::new(kind, req.mid, &req.key, &req.server);
+            e.room = req.room.clone();
+            e
+        });
+        Ok(RoomEventReply {})
     }
 
     /// A connection's new token: it must be valid and name the same user (and the same key,

@@ -199,6 +199,8 @@ pub fn config(pc: &PushCluster) -> Config {
     if let Some(w) = &l.events {
         let e = &mut logic.events;
         hook(w, "events", &mut e.url, &mut e.timeout, &mut e.secret_file);
+        // Room joins and leaves are events too: comets tell logic of them.
+        c.comet.room_events = true;
     }
 
     if let Some(t) = &s.tls.clients {

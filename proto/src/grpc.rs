@@ -91,6 +91,12 @@ impl Logic for LogicGrpc {
     async fn refresh(&self, r: Request<RefreshReq>) -> Result<Response<RefreshReply>, Status> {
         self.0.refresh(r.into_inner()).await.map(Response::new)
     }
+    async fn room_event(
+        &self,
+        r: Request<RoomEventReq>,
+    ) -> Result<Response<RoomEventReply>, Status> {
+        self.0.room_event(r.into_inner()).await.map(Response::new)
+    }
 }
 
 pub fn logic_server(s: Arc<dyn LogicService>) -> LogicServer<LogicGrpc> {
@@ -218,6 +224,10 @@ impl LogicService for RemoteLogic {
     async fn refresh(&self, req: RefreshReq) -> Result<RefreshReply, Status> {
         let (mut c, _p) = self.slot().await?;
         Ok(c.refresh(req).await?.into_inner())
+    }
+    async fn room_event(&self, req: RoomEventReq) -> Result<RoomEventReply, Status> {
+        let (mut c, _p) = self.slot().await?;
+        Ok(c.room_event(req).await?.into_inner())
     }
 }
 

@@ -58,3 +58,13 @@ pub const REFRESH_REPLY: i32 = 31;
 /// JSON body `{"expires":N,"grace_ms":G}`. Only to clients that said `HELLO` (others are
 /// closed when the grace period ends).
 pub const TOKEN_EXPIRING: i32 = 32;
+/// c→s: join another room beside goim's one (goim's `CHANGE_ROOM` still moves that one).
+/// JSON body `{"room":R}`, `R` as `type://id`. Only after `HELLO`.
+pub const ROOM_JOIN: i32 = 33;
+/// s→c: JSON body `{"room":R,"joined":B}` (`false`: it was in it already), or
+/// `{"error":...}`.
+pub const ROOM_JOIN_REPLY: i32 = 34;
+/// c→s: leave a room joined with `ROOM_JOIN`. JSON body `{"room":R}`.
+pub const ROOM_LEAVE: i32 = 35;
+/// s→c: JSON body `{"room":R,"left":B}` (`false`: it was not one of its extra rooms).
+pub const ROOM_LEAVE_REPLY: i32 = 36;

@@ -14,7 +14,7 @@ use crate::job::PushReply;
 use crate::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
     HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply,
-    ReceiveReq, RefreshReply, RefreshReq,
+    ReceiveReq, RefreshReply, RefreshReq, RoomEventReply, RoomEventReq,
 };
 
 /// comet -> logic (`goim.logic.Logic`).
@@ -36,6 +36,10 @@ pub trait LogicService: Send + Sync + 'static {
     /// A connection's new token (goim-rs): its expiry if it names the same user.
     async fn refresh(&self, _req: RefreshReq) -> Result<RefreshReply, Status> {
         Err(Status::unimplemented("refresh"))
+    }
+    /// A connection joined or left a room (goim-rs; for lifecycle events).
+    async fn room_event(&self, _req: RoomEventReq) -> Result<RoomEventReply, Status> {
+        Ok(RoomEventReply {})
     }
 }
 

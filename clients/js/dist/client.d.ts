@@ -103,6 +103,10 @@ export declare class GoimClient {
     /** A node from logic's `/goim/nodes/weighted`, for a web client. */
     private nodes;
     private token;
+    /** Joins `room` (`type://id`) beside the connection's own room, until `leaveRoom` or the
+     * connection ends (rejoin after `connected`); a refusal is an `error` event. */
+    joinRoom(room: string): void;
+    leaveRoom(room: string): void;
     /** Sends a new token for this connection (asked from `token`); the server answers with
      * `refreshed`, or an `error` event if it refused it (the old expiry then stands). */
     refresh(): Promise<void>;

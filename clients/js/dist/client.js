@@ -126,6 +126,16 @@ export class GoimClient {
         const t = typeof this.opts.token === "function" ? await this.opts.token() : this.opts.token;
         return typeof t === "string" ? t : JSON.stringify(t);
     }
+    /** Joins `room` (`type://id`) beside the connection's own room, until `leaveRoom` or the
+     * connection ends (rejoin after `connected`); a refusal is an `error` event. */
+    joinRoom(room) {
+        if (this.ws && this.ws.readyState === 1)
+            this.ws.send(encode(Op.RoomJoin, JSON.stringify({ room })));
+    }
+    leaveRoom(room) {
+        if (this.ws && this.ws.readyState === 1)
+            this.ws.send(encode(Op.RoomLeave, JSON.stringify({ room })));
+    }
     /** Sends a new token for this connection (asked from `token`); the server answers with
      * `refreshed`, or an `error` event if it refused it (the old expiry then stands). */
     async refresh() {
@@ -247,6 +257,16 @@ export class GoimClient {
                 this.close();
                 return;
             }
+            case Op.RoomJoinReply:
+            case Op.RoomLeaveReply: {
+                const b = JSON.parse(utf8.decode(p.body));
+                if (b.error)
+                    this.emit("error", new Error(`room ${b.room ?? ""}: ${b.error}`));
+                return;
+            }
+            case Op.RoomJoin:
+            case Op.RoomLeave:
+                return;
             case Op.TokenExpiring: {
                 this.refresh().catch((err) => this.emit("error", err));
                 return;

@@ -29,6 +29,10 @@ export declare const Op: {
     readonly Refresh: 30;
     readonly RefreshReply: 31;
     readonly TokenExpiring: 32;
+    readonly RoomJoin: 33;
+    readonly RoomJoinReply: 34;
+    readonly RoomLeave: 35;
+    readonly RoomLeaveReply: 36;
 };
 export interface Packet {
     ver: number;

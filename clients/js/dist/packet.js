@@ -33,6 +33,10 @@ export const Op = {
     Refresh: 30,
     RefreshReply: 31,
     TokenExpiring: 32,
+    RoomJoin: 33,
+    RoomJoinReply: 34,
+    RoomLeave: 35,
+    RoomLeaveReply: 36,
 };
 /** A frame that is not goim's packet layout. */
 export class PacketError extends Error {

@@ -112,6 +112,20 @@ describe("against standalone", () => {
     assert.equal((await gone).retryInMs, undefined);
   });
 
+  test("rooms beside the connection's own", async () => {
+    const c = new GoimClient({ url: server.ws, token: token(504, { room_id: "live://11" }) });
+    const e = await next(c, "connected");
+    assert.ok(e.features.includes("rooms"), `${e.features}`);
+    c.joinRoom("chat://12");
+    const refused = next(c, "error");
+    c.joinRoom("user://504");
+    assert.match((await refused).message, /room user:\/\/504/);
+    const got = next(c, "message", (m) => m.text() === "to chat 12");
+    assert.equal((await push(server.http, "/goim/push/room?operation=1000&type=chat&room=12", "to chat 12")).code, 0);
+    await got;
+    c.close();
+  });
+
   test("goim's protocol alone, without the extensions", async () => {
     const c = new GoimClient({ url: server.ws, token: token(502, { room_id: "live://10" }), extensions: false });
     const e = await next(c, "connected");
