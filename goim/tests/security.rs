@@ -302,6 +302,16 @@ async fn expiring_tokens_are_refreshed_or_closed() {
     };
     let mut keeper = connect(81, "keeper").await;
     let mut lapser = connect(82, "lapser").await;
+    // One that refreshes before its token expires is never told.
+    let mut early = connect(83, "early").await;
+    early
+        .send(op::REFRESH, token(83, "early", now + 3600).as_bytes())
+        .await
+        .unwrap();
+    let r = recv(&mut early).await;
+    assert_eq!(r.op, op::REFRESH_REPLY);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["expires"].as_u64(), Some(now + 3600), "{v}");
 
     // Told at expiry, with the expiry and the grace period.
     let told = recv(&mut keeper).await;
@@ -333,13 +343,16 @@ async fn expiring_tokens_are_refreshed_or_closed() {
     // Past the same grace period, the refreshed one still gets pushes.
     push_ok(&s, "/goim/push/mids?operation=1000&mids=81", b"still here").await;
     assert_eq!(recv(&mut keeper).await.body, b"still here");
+    push_ok(&s, "/goim/push/mids?operation=1000&mids=83", b"never told").await;
+    let p = recv(&mut early).await;
+    assert_eq!((p.op, &p.body[..]), (1000, &b"never told"[..]));
     let (_, metrics) = http(s.http, "GET", "/metrics", b"").await;
     assert!(
         metrics.contains(r#"goim_comet_closed_total{reason="token_expired"} 1"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains("goim_logic_refreshes_total 1"),
+        metrics.contains("goim_logic_refreshes_total 2"),
         "{metrics}"
     );
     s.shutdown().await;
