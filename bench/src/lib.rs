@@ -36,6 +36,8 @@ pub struct Conns {
     /// First source address index, 127.0.0.(2+base) upwards (give each load-generator process
     /// its own); `None`: let the kernel choose (one address, ~28k ports).
     pub source_base: Option<usize>,
+    /// Speak TLS, trusting this config, naming this server.
+    pub tls: Option<(Arc<goim_client::rustls::ClientConfig>, String)>,
 }
 
 impl Conns {
@@ -108,8 +110,12 @@ pub async fn open(c: &Conns) -> anyhow::Result<(Vec<Client>, Duration)> {
                 .source_base
                 .filter(|_| addr.ip().is_loopback())
                 .map(|b| source(b, j));
+            let tls = c.tls.clone();
             set.spawn(async move {
-                let mut cl = Client::connect(t, addr, local).await?;
+                let mut cl = match tls {
+                    Some((cfg, name)) => Client::connect_tls(t, addr, cfg, &name).await?,
+                    None => Client::connect(t, addr, local).await?,
+                };
                 cl.auth(&token(j as i64 + 1, &key, &room, &[OP])).await?;
                 anyhow::Ok(cl)
             });

@@ -53,11 +53,25 @@ struct ConnArgs {
     /// Server pid, for RSS and CPU from /proc.
     #[arg(long)]
     pid: Option<u32>,
+    /// Speak TLS (WSS, or TCP over TLS), trusting the CA certificate in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The server name TLS checks (with --tls-ca).
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
 }
 
 impl ConnArgs {
-    fn conns(&self) -> Conns {
-        Conns {
+    fn conns(&self) -> anyhow::Result<Conns> {
+        let tls = match &self.tls_ca {
+            Some(ca) => {
+                let cfg = goim_client::tls_trusting(ca)
+                    .map_err(|e| anyhow::anyhow!("--tls-ca {}: {e}", ca.display()))?;
+                Some((cfg, self.tls_name.clone()))
+            }
+            None => None,
+        };
+        Ok(Conns {
             addr: self.addr,
             transport: match self.proto {
                 Proto::Tcp => Transport::Tcp,
@@ -69,7 +83,8 @@ impl ConnArgs {
             room_type: self.room_type.clone(),
             key_prefix: self.key_prefix.clone(),
             source_base: self.source_base,
-        }
+            tls,
+        })
     }
 }
 
@@ -148,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut v = match cli.scenario {
         Scenario::Idle { conn, hold } => {
-            let (v, clients) = scenario::idle(&conn.conns(), conn.pid).await?;
+            let (v, clients) = scenario::idle(&conn.conns()?, conn.pid).await?;
             println!("{v}");
             tokio::time::sleep(Duration::from_secs(hold)).await;
             drop(clients);
@@ -161,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
         } => {
             scenario::fanout(
-                &conn.conns(),
+                &conn.conns()?,
                 Some(http),
                 Target::Rooms,
                 rate,
@@ -177,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
         } => {
             scenario::fanout(
-                &conn.conns(),
+                &conn.conns()?,
                 Some(http),
                 Target::Keys,
                 rate,
@@ -194,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
             speed,
         } => {
             scenario::fanout(
-                &conn.conns(),
+                &conn.conns()?,
                 Some(http),
                 Target::All { speed },
                 rate,
@@ -209,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
         } => {
             scenario::fanout(
-                &conn.conns(),
+                &conn.conns()?,
                 None,
                 Target::ServerDriven { rate },
                 rate,

@@ -19,6 +19,7 @@ fn conns(addr: SocketAddr, t: Transport, prefix: &str, rooms: usize) -> Conns {
         room_type: "smoke".into(),
         key_prefix: prefix.into(),
         source_base: None,
+        tls: None,
     }
 }
 

@@ -17,6 +17,29 @@ use tokio_tungstenite::WebSocketStream;
 
 mod stream;
 pub use stream::Stream;
+pub use tokio_rustls::rustls;
+
+/// A TLS client config that trusts the CA certificates in the PEM file `ca` (and nothing
+/// else), for `Client::connect_tls`.
+pub fn tls_trusting(ca: &std::path::Path) -> io::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+    {
+        let cert = cert.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        roots
+            .add(cert)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| io::Error::other(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
+}
 
 pub const OP_HEARTBEAT: i32 = 2;
 pub const OP_HEARTBEAT_REPLY: i32 = 3;

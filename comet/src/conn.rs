@@ -58,9 +58,13 @@ pub(crate) async fn serve(
     let mut conn = Connection::new(stream, transport, limits);
     let mut pending = VecDeque::new();
     let deadline = Instant::now() + cfg.handshake_timeout;
+    // Boxed: the handshake (PROXY header, TLS, upgrade, auth) runs once, and its state inline
+    // would size every connection's task for its whole life (bytes per idle connection are
+    // a measured goal).
+    let handshake = Box::pin(handshake(comet, &mut conn, &mut pending, peer, tls));
     let handshake = tokio::select! {
         _ = comet.shutdown.cancelled() => return,
-        r = tokio::time::timeout_at(deadline, handshake(comet, &mut conn, &mut pending, peer, tls)) => r,
+        r = tokio::time::timeout_at(deadline, handshake) => r,
     };
     let (ch, heartbeat, expires, _ip_slot) = match handshake {
         Ok(Ok(Some(x))) => x,
@@ -132,12 +136,18 @@ pub(crate) async fn serve(
     }
 }
 
+/// What a finished handshake hands the connection: its channel, heartbeat, token expiry and
+/// (behind a PROXY-protocol balancer) its address's connection slot, boxed: it is rare, and
+/// held for the connection's life.
+type Accepted = (
+    Arc<Channel>,
+    Duration,
+    i64,
+    Option<Box<crate::per_ip::IpSlot>>,
+);
+
 /// Upgrade (WebSocket), then read until `OpAuth`, ignoring anything before it; authenticate
 /// through logic and register. `Ok(None)`: logic refused (closed without a reply, as goim does).
-/// What a finished handshake hands the connection: its channel, heartbeat, token expiry and
-/// (behind a PROXY-protocol balancer) its address's connection slot.
-type Accepted = (Arc<Channel>, Duration, i64, Option<crate::per_ip::IpSlot>);
-
 async fn handshake(
     comet: &Arc<Comet>,
     conn: &mut Connection,
@@ -154,7 +164,7 @@ async fn handshake(
             .await?
             .map_or(peer.ip(), |a| a.ip());
         match comet.admit(ip) {
-            Ok(slot) => ip_slot = slot,
+            Ok(slot) => ip_slot = slot.map(Box::new),
             Err(reason) => {
                 comet.metrics.closed(reason);
                 return Ok(None);
@@ -242,8 +252,10 @@ async fn handshake(
 
 async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) -> Exit {
     let ch = handler.channel().clone();
-    let grace = comet.cfg.token_grace;
-    let timer = sleep_until(handler.deadline(grace));
+    // Read from the config where used, not kept in a local: every byte of this future is
+    // paid by every connection.
+    let grace = || comet.cfg.token_grace;
+    let timer = sleep_until(handler.deadline(grace()));
     tokio::pin!(timer);
     let notified = ch.notify.notified();
     tokio::pin!(notified);
@@ -256,7 +268,7 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
         if !handler.pending_mut().is_empty() {
             match handler.answer(comet, conn).await {
                 Err(RateLimited) => return Exit::RateLimited,
-                Ok(true) => timer.as_mut().reset(handler.deadline(grace)),
+                Ok(true) => timer.as_mut().reset(handler.deadline(grace())),
                 Ok(false) => {}
             }
         }
@@ -326,14 +338,14 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
                     return Exit::Error(e);
                 }
             }
-            Event::Timeout => match handler.on_deadline(Instant::now(), grace) {
+            Event::Timeout => match handler.on_deadline(Instant::now(), grace()) {
                 Deadline::Heartbeat => return Exit::Timeout,
                 Deadline::TokenExpired => return Exit::TokenExpired,
                 Deadline::TokenExpiring => {
                     if ch.is_extended() {
                         let body = json!({
                             "expires": handler.expires(),
-                            "grace_ms": u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+                            "grace_ms": u64::try_from(grace().as_millis()).unwrap_or(u64::MAX),
                         });
                         conn.reply(
                             goim_proto::packet::SERVER_VER,
@@ -342,9 +354,9 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
                             body.to_string().as_bytes(),
                         );
                     }
-                    timer.as_mut().reset(handler.deadline(grace));
+                    timer.as_mut().reset(handler.deadline(grace()));
                 }
-                Deadline::NotYet => timer.as_mut().reset(handler.deadline(grace)),
+                Deadline::NotYet => timer.as_mut().reset(handler.deadline(grace())),
             },
             Event::Resend => {
                 let r = ch.resend(cfg.ack_timeout, cfg.ack_retries);
@@ -611,7 +623,8 @@ impl Session for Arc<Comet> {
     ) -> impl Future<Output = Result<goim_proto::logic::ReceiveReply, Status>> + Send {
         let logic = self.logic.clone();
         req.server = self.cfg.name.clone();
-        async move { logic.receive(req).await }
+        // Boxed: the request's state inline would size every connection's task.
+        Box::pin(async move { logic.receive(req).await })
     }
 
     fn presence_renew(&self) -> Duration {
