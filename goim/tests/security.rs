@@ -5,6 +5,21 @@ mod common;
 
 use common::*;
 
+/// The HS256 secret of [`jwt_config`].
+const SECRET: &[u8] = b"a test secret of thirty-two bytes or more";
+
+/// A standalone config with `auth = "jwt"` and [`SECRET`] in a key file (kept while the
+/// returned directory lives).
+fn jwt_config() -> (tempfile::TempDir, goim::config::Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hs256");
+    std::fs::write(&file, SECRET).unwrap();
+    let mut cfg = config();
+    cfg.logic.auth = goim_config::AuthMode::Jwt;
+    cfg.logic.jwt.hs256_secret_files = vec![file.display().to_string()];
+    (dir, cfg)
+}
+
 async fn status_and_code(
     s: &goim::standalone::Standalone,
     path: &str,
@@ -70,13 +85,8 @@ async fn no_keys_leave_the_api_open() {
 async fn signed_tokens_only_with_jwt_auth() {
     use goim_client::{Client, Transport};
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    let dir = tempfile::tempdir().unwrap();
-    let secret = b"a test secret of thirty-two bytes or more";
-    let file = dir.path().join("hs256");
-    std::fs::write(&file, secret).unwrap();
-    let mut cfg = config();
-    cfg.logic.auth = goim_config::AuthMode::Jwt;
-    cfg.logic.jwt.hs256_secret_files = vec![file.display().to_string()];
+    let (_dir, cfg) = jwt_config();
+    let secret = SECRET;
     let s = start_with(cfg).await;
     let now = jsonwebtoken::get_current_timestamp();
     let token = |key: &[u8], exp: u64| {
@@ -267,13 +277,8 @@ async fn expiring_tokens_are_refreshed_or_closed() {
     use goim_client::{Client, Transport};
     use goim_proto::op;
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    let dir = tempfile::tempdir().unwrap();
-    let secret = b"a test secret of thirty-two bytes or more";
-    let file = dir.path().join("hs256");
-    std::fs::write(&file, secret).unwrap();
-    let mut cfg = config();
-    cfg.logic.auth = goim_config::AuthMode::Jwt;
-    cfg.logic.jwt.hs256_secret_files = vec![file.display().to_string()];
+    let (_dir, mut cfg) = jwt_config();
+    let secret = SECRET;
     cfg.logic.jwt.leeway = std::time::Duration::ZERO;
     cfg.comet.token_grace = std::time::Duration::from_secs(1);
     let s = start_with(cfg).await;

@@ -1154,13 +1154,7 @@ spec:
         assert!(c.logic.protect_reads);
         let o = build(&pc);
         let logic = o.logic.spec.unwrap().template.spec.unwrap();
-        let secrets: Vec<_> = logic
-            .volumes
-            .unwrap()
-            .into_iter()
-            .filter_map(|v| v.secret.and_then(|s| s.secret_name))
-            .collect();
-        assert_eq!(secrets, ["jwt-keys", "api"]);
+        assert_eq!(secret_names(&logic), ["jwt-keys", "api"]);
         let mounts: Vec<_> = logic.containers[0]
             .volume_mounts
             .clone()
@@ -1184,6 +1178,16 @@ spec:
         assert_eq!(plain.logic.auth, goim_config::AuthMode::Json);
     }
 
+    /// The Secrets a pod mounts, in order.
+    fn secret_names(pod: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
+        pod.volumes
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| v.secret.and_then(|s| s.secret_name))
+            .collect()
+    }
+
     /// TLS Secrets: each mounted where it is used and named in the config; the client ports
     /// exposed; logic's probes switch to HTTPS with its API.
     #[test]
@@ -1204,16 +1208,8 @@ spec:
         assert_eq!(c.cluster.grpc_tls_dir, GRPC_TLS_PATH);
         assert_eq!(c.cluster.grpc_tls_server_name, "goim.internal");
         let o = build(&pc);
-        let secrets = |t: &k8s_openapi::api::core::v1::PodSpec| -> Vec<String> {
-            t.volumes
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|v| v.secret.and_then(|s| s.secret_name))
-                .collect()
-        };
         let comet = o.comet.spec.unwrap().template.spec.unwrap();
-        assert_eq!(secrets(&comet), ["mesh", "clients"]);
+        assert_eq!(secret_names(&comet), ["mesh", "clients"]);
         let ports: Vec<_> = comet.containers[0]
             .ports
             .clone()
@@ -1223,11 +1219,11 @@ spec:
             .collect();
         assert!(ports.contains(&("wss".into(), 3103)) && ports.contains(&("tcp-tls".into(), 3104)));
         let logic = o.logic.spec.unwrap().template.spec.unwrap();
-        assert_eq!(secrets(&logic), ["mesh", "api-cert"]);
+        assert_eq!(secret_names(&logic), ["mesh", "api-cert"]);
         let probe = logic.containers[0].readiness_probe.clone().unwrap();
         assert_eq!(probe.http_get.unwrap().scheme.as_deref(), Some("HTTPS"));
         let job = o.job.spec.unwrap().template.spec.unwrap();
-        assert_eq!(secrets(&job), ["mesh"]);
+        assert_eq!(secret_names(&job), ["mesh"]);
         let svc: Vec<_> = o
             .comet_service
             .spec
@@ -1292,13 +1288,7 @@ spec:
         assert_eq!(c.comet.token_grace, Duration::from_secs(45));
         let o = build(&pc);
         let logic = o.logic.spec.unwrap().template.spec.unwrap();
-        let secrets: Vec<_> = logic
-            .volumes
-            .unwrap()
-            .into_iter()
-            .filter_map(|v| v.secret.and_then(|s| s.secret_name))
-            .collect();
-        assert_eq!(secrets, ["hook-key", "events-key"]);
+        assert_eq!(secret_names(&logic), ["hook-key", "events-key"]);
         assert!(o
             .comet
             .spec

@@ -60,74 +60,22 @@ impl Etcd {
             tls,
         };
         if tls {
-            let d = e.tls_dir();
-            std::fs::create_dir_all(&d).unwrap();
-            openssl(
-                &d,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.crt",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=goim-test-ca",
-                ],
+            // One CA signs etcd's server certificate and the client's (in `tls_dir`).
+            let ca = pki::TestCa::new("goim-test-ca");
+            ca.issue(
+                &e.server_tls_dir(),
+                "127.0.0.1",
+                &["IP:127.0.0.1", "DNS:localhost"],
             );
-            std::fs::write(
-                d.join("server.ext"),
-                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-            )
-            .unwrap();
-            std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-            for (who, cn) in [("server", "127.0.0.1"), ("client", "goim")] {
-                openssl(
-                    &d,
-                    &[
-                        "req",
-                        "-newkey",
-                        "rsa:2048",
-                        "-nodes",
-                        "-keyout",
-                        &format!("{who}.key"),
-                        "-out",
-                        &format!("{who}.csr"),
-                        "-subj",
-                        &format!("/CN={cn}"),
-                    ],
-                );
-                openssl(
-                    &d,
-                    &[
-                        "x509",
-                        "-req",
-                        "-in",
-                        &format!("{who}.csr"),
-                        "-CA",
-                        "ca.crt",
-                        "-CAkey",
-                        "ca.key",
-                        "-CAcreateserial",
-                        "-out",
-                        &format!("{who}.crt"),
-                        "-days",
-                        "2",
-                        "-extfile",
-                        &format!("{who}.ext"),
-                    ],
-                );
-            }
-            std::fs::copy(d.join("client.crt"), d.join("tls.crt")).unwrap();
-            std::fs::copy(d.join("client.key"), d.join("tls.key")).unwrap();
+            ca.issue(&e.tls_dir(), "goim", &[]);
         }
         e.spawn();
         e
+    }
+
+    /// etcd's own certificate and key.
+    fn server_tls_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("server-tls")
     }
 
     /// Client TLS files of a [`Etcd::start_tls`] etcd: `ca.crt`, `tls.crt`, `tls.key`.
@@ -146,9 +94,9 @@ impl Etcd {
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
         let mut cmd = Command::new("etcd");
         if self.tls {
-            let d = self.tls_dir();
-            cmd.arg(format!("--cert-file={}", d.join("server.crt").display()))
-                .arg(format!("--key-file={}", d.join("server.key").display()))
+            let d = self.server_tls_dir();
+            cmd.arg(format!("--cert-file={}", d.join("tls.crt").display()))
+                .arg(format!("--key-file={}", d.join("tls.key").display()))
                 .arg(format!("--trusted-ca-file={}", d.join("ca.crt").display()))
                 .arg("--client-cert-auth");
         }
