@@ -137,22 +137,47 @@ impl JobRing {
                 Err(e) => Err(e),
             };
             match r {
-                // Refused by a draining job, or the connection failed (a job that exited
-                // meanwhile): the call was not taken there.
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                    ) =>
-                {
+                Err(e) if not_taken(&e) => {
                     tracing::debug!(job = %id, error = %e, "job did not take the call; trying the next");
                     last = e;
                 }
+                // Anything else may have been taken (a job killed after delivering, before
+                // answering): trying the next job would deliver it twice. The caller is told
+                // instead.
                 other => return other,
             }
         }
         Err(last)
     }
+}
+
+/// Whether a failed call certainly never reached the job: refused by a draining job, or no
+/// connection could be made (refused, unreachable, timed out connecting).
+fn not_taken(e: &Status) -> bool {
+    if e.code() == tonic::Code::Unavailable && e.message() == "job is draining" {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            ) {
+                return true;
+            }
+        }
+        // tonic's connect timeout and hyper's connect errors say so in their text.
+        let text = s.to_string();
+        if text.contains("tcp connect error") || text.contains("error trying to connect") {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 #[async_trait]
@@ -180,6 +205,23 @@ impl JobService for JobRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only calls that certainly never reached a job go to the next one: a killed job's
+    /// broken call may have been delivered (the killed-job rollout test saw it delivered
+    /// twice when such calls were retried).
+    #[test]
+    fn only_calls_never_taken_are_retried() {
+        assert!(not_taken(&Status::unavailable("job is draining")));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(not_taken(&Status::from_error(Box::new(refused))));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!not_taken(&Status::from_error(Box::new(reset))));
+        assert!(!not_taken(&Status::unknown(
+            "h2 protocol error: broken pipe"
+        )));
+        assert!(!not_taken(&Status::unavailable("connection closed")));
+        assert!(!not_taken(&Status::cancelled("request cancelled")));
+    }
 
     #[test]
     fn ring_is_stable_and_moves_little() {
