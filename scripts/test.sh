@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The project's test command: installs what the tests need (protoc, etcd, openssl), builds the
+# The project's test command: installs what the tests need (protoc, etcd, PostgreSQL, openssl), builds the
 # pinned control-plane tools (kube-apiserver, helm) into a cache, then runs every test tier,
 # the TypeScript client's and the demo page's in Chromium among them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/goim-rs/target}"
-scripts/setup.sh etcd-server openssl chromium
+scripts/setup.sh etcd-server postgresql openssl chromium
 command -v npm >/dev/null 2>&1 || scripts/setup.sh nodejs npm
 if ! command -v go >/dev/null 2>&1; then
   echo "test: Go (1.24 or newer) is needed to build kube-apiserver and helm for the control-plane tests" >&2

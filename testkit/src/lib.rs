@@ -3,9 +3,11 @@
 
 mod control_plane;
 pub mod pki;
+mod postgres;
 mod reaper;
 
 pub use control_plane::{kubeconfig_text, tools_bin, ControlPlane, ADMIN_TOKEN};
+pub use postgres::Postgres;
 pub use reaper::{forget, reap_at_exit};
 
 use std::net::TcpListener;
