@@ -360,24 +360,33 @@ impl Handler {
                     server: String::new(),
                 };
                 // goim echoes the op with an empty body; with forwarding, the business's
-                // reply is the body, and an extension client is told about errors.
+                // reply is the body, and an extension client is told about errors. Logic
+                // answers conversation requests itself, on their reply ops, errors included.
+                let conversation = op::conversation_reply(other);
                 let error = |msg: &str, code: i32| {
-                    if ch.is_extended() {
+                    if ch.is_extended() || conversation.is_some() {
                         let e = serde_json::json!({ "error": msg, "code": code });
                         bytes::Bytes::from(e.to_string())
                     } else {
                         bytes::Bytes::new()
                     }
                 };
-                let body = match session.receive(req).await {
-                    Ok(r) if r.error.is_empty() => r.reply,
-                    Ok(r) => error(&r.error, r.code),
+                let fallback = conversation.unwrap_or(other);
+                let (op_back, body) = match session.receive(req).await {
+                    Ok(r) => {
+                        let op_back = if r.op != 0 { r.op } else { fallback };
+                        if r.error.is_empty() {
+                            (op_back, r.reply)
+                        } else {
+                            (op_back, error(&r.error, r.code))
+                        }
+                    }
                     Err(e) => {
                         tracing::debug!(key = %ch.key, error = %e, "receive failed");
-                        error("unavailable", 503)
+                        (fallback, error("unavailable", 503))
                     }
                 };
-                out.reply(p.ver, other, p.seq, &body);
+                out.reply(p.ver, op_back, p.seq, &body);
             }
         }
     }
@@ -514,6 +523,19 @@ mod tests {
                     code: 403,
                     ..Default::default()
                 },
+                // Logic answers a conversation send on its reply op; a read it refuses.
+                op::CONV_SEND => ReceiveReply {
+                    reply: bytes::Bytes::from_static(b"{\"seq\":1}"),
+                    op: op::CONV_SEND_REPLY,
+                    ..Default::default()
+                },
+                op::CONV_READ => ReceiveReply {
+                    error: "not a member".into(),
+                    code: 403,
+                    op: op::CONV_READ_REPLY,
+                    ..Default::default()
+                },
+                op::CONV_LIST => return Err(Status::unavailable("logic down")),
                 _ => ReceiveReply::default(),
             })
         }
@@ -572,6 +594,40 @@ mod tests {
         assert_eq!(
             (v["error"].as_str(), v["code"].as_i64()),
             (Some("no"), Some(403))
+        );
+    }
+
+    /// Conversation requests come back on their reply ops, with their errors, for goim
+    /// clients too (only a client that knows the ops sends them); logic unreachable is an
+    /// error on the reply op as well.
+    #[tokio::test(start_paused = true)]
+    async fn conversation_requests_are_answered_on_their_reply_ops() {
+        let fake = Fake::default();
+        let mut h = handler(LIMITS);
+        let mut out: Vec<Reply> = Vec::new();
+        h.pending_mut().extend([
+            packet(op::CONV_SEND, 1, b"{}"),
+            packet(op::CONV_READ, 2, b"{}"),
+            packet(op::CONV_LIST, 3, b"{}"),
+        ]);
+        h.answer(&fake, &mut out).await.unwrap();
+        assert_eq!(out[0], (1, op::CONV_SEND_REPLY, 1, b"{\"seq\":1}".to_vec()));
+        let replies: Vec<(i32, serde_json::Value)> = out[1..]
+            .iter()
+            .map(|r| (r.1, serde_json::from_slice(&r.3).unwrap()))
+            .collect();
+        assert_eq!(
+            replies,
+            [
+                (
+                    op::CONV_READ_REPLY,
+                    serde_json::json!({"error": "not a member", "code": 403})
+                ),
+                (
+                    op::CONV_LIST_REPLY,
+                    serde_json::json!({"error": "unavailable", "code": 503})
+                ),
+            ]
         );
     }
 

@@ -14,8 +14,8 @@ pub use comet::CometConfig;
 pub use http::HttpLimits;
 pub use job::{HistoryConfig, JobConfig};
 pub use logic::{
-    AuthMode, BackoffConfig, EventsConfig, ForwardConfig, HookConfig, JwtConfig, LogicConfig,
-    NodeConfig,
+    AuthMode, BackoffConfig, ConversationsConfig, EventsConfig, ForwardConfig, HookConfig,
+    JwtConfig, LogicConfig, NodeConfig,
 };
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -108,6 +108,9 @@ impl Default for ClusterConfig {
 /// Where standalone's HTTP API listens by default: this machine only, since it pushes to
 /// everyone and takes no key unless one is configured.
 pub const STANDALONE_HTTP: &str = "127.0.0.1:3111";
+/// Standalone keeps its conversations in a SQLite file under the working directory unless
+/// the config names a store.
+pub const STANDALONE_CHAT_STORE: &str = "sqlite://goim-data/chat.db";
 
 impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, Error> {
@@ -151,6 +154,10 @@ impl Config {
         };
         if !http_in_file {
             cfg.logic.http = STANDALONE_HTTP.into();
+        }
+        let chat = &mut cfg.logic.conversations;
+        if chat.store.is_empty() && chat.store_file.is_empty() {
+            chat.store = STANDALONE_CHAT_STORE.into();
         }
         Ok(cfg)
     }
@@ -201,6 +208,23 @@ mod tests {
             STANDALONE_HTTP
         );
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    /// Standalone keeps conversations in a SQLite file unless told otherwise; distributed
+    /// roles have them off until a store is named.
+    #[test]
+    fn standalone_keeps_conversations_in_a_file() {
+        let chat = |c: Config| c.logic.conversations;
+        assert_eq!(
+            chat(Config::load_standalone(None).unwrap()).store,
+            STANDALONE_CHAT_STORE
+        );
+        assert_eq!(chat(Config::load(None).unwrap()).store, "");
+        let file = std::env::temp_dir().join(format!("goim-cfg-chat-{}", std::process::id()));
+        std::fs::write(&file, "[logic.conversations]\nstore_file = \"/run/dsn\"\n").unwrap();
+        let c = chat(Config::load_standalone(Some(&file)).unwrap());
+        assert_eq!((c.store.as_str(), c.store_file.as_str()), ("", "/run/dsn"));
+        std::fs::remove_file(&file).unwrap();
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct LogicConfig {
     pub forward: ForwardConfig,
     /// Where connection lifecycle events go (`[logic.events]`).
     pub events: EventsConfig,
+    /// Group and direct conversations with offline delivery (`[logic.conversations]`).
+    pub conversations: ConversationsConfig,
     pub node: NodeConfig,
     pub backoff: BackoffConfig,
 }
@@ -153,6 +155,49 @@ impl Default for EventsConfig {
     }
 }
 
+/// Conversations (docs/CONVERSATIONS.md): messages stored once per conversation, pushed to
+/// members online, counted unread for the muted, and notified to the offline through
+/// `notify`. Off unless a store is named (standalone names a SQLite file).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConversationsConfig {
+    /// `sqlite://path` (one process) or `postgres://user:password@host/db` (clusters: every
+    /// logic replica shares it). Empty: conversations are off.
+    pub store: String,
+    /// A file holding the store URL instead (a mounted Secret with the PostgreSQL DSN).
+    pub store_file: String,
+    pub max_members: usize,
+    /// Longest message body, in bytes (its push envelope must fit `max_message`).
+    pub max_body: usize,
+    /// Characters of the last message shown in conversation lists.
+    pub preview_chars: usize,
+    /// Most messages or conversations one page returns.
+    pub max_page: usize,
+    /// A message whose offline members are still not notified after this long is notified
+    /// again (after a restart, or a sink that was down): at least once.
+    #[serde(with = "humantime_serde")]
+    pub renotify_after: Duration,
+    /// The notification sink: `{"notifications":[{"id","mid","conversation","seq","sender",
+    /// "preview","time"}...]}` POSTed in batches, each notification's `id` its idempotency
+    /// key.
+    pub notify: EventsConfig,
+}
+
+impl Default for ConversationsConfig {
+    fn default() -> Self {
+        ConversationsConfig {
+            store: String::new(),
+            store_file: String::new(),
+            max_members: 100_000,
+            max_body: 2048,
+            preview_chars: 100,
+            max_page: 200,
+            renotify_after: Duration::from_secs(30),
+            notify: EventsConfig::default(),
+        }
+    }
+}
+
 /// Keys and checks for `auth = "jwt"`. Key files are read again when they change (checked
 /// every `reload`), so keys rotate without a restart; a token is accepted if any key of its
 /// algorithm's kind verifies it (or the JWKS key its `kid` names), so old and new keys may
@@ -234,6 +279,7 @@ impl Default for LogicConfig {
             hook: HookConfig::default(),
             forward: ForwardConfig::default(),
             events: EventsConfig::default(),
+            conversations: ConversationsConfig::default(),
             node: NodeConfig::default(),
             backoff: BackoffConfig::default(),
         }

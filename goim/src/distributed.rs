@@ -247,8 +247,12 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
             nodes,
             metrics,
         )
-        .with_business_hooks()?,
+        .with_business_hooks()?
+        .with_conversations()
+        .await
+        .context("conversation store")?,
     );
+    tokio::spawn(logic.clone().renotify_loop(stop.clone()));
     spawn_grpc(grpc, logic_server(logic.clone()), grpc_tls, stop.clone());
     let ready: Ready = Arc::new(move || online.synced() && ring.synced() && comets.synced());
     let refused = refused_counter(&mut registry);

@@ -116,7 +116,10 @@ impl Standalone {
                 cluster.clone(),
                 logic_metrics,
             )
-            .with_business_hooks()?,
+            .with_business_hooks()?
+            .with_conversations()
+            .await
+            .context("conversation store")?,
         );
         let comet = Comet::new(cfg.comet, logic.clone(), comet_metrics);
         let _ = cluster.comet.set(comet.clone());
@@ -136,6 +139,7 @@ impl Standalone {
             None => (None, None),
         };
         tasks.spawn(comet.clone().renew_online_loop());
+        tasks.spawn(logic.clone().renotify_loop(stop.clone()));
         let refused = goim_logic::serve::refused_counter(&mut registry);
         let keys = goim_logic::ApiKeys::from_config(logic.config())?;
         keys.warn_if_open(http_addr);

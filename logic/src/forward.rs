@@ -48,6 +48,7 @@ fn error(code: i32, msg: impl Into<String>) -> ReceiveReply {
         reply: Default::default(),
         error: msg.into(),
         code,
+        op: 0,
     }
 }
 

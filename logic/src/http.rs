@@ -69,10 +69,13 @@ pub fn router(logic: Arc<Logic>, registry: Arc<Registry>, ready: Ready, keys: Ap
     if logic.config().protect_reads {
         reads = reads.route_layer(guard());
     }
+    // Conversations hold private messages: every route needs a key (when keys are set).
+    let chat = crate::chat::http::router(logic.clone()).route_layer(guard());
     pushes
         .merge(reads)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState { logic })
+        .merge(chat.layer(DefaultBodyLimit::max(body_limit)))
         .merge(ops_router(registry, ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
 }
@@ -87,7 +90,7 @@ async fn require_key(State(keys): State<ApiKeys>, req: Request, next: Next) -> R
     r
 }
 
-fn reply(code: i32, message: impl Into<String>, data: Option<Value>) -> Response {
+pub(crate) fn reply(code: i32, message: impl Into<String>, data: Option<Value>) -> Response {
     let mut body = Map::new();
     body.insert("code".into(), code.into());
     body.insert("message".into(), Value::String(message.into()));

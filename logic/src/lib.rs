@@ -2,6 +2,7 @@
 
 pub mod api_keys;
 pub mod auth;
+pub mod chat;
 
 pub mod etcd;
 pub mod events;

@@ -72,6 +72,15 @@ pub struct LogicMetrics {
     /// Key and user pushes made while presence could miss connections (a comet was putting
     /// its presence back after its etcd lease lapsed, or had just vanished).
     pub presence_incomplete: Counter,
+    /// Conversation messages stored (resends not counted).
+    pub conversation_messages: Counter,
+    /// Members of conversation messages, by what the policy gave them (push, notify, nothing).
+    pub conversation_deliveries: Family<crate::chat::Given, Counter>,
+    /// Members a conversation message should have reached at once but did not, by reason
+    /// (they still have it in history and unread).
+    pub conversation_undelivered: Family<crate::chat::Reason, Counter>,
+    /// Offline members' notifications, by outcome (sent, queue_full, failed, stale).
+    pub notifications: Family<crate::events::Outcome, Counter>,
 }
 
 /// What logic knows of a key or user push it accepted.
@@ -97,6 +106,10 @@ impl Default for LogicMetrics {
             pushes: Family::default(),
             unknown_targets: Counter::default(),
             presence_incomplete: Counter::default(),
+            conversation_messages: Counter::default(),
+            conversation_deliveries: Family::default(),
+            conversation_undelivered: Family::default(),
+            notifications: Family::default(),
         }
     }
 }
@@ -146,21 +159,43 @@ impl LogicMetrics {
             "Key and user pushes made while presence could miss connections (a comet was re-putting it)",
             self.presence_incomplete.clone(),
         );
+        r.register(
+            "conversation_messages",
+            "Conversation messages stored",
+            self.conversation_messages.clone(),
+        );
+        r.register(
+            "conversation_deliveries",
+            "Members of conversation messages, by what they were given (push, notify, nothing)",
+            self.conversation_deliveries.clone(),
+        );
+        r.register(
+            "conversation_undelivered",
+            "Members a conversation message did not reach at once, by reason",
+            self.conversation_undelivered.clone(),
+        );
+        r.register(
+            "notifications",
+            "Offline members' notifications, by outcome (sent, queue_full, failed, stale)",
+            self.notifications.clone(),
+        );
     }
 }
 
 pub struct Logic {
     cfg: LogicConfig,
     auth: Arc<dyn Authenticator>,
-    online: Arc<dyn OnlineStore>,
+    pub(crate) online: Arc<dyn OnlineStore>,
     job: Arc<dyn JobService>,
     nodes: Arc<dyn NodeSource>,
     balancer: Mutex<Balancer>,
-    metrics: Arc<LogicMetrics>,
+    pub(crate) metrics: Arc<LogicMetrics>,
     /// Where client messages go (`[logic.forward]`).
     forward: Option<crate::forward::Forwarder>,
     /// Where lifecycle events go (`[logic.events]`).
     events: Option<crate::events::EventSink>,
+    /// Conversations (`[logic.conversations]`).
+    pub(crate) chat: Option<Arc<crate::chat::Chat>>,
 }
 
 impl Logic {
@@ -182,7 +217,17 @@ impl Logic {
             metrics,
             forward: None,
             events: None,
+            chat: None,
         }
+    }
+
+    /// Opens the conversation store `[logic.conversations]` names, if any (and starts its
+    /// notification sink).
+    pub async fn with_conversations(mut self) -> Result<Self, goim_chat::ChatError> {
+        self.chat = crate::chat::Chat::open(&self.cfg.conversations, &self.metrics)
+            .await?
+            .map(Arc::new);
+        Ok(self)
     }
 
     /// Connects the business hooks the config names: message forwarding and lifecycle
@@ -737,6 +782,18 @@ impl LogicService for Logic {
 
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
         let op = req.proto.as_ref().map_or(0, |p| p.op);
+        // Conversation requests are logic's own (ops 37-46 are goim-rs's, not the app's).
+        if let Some(reply_op) = goim_proto::op::conversation_reply(op) {
+            return Ok(match &self.chat {
+                Some(chat) => self.conversation_op(chat, &req, reply_op).await,
+                None => ReceiveReply {
+                    error: "conversations are off".into(),
+                    code: 501,
+                    op: reply_op,
+                    ..Default::default()
+                },
+            });
+        }
         let Some(f) = &self.forward else {
             tracing::debug!(
                 mid = req.mid,

@@ -68,3 +68,39 @@ pub const ROOM_JOIN_REPLY: i32 = 34;
 pub const ROOM_LEAVE: i32 = 35;
 /// s→c: JSON body `{"room":R,"left":B}` (`false`: it was not one of its extra rooms).
 pub const ROOM_LEAVE_REPLY: i32 = 36;
+
+// Conversations (docs/CONVERSATIONS.md): answered by logic, for any client (HELLO not
+// needed); errors as `{"error":E,"code":C}` on the reply op.
+
+/// c→s: send to a conversation the user is a member of. JSON body
+/// `{"conversation":C,"body":B,"op":N,"client_id":X}` (`op`, `client_id` optional; a resend
+/// with the same `client_id` gets the first seq back).
+pub const CONV_SEND: i32 = 37;
+/// s→c: `{"conversation":C,"seq":N,"time":T,"duplicate":B}`.
+pub const CONV_SEND_REPLY: i32 = 38;
+/// c→s: everything up to `seq` is read. JSON body `{"conversation":C,"seq":N}`.
+pub const CONV_READ: i32 = 39;
+/// s→c: `{"conversation":C,"read_seq":N}` (the cursor, which never moves back).
+pub const CONV_READ_REPLY: i32 = 40;
+/// s→c: a message in one of the user's conversations. JSON body
+/// `{"conversation":C,"seq":N,"sender":M,"op":O,"body":B,"time":T}`.
+pub const CONV_MESSAGE: i32 = 41;
+/// s→c: the user read a conversation up to `read_seq` (on this or another device). JSON body
+/// `{"conversation":C,"read_seq":N}`.
+pub const CONV_READ_SYNC: i32 = 42;
+/// c→s: history after a seq (catching up after a reconnect). JSON body
+/// `{"conversation":C,"after":N,"limit":L}` (`limit` optional).
+pub const CONV_HISTORY: i32 = 43;
+/// s→c: `{"conversation":C,"messages":[...],"more":B}`; `more`: ask again after the last.
+pub const CONV_HISTORY_REPLY: i32 = 44;
+/// c→s: the user's conversations, most recently active first. JSON body `{"limit":L}`
+/// (optional).
+pub const CONV_LIST: i32 = 45;
+/// s→c: `{"conversations":[{"conversation","kind","last_seq","read_seq","unread","muted",
+/// "dnd","last":{"seq","sender","text","time"},"time"}...],"total_unread":N,"more":B}`.
+pub const CONV_LIST_REPLY: i32 = 46;
+
+/// The reply op of a conversation request, which logic answers (None for other ops).
+pub fn conversation_reply(op: i32) -> Option<i32> {
+    matches!(op, CONV_SEND | CONV_READ | CONV_HISTORY | CONV_LIST).then_some(op + 1)
+}

@@ -1,0 +1,296 @@
+//! Conversations in logic: the store (goim-chat), delivery by the policy (push to members
+//! online, notify the offline, nothing for the muted beyond their unread count), read-cursor
+//! sync across a user's devices, and the conversation ops clients send over their connection.
+
+pub mod http;
+pub mod notify;
+mod ops;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use goim_chat::policy::{self, Action};
+use goim_chat::{ChatError, Limits, Message, Store};
+use goim_config::ConversationsConfig;
+use goim_proto::op;
+use prometheus_client::encoding::EncodeLabelSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::logic::{Logic, LogicMetrics};
+use notify::{Job, Notification, Notifier};
+
+/// Why a conversation message did not reach a member it should have reached at once (they
+/// still have it in history and their unread count).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+/// What the policy gave a member for a message.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Given {
+    pub action: &'static str,
+}
+
+pub struct Chat {
+    store: Store,
+    notifier: Option<Notifier>,
+    renotify_after: Duration,
+}
+
+/// The store URL: `store`, or the content of `store_file` (a mounted Secret).
+fn store_url(cfg: &ConversationsConfig) -> Result<Option<String>, ChatError> {
+    if !cfg.store.is_empty() {
+        return Ok(Some(cfg.store.clone()));
+    }
+    if cfg.store_file.is_empty() {
+        return Ok(None);
+    }
+    let url = std::fs::read_to_string(&cfg.store_file).map_err(|e| {
+        ChatError::Invalid(format!(
+            "reading the conversation store URL from {}: {e}",
+            cfg.store_file
+        ))
+    })?;
+    Ok(Some(url.trim().to_string()))
+}
+
+impl Chat {
+    /// Opens the configured store and starts the notification sink; `None` when no store
+    /// is configured.
+    pub async fn open(
+        cfg: &ConversationsConfig,
+        metrics: &LogicMetrics,
+    ) -> Result<Option<Chat>, ChatError> {
+        let Some(url) = store_url(cfg)? else {
+            return Ok(None);
+        };
+        let limits = Limits {
+            max_body: cfg.max_body,
+            max_members: cfg.max_members,
+            preview_chars: cfg.preview_chars,
+            max_page: cfg.max_page.max(1),
+        };
+        let store = Store::open(&url, limits).await?;
+        let notifier =
+            Notifier::start(&cfg.notify, store.clone(), metrics.notifications.clone())
+                .map_err(|e| ChatError::Invalid(format!("[logic.conversations.notify]: {e}")))?;
+        tracing::info!(store = ?store.kind(), notify = notifier.is_some(), "conversations on");
+        Ok(Some(Chat {
+            store,
+            notifier,
+            renotify_after: cfg.renotify_after,
+        }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// What happened to a message's members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// Members pushed to (online, not muted; the sender's devices included).
+    pub pushed: usize,
+    /// Offline members queued for a notification.
+    pub notified: usize,
+}
+
+impl Logic {
+    /// The conversations, when configured.
+    pub fn chat(&self) -> Option<&Arc<Chat>> {
+        self.chat.as_ref()
+    }
+
+    fn given(&self, action: &'static str, n: usize) {
+        self.metrics
+            .conversation_deliveries
+            .get_or_create(&Given { action })
+            .inc_by(n as u64);
+    }
+
+    fn undelivered(&self, reason: &'static str, n: usize) {
+        self.metrics
+            .conversation_undelivered
+            .get_or_create(&Reason { reason })
+            .inc_by(n as u64);
+    }
+
+    /// Stores a message and delivers it by the policy; a resend (same sender and client id)
+    /// returns the first one, delivered then.
+    pub async fn conversation_send(
+        &self,
+        chat: &Chat,
+        conversation: &str,
+        sender: i64,
+        msg_op: i32,
+        body: &str,
+        client_id: Option<&str>,
+    ) -> Result<(goim_chat::Sent, Delivered), ChatError> {
+        let sent = chat
+            .store
+            .send(conversation, sender, msg_op, body, client_id)
+            .await?;
+        if sent.duplicate {
+            return Ok((sent, Delivered::default()));
+        }
+        self.metrics.conversation_messages.inc();
+        let delivered = self.deliver(chat, &sent.message, true).await?;
+        Ok((sent, delivered))
+    }
+
+    /// Pushes `m` to its members online (when `push`) and queues notifications for the
+    /// offline. The message stays "to notify" in the store until the sink took them.
+    async fn deliver(&self, chat: &Chat, m: &Message, push: bool) -> Result<Delivered, ChatError> {
+        let members = chat.store.members(&m.conversation).await?;
+        // Presence only for those who could get a push or a notification.
+        let candidates: Vec<i64> = members
+            .iter()
+            .filter(|x| !x.muted || x.mid == m.sender)
+            .map(|x| x.mid)
+            .collect();
+        let online: HashSet<i64> = if candidates.is_empty() {
+            HashSet::new()
+        } else {
+            match self.online.servers_by_mids(&candidates).await {
+                Ok(found) => found
+                    .servers
+                    .values()
+                    .flat_map(|keys| keys.iter().map(|(_, mid)| *mid))
+                    .collect(),
+                Err(e) => {
+                    // Nobody can be told apart: no push now, and the notifications wait
+                    // for the next round (the message stays to notify).
+                    tracing::warn!(error = %e, "conversation delivery: presence unavailable");
+                    if push {
+                        self.undelivered("presence_unavailable", candidates.len());
+                    }
+                    return Ok(Delivered::default());
+                }
+            }
+        };
+        let (mut to_push, mut to_notify, mut nothing) = (Vec::new(), Vec::new(), 0);
+        for member in &members {
+            match policy::action(member, m.sender, online.contains(&member.mid)) {
+                Action::Push => to_push.push(member.mid),
+                Action::Notify => to_notify.push(member.mid),
+                Action::Nothing => nothing += 1,
+            }
+        }
+        let mut delivered = Delivered::default();
+        if push && !to_push.is_empty() {
+            let body = serde_json::to_vec(m).unwrap_or_default();
+            match self
+                .push_mids(op::CONV_MESSAGE, to_push.clone(), Bytes::from(body))
+                .await
+            {
+                Ok(_) => {
+                    delivered.pushed = to_push.len();
+                    self.given("push", to_push.len());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, conversation = %m.conversation, seq = m.seq,
+                        "conversation push failed");
+                    let reason = if matches!(e, crate::logic::PushError::BadRequest(_)) {
+                        "too_large"
+                    } else {
+                        "push_failed"
+                    };
+                    self.undelivered(reason, to_push.len());
+                }
+            }
+        }
+        if push {
+            self.given("nothing", nothing);
+        }
+        match &chat.notifier {
+            Some(n) if !to_notify.is_empty() => {
+                let preview = goim_chat::preview(&m.body, chat.store.limits().preview_chars);
+                let items = to_notify
+                    .iter()
+                    .map(|&mid| Notification {
+                        id: format!("{}/{}/{mid}", m.conversation, m.seq),
+                        mid,
+                        conversation: m.conversation.clone(),
+                        seq: m.seq,
+                        sender: m.sender,
+                        preview: preview.clone(),
+                        time: m.time,
+                    })
+                    .collect();
+                let job = Job {
+                    conversation: m.conversation.clone(),
+                    seq: m.seq,
+                    items,
+                };
+                if n.offer(job) {
+                    delivered.notified = to_notify.len();
+                    if push {
+                        self.given("notify", to_notify.len());
+                    }
+                }
+            }
+            // No sink, or nobody to notify: done with this message.
+            _ => chat.store.mark_notified(&m.conversation, m.seq).await?,
+        }
+        Ok(delivered)
+    }
+
+    /// Moves a member's read cursor and tells the user's devices (op `CONV_READ_SYNC`).
+    pub async fn conversation_read(
+        &self,
+        chat: &Chat,
+        conversation: &str,
+        mid: i64,
+        seq: i64,
+    ) -> Result<i64, ChatError> {
+        let read = chat.store.mark_read(conversation, mid, seq).await?;
+        let body = serde_json::json!({ "conversation": conversation, "read_seq": read });
+        if let Err(e) = self
+            .push_mids(op::CONV_READ_SYNC, vec![mid], Bytes::from(body.to_string()))
+            .await
+        {
+            tracing::warn!(error = %e, "read cursor sync not pushed");
+            self.undelivered("push_failed", 1);
+        }
+        Ok(read)
+    }
+
+    /// Notifies again what a restart or a sink outage left unnotified (no pushes: those
+    /// members catch up from history). Runs until `stop`.
+    pub async fn renotify_loop(self: Arc<Self>, stop: CancellationToken) {
+        let Some(chat) = self.chat.clone() else {
+            return;
+        };
+        let every = (chat.renotify_after / 2).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.renotify(&chat).await {
+                tracing::warn!(error = %e, "renotify round failed");
+            }
+        }
+    }
+
+    /// One round: messages still to notify after `renotify_after`. Returns how many.
+    pub async fn renotify(&self, chat: &Chat) -> Result<usize, ChatError> {
+        let cutoff = goim_chat::now_ms() - chat.renotify_after.as_millis() as i64;
+        let due = chat.store.unnotified(cutoff, 100).await?;
+        for (conversation, seq) in &due {
+            match chat.store.message(conversation, *seq).await? {
+                Some(m) => match self.deliver(chat, &m, false).await {
+                    // Deleted meanwhile: nothing left to notify.
+                    Ok(_) | Err(ChatError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                },
+                None => chat.store.mark_notified(conversation, *seq).await?,
+            }
+        }
+        Ok(due.len())
+    }
+}
