@@ -1,6 +1,8 @@
 //! Conversations end to end: real connections, a real notification receiver, SQLite and a
 //! real PostgreSQL, standalone and distributed with a logic restart.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::collections::VecDeque;
@@ -550,4 +552,92 @@ async fn without_a_store_conversations_are_off() {
     let r = dev.request(op::CONV_LIST, json!({})).await;
     assert_eq!(r["code"], 501, "{r}");
     s.shutdown().await;
+}
+
+/// Distributed, on PostgreSQL: logic killed and started again loses nothing that was
+/// acknowledged; sequence numbers, unread counts and notifications carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logic_restart_loses_nothing_acknowledged() {
+    let sink = Sink::start().await;
+    let toml = format!(
+        "[logic.conversations]\nstore = {:?}\nrenotify_after = \"300ms\"\n\
+         [logic.conversations.notify]\nurl = {:?}\nlinger = \"5ms\"\n",
+        postgres().database(),
+        sink.url()
+    );
+    let t = toml.clone();
+    let mut c = tokio::task::spawn_blocking(move || cluster::Cluster::start_with(1, 1, "", &t))
+        .await
+        .unwrap();
+    let h = c.http();
+    ok(
+        h,
+        "POST",
+        "/goim/conversations",
+        json!({"id": "d", "members": [1, 2, 3]}),
+    )
+    .await;
+    let comet = c.comet(0, Transport::Tcp);
+    let mut alice = Device::connect(comet, 1, "alice").await;
+    let mut bob = Device::connect(comet, 2, "bob").await;
+    let sent = alice
+        .request(op::CONV_SEND, json!({"conversation": "d", "body": "one"}))
+        .await;
+    assert_eq!(sent["seq"], 1, "{sent}");
+    assert_eq!(bob.next_json().await.1["seq"], 1);
+    sink.until("mid 3 notified of seq 1", |n| n == [(3, 1)])
+        .await;
+
+    // Logic dies at once and comes back on the same address.
+    let grpc = c.logic.addr("grpc").to_string();
+    c.logic.kill();
+    let (etcd_dir, t) = (c.dir.path().to_path_buf(), toml.clone());
+    let etcd = &c.etcd;
+    c.logic = cluster::start_logic_with(etcd, &etcd_dir, &grpc, &t);
+    let h = c.http();
+    let logic_http = h;
+    tokio::task::spawn_blocking(move || {
+        goim_testkit::wait_until("logic ready again", || {
+            cluster::http_status(logic_http, "/readyz") == 200
+        })
+    })
+    .await
+    .unwrap();
+    // The comet's channel to logic reconnects; until then a send is refused, not stored.
+    let seq = within(async {
+        loop {
+            let r = alice
+                .request(
+                    op::CONV_SEND,
+                    json!({"conversation": "d", "body": "two", "client_id": "a2"}),
+                )
+                .await;
+            if r["code"] == 503 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            return r["seq"].as_i64().unwrap();
+        }
+    })
+    .await;
+    assert_eq!(seq, 2);
+    let pushed = bob.next_json().await.1;
+    assert_eq!(
+        (pushed["seq"].as_i64(), pushed["body"].as_str()),
+        (Some(2), Some("two"))
+    );
+    let hist = bob
+        .request(op::CONV_HISTORY, json!({"conversation": "d", "after": 0}))
+        .await;
+    let bodies: Vec<&str> = hist["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["one", "two"]);
+    let list = ok(h, "GET", "/goim/users/3/conversations", Value::Null).await;
+    assert_eq!(list["total_unread"], 2);
+    sink.until("mid 3 notified of seq 2", |n| n == [(3, 1), (3, 2)])
+        .await;
 }
