@@ -38,6 +38,8 @@ pub const JWT_KEYS_PATH: &str = "/etc/goim-jwt";
 pub const API_KEYS_PATH: &str = "/etc/goim-api-keys";
 /// Where logic's pods mount the business webhooks' signing Secrets, one directory each.
 pub const WEBHOOK_SECRETS_PATH: &str = "/etc/goim-webhooks";
+/// Where logic's pods mount the Secret holding the conversation store's URL.
+pub const CONVERSATIONS_STORE_PATH: &str = "/etc/goim-conversations";
 /// Where comet's pods mount the clients' TLS Secret (`spec.tls.clients`).
 pub const CLIENT_TLS_PATH: &str = "/etc/goim-client-tls";
 /// Where logic's pods mount the API's TLS Secret (`spec.tls.api`).
@@ -201,6 +203,15 @@ pub fn config(pc: &PushCluster) -> Config {
         hook(w, "events", &mut e.url, &mut e.timeout, &mut e.secret_file);
         // Room joins and leaves are events too: comets tell logic of them.
         c.comet.room_events = true;
+    }
+    if let Some(cv) = &l.conversations {
+        let chat = &mut logic.conversations;
+        chat.store_file = format!("{CONVERSATIONS_STORE_PATH}/{}", cv.store_secret_ref.key);
+        set(&mut chat.max_members, cv.max_members, |n| n as usize);
+        if let Some(w) = &cv.notify {
+            let n = &mut chat.notify;
+            hook(w, "notify", &mut n.url, &mut n.timeout, &mut n.secret_file);
+        }
     }
 
     if let Some(t) = &s.tls.clients {
@@ -679,10 +690,20 @@ pub fn build(pc: &PushCluster) -> Objects {
         if let Some(k) = &s.auth.api_keys {
             mount_secret(t, "api-keys", &k.secret_ref.name, API_KEYS_PATH);
         }
+        if let Some(cv) = &s.logic.conversations {
+            let name = &cv.store_secret_ref.name;
+            mount_secret(t, "conversations-store", name, CONVERSATIONS_STORE_PATH);
+        }
+        let notify = s
+            .logic
+            .conversations
+            .as_ref()
+            .and_then(|c| c.notify.clone());
         for (what, w) in [
             ("hook", &s.auth.hook),
             ("forward", &s.logic.forward),
             ("events", &s.logic.events),
+            ("notify", &notify),
         ] {
             if let Some(r) = w.as_ref().and_then(|w| w.signing_secret_ref.as_ref()) {
                 let path = format!("{WEBHOOK_SECRETS_PATH}/{what}");
@@ -1262,6 +1283,14 @@ spec:
             }))
             .unwrap(),
         );
+        pc.spec.logic.conversations = Some(
+            serde_json::from_value(serde_json::json!({
+                "storeSecretRef": {"name": "chat-db-app"},
+                "maxMembers": 5000,
+                "notify": {"url": "https://biz/notify", "signingSecretRef": {"name": "notify-key"}}
+            }))
+            .unwrap(),
+        );
         pc.spec.comet.ws_origins = vec!["https://app.example.com".into()];
         pc.spec.comet.max_connections_per_ip = Some(50);
         pc.spec.comet.handshakes_per_ip_per_second = Some(5);
@@ -1281,6 +1310,16 @@ spec:
             c.logic.events.secret_file,
             format!("{WEBHOOK_SECRETS_PATH}/events/secret")
         );
+        // Conversations: the store's URL from CloudNativePG's Secret entry, the sink signed.
+        let chat = &c.logic.conversations;
+        assert_eq!(chat.store_file, format!("{CONVERSATIONS_STORE_PATH}/uri"));
+        assert!(chat.store.is_empty());
+        assert_eq!(chat.max_members, 5000);
+        assert_eq!(chat.notify.url, "https://biz/notify");
+        assert_eq!(
+            chat.notify.secret_file,
+            format!("{WEBHOOK_SECRETS_PATH}/notify/secret")
+        );
         assert_eq!(c.comet.ws_origins, ["https://app.example.com"]);
         assert_eq!(c.comet.max_connections_per_ip, 50);
         assert_eq!(c.comet.handshakes_per_ip_per_sec, 5);
@@ -1288,7 +1327,10 @@ spec:
         assert_eq!(c.comet.token_grace, Duration::from_secs(45));
         let o = build(&pc);
         let logic = o.logic.spec.unwrap().template.spec.unwrap();
-        assert_eq!(secret_names(&logic), ["hook-key", "events-key"]);
+        assert_eq!(
+            secret_names(&logic),
+            ["chat-db-app", "hook-key", "events-key", "notify-key"]
+        );
         assert!(o
             .comet
             .spec

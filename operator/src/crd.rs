@@ -452,6 +452,41 @@ pub struct LogicSpec {
     /// batches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<WebhookSpec>,
+    /// Group and direct conversations with offline delivery, stored in PostgreSQL (every
+    /// logic replica shares it). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversations: Option<ConversationsSpec>,
+}
+
+/// Conversations: where they are stored and where offline members' notifications go.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationsSpec {
+    /// A Secret holding the PostgreSQL URL (`postgresql://user:password@host:5432/db`),
+    /// mounted into logic only. CloudNativePG's `<cluster>-app` Secret has it as `uri`.
+    pub store_secret_ref: StoreSecretRef,
+    /// Members per conversation at most (default 100000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 1000000))]
+    pub max_members: Option<u32>,
+    /// The notification sink: offline members' notifications are POSTed here in batches,
+    /// at least once, each with an idempotency id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<WebhookSpec>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreSecretRef {
+    pub name: String,
+    /// The Secret's entry holding the URL (default `uri`).
+    #[serde(default = "default_store_key")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+fn default_store_key() -> String {
+    "uri".into()
 }
 
 /// The nodes logic offers clients. Defaults reach the comets inside the cluster: the client
@@ -681,6 +716,7 @@ impl Default for LogicSpec {
             max_message_bytes: None,
             forward: None,
             events: None,
+            conversations: None,
         }
     }
 }

@@ -1179,6 +1179,11 @@ async fn every_value_and_field_renders_objects_the_apiserver_accepts() {
         pc.spec.comet.pod.priority_class_name.as_deref(),
         Some("push-critical")
     );
+    let chat = pc.spec.logic.conversations.as_ref().unwrap();
+    assert_eq!(
+        (chat.store_secret_ref.name.as_str(), chat.max_members),
+        ("chat-db-app", Some(10_000))
+    );
     let o = goim_operator::builders::build(&pc);
     let dry = PatchParams::apply("dry-run-test").dry_run().force();
     async fn check<K>(c: &Client, ns: &str, obj: &K, dry: &PatchParams)
