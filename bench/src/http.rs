@@ -33,7 +33,23 @@ impl Http {
         Ok(())
     }
 
+    /// Any request; the response body, whatever the status (one retry on a closed
+    /// keep-alive connection).
+    pub async fn call(&mut self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<String> {
+        match self.request(method, path, body).await {
+            Ok(t) => Ok(t),
+            Err(_) => {
+                self.conn = None;
+                self.request(method, path, body).await
+            }
+        }
+    }
+
     async fn post(&mut self, path: &str, body: &[u8]) -> anyhow::Result<String> {
+        self.request("POST", path, body).await
+    }
+
+    async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<String> {
         if self.conn.is_none() {
             let s = TcpStream::connect(self.addr).await?;
             s.set_nodelay(true)?;
@@ -41,7 +57,7 @@ impl Http {
         }
         let conn = self.conn.as_mut().context("no connection")?;
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         let mut req = head.into_bytes();

@@ -4,6 +4,7 @@
 //! Connections come from 127.0.0.(2+base), one address per 20,000 connections, so the
 //! per-source-address port range is never the limit; the kernel picks ports at connect time.
 
+pub mod chat;
 pub mod http;
 pub mod raw;
 pub mod report;

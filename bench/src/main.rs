@@ -135,6 +135,34 @@ enum Scenario {
         #[arg(long, default_value_t = 0)]
         speed: u32,
     },
+    /// Conversations: messages into one group with part of it online (pushes, and
+    /// notifications to a sink this process serves), then a user's conversation list.
+    Chat {
+        #[arg(long, default_value = "127.0.0.1:3111")]
+        http: SocketAddr,
+        /// A comet's TCP address.
+        #[arg(long, default_value = "127.0.0.1:3101")]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        members: usize,
+        /// Members online (default: half).
+        #[arg(long)]
+        online: Option<usize>,
+        #[arg(long, default_value_t = 1000)]
+        messages: usize,
+        #[arg(long, default_value_t = 4)]
+        senders: usize,
+        /// Serve the notification sink here (point `[logic.conversations.notify] url` at it).
+        #[arg(long)]
+        sink: Option<SocketAddr>,
+        #[arg(long, default_value_t = 1000)]
+        inbox_conversations: usize,
+        #[arg(long, default_value_t = 200)]
+        inbox_queries: usize,
+        /// The server's pid, for its CPU time.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
     /// Connect to a raw baseline server and count what it pushes.
     Raw {
         #[command(flatten)]
@@ -232,6 +260,32 @@ async fn main() -> anyhow::Result<()> {
                 conn.pid,
             )
             .await?
+        }
+        Scenario::Chat {
+            http,
+            addr,
+            members,
+            online,
+            messages,
+            senders,
+            sink,
+            inbox_conversations,
+            inbox_queries,
+            pid,
+        } => {
+            let args = goim_bench::chat::ChatArgs {
+                http,
+                comet: addr,
+                members,
+                online: online.unwrap_or(members / 2).min(members),
+                messages,
+                senders,
+                sink,
+                inbox_conversations,
+                inbox_queries,
+                pid,
+            };
+            goim_bench::chat::chat(&args).await?
         }
         Scenario::RawServer {
             listen,

@@ -95,3 +95,46 @@ async fn raw_baseline_delivers() {
     .unwrap();
     assert!(v["delivered"].as_u64().unwrap() > 0, "{v}");
 }
+
+/// The conversations scenario against standalone on SQLite, with the sink it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_scenario_delivers_and_notifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut cfg = Config::default();
+    cfg.comet.tcp = "127.0.0.1:0".into();
+    cfg.comet.ws = "127.0.0.1:0".into();
+    cfg.logic.http = "127.0.0.1:0".into();
+    let chat = &mut cfg.logic.conversations;
+    chat.store = format!("sqlite://{}", dir.path().join("chat.db").display());
+    chat.notify.url = format!("http://{sink}/notify");
+    chat.notify.linger = std::time::Duration::from_millis(5);
+    // The sink is served by the scenario, after the server starts: the first batches may
+    // find nobody and are notified again.
+    chat.renotify_after = std::time::Duration::from_millis(200);
+    let s = Standalone::start(cfg).await.unwrap();
+    let args = goim_bench::chat::ChatArgs {
+        http: s.http,
+        comet: s.tcp,
+        members: 40,
+        online: 20,
+        messages: 20,
+        senders: 2,
+        sink: Some(sink),
+        inbox_conversations: 10,
+        inbox_queries: 5,
+        pid: Some(std::process::id()),
+    };
+    let v = goim_bench::chat::chat(&args).await.unwrap();
+    assert_eq!(v["pushes_received"], v["pushes_expected"], "{v}");
+    assert_eq!(v["pushes_expected"], 20 * 20);
+    assert!(
+        v["notifications_received"].as_u64().unwrap() >= 20 * 20,
+        "{v}"
+    );
+    assert_eq!(v["list_latency_us"]["limit_100"]["samples"], 5);
+    s.shutdown().await;
+}

@@ -8,7 +8,7 @@ mod reaper;
 
 pub use control_plane::{kubeconfig_text, tools_bin, ControlPlane, ADMIN_TOKEN};
 pub use postgres::Postgres;
-pub use reaper::{forget, reap_at_exit};
+pub use reaper::{forget, reap_at_exit, remove_at_exit};
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -61,6 +61,8 @@ impl Etcd {
             child: None,
             tls,
         };
+        // A control plane's etcd lives in a `static` and is never dropped.
+        remove_at_exit(e.dir.path());
         if tls {
             // One CA signs etcd's server certificate and the client's (in `tls_dir`).
             let ca = pki::TestCa::new("goim-test-ca");

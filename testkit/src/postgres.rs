@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::{forget, free_port, reap_at_exit, wait_until};
+use crate::{forget, free_port, reap_at_exit, remove_at_exit, wait_until};
 
 pub struct Postgres {
     pub port: u16,
@@ -57,6 +57,8 @@ impl Postgres {
     /// initdb, then the server, listening on 127.0.0.1 only, trusting local connections.
     pub fn start() -> Postgres {
         let dir = tempfile::tempdir().unwrap();
+        // Tests keep their server in a `static`, never dropped.
+        remove_at_exit(dir.path());
         let user = postgres_user();
         if let Some((uid, gid)) = user {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();

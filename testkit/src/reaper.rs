@@ -6,6 +6,9 @@
 use std::sync::{Mutex, Once};
 
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Data directories of servers kept in `static`s (never dropped): removed at exit, after
+/// their servers are killed, so repeated test runs do not fill the disk.
+static DIRS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
 
 extern "C" fn reap() {
     // At exit, another thread may hold the lock mid-update: skip rather than deadlock.
@@ -19,10 +22,14 @@ extern "C" fn reap() {
             }
         }
     }
+    if let Ok(dirs) = DIRS.try_lock() {
+        for d in dirs.iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
-/// Kills `pid` when this process exits, unless [`forget`] is called first.
-pub fn reap_at_exit(pid: u32) {
+fn hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         // SAFETY: registers a plain function with no captured state.
@@ -30,7 +37,20 @@ pub fn reap_at_exit(pid: u32) {
             libc::atexit(reap);
         }
     });
+}
+
+/// Kills `pid` when this process exits, unless [`forget`] is called first.
+pub fn reap_at_exit(pid: u32) {
+    hook();
     CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+}
+
+/// Removes `dir` when this process exits (after killing the children).
+pub fn remove_at_exit(dir: &std::path::Path) {
+    hook();
+    DIRS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(dir.to_path_buf());
 }
 
 /// `pid` was stopped and waited for: not ours to kill any more.
