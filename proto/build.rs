@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/comet/comet.proto",
         "protos/logic/logic.proto",
         "protos/job/job.proto",
+        "protos/chat/chat.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -177,6 +177,9 @@ pub struct ConversationsConfig {
     /// again (after a restart, or a sink that was down): at least once.
     #[serde(with = "humantime_serde")]
     pub renotify_after: Duration,
+    /// Standalone: serve the conversations' gRPC API (`goim.chat.Conversations`) here (e.g.
+    /// `127.0.0.1:3119`); empty: not served. Distributed logic serves it on its gRPC port.
+    pub grpc: String,
     /// The notification sink: `{"notifications":[{"id","mid","conversation","seq","sender",
     /// "preview","time"}...]}` POSTed in batches, each notification's `id` its idempotency
     /// key.
@@ -193,6 +196,7 @@ impl Default for ConversationsConfig {
             preview_chars: 100,
             max_page: 200,
             renotify_after: Duration::from_secs(30),
+            grpc: String::new(),
             notify: EventsConfig::default(),
         }
     }

@@ -64,26 +64,15 @@ fn spawn_http(
     tokio::spawn(serve(listener, app, cfg.http.clone(), refused, stop));
 }
 
-/// Serves `svc` on `listener`, with mutual TLS when the cluster has `grpc_tls_dir`.
-fn spawn_grpc<S>(
+/// Serves `routes` on `listener`, with mutual TLS when the cluster has `grpc_tls_dir`.
+pub(crate) fn spawn_grpc(
     listener: TcpListener,
-    svc: S,
+    routes: tonic::service::Routes,
     tls: Option<Arc<goim_tls::ServerTls>>,
     stop: CancellationToken,
-) where
-    S: tower_service::Service<
-            axum::http::Request<tonic::body::Body>,
-            Response = axum::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+) {
     tokio::spawn(async move {
-        let server = tonic::transport::Server::builder().add_service(svc);
+        let server = tonic::transport::Server::builder().add_routes(routes);
         let served = match tls {
             None => {
                 let incoming =
@@ -178,7 +167,8 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    spawn_grpc(grpc, comet_server(comet.clone()), grpc_tls, stop.clone());
+    let routes = tonic::service::Routes::new(comet_server(comet.clone()));
+    spawn_grpc(grpc, routes, grpc_tls, stop.clone());
     let (l, c) = (lease.clone(), comet.clone());
     // Not ready while draining: the Service stops sending this pod new clients at once.
     let ready: Ready = Arc::new(move || l.id() != 0 && !c.is_draining());
@@ -253,10 +243,13 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
         .context("conversation store")?,
     );
     tokio::spawn(logic.clone().renotify_loop(stop.clone()));
-    spawn_grpc(grpc, logic_server(logic.clone()), grpc_tls, stop.clone());
+    let keys = ApiKeys::from_config(logic.config())?;
+    // Comets' calls, and the conversations' API for backends.
+    let routes = tonic::service::Routes::new(logic_server(logic.clone()))
+        .add_service(goim_logic::chat::grpc::server(logic.clone(), keys.clone()));
+    spawn_grpc(grpc, routes, grpc_tls, stop.clone());
     let ready: Ready = Arc::new(move || online.synced() && ring.synced() && comets.synced());
     let refused = refused_counter(&mut registry);
-    let keys = ApiKeys::from_config(logic.config())?;
     keys.warn_if_open(http_a);
     let app = router(logic, Arc::new(registry), ready, keys);
     tokio::spawn(serve_maybe_tls(
@@ -312,7 +305,7 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     ));
     spawn_grpc(
         grpc,
-        job_server(job.clone()),
+        tonic::service::Routes::new(job_server(job.clone())),
         crate::tls::grpc_server(&cfg.cluster)?,
         stop.clone(),
     );

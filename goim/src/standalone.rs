@@ -75,6 +75,8 @@ pub struct Standalone {
     /// goim's TCP protocol over TLS, with `tls_dir` and `tcp_tls`.
     pub tcp_tls: Option<SocketAddr>,
     pub http: SocketAddr,
+    /// The conversations' gRPC API, with `[logic.conversations] grpc`.
+    pub grpc: Option<SocketAddr>,
     comet: Arc<Comet>,
     job: Arc<Job>,
     stop: CancellationToken,
@@ -143,6 +145,18 @@ impl Standalone {
         let refused = goim_logic::serve::refused_counter(&mut registry);
         let keys = goim_logic::ApiKeys::from_config(logic.config())?;
         keys.warn_if_open(http_addr);
+        // The conversations' gRPC API, when an address is configured.
+        let grpc_addr = match logic.config().conversations.grpc.as_str() {
+            "" => None,
+            addr => {
+                let l = bind(addr, "conversations gRPC").await?;
+                let a = l.local_addr()?;
+                let svc = goim_logic::chat::grpc::server(logic.clone(), keys.clone());
+                let routes = tonic::service::Routes::new(svc);
+                crate::distributed::spawn_grpc(l, routes, None, stop.clone());
+                Some(a)
+            }
+        };
         let router = goim_logic::http::router(logic, Arc::new(registry), Arc::new(|| true), keys)
             .merge(crate::demo::router(ws_addr.port()));
         tasks.spawn(goim_logic::serve::serve_maybe_tls(
@@ -160,6 +174,7 @@ impl Standalone {
             wss,
             tcp_tls,
             http: http_addr,
+            grpc: grpc_addr,
             comet,
             job,
             stop,

@@ -638,6 +638,165 @@ async fn a_logic_restart_loses_nothing_acknowledged() {
     assert_eq!(bodies, ["one", "two"]);
     let list = ok(h, "GET", "/goim/users/3/conversations", Value::Null).await;
     assert_eq!(list["total_unread"], 2);
+    // Backends reach the same over gRPC, on logic's gRPC port.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut api = goim_proto::chat::conversations_client::ConversationsClient::new(channel);
+    let inbox = goim_proto::chat::InboxReq { mid: 3, limit: 0 };
+    let inbox = api.inbox(inbox).await.unwrap().into_inner();
+    assert_eq!(inbox.total_unread, 2);
     sink.until("mid 3 notified of seq 2", |n| n == [(3, 1), (3, 2)])
         .await;
+}
+
+/// The gRPC API for backends does what the HTTP API does, behind the same keys, with errors
+/// as gRPC codes.
+#[tokio::test]
+async fn the_grpc_api_is_the_http_apis_twin() {
+    use goim_proto::chat as pb;
+    use pb::conversations_client::ConversationsClient;
+    use tonic::Code;
+
+    let sink = Sink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = chat_config(
+        &format!("sqlite://{}", dir.path().join("chat.db").display()),
+        &sink,
+    );
+    cfg.logic.conversations.grpc = "127.0.0.1:0".into();
+    cfg.logic.api_keys = vec!["backend-key".into()];
+    let s = start_with(cfg).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.grpc.unwrap()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut api = ConversationsClient::new(channel);
+    fn keyed<T>(msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut()
+            .insert("authorization", "Bearer backend-key".parse().unwrap());
+        r
+    }
+    let create = pb::CreateReq {
+        id: "ops".into(),
+        kind: String::new(),
+        members: vec![1, 2, 3],
+    };
+    let refused = api.create(tonic::Request::new(create.clone())).await;
+    assert_eq!(refused.unwrap_err().code(), Code::Unauthenticated);
+    let c = api
+        .create(keyed(create.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (c.id.as_str(), c.kind.as_str(), c.members),
+        ("ops", "group", 3)
+    );
+    let again = api.create(keyed(create)).await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+
+    let mut bob = Device::connect(s.tcp, 2, "bob").await;
+    let muted = pb::SetMemberReq {
+        id: "ops".into(),
+        mid: 3,
+        muted: Some(true),
+        dnd: None,
+    };
+    let m = api.set_member(keyed(muted)).await.unwrap().into_inner();
+    assert!(m.muted && !m.dnd);
+    let send = |body: &str, sender| pb::SendReq {
+        conversation: "ops".into(),
+        sender,
+        op: 3,
+        body: body.into(),
+        client_id: "c-1".into(),
+    };
+    let sent = api
+        .send(keyed(send("deploy at 5", 1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((sent.seq, sent.duplicate, sent.pushed), (1, false, 1));
+    let (o, pushed) = bob.next_json().await;
+    assert_eq!(
+        (o, pushed["body"].as_str()),
+        (op::CONV_MESSAGE, Some("deploy at 5"))
+    );
+    let dup = api
+        .send(keyed(send("deploy at 5", 1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((dup.seq, dup.duplicate), (1, true));
+    let outsider = api.send(keyed(send("hi", 9))).await.unwrap_err();
+    assert_eq!(outsider.code(), Code::PermissionDenied);
+
+    let inbox = pb::InboxReq { mid: 3, limit: 0 };
+    let inbox = api.inbox(keyed(inbox)).await.unwrap().into_inner();
+    assert_eq!(inbox.total_unread, 0, "muted");
+    let line = &inbox.conversations[0];
+    assert_eq!(
+        (line.unread, line.last.as_ref().unwrap().text.as_str()),
+        (1, "deploy a")
+    );
+    let read = pb::ReadReq {
+        conversation: "ops".into(),
+        mid: 2,
+        seq: 1,
+    };
+    assert_eq!(
+        api.mark_read(keyed(read))
+            .await
+            .unwrap()
+            .into_inner()
+            .read_seq,
+        1
+    );
+    let hist = pb::HistoryReq {
+        conversation: "ops".into(),
+        mid: 2,
+        cursor: Some(pb::history_req::Cursor::After(0)),
+        limit: 0,
+    };
+    let hist = api.history(keyed(hist)).await.unwrap().into_inner();
+    assert_eq!(hist.messages.len(), 1);
+    assert_eq!(hist.messages[0].client_id, "c-1");
+    let gone = pb::MembersReq {
+        id: "ops".into(),
+        mids: vec![3, 4],
+    };
+    assert_eq!(
+        api.remove_members(keyed(gone))
+            .await
+            .unwrap()
+            .into_inner()
+            .changed,
+        1
+    );
+    let got = api
+        .get(keyed(pb::GetReq { id: "ops".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.members.len(), 2);
+    api.delete(keyed(pb::DeleteReq { id: "ops".into() }))
+        .await
+        .unwrap();
+    let missing = api.get(keyed(pb::GetReq { id: "ops".into() })).await;
+    assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+    let bad = pb::CreateReq {
+        id: String::new(),
+        kind: "channel".into(),
+        members: vec![1],
+    };
+    assert_eq!(
+        api.create(keyed(bad)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    s.shutdown().await;
 }

@@ -20,6 +20,11 @@ pub mod logic {
     tonic::include_proto!("goim.logic");
 }
 
+/// `goim.chat`: conversations for backends (logic's gRPC port).
+pub mod chat {
+    tonic::include_proto!("goim.chat");
+}
+
 /// `goim.job`: logic -> job (our replacement for goim's Kafka topic).
 pub mod job {
     tonic::include_proto!("goim.job");

@@ -2,6 +2,7 @@
 //! online, notify the offline, nothing for the muted beyond their unread count), read-cursor
 //! sync across a user's devices, and the conversation ops clients send over their connection.
 
+pub mod grpc;
 pub mod http;
 pub mod notify;
 mod ops;
