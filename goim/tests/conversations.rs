@@ -45,6 +45,11 @@ impl Sink {
                 async move {
                     ca.fetch_add(1, Ordering::SeqCst);
                     let code = st.load(Ordering::SeqCst);
+                    if code == 0 {
+                        // A sink that hangs: never answers.
+                        ch.notify_waiters();
+                        std::future::pending::<()>().await;
+                    }
                     if code == 200 {
                         let v: Value = serde_json::from_slice(&body).unwrap();
                         let items = v["notifications"].as_array().unwrap().clone();
@@ -480,11 +485,13 @@ async fn each_member_gets_what_the_policy_says_postgres() {
 #[tokio::test]
 async fn notifications_survive_a_failing_sink_and_a_restart() {
     let sink = Sink::start().await;
-    sink.status.store(500, Ordering::SeqCst);
+    // First it hangs (each call ends at the timeout), then it answers 500.
+    sink.status.store(0, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let store = format!("sqlite://{}", dir.path().join("chat.db").display());
     let mut cfg = chat_config(&store, &sink);
     cfg.logic.conversations.notify.max_attempts = 1;
+    cfg.logic.conversations.notify.timeout = Duration::from_millis(100);
     cfg.logic.conversations.renotify_after = Duration::from_millis(200);
     let s = start_with(cfg.clone()).await;
     let h = s.http;
@@ -505,13 +512,18 @@ async fn notifications_survive_a_failing_sink_and_a_restart() {
         .await;
         assert_eq!(sent["seq"], i);
     }
-    within(async {
-        while sink.calls.load(Ordering::SeqCst) < 2 {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let calls = |n| {
+        let sink = sink.clone();
+        within(async move {
+            while sink.calls.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    calls(1).await;
+    sink.status.store(500, Ordering::SeqCst);
+    let hung = sink.calls.load(Ordering::SeqCst);
+    calls(hung + 1).await;
     let metrics = common::http(h, "GET", "/metrics", b"").await.1;
     assert!(
         metrics.contains(r#"goim_logic_notifications_total{outcome="failed"}"#),

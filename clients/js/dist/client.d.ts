@@ -13,6 +13,35 @@ export interface Message {
     text(): string;
     json<T = unknown>(): T;
 }
+/** A message in one of the user's conversations (docs/CONVERSATIONS.md). Keep them by
+ * `(conversation, seq)`: the sender's own devices get its messages too. */
+export interface ConversationMessage {
+    conversation: string;
+    seq: number;
+    /** 0: a backend's message. */
+    sender: number;
+    op: number;
+    body: string;
+    /** Unix milliseconds. */
+    time: number;
+}
+/** One line of the user's conversation list. */
+export interface ConversationSummary {
+    conversation: string;
+    kind: "group" | "direct";
+    last_seq: number;
+    read_seq: number;
+    unread: number;
+    muted: boolean;
+    dnd: boolean;
+    last: {
+        seq: number;
+        sender: number;
+        text: string;
+        time: number;
+    } | null;
+    time: number;
+}
 export interface Events {
     /** Authenticated; `features` are the extensions the server does for this connection. */
     connected: {
@@ -45,6 +74,13 @@ export interface Events {
     refreshed: {
         expires: number;
     };
+    /** A message in a conversation (with `conversations: true`). */
+    conversationMessage: ConversationMessage;
+    /** The user read `conversation` up to `readSeq`, here or on another device. */
+    readSync: {
+        conversation: string;
+        readSeq: number;
+    };
     error: Error;
 }
 type Listener<T> = (e: T) => void;
@@ -72,6 +108,14 @@ export interface ClientOptions {
     WebSocket?: typeof WebSocket;
     /** Connect as soon as constructed (default true). */
     autoConnect?: boolean;
+    /** Take part in the user's conversations: watch their pushes (ops 41, 42) on every
+     * connection. Requests (`sendMessage`, `markRead`, ...) work either way. */
+    conversations?: boolean;
+}
+/** A conversation request the server refused (`code` as HTTP's: 400, 403, 404, 501, 503). */
+export declare class ConversationError extends Error {
+    readonly code: number;
+    constructor(message: string, code: number);
 }
 export declare class GoimClient {
     private readonly opts;
@@ -87,6 +131,9 @@ export declare class GoimClient {
     /** The stream the next `count` packets belong to (after a POSITION). */
     private pending?;
     private acked;
+    /** Conversation requests waiting for their replies, by packet seq. */
+    private readonly requests;
+    private requestSeq;
     constructor(opts: ClientOptions);
     on<K extends keyof Events>(event: K, fn: Listener<Events[K]>): this;
     off<K extends keyof Events>(event: K, fn: Listener<Events[K]>): this;
@@ -107,6 +154,32 @@ export declare class GoimClient {
      * connection ends (rejoin after `connected`); a refusal is an `error` event. */
     joinRoom(room: string): void;
     leaveRoom(room: string): void;
+    /** Sends `body` to `conversation` as this connection's user; resolves with the seq it
+     * got. Give a `clientId` to make a resend after a failure safe (the first seq comes back,
+     * `duplicate: true`). */
+    sendMessage(conversation: string, body: string, opts?: {
+        op?: number;
+        clientId?: string;
+    }): Promise<{
+        seq: number;
+        time: number;
+        duplicate: boolean;
+    }>;
+    /** Marks `conversation` read up to `seq`; every device of the user gets `readSync`. */
+    markRead(conversation: string, seq: number): Promise<number>;
+    /** Messages after `after` (the last seq held), oldest first; `more`: ask again. */
+    history(conversation: string, after: number, limit?: number): Promise<{
+        messages: ConversationMessage[];
+        more: boolean;
+    }>;
+    /** The user's conversations, most recently active first, with unread counts. */
+    conversationList(limit?: number): Promise<{
+        conversations: ConversationSummary[];
+        total_unread: number;
+        more: boolean;
+    }>;
+    private request;
+    private answer;
     /** Sends a new token for this connection (asked from `token`); the server answers with
      * `refreshed`, or an `error` event if it refused it (the old expiry then stands). */
     refresh(): Promise<void>;

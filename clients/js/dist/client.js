@@ -1,6 +1,14 @@
 // A goim-rs connection that stays up: auth, heartbeats, reconnects with full-jitter backoff,
 // node choice from logic, and (with the extensions) positions, recovery and acks.
 import { decode, encode, Op } from "./packet.js";
+/** A conversation request the server refused (`code` as HTTP's: 400, 403, 404, 501, 503). */
+export class ConversationError extends Error {
+    code;
+    constructor(message, code) {
+        super(message);
+        this.code = code;
+    }
+}
 const utf8 = new TextDecoder();
 function message(p, pos) {
     return {
@@ -26,6 +34,9 @@ export class GoimClient {
     /** The stream the next `count` packets belong to (after a POSITION). */
     pending;
     acked = { user: -1, key: -1 };
+    /** Conversation requests waiting for their replies, by packet seq. */
+    requests = new Map();
+    requestSeq = 100;
     constructor(opts) {
         if (!opts.url && !opts.api) {
             throw new Error("GoimClient: give `url` or `api`");
@@ -136,6 +147,49 @@ export class GoimClient {
         if (this.ws && this.ws.readyState === 1)
             this.ws.send(encode(Op.RoomLeave, JSON.stringify({ room })));
     }
+    /** Sends `body` to `conversation` as this connection's user; resolves with the seq it
+     * got. Give a `clientId` to make a resend after a failure safe (the first seq comes back,
+     * `duplicate: true`). */
+    sendMessage(conversation, body, opts = {}) {
+        return this.request(Op.ConvSend, { conversation, body, op: opts.op ?? 0, client_id: opts.clientId });
+    }
+    /** Marks `conversation` read up to `seq`; every device of the user gets `readSync`. */
+    async markRead(conversation, seq) {
+        const r = await this.request(Op.ConvRead, { conversation, seq });
+        return r.read_seq;
+    }
+    /** Messages after `after` (the last seq held), oldest first; `more`: ask again. */
+    history(conversation, after, limit) {
+        return this.request(Op.ConvHistory, { conversation, after, limit });
+    }
+    /** The user's conversations, most recently active first, with unread counts. */
+    conversationList(limit) {
+        return this.request(Op.ConvList, { limit });
+    }
+    request(op, body) {
+        const ws = this.ws;
+        if (!ws || ws.readyState !== 1)
+            return Promise.reject(new Error("not connected"));
+        this.requestSeq = this.requestSeq >= 2_000_000_000 ? 100 : this.requestSeq + 1;
+        const seq = this.requestSeq;
+        return new Promise((resolve, reject) => {
+            this.requests.set(seq, { resolve: resolve, reject });
+            ws.send(encode(op, JSON.stringify(body), seq));
+        });
+    }
+    answer(p) {
+        const pending = this.requests.get(p.seq);
+        if (!pending)
+            return;
+        this.requests.delete(p.seq);
+        const b = JSON.parse(utf8.decode(p.body));
+        if (b.error !== undefined) {
+            pending.reject(new ConversationError(b.error, b.code ?? 0));
+        }
+        else {
+            pending.resolve(b);
+        }
+    }
     /** Sends a new token for this connection (asked from `token`); the server answers with
      * `refreshed`, or an `error` event if it refused it (the old expiry then stands). */
     async refresh() {
@@ -178,6 +232,8 @@ export class GoimClient {
                     authed = true;
                     this.attempt = 0;
                     this.startHeartbeat(heartbeatMs);
+                    if (this.opts.conversations)
+                        ws.send(encode(Op.Sub, `${Op.ConvMessage},${Op.ConvReadSync}`));
                     if (!extensions) {
                         this.emit("connected", { url, features });
                         if (this.room)
@@ -203,6 +259,10 @@ export class GoimClient {
         };
         ws.onclose = (ev) => {
             this.stopHeartbeat();
+            // Unanswered requests: not acknowledged (a send may be retried with its clientId).
+            for (const r of this.requests.values())
+                r.reject(new Error("connection closed before the reply"));
+            this.requests.clear();
             this.pending = undefined;
             if (this.ws === ws)
                 this.ws = undefined;
@@ -267,6 +327,20 @@ export class GoimClient {
             case Op.RoomJoin:
             case Op.RoomLeave:
                 return;
+            case Op.ConvSendReply:
+            case Op.ConvReadReply:
+            case Op.ConvHistoryReply:
+            case Op.ConvListReply:
+                this.answer(p);
+                return;
+            case Op.ConvMessage:
+                this.emit("conversationMessage", JSON.parse(utf8.decode(p.body)));
+                return;
+            case Op.ConvReadSync: {
+                const b = JSON.parse(utf8.decode(p.body));
+                this.emit("readSync", { conversation: b.conversation, readSeq: b.read_seq });
+                return;
+            }
             case Op.TokenExpiring: {
                 this.refresh().catch((err) => this.emit("error", err));
                 return;

@@ -1,2 +1,2 @@
-export { GoimClient } from "./client.js";
+export { ConversationError, GoimClient } from "./client.js";
 export { decode, encode, Op, PacketError, HEADER_LEN, MAX_PACKET } from "./packet.js";

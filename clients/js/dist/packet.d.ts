@@ -33,6 +33,16 @@ export declare const Op: {
     readonly RoomJoinReply: 34;
     readonly RoomLeave: 35;
     readonly RoomLeaveReply: 36;
+    readonly ConvSend: 37;
+    readonly ConvSendReply: 38;
+    readonly ConvRead: 39;
+    readonly ConvReadReply: 40;
+    readonly ConvMessage: 41;
+    readonly ConvReadSync: 42;
+    readonly ConvHistory: 43;
+    readonly ConvHistoryReply: 44;
+    readonly ConvList: 45;
+    readonly ConvListReply: 46;
 };
 export interface Packet {
     ver: number;

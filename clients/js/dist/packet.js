@@ -37,6 +37,17 @@ export const Op = {
     RoomJoinReply: 34,
     RoomLeave: 35,
     RoomLeaveReply: 36,
+    // Conversations (docs/PROTOCOL.md): answered on request op + 1, no HELLO needed.
+    ConvSend: 37,
+    ConvSendReply: 38,
+    ConvRead: 39,
+    ConvReadReply: 40,
+    ConvMessage: 41,
+    ConvReadSync: 42,
+    ConvHistory: 43,
+    ConvHistoryReply: 44,
+    ConvList: 45,
+    ConvListReply: 46,
 };
 /** A frame that is not goim's packet layout. */
 export class PacketError extends Error {

@@ -20,6 +20,32 @@ export interface Message {
   json<T = unknown>(): T;
 }
 
+/** A message in one of the user's conversations (docs/CONVERSATIONS.md). Keep them by
+ * `(conversation, seq)`: the sender's own devices get its messages too. */
+export interface ConversationMessage {
+  conversation: string;
+  seq: number;
+  /** 0: a backend's message. */
+  sender: number;
+  op: number;
+  body: string;
+  /** Unix milliseconds. */
+  time: number;
+}
+
+/** One line of the user's conversation list. */
+export interface ConversationSummary {
+  conversation: string;
+  kind: "group" | "direct";
+  last_seq: number;
+  read_seq: number;
+  unread: number;
+  muted: boolean;
+  dnd: boolean;
+  last: { seq: number; sender: number; text: string; time: number } | null;
+  time: number;
+}
+
 export interface Events {
   /** Authenticated; `features` are the extensions the server does for this connection. */
   connected: { url: string; features: string[] };
@@ -34,6 +60,10 @@ export interface Events {
   kicked: { reason: string };
   /** The server took a new token (after `TOKEN_EXPIRING`, or `refresh()`); `expires` in Unix seconds. */
   refreshed: { expires: number };
+  /** A message in a conversation (with `conversations: true`). */
+  conversationMessage: ConversationMessage;
+  /** The user read `conversation` up to `readSeq`, here or on another device. */
+  readSync: { conversation: string; readSeq: number };
   error: Error;
 }
 
@@ -60,6 +90,19 @@ export interface ClientOptions {
   WebSocket?: typeof WebSocket;
   /** Connect as soon as constructed (default true). */
   autoConnect?: boolean;
+  /** Take part in the user's conversations: watch their pushes (ops 41, 42) on every
+   * connection. Requests (`sendMessage`, `markRead`, ...) work either way. */
+  conversations?: boolean;
+}
+
+/** A conversation request the server refused (`code` as HTTP's: 400, 403, 404, 501, 503). */
+export class ConversationError extends Error {
+  constructor(
+    message: string,
+    readonly code: number,
+  ) {
+    super(message);
+  }
 }
 
 const utf8 = new TextDecoder();
@@ -89,6 +132,9 @@ export class GoimClient {
   /** The stream the next `count` packets belong to (after a POSITION). */
   private pending?: { stream: string; epoch: string; next: number; count: number };
   private acked = { user: -1, key: -1 };
+  /** Conversation requests waiting for their replies, by packet seq. */
+  private readonly requests = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  private requestSeq = 100;
 
   constructor(opts: ClientOptions) {
     if (!opts.url && !opts.api) {
@@ -208,6 +254,56 @@ export class GoimClient {
     if (this.ws && this.ws.readyState === 1) this.ws.send(encode(Op.RoomLeave, JSON.stringify({ room })));
   }
 
+  /** Sends `body` to `conversation` as this connection's user; resolves with the seq it
+   * got. Give a `clientId` to make a resend after a failure safe (the first seq comes back,
+   * `duplicate: true`). */
+  sendMessage(
+    conversation: string,
+    body: string,
+    opts: { op?: number; clientId?: string } = {},
+  ): Promise<{ seq: number; time: number; duplicate: boolean }> {
+    return this.request(Op.ConvSend, { conversation, body, op: opts.op ?? 0, client_id: opts.clientId });
+  }
+
+  /** Marks `conversation` read up to `seq`; every device of the user gets `readSync`. */
+  async markRead(conversation: string, seq: number): Promise<number> {
+    const r = await this.request<{ read_seq: number }>(Op.ConvRead, { conversation, seq });
+    return r.read_seq;
+  }
+
+  /** Messages after `after` (the last seq held), oldest first; `more`: ask again. */
+  history(conversation: string, after: number, limit?: number): Promise<{ messages: ConversationMessage[]; more: boolean }> {
+    return this.request(Op.ConvHistory, { conversation, after, limit });
+  }
+
+  /** The user's conversations, most recently active first, with unread counts. */
+  conversationList(limit?: number): Promise<{ conversations: ConversationSummary[]; total_unread: number; more: boolean }> {
+    return this.request(Op.ConvList, { limit });
+  }
+
+  private request<T>(op: number, body: object): Promise<T> {
+    const ws = this.ws;
+    if (!ws || ws.readyState !== 1) return Promise.reject(new Error("not connected"));
+    this.requestSeq = this.requestSeq >= 2_000_000_000 ? 100 : this.requestSeq + 1;
+    const seq = this.requestSeq;
+    return new Promise<T>((resolve, reject) => {
+      this.requests.set(seq, { resolve: resolve as (v: unknown) => void, reject });
+      ws.send(encode(op, JSON.stringify(body), seq));
+    });
+  }
+
+  private answer(p: Packet): void {
+    const pending = this.requests.get(p.seq);
+    if (!pending) return;
+    this.requests.delete(p.seq);
+    const b = JSON.parse(utf8.decode(p.body)) as { error?: string; code?: number };
+    if (b.error !== undefined) {
+      pending.reject(new ConversationError(b.error, b.code ?? 0));
+    } else {
+      pending.resolve(b);
+    }
+  }
+
   /** Sends a new token for this connection (asked from `token`); the server answers with
    * `refreshed`, or an `error` event if it refused it (the old expiry then stands). */
   async refresh(): Promise<void> {
@@ -248,6 +344,7 @@ export class GoimClient {
           authed = true;
           this.attempt = 0;
           this.startHeartbeat(heartbeatMs);
+          if (this.opts.conversations) ws.send(encode(Op.Sub, `${Op.ConvMessage},${Op.ConvReadSync}`));
           if (!extensions) {
             this.emit("connected", { url, features });
             if (this.room) this.sendJoin();
@@ -270,6 +367,9 @@ export class GoimClient {
     };
     ws.onclose = (ev: CloseEvent) => {
       this.stopHeartbeat();
+      // Unanswered requests: not acknowledged (a send may be retried with its clientId).
+      for (const r of this.requests.values()) r.reject(new Error("connection closed before the reply"));
+      this.requests.clear();
       this.pending = undefined;
       if (this.ws === ws) this.ws = undefined;
       this.scheduleRetry(ev.code, ev.reason);
@@ -340,6 +440,20 @@ export class GoimClient {
       case Op.RoomJoin:
       case Op.RoomLeave:
         return;
+      case Op.ConvSendReply:
+      case Op.ConvReadReply:
+      case Op.ConvHistoryReply:
+      case Op.ConvListReply:
+        this.answer(p);
+        return;
+      case Op.ConvMessage:
+        this.emit("conversationMessage", JSON.parse(utf8.decode(p.body)) as ConversationMessage);
+        return;
+      case Op.ConvReadSync: {
+        const b = JSON.parse(utf8.decode(p.body)) as { conversation: string; read_seq: number };
+        this.emit("readSync", { conversation: b.conversation, readSeq: b.read_seq });
+        return;
+      }
       case Op.TokenExpiring: {
         this.refresh().catch((err) => this.emit("error", err as Error));
         return;

@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
-import { decode, encode, GoimClient, Op, PacketError } from "../dist/index.js";
+import { ConversationError, decode, encode, GoimClient, Op, PacketError } from "../dist/index.js";
 import { next, push, startStandalone } from "./server.mjs";
 
 const token = (mid, extra = {}) => ({ mid, key: `k-${mid}-${Math.random()}`, room_id: "", platform: "web", accepts: [1000], ...extra });
@@ -279,5 +279,55 @@ describe("with signed tokens that expire", () => {
     assert.equal((await push(server.http, "/goim/push/mids?operation=1000&mids=601", "after refresh")).code, 0);
     assert.equal((await got).text(), "after refresh");
     c.close();
+  });
+});
+
+describe("conversations", () => {
+  let server;
+  before(async () => {
+    const dir = mkdtempSync(join(tmpdir(), "goim-js-chat-"));
+    const config = join(dir, "goim.toml");
+    writeFileSync(config, `[logic.conversations]\nstore = "sqlite://${join(dir, "chat.db")}"\n`);
+    server = await startStandalone({ config });
+  });
+  after(() => server?.stop());
+
+  const api = async (method, path, body) => {
+    const res = await fetch(`${server.http}${path}`, { method, body: JSON.stringify(body) });
+    const reply = await res.json();
+    assert.equal(reply.code, 0, JSON.stringify(reply));
+    return reply.data;
+  };
+
+  test("send, receive on every device, read sync, history and the list", async () => {
+    await api("POST", "/goim/conversations", { id: "js-team", members: [701, 702] });
+    // The token watches only 1000: `conversations: true` adds the conversation ops.
+    const alice = new GoimClient({ url: server.ws, token: token(701), conversations: true });
+    const phone = new GoimClient({ url: server.ws, token: token(702), conversations: true });
+    const laptop = new GoimClient({ url: server.ws, token: token(702), conversations: true });
+    await Promise.all([next(alice, "connected"), next(phone, "connected"), next(laptop, "connected")]);
+
+    const onPhone = next(phone, "conversationMessage");
+    const onLaptop = next(laptop, "conversationMessage");
+    const sent = await alice.sendMessage("js-team", "hello from js", { op: 3, clientId: "js-1" });
+    assert.deepEqual([sent.seq, sent.duplicate], [1, false]);
+    for (const m of [await onPhone, await onLaptop]) {
+      assert.deepEqual([m.conversation, m.seq, m.sender, m.op, m.body], ["js-team", 1, 701, 3, "hello from js"]);
+    }
+    const again = await alice.sendMessage("js-team", "hello from js", { clientId: "js-1" });
+    assert.deepEqual([again.seq, again.duplicate], [1, true]);
+
+    let list = await phone.conversationList();
+    assert.deepEqual([list.total_unread, list.conversations[0].last.text], [1, "hello from js"]);
+    const synced = next(laptop, "readSync");
+    assert.equal(await phone.markRead("js-team", 1), 1);
+    assert.deepEqual(await synced, { conversation: "js-team", readSeq: 1 });
+    list = await laptop.conversationList();
+    assert.equal(list.total_unread, 0);
+    const h = await laptop.history("js-team", 0);
+    assert.deepEqual(h.messages.map((m) => m.body), ["hello from js"]);
+
+    await assert.rejects(alice.sendMessage("nope", "x"), (e) => e instanceof ConversationError && e.code === 404);
+    for (const c of [alice, phone, laptop]) c.close();
   });
 });

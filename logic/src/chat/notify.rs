@@ -5,6 +5,8 @@
 //! (`renotify_after`) instead of losing it. Each notification carries an `id` for the
 //! business to drop repeats. Sends never wait for the sink: a full queue is counted.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use goim_chat::Store;
@@ -42,6 +44,10 @@ pub struct Job {
 pub struct Notifier {
     tx: mpsc::Sender<Job>,
     counts: Family<Outcome, Counter>,
+    /// Notifications queued: the bound is on them, not on messages, since one message to
+    /// a big group carries thousands.
+    queued: Arc<AtomicUsize>,
+    limit: usize,
 }
 
 impl Notifier {
@@ -57,16 +63,44 @@ impl Notifier {
             return Ok(None);
         }
         let hook = Webhook::new(&cfg.url, cfg.timeout, &cfg.secret_file)?;
-        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
-        tokio::spawn(send_loop(hook, rx, cfg.clone(), store, counts.clone()));
-        Ok(Some(Notifier { tx, counts }))
+        let limit = cfg.queue.max(1);
+        // Every job holds at least one notification: the channel never holds more jobs.
+        let (tx, rx) = mpsc::channel(limit);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let sender = Sender {
+            hook,
+            cfg: cfg.clone(),
+            store,
+            counts: counts.clone(),
+            queued: queued.clone(),
+        };
+        tokio::spawn(sender.run(rx));
+        Ok(Some(Notifier {
+            tx,
+            counts,
+            queued,
+            limit,
+        }))
     }
 
-    /// Queues a message's notifications; false (counted) when the queue is full.
+    /// Queues a message's notifications; false (counted `queue_full`; the message is
+    /// notified again later) when `queue` notifications are waiting already. A message
+    /// bigger than the whole queue is taken when the queue is empty.
     pub fn offer(&self, job: Job) -> bool {
-        let n = job.items.len() as u64;
+        let n = job.items.len();
+        let taken = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q == 0 || q + n <= self.limit).then_some(q + n)
+            })
+            .is_ok();
+        if !taken {
+            self.count("queue_full", n as u64);
+            return false;
+        }
         if self.tx.try_send(job).is_err() {
-            self.count("queue_full", n);
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.count("queue_full", n as u64);
             return false;
         }
         true
@@ -77,54 +111,63 @@ impl Notifier {
     }
 }
 
-async fn send_loop(
+/// The sink's sending task.
+struct Sender {
     hook: Webhook,
-    mut rx: mpsc::Receiver<Job>,
     cfg: EventsConfig,
     store: Store,
     counts: Family<Outcome, Counter>,
-) {
-    let batch_max = cfg.batch.max(1);
-    let count = |outcome: &'static str, n: usize| {
-        counts.get_or_create(&Outcome { outcome }).inc_by(n as u64)
-    };
-    while let Some(first) = rx.recv().await {
-        // Jobs until a batch is full or the linger ends; a big job fills many batches.
-        let mut jobs = vec![first];
-        let mut items = jobs[0].items.len();
-        let linger = tokio::time::sleep(cfg.linger);
-        tokio::pin!(linger);
-        while items < batch_max {
-            tokio::select! {
-                j = rx.recv() => match j {
-                    Some(j) => {
-                        items += j.items.len();
-                        jobs.push(j);
-                    }
-                    None => break,
-                },
-                _ = &mut linger => break,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Sender {
+    fn count(&self, outcome: &'static str, n: usize) {
+        self.counts
+            .get_or_create(&Outcome { outcome })
+            .inc_by(n as u64);
+    }
+
+    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let batch_max = self.cfg.batch.max(1);
+        while let Some(first) = rx.recv().await {
+            // Jobs until a batch is full or the linger ends; a big job fills many batches.
+            let mut jobs = vec![first];
+            let mut items = jobs[0].items.len();
+            let linger = tokio::time::sleep(self.cfg.linger);
+            tokio::pin!(linger);
+            while items < batch_max {
+                tokio::select! {
+                    j = rx.recv() => match j {
+                        Some(j) => {
+                            items += j.items.len();
+                            jobs.push(j);
+                        }
+                        None => break,
+                    },
+                    _ = &mut linger => break,
+                }
             }
-        }
-        let all: Vec<&Notification> = jobs.iter().flat_map(|j| &j.items).collect();
-        let mut delivered = true;
-        for batch in all.chunks(batch_max) {
-            if !deliver(&hook, batch, &cfg).await {
-                delivered = false;
-                break;
+            self.queued.fetch_sub(items, Ordering::AcqRel);
+            let all: Vec<&Notification> = jobs.iter().flat_map(|j| &j.items).collect();
+            let mut delivered = true;
+            for batch in all.chunks(batch_max) {
+                if !deliver(&self.hook, batch, &self.cfg).await {
+                    delivered = false;
+                    break;
+                }
             }
-        }
-        if !delivered {
-            // Left unmarked: the message is notified again after `renotify_after`.
-            count("failed", items);
-            continue;
-        }
-        count("sent", items);
-        for j in &jobs {
-            if let Err(e) = store.mark_notified(&j.conversation, j.seq).await {
-                count("stale", j.items.len());
-                tracing::warn!(error = %e, conversation = %j.conversation, seq = j.seq,
-                    "notified, but not marked: its notifications will repeat");
+            if !delivered {
+                // Left unmarked: the message is notified again after `renotify_after`.
+                self.count("failed", items);
+                continue;
+            }
+            self.count("sent", items);
+            for j in &jobs {
+                if let Err(e) = self.store.mark_notified(&j.conversation, j.seq).await {
+                    self.count("stale", j.items.len());
+                    tracing::warn!(error = %e, conversation = %j.conversation, seq = j.seq,
+                        "notified, but not marked: its notifications will repeat");
+                }
             }
         }
     }
@@ -150,4 +193,60 @@ async fn deliver(hook: &Webhook, batch: &[&Notification], cfg: &EventsConfig) ->
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(n: usize) -> Job {
+        let items = (0..n as i64)
+            .map(|mid| Notification {
+                id: format!("c/1/{mid}"),
+                mid,
+                conversation: "c".into(),
+                seq: 1,
+                sender: 0,
+                preview: String::new(),
+                time: 0,
+            })
+            .collect();
+        Job {
+            conversation: "c".into(),
+            seq: 1,
+            items,
+        }
+    }
+
+    /// The queue holds `queue` notifications, however they are spread over messages; a
+    /// message bigger than the queue still goes when the queue is empty.
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_notifications() {
+        let store = Store::open("sqlite::memory:", Default::default())
+            .await
+            .unwrap();
+        let counts = Family::<Outcome, Counter>::default();
+        let cfg = EventsConfig {
+            url: "http://127.0.0.1:9/".into(),
+            queue: 10,
+            ..Default::default()
+        };
+        // No await between offers: the sender task has not taken anything yet.
+        let n = Notifier::start(&cfg, store.clone(), counts.clone())
+            .unwrap()
+            .unwrap();
+        assert!(n.offer(job(6)));
+        assert!(!n.offer(job(6)));
+        assert!(n.offer(job(4)));
+        assert!(!n.offer(job(1)));
+        let full = counts.get_or_create(&Outcome {
+            outcome: "queue_full",
+        });
+        assert_eq!(full.get(), 7);
+        let big = Notifier::start(&cfg, store, counts.clone())
+            .unwrap()
+            .unwrap();
+        assert!(big.offer(job(25)), "an empty queue takes any message");
+        assert!(!big.offer(job(1)));
+    }
 }
