@@ -433,6 +433,18 @@ impl Logic {
         }
         self.check_body(&msg)?;
         let by = self.online.servers_by_mids(&mids).await?;
+        self.push_found_mids(op, mids, by, msg).await
+    }
+
+    /// [`Logic::push_mids`] once presence was looked up (`by`: where `mids` are connected).
+    pub(crate) async fn push_found_mids(
+        &self,
+        op: i32,
+        mids: Vec<i64>,
+        by: crate::online::Found<UserKeysByServer>,
+        msg: Bytes,
+    ) -> Result<Targeted, PushError> {
+        self.check_body(&msg)?;
         let found: usize = by.servers.values().map(Vec::len).sum();
         if by.servers.is_empty() {
             self.metrics.unknown_targets.inc_by(mids.len() as u64);

@@ -153,15 +153,11 @@ impl Logic {
             .filter(|x| !x.muted || x.mid == m.sender)
             .map(|x| x.mid)
             .collect();
-        let online: HashSet<i64> = if candidates.is_empty() {
-            HashSet::new()
+        let mut presence = if candidates.is_empty() {
+            crate::online::Found::complete(Default::default())
         } else {
             match self.online.servers_by_mids(&candidates).await {
-                Ok(found) => found
-                    .servers
-                    .values()
-                    .flat_map(|keys| keys.iter().map(|(_, mid)| *mid))
-                    .collect(),
+                Ok(found) => found,
                 Err(e) => {
                     // Nobody can be told apart: no push now, and the notifications wait
                     // for the next round (the message stays to notify).
@@ -173,6 +169,11 @@ impl Logic {
                 }
             }
         };
+        let online: HashSet<i64> = presence
+            .servers
+            .values()
+            .flat_map(|keys| keys.iter().map(|(_, mid)| *mid))
+            .collect();
         let (mut to_push, mut to_notify, mut nothing) = (Vec::new(), Vec::new(), 0);
         for member in &members {
             match policy::action(member, m.sender, online.contains(&member.mid)) {
@@ -184,8 +185,19 @@ impl Logic {
         let mut delivered = Delivered::default();
         if push && !to_push.is_empty() {
             let body = serde_json::to_vec(m).unwrap_or_default();
+            // The connections presence just found for them: one lookup per message.
+            let pushed: HashSet<i64> = to_push.iter().copied().collect();
+            for keys in presence.servers.values_mut() {
+                keys.retain(|(_, mid)| pushed.contains(mid));
+            }
+            presence.servers.retain(|_, keys| !keys.is_empty());
             match self
-                .push_mids(op::CONV_MESSAGE, to_push.clone(), Bytes::from(body))
+                .push_found_mids(
+                    op::CONV_MESSAGE,
+                    to_push.clone(),
+                    presence,
+                    Bytes::from(body),
+                )
                 .await
             {
                 Ok(_) => {
