@@ -71,6 +71,8 @@ pub struct Message {
 pub struct Sent {
     pub message: Message,
     pub duplicate: bool,
+    /// The version of the conversation's members when it was stored (None for a resend).
+    pub members_version: Option<i64>,
 }
 
 /// The start of a conversation's last message, for conversation lists.

@@ -182,13 +182,18 @@ impl Store {
             },
         };
         let now = now_ms();
+        // A conversation deleted and created again under its id must not meet the old
+        // one's cached members: versions start at a random point.
+        let version = (uuid::Uuid::new_v4().as_u128() as i64 & (i64::MAX >> 2)).max(1);
         let mut tx = self.pool.begin().await?;
         let created = sqlx::query(
-            "INSERT INTO conversations (id, kind, last_time, created) VALUES ($1, $2, $3, $3)",
+            "INSERT INTO conversations (id, kind, last_time, created, members_version) \
+             VALUES ($1, $2, $3, $3, $4)",
         )
         .bind(&id)
         .bind(kind.as_str())
         .bind(now)
+        .bind(version)
         .execute(&mut *tx)
         .await;
         match created {
@@ -252,14 +257,15 @@ impl Store {
         Ok(gone > 0)
     }
 
-    /// Locks the conversation's row (the transaction's first write) and returns its kind
-    /// and last sequence number.
+    /// Locks the conversation's row (the transaction's first write), bumps its members'
+    /// version, and returns its kind and last sequence number.
     async fn lock(
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         id: &str,
     ) -> Result<(Kind, i64), ChatError> {
         let row = sqlx::query(
-            "UPDATE conversations SET created = created WHERE id = $1 RETURNING kind, last_seq",
+            "UPDATE conversations SET members_version = members_version + 1 WHERE id = $1 \
+             RETURNING kind, last_seq",
         )
         .bind(id)
         .fetch_optional(&mut **tx)
@@ -325,6 +331,9 @@ impl Store {
         muted: Option<bool>,
         dnd: Option<bool>,
     ) -> Result<Member, ChatError> {
+        // The flags decide who gets pushes and notifications: a change is a new version.
+        let mut tx = self.pool.begin().await?;
+        Self::lock(&mut tx, id).await?;
         let row = sqlx::query(
             "UPDATE members SET muted = COALESCE($3, muted), dnd = COALESCE($4, dnd) \
              WHERE conversation = $1 AND mid = $2 RETURNING mid, muted, dnd, read_seq",
@@ -333,12 +342,39 @@ impl Store {
         .bind(mid)
         .bind(muted.map(i64::from))
         .bind(dnd.map(i64::from))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         match row {
-            Some(r) => Ok(member_from(&r)?),
-            None => Err(self.absent(id, mid).await),
+            Some(r) => {
+                let m = member_from(&r)?;
+                tx.commit().await?;
+                Ok(m)
+            }
+            None => Err(ChatError::NotMember {
+                conversation: id.into(),
+                mid,
+            }),
         }
+    }
+
+    /// The members with the version they are at (None when they changed while being read:
+    /// the list is still current as of the read, just not to be cached under a version).
+    pub async fn members_versioned(
+        &self,
+        id: &str,
+    ) -> Result<(Option<i64>, Vec<Member>), ChatError> {
+        let version = || async {
+            let row = sqlx::query("SELECT members_version FROM conversations WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| ChatError::NotFound(id.into()))?;
+            Ok::<i64, ChatError>(row.try_get("members_version")?)
+        };
+        let before = version().await?;
+        let members = self.members(id).await?;
+        let after = version().await?;
+        Ok(((before == after).then_some(after), members))
     }
 
     /// Why `mid` was not found in `id`.
@@ -406,14 +442,15 @@ impl Store {
                 return Ok(Sent {
                     message: m,
                     duplicate: true,
+                    members_version: None,
                 });
             }
         }
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let seq: i64 = sqlx::query(
+        let row = sqlx::query(
             "UPDATE conversations SET last_seq = last_seq + 1, last_sender = $2, \
-             last_preview = $3, last_time = $4 WHERE id = $1 RETURNING last_seq",
+             last_preview = $3, last_time = $4 WHERE id = $1 RETURNING last_seq, members_version",
         )
         .bind(id)
         .bind(sender)
@@ -421,8 +458,9 @@ impl Store {
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or_else(|| ChatError::NotFound(id.into()))?
-        .try_get("last_seq")?;
+        .ok_or_else(|| ChatError::NotFound(id.into()))?;
+        let seq: i64 = row.try_get("last_seq")?;
+        let members_version: i64 = row.try_get("members_version")?;
         if sender > 0 {
             // The sender's cursor moves to its own message: both a membership check and
             // "my own messages are read".
@@ -466,6 +504,7 @@ impl Store {
                 return Ok(Sent {
                     message: first,
                     duplicate: true,
+                    members_version: None,
                 });
             }
             Err(e) => return Err(e.into()),
@@ -482,6 +521,7 @@ impl Store {
                 client_id: client_id.map(str::to_string),
             },
             duplicate: false,
+            members_version: Some(members_version),
         })
     }
 

@@ -295,3 +295,34 @@ async fn a_store_keeps_everything_across_reopening() {
         Err(ChatError::Invalid(_))
     ));
 }
+
+#[tokio::test]
+async fn the_members_version_moves_with_every_change_that_decides_delivery() {
+    for (s, _dir) in stores().await {
+        s.create(Some("v"), Kind::Group, &[1, 2]).await.unwrap();
+        let version = |s: &Store| {
+            let s = s.clone();
+            async move { s.members_versioned("v").await.unwrap().0.unwrap() }
+        };
+        let v0 = version(&s).await;
+        let sent = s.send("v", 1, 5, "a", None).await.unwrap();
+        assert_eq!(sent.members_version, Some(v0), "a send is not a change");
+        s.mark_read("v", 2, 1).await.unwrap();
+        assert_eq!(version(&s).await, v0, "nor is a read");
+        s.add_members("v", &[3]).await.unwrap();
+        let v1 = version(&s).await;
+        s.set_member("v", 3, Some(true), None).await.unwrap();
+        let v2 = version(&s).await;
+        s.remove_members("v", &[3]).await.unwrap();
+        let v3 = version(&s).await;
+        assert!(v0 < v1 && v1 < v2 && v2 < v3, "{v0} {v1} {v2} {v3}");
+        assert_eq!(
+            s.send("v", 1, 5, "b", None).await.unwrap().members_version,
+            Some(v3)
+        );
+        // Created again under the same id: not the old conversation's version.
+        s.delete("v").await.unwrap();
+        s.create(Some("v"), Kind::Group, &[1, 2]).await.unwrap();
+        assert!(![v0, v1, v2, v3].contains(&version(&s).await));
+    }
+}

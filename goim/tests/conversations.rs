@@ -662,6 +662,40 @@ async fn a_logic_restart_loses_nothing_acknowledged() {
     assert_eq!(inbox.total_unread, 2);
     sink.until("mid 3 notified of seq 2", |n| n == [(3, 1), (3, 2)])
         .await;
+
+    // A second logic replica on the same store: it caches members by version, so a change
+    // made through the first one applies to its very next message.
+    let second = cluster::start_logic_with(&c.etcd, c.dir.path(), "127.0.0.1:0", &toml);
+    let h2 = second.addr("http");
+    tokio::task::spawn_blocking(move || {
+        goim_testkit::wait_until("second logic ready", || {
+            cluster::http_status(h2, "/readyz") == 200
+        })
+    })
+    .await
+    .unwrap();
+    let path = "/goim/conversations/d/messages";
+    let sent = ok(h2, "POST", path, json!({"sender": 1, "body": "three"})).await;
+    assert_eq!(sent["pushed"], 2, "alice and bob: {sent}");
+    assert_eq!(bob.next_json().await.1["seq"], 3);
+    ok(
+        h,
+        "PATCH",
+        "/goim/conversations/d/members/2",
+        json!({"muted": true}),
+    )
+    .await;
+    let sent = ok(h2, "POST", path, json!({"sender": 1, "body": "four"})).await;
+    assert_eq!(
+        sent["pushed"], 1,
+        "bob muted it on the other replica: {sent}"
+    );
+    ok(h, "DELETE", "/goim/conversations/d/members/2", Value::Null).await;
+    let sent = ok(h2, "POST", path, json!({"sender": 1, "body": "five"})).await;
+    assert_eq!(sent["pushed"], 1, "bob left: {sent}");
+    // Bob got nothing of four and five: the next thing is a push to him alone.
+    sentinel(h2, 2).await;
+    assert_eq!(bob.next().await.op, 1000);
 }
 
 /// The gRPC API for backends does what the HTTP API does, behind the same keys, with errors

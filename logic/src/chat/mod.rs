@@ -7,13 +7,13 @@ pub mod http;
 pub mod notify;
 mod ops;
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use goim_chat::policy::{self, Action};
-use goim_chat::{ChatError, Limits, Message, Store};
+use goim_chat::{ChatError, Limits, Member, Message, Store};
 use goim_config::ConversationsConfig;
 use goim_proto::op;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -39,6 +39,44 @@ pub struct Chat {
     store: Store,
     notifier: Option<Notifier>,
     renotify_after: Duration,
+    members: Mutex<MemberCache>,
+}
+
+/// Member lists by conversation, each under the members' version it was read at: used only
+/// for a message stored at that same version, so a change on any logic replica (which bumps
+/// the version in the store) is never missed. Bounded in members held.
+#[derive(Default)]
+struct MemberCache {
+    lists: HashMap<String, (i64, Arc<Vec<Member>>)>,
+    held: usize,
+}
+
+/// Members cached at most (about 32 bytes each).
+const CACHED_MEMBERS: usize = 1_000_000;
+
+impl MemberCache {
+    fn get(&self, id: &str, version: i64) -> Option<Arc<Vec<Member>>> {
+        self.lists
+            .get(id)
+            .filter(|(v, _)| *v == version)
+            .map(|(_, l)| l.clone())
+    }
+
+    fn put(&mut self, id: &str, version: i64, list: Arc<Vec<Member>>) {
+        if list.len() > CACHED_MEMBERS / 4 {
+            return;
+        }
+        if let Some((_, old)) = self.lists.remove(id) {
+            self.held -= old.len();
+        }
+        // Full: start over (cheap, and the lists in use come back on their next message).
+        if self.held + list.len() > CACHED_MEMBERS {
+            self.lists.clear();
+            self.held = 0;
+        }
+        self.held += list.len();
+        self.lists.insert(id.to_string(), (version, list));
+    }
 }
 
 /// The store URL: `store`, or the content of `store_file` (a mounted Secret).
@@ -83,11 +121,31 @@ impl Chat {
             store,
             notifier,
             renotify_after: cfg.renotify_after,
+            members: Mutex::default(),
         }))
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The members a message stored at `version` goes to: cached when the version matches,
+    /// else read (and cached under the version read).
+    async fn members_at(
+        &self,
+        id: &str,
+        version: Option<i64>,
+    ) -> Result<Arc<Vec<Member>>, ChatError> {
+        let cache = || self.members.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = version.and_then(|v| cache().get(id, v)) {
+            return Ok(l);
+        }
+        let (read_at, list) = self.store.members_versioned(id).await?;
+        let list = Arc::new(list);
+        if let Some(v) = read_at {
+            cache().put(id, v, list.clone());
+        }
+        Ok(list)
     }
 }
 
@@ -139,14 +197,22 @@ impl Logic {
             return Ok((sent, Delivered::default()));
         }
         self.metrics.conversation_messages.inc();
-        let delivered = self.deliver(chat, &sent.message, true).await?;
+        let delivered = self
+            .deliver(chat, &sent.message, sent.members_version, true)
+            .await?;
         Ok((sent, delivered))
     }
 
     /// Pushes `m` to its members online (when `push`) and queues notifications for the
     /// offline. The message stays "to notify" in the store until the sink took them.
-    async fn deliver(&self, chat: &Chat, m: &Message, push: bool) -> Result<Delivered, ChatError> {
-        let members = chat.store.members(&m.conversation).await?;
+    async fn deliver(
+        &self,
+        chat: &Chat,
+        m: &Message,
+        members_version: Option<i64>,
+        push: bool,
+    ) -> Result<Delivered, ChatError> {
+        let members = chat.members_at(&m.conversation, members_version).await?;
         // Presence only for those who could get a push or a notification.
         let candidates: Vec<i64> = members
             .iter()
@@ -175,7 +241,7 @@ impl Logic {
             .flat_map(|keys| keys.iter().map(|(_, mid)| *mid))
             .collect();
         let (mut to_push, mut to_notify, mut nothing) = (Vec::new(), Vec::new(), 0);
-        for member in &members {
+        for member in members.iter() {
             match policy::action(member, m.sender, online.contains(&member.mid)) {
                 Action::Push => to_push.push(member.mid),
                 Action::Notify => to_notify.push(member.mid),
@@ -296,7 +362,7 @@ impl Logic {
         let due = chat.store.unnotified(cutoff, 100).await?;
         for (conversation, seq) in &due {
             match chat.store.message(conversation, *seq).await? {
-                Some(m) => match self.deliver(chat, &m, false).await {
+                Some(m) => match self.deliver(chat, &m, None, false).await {
                     // Deleted meanwhile: nothing left to notify.
                     Ok(_) | Err(ChatError::NotFound(_)) => {}
                     Err(e) => return Err(e),
