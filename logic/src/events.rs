@@ -3,7 +3,7 @@
 //! and a full one drops the new event and counts it; a batch the business does not take is
 //! retried with backoff under one idempotency key, then dropped and counted.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use goim_config::EventsConfig;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -120,26 +120,14 @@ async fn deliver(hook: &Webhook, batch: &[Event], cfg: &EventsConfig) -> bool {
     let body = serde_json::json!({ "events": batch })
         .to_string()
         .into_bytes();
-    let key = uuid::Uuid::new_v4().to_string();
-    let mut backoff =
-        goim_discovery::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    let never = tokio_util::sync::CancellationToken::new();
-    for attempt in 1..=cfg.max_attempts.max(1) {
-        match hook.post(body.clone(), Some(&key)).await {
-            Ok((status, _)) if status.is_success() => return true,
-            Ok((status, _)) => tracing::warn!(%status, attempt, "event batch refused"),
-            Err(e) => tracing::warn!(error = %e, attempt, "event batch not delivered"),
-        }
-        if attempt < cfg.max_attempts {
-            backoff.wait(&never).await;
-        }
-    }
-    false
+    hook.post_with_retries(body, cfg.max_attempts, "event batch")
+        .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A business that is down: the batch is tried `max_attempts` times, then counted
     /// `failed`; a full queue counts `queue_full` instead of waiting.

@@ -103,6 +103,28 @@ impl Webhook {
         Some(format!("sha256={hex}"))
     }
 
+    /// POSTs `body` until a 2xx answers, at most `attempts` times with backoff between,
+    /// under one idempotency key (at least once); false when every attempt failed. `what`
+    /// names the batch in the logs.
+    pub async fn post_with_retries(&self, body: Vec<u8>, attempts: u32, what: &str) -> bool {
+        let key = uuid::Uuid::new_v4().to_string();
+        let mut backoff =
+            goim_discovery::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let never = tokio_util::sync::CancellationToken::new();
+        let attempts = attempts.max(1);
+        for attempt in 1..=attempts {
+            match self.post(body.clone(), Some(&key)).await {
+                Ok((status, _)) if status.is_success() => return true,
+                Ok((status, _)) => tracing::warn!(%status, attempt, "{what} refused"),
+                Err(e) => tracing::warn!(error = %e, attempt, "{what} not delivered"),
+            }
+            if attempt < attempts {
+                backoff.wait(&never).await;
+            }
+        }
+        false
+    }
+
     /// POSTs `body` (JSON) with `idempotency_key` when given; the status and the reply.
     pub async fn post(
         &self,

@@ -7,7 +7,6 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use goim_chat::Store;
 use goim_config::EventsConfig;
@@ -178,21 +177,8 @@ async fn deliver(hook: &Webhook, batch: &[&Notification], cfg: &EventsConfig) ->
     let body = serde_json::json!({ "notifications": batch })
         .to_string()
         .into_bytes();
-    let key = uuid::Uuid::new_v4().to_string();
-    let mut backoff =
-        goim_discovery::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    let never = tokio_util::sync::CancellationToken::new();
-    for attempt in 1..=cfg.max_attempts.max(1) {
-        match hook.post(body.clone(), Some(&key)).await {
-            Ok((status, _)) if status.is_success() => return true,
-            Ok((status, _)) => tracing::warn!(%status, attempt, "notification batch refused"),
-            Err(e) => tracing::warn!(error = %e, attempt, "notification batch not delivered"),
-        }
-        if attempt < cfg.max_attempts {
-            backoff.wait(&never).await;
-        }
-    }
-    false
+    hook.post_with_retries(body, cfg.max_attempts, "notification batch")
+        .await
 }
 
 #[cfg(test)]
