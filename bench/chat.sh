@@ -42,6 +42,8 @@ run() { # store label members messages
 [logic.conversations]
 store = "$store"
 max_members = 20000
+# Notifications the queue cannot take now go again from the store this soon.
+renotify_after = "2s"
 [logic.conversations.notify]
 url = "http://127.0.0.1:$sink/notify"
 batch = 500

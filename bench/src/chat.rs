@@ -210,7 +210,8 @@ pub async fn chat(a: &ChatArgs) -> anyhow::Result<Value> {
         settle(
             || sink.notifications.load(Ordering::Relaxed),
             want_notes,
-            Duration::from_secs(10),
+            // What the sink's queue could not take waits in the store for a renotify round.
+            Duration::from_secs(20),
         )
         .await
     } else {

@@ -696,6 +696,32 @@ async fn a_logic_restart_loses_nothing_acknowledged() {
     // Bob got nothing of four and five: the next thing is a push to him alone.
     sentinel(h2, 2).await;
     assert_eq!(bob.next().await.op, 1000);
+
+    // Job down: a message is still stored and acknowledged (its pushes are counted as
+    // undelivered); the comet restarted: its clients come back and pull what they missed.
+    c.jobs[0].kill();
+    let sent = ok(h, "POST", path, json!({"sender": 1, "body": "six"})).await;
+    assert_eq!(sent["seq"], 6);
+    let metrics = common::http(h, "GET", "/metrics", b"").await.1;
+    assert!(
+        metrics.contains(r#"goim_logic_conversation_undelivered_total{reason="push_failed"}"#),
+        "{metrics}"
+    );
+    c.jobs[0] = cluster::start_job(&c.etcd, c.dir.path(), "job-0");
+    c.comets[0].kill();
+    c.comets[0] = cluster::start_comet(&c.etcd, c.dir.path(), "comet-0", &grpc);
+    let comet = c.comets[0].addr("tcp");
+    let mut alice = Device::connect(comet, 1, "alice").await;
+    let hist = alice
+        .request(op::CONV_HISTORY, json!({"conversation": "d", "after": 2}))
+        .await;
+    let bodies: Vec<&str> = hist["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["three", "four", "five", "six"]);
 }
 
 /// The gRPC API for backends does what the HTTP API does, behind the same keys, with errors

@@ -149,6 +149,17 @@ impl Chat {
     }
 }
 
+/// How a renotify page ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// Fewer than a page were due: nothing left.
+    Done,
+    /// A full page went: there may be more now.
+    More,
+    /// The sink's queue was full: the rest waits.
+    QueueFull,
+}
+
 /// What happened to a message's members.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Delivered {
@@ -156,6 +167,8 @@ pub struct Delivered {
     pub pushed: usize,
     /// Offline members queued for a notification.
     pub notified: usize,
+    /// Offline members whose notification waits for a later round (the queue was full).
+    pub deferred: usize,
 }
 
 impl Logic {
@@ -310,6 +323,8 @@ impl Logic {
                     if push {
                         self.given("notify", to_notify.len());
                     }
+                } else {
+                    delivered.deferred = to_notify.len();
                 }
             }
             // No sink, or nobody to notify: done with this message.
@@ -350,19 +365,30 @@ impl Logic {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            if let Err(e) = self.renotify(&chat).await {
-                tracing::warn!(error = %e, "renotify round failed");
+            // Pages until the backlog is handed over or the queue is full again.
+            loop {
+                match self.renotify(&chat).await {
+                    Ok(Round::More) if !stop.is_cancelled() => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renotify round failed");
+                        break;
+                    }
+                }
             }
         }
     }
 
-    /// One round: messages still to notify after `renotify_after`. Returns how many.
-    pub async fn renotify(&self, chat: &Chat) -> Result<usize, ChatError> {
+    /// One page of messages still to notify after `renotify_after`.
+    pub async fn renotify(&self, chat: &Chat) -> Result<Round, ChatError> {
+        const PAGE: usize = 100;
         let cutoff = goim_chat::now_ms() - chat.renotify_after.as_millis() as i64;
-        let due = chat.store.unnotified(cutoff, 100).await?;
+        let due = chat.store.unnotified(cutoff, PAGE).await?;
         for (conversation, seq) in &due {
             match chat.store.message(conversation, *seq).await? {
                 Some(m) => match self.deliver(chat, &m, None, false).await {
+                    // The queue is full: the rest waits for the next tick.
+                    Ok(d) if d.deferred > 0 => return Ok(Round::QueueFull),
                     // Deleted meanwhile: nothing left to notify.
                     Ok(_) | Err(ChatError::NotFound(_)) => {}
                     Err(e) => return Err(e),
@@ -370,6 +396,10 @@ impl Logic {
                 None => chat.store.mark_notified(conversation, *seq).await?,
             }
         }
-        Ok(due.len())
+        Ok(if due.len() == PAGE {
+            Round::More
+        } else {
+            Round::Done
+        })
     }
 }
