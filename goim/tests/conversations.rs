@@ -115,19 +115,35 @@ struct Device {
 
 impl Device {
     async fn connect(addr: SocketAddr, mid: i64, key: &str) -> Device {
-        let mut c = within(Client::connect(Transport::Tcp, addr, None))
+        within(Self::try_connect(addr, mid, key))
             .await
-            .unwrap();
+            .expect("auth")
+    }
+
+    async fn try_connect(addr: SocketAddr, mid: i64, key: &str) -> std::io::Result<Device> {
+        let mut c = Client::connect(Transport::Tcp, addr, None).await?;
         // goim delivers a user's pushes only on the ops its connection watches: a client
         // that takes conversations watches their two push ops.
         let watch = [1000, op::CONV_MESSAGE, op::CONV_READ_SYNC];
-        within(c.auth(&goim_client::token(mid, key, "", &watch)))
-            .await
-            .expect("auth");
-        Device {
+        c.auth(&goim_client::token(mid, key, "", &watch)).await?;
+        Ok(Device {
             c,
             pushed: VecDeque::new(),
-        }
+        })
+    }
+
+    /// Connects as a client does after its comet restarted: again until it is admitted
+    /// (the new comet may still be putting itself in place).
+    async fn reconnect(addr: SocketAddr, mid: i64, key: &str) -> Device {
+        within(async {
+            loop {
+                match Self::try_connect(addr, mid, key).await {
+                    Ok(d) => return d,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+        .await
     }
 
     /// Sends a request and returns its reply (parsed), keeping pushes that came first.
@@ -711,7 +727,7 @@ async fn a_logic_restart_loses_nothing_acknowledged() {
     c.comets[0].kill();
     c.comets[0] = cluster::start_comet(&c.etcd, c.dir.path(), "comet-0", &grpc);
     let comet = c.comets[0].addr("tcp");
-    let mut alice = Device::connect(comet, 1, "alice").await;
+    let mut alice = Device::reconnect(comet, 1, "alice").await;
     let hist = alice
         .request(op::CONV_HISTORY, json!({"conversation": "d", "after": 2}))
         .await;

@@ -210,9 +210,21 @@ impl Logic {
             return Ok((sent, Delivered::default()));
         }
         self.metrics.conversation_messages.inc();
-        let delivered = self
+        // Stored is acknowledged: a delivery that fails now is counted, and its
+        // notifications wait in the store for the next round.
+        let delivered = match self
             .deliver(chat, &sent.message, sent.members_version, true)
-            .await?;
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, conversation = %conversation, seq = sent.message.seq,
+                    "stored, but not delivered");
+                // The members are unknown here: counted once for the message.
+                self.undelivered("members_unavailable", 1);
+                Delivered::default()
+            }
+        };
         Ok((sent, delivered))
     }
 
