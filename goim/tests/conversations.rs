@@ -162,6 +162,18 @@ impl Device {
         }
     }
 
+    /// The bodies of a conversation's messages after `after`, asked over the connection.
+    async fn history_bodies(&mut self, conversation: &str, after: i64) -> Vec<String> {
+        let body = json!({"conversation": conversation, "after": after});
+        let hist = self.request(op::CONV_HISTORY, body).await;
+        hist["messages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{hist}"))
+            .iter()
+            .map(|m| m["body"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     async fn next(&mut self) -> Packet {
         match self.pushed.pop_front() {
             Some(p) => p,
@@ -654,16 +666,7 @@ async fn a_logic_restart_loses_nothing_acknowledged() {
         (pushed["seq"].as_i64(), pushed["body"].as_str()),
         (Some(2), Some("two"))
     );
-    let hist = bob
-        .request(op::CONV_HISTORY, json!({"conversation": "d", "after": 0}))
-        .await;
-    let bodies: Vec<&str> = hist["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().unwrap())
-        .collect();
-    assert_eq!(bodies, ["one", "two"]);
+    assert_eq!(bob.history_bodies("d", 0).await, ["one", "two"]);
     let list = ok(h, "GET", "/goim/users/3/conversations", Value::Null).await;
     assert_eq!(list["total_unread"], 2);
     // Backends reach the same over gRPC, on logic's gRPC port.
@@ -728,16 +731,10 @@ async fn a_logic_restart_loses_nothing_acknowledged() {
     c.comets[0] = cluster::start_comet(&c.etcd, c.dir.path(), "comet-0", &grpc);
     let comet = c.comets[0].addr("tcp");
     let mut alice = Device::reconnect(comet, 1, "alice").await;
-    let hist = alice
-        .request(op::CONV_HISTORY, json!({"conversation": "d", "after": 2}))
-        .await;
-    let bodies: Vec<&str> = hist["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["body"].as_str().unwrap())
-        .collect();
-    assert_eq!(bodies, ["three", "four", "five", "six"]);
+    assert_eq!(
+        alice.history_bodies("d", 2).await,
+        ["three", "four", "five", "six"]
+    );
 }
 
 /// The gRPC API for backends does what the HTTP API does, behind the same keys, with errors
