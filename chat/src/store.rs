@@ -281,6 +281,13 @@ impl Store {
     /// zero. Returns how many were new.
     pub async fn add_members(&self, id: &str, members: &[i64]) -> Result<usize, ChatError> {
         let mids = check_mids(members)?;
+        // Refused before any row is written when the request alone is over the limit.
+        if mids.len() > self.limits.max_members {
+            return Err(invalid(format!(
+                "members: at most {}",
+                self.limits.max_members
+            )));
+        }
         let mut tx = self.pool.begin().await?;
         let (kind, last_seq) = Self::lock(&mut tx, id).await?;
         if kind == Kind::Direct {

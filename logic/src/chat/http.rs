@@ -213,7 +213,7 @@ async fn send(State(s): State<ChatState>, Path(id): Path<String>, body: Bytes) -
 /// `before` or `after` (default: the newest page), `limit`, and `mid` to read as a member.
 async fn history(State(s): State<ChatState>, Path(id): Path<String>, uri: Uri) -> Response {
     let chat = chat_or_off!(s);
-    let q = attempt!(Query::from(&uri));
+    let q = Query::from(&uri);
     let page = match (q.num("before"), q.num("after")) {
         (Ok(Some(_)), Ok(Some(_))) => {
             return failed(ChatError::Invalid("before or after, not both".into()))
@@ -249,7 +249,7 @@ async fn read(State(s): State<ChatState>, Path(id): Path<String>, body: Bytes) -
 
 async fn inbox(State(s): State<ChatState>, Path(mid): Path<i64>, uri: Uri) -> Response {
     let chat = chat_or_off!(s);
-    let q = attempt!(Query::from(&uri));
+    let q = Query::from(&uri);
     let limit = attempt!(q.num("limit")).unwrap_or(100);
     let inbox = attempt!(
         chat.store()
@@ -265,12 +265,12 @@ async fn inbox(State(s): State<ChatState>, Path(mid): Path<i64>, uri: Uri) -> Re
 struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn from(uri: &Uri) -> Result<Query, ChatError> {
-        let pairs: Vec<(String, String)> =
+    fn from(uri: &Uri) -> Query {
+        Query(
             form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-        Ok(Query(pairs))
+                .collect(),
+        )
     }
 
     fn num(&self, name: &str) -> Result<Option<i64>, ChatError> {
