@@ -249,11 +249,12 @@ async fn http_errors_are_clear() {
         let v = api(&s, "GET", path, b"").await;
         assert_eq!(v["code"], -400, "{path}: {v}");
     }
-    // Unknown targets are not an error: nothing is sent, and the reply says none was found.
+    // Unknown targets are not an error: nothing is sent, and the reply names the keys that
+    // were not online.
     let v = api(&s, "POST", "/goim/push/keys?operation=1&keys=nobody", b"x").await;
     assert_eq!(
         v,
-        serde_json::json!({"code": 0, "message": "", "data": {"keys_found": 0, "presence_complete": true}})
+        serde_json::json!({"code": 0, "message": "", "data": {"keys_found": 0, "presence_complete": true, "keys_offline": ["nobody"]}})
     );
     // A body goim clients could not read is refused.
     let v = api(

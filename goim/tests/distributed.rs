@@ -115,8 +115,18 @@ async fn killed_comet_vanishes_within_its_lease() {
         api(http, "GET", "/goim/online/room?type=live&rooms=1", b"").await["data"]["1"] == 1
     })
     .await;
-    // A push to the dead comet's key is answered at once and delivers nothing.
-    push(http, "/goim/push/keys?operation=1000&keys=b", b"lost").await;
+    // A push to the dead comet's key is answered at once, delivers nothing, and says so.
+    let v = api(
+        http,
+        "POST",
+        "/goim/push/keys?operation=1000&keys=b&keys=a",
+        b"lost",
+    )
+    .await;
+    assert_eq!(v["code"], 0, "{v}");
+    assert_eq!(v["data"]["keys_found"], 1, "{v}");
+    assert_eq!(v["data"]["keys_offline"], serde_json::json!(["b"]), "{v}");
+    assert_eq!(recv_body(&mut a).await, b"lost");
     // comet A's clients keep receiving.
     push(
         http,

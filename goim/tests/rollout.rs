@@ -353,6 +353,8 @@ struct Sent {
     users: Mutex<HashMap<i64, Vec<String>>>,
     /// Pushes to each client's key, by its user.
     keys: Mutex<HashMap<i64, Vec<String>>>,
+    /// Key pushes logic answered with the key not online (so not sent).
+    offline: AtomicU64,
     failed: AtomicU64,
 }
 
@@ -396,7 +398,24 @@ where
 }
 
 async fn push_ok(http: SocketAddr, path: &str, body: &str) -> bool {
-    matches!(raw_http(http, "POST", path, body.as_bytes()).await, Ok((200, b)) if b.contains("\"code\":0"))
+    pushed(http, path, body).await.is_some()
+}
+
+/// A push's `data` when logic took it (`code` 0), else None.
+async fn pushed(http: SocketAddr, path: &str, body: &str) -> Option<Value> {
+    let (status, reply) = raw_http(http, "POST", path, body.as_bytes()).await.ok()?;
+    let v: Value = serde_json::from_str(&reply).ok()?;
+    (status == 200 && v["code"] == 0).then(|| v["data"].clone())
+}
+
+/// The keys a key push's reply named as not online: nothing was sent to them.
+fn offline_keys(data: &Value) -> HashSet<String> {
+    data["keys_offline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str().map(String::from))
+        .collect()
 }
 
 /// The room at [`ROOM_RATE`] until `stop`: bodies `r1`, `r2`, …, each recorded once logic
@@ -527,14 +546,21 @@ async fn around_a_roll(
                     ("mids", format!("u{n}"))
                 };
                 let path = format!("/goim/push/{kind}?operation=1000&{}", list.join("&"));
-                if push_ok(http, &path, &body).await {
+                if let Some(data) = pushed(http, &path, &body).await {
+                    // A key between its connections (the old one closed before the client
+                    // came back) is not online: the reply names it, and nothing is sent.
+                    let offline = offline_keys(&data);
+                    sent.offline
+                        .fetch_add(offline.len() as u64, Ordering::SeqCst);
                     let mut u = if by_key {
                         sent.keys.lock().unwrap()
                     } else {
                         sent.users.lock().unwrap()
                     };
                     for m in mids {
-                        u.entry(m).or_default().push(body.clone());
+                        if !offline.contains(&format!("dev{m}")) {
+                            u.entry(m).or_default().push(body.clone());
+                        }
                     }
                 } else {
                     sent.failed.fetch_add(1, Ordering::SeqCst);
@@ -565,14 +591,29 @@ async fn around_a_roll(
             matches!(&r, Ok((200, b)) if b.contains("\"code\":0")),
             "{r:?}"
         );
-        let path = path
-            .replace("push/mids", "push/keys")
-            .replace("mids=", "keys=dev");
-        let r = raw_http(http, "POST", &path, b"kend").await;
-        assert!(
-            matches!(&r, Ok((200, b)) if b.contains("\"code\":0")),
-            "{r:?}"
-        );
+        // The last key push reaches every key: one not online yet (its client still on its
+        // way back) is pushed again once it is.
+        let mut keys: Vec<String> = chunk
+            .iter()
+            .map(|i| format!("dev{}", FIRST_MID + *i as i64))
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !keys.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "keys never back online: {keys:?}"
+            );
+            let list: Vec<String> = keys.iter().map(|k| format!("keys={k}")).collect();
+            let path = format!("/goim/push/keys?operation=1000&{}", list.join("&"));
+            let data = pushed(http, &path, "kend")
+                .await
+                .expect("the last key push");
+            let offline = offline_keys(&data);
+            keys.retain(|k| offline.contains(k));
+            if !keys.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     // Every client: every room message and every push to its user, exactly once, in order.
@@ -615,7 +656,7 @@ async fn around_a_roll(
     let keys_sent: usize = keys_want.values().map(Vec::len).sum();
     let room_count = room_want.len();
     let summary = format!(
-        "{what}: {room_count} room messages ({:.0}/s), {users_sent} user and {keys_sent} key pushes ({:.0}/s) over {push_secs:.1}s; the roll began after {rolled_at} room messages and took {roll_secs:.1}s; {CLIENTS} clients: delivered {delivered}, duplicated {duplicated}, missing {missing}, unexpected {unexpected}, offset gaps {gaps}, not recovered {}, reconnects {}, closed without advice {}, longest advised delay {} ms, failed pushes {}",
+        "{what}: {room_count} room messages ({:.0}/s), {users_sent} user and {keys_sent} key pushes ({:.0}/s) over {push_secs:.1}s; the roll began after {rolled_at} room messages and took {roll_secs:.1}s; {CLIENTS} clients: delivered {delivered}, duplicated {duplicated}, missing {missing}, unexpected {unexpected}, offset gaps {gaps}, not recovered {}, reconnects {}, closed without advice {}, longest advised delay {} ms, failed pushes {}, key pushes answered offline {}",
         room_count as f64 / push_secs,
         (users_sent + keys_sent) as f64 / push_secs,
         seen.not_recovered.load(Ordering::SeqCst),
@@ -623,6 +664,7 @@ async fn around_a_roll(
         seen.unadvised.load(Ordering::SeqCst),
         seen.max_after_ms.load(Ordering::SeqCst),
         sent.failed.load(Ordering::SeqCst),
+        sent.offline.load(Ordering::SeqCst),
     );
     println!("{summary}");
     for line in lost_detail

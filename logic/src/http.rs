@@ -121,14 +121,21 @@ fn push_result(r: Result<(), PushError>) -> Response {
 }
 
 /// A key or mid push: goim's envelope, plus how many connections logic found for it
-/// (`data.keys_found`) and whether presence could have missed some
-/// (`data.presence_complete`); goim's callers ignore `data`.
+/// (`data.keys_found`), whether presence could have missed some (`data.presence_complete`)
+/// and, for a key push, which keys were not online (`data.keys_offline`, only when some
+/// were not); goim's callers ignore `data`.
 fn targeted_result(r: Result<Targeted, PushError>) -> Response {
     match r {
-        Ok(t) => ok(Some(json!({
-            "keys_found": t.keys_found,
-            "presence_complete": t.presence_complete,
-        }))),
+        Ok(t) => {
+            let mut data = json!({
+                "keys_found": t.keys_found,
+                "presence_complete": t.presence_complete,
+            });
+            if !t.keys_offline.is_empty() {
+                data["keys_offline"] = json!(t.keys_offline);
+            }
+            ok(Some(data))
+        }
         Err(e) => push_result(Err(e)),
     }
 }

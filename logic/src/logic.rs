@@ -84,13 +84,17 @@ pub struct LogicMetrics {
 }
 
 /// What logic knows of a key or user push it accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Targeted {
     /// Connections presence named for it.
     pub keys_found: usize,
     /// False when presence could have missed some (the push is counted
     /// `goim_logic_presence_incomplete_total`).
     pub presence_complete: bool,
+    /// A key push's keys that were not online, in the order named: nothing was sent to them,
+    /// so a caller can tell which of its pushes did not go out (a user push is numbered for
+    /// offline users instead).
+    pub keys_offline: Vec<String>,
 }
 
 impl Default for LogicMetrics {
@@ -398,12 +402,17 @@ impl Logic {
         self.metrics
             .unknown_targets
             .inc_by((keys.len().saturating_sub(found)) as u64);
+        let keys_offline = offline_keys(&keys, &by.servers);
         // Only a key that was not found can be on a comet whose presence is incomplete.
         let complete = by.complete || found >= keys.len();
         self.count("keys");
+        let targeted = Targeted {
+            keys_offline,
+            ..self.targeted(found, complete)
+        };
         if self.cfg.user_streams {
             self.push_key_streams(op, by.servers, msg).await?;
-            return Ok(self.targeted(found, complete));
+            return Ok(targeted);
         }
         // With the user each key was found for: the comet delivers only to that user, should
         // the key have been reused by another since.
@@ -412,7 +421,7 @@ impl Logic {
             (server, keys, mids)
         });
         self.push_by_server(op, servers, msg).await?;
-        Ok(self.targeted(found, complete))
+        Ok(targeted)
     }
 
     /// Pushes to every connection of the users; returns how many keys they hold online, and
@@ -535,6 +544,7 @@ impl Logic {
         Targeted {
             keys_found,
             presence_complete,
+            keys_offline: Vec::new(),
         }
     }
 
@@ -650,6 +660,17 @@ impl Logic {
 /// goim's room key: `type://room`.
 pub fn room_key(typ: &str, room: &str) -> String {
     format!("{typ}://{room}")
+}
+
+/// The keys of `keys` presence did not find in `found`, each once, in the order named.
+fn offline_keys(keys: &[String], found: &UserKeysByServer) -> Vec<String> {
+    let online: std::collections::HashSet<&str> =
+        found.values().flatten().map(|(k, _)| k.as_str()).collect();
+    let mut seen = std::collections::HashSet::new();
+    keys.iter()
+        .filter(|k| !online.contains(k.as_str()) && seen.insert(k.as_str()))
+        .cloned()
+        .collect()
 }
 
 fn online_status(e: OnlineError) -> Status {
