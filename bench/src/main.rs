@@ -120,6 +120,10 @@ enum Scenario {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Keep-alive HTTP connections pushing at once, each at rate/pushers (one sequential
+        /// pusher reaches at most 1 / round trip pushes a second).
+        #[arg(long, default_value_t = 1)]
+        pushers: usize,
     },
     /// Broadcast to all, with or without a speed limit.
     Broadcast {
@@ -218,13 +222,17 @@ async fn main() -> anyhow::Result<()> {
             http,
             rate,
             seconds,
+            pushers,
         } => {
-            scenario::fanout(
+            scenario::fanout_with(
                 &conn.conns()?,
                 Some(http),
                 Target::Keys,
-                rate,
-                seconds,
+                scenario::Pace {
+                    rate,
+                    seconds,
+                    pushers,
+                },
                 conn.pid,
             )
             .await?

@@ -58,7 +58,16 @@ pub enum Target {
     ServerDriven { rate: u64 },
 }
 
-/// Pushes at `rate` for `seconds` and measures what arrives.
+/// How pushes are sent: `rate` a second for `seconds`, spread over `pushers` keep-alive
+/// connections pushing at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub rate: u64,
+    pub seconds: u64,
+    pub pushers: usize,
+}
+
+/// Pushes at `rate` for `seconds` from one sequential pusher and measures what arrives.
 pub async fn fanout(
     c: &Conns,
     http: Option<SocketAddr>,
@@ -67,6 +76,62 @@ pub async fn fanout(
     seconds: u64,
     pid: Option<u32>,
 ) -> anyhow::Result<Value> {
+    let pace = Pace {
+        rate,
+        seconds,
+        pushers: 1,
+    };
+    fanout_with(c, http, target, pace, pid).await
+}
+
+/// One pusher's share: pushes `first`, `first + step`, … below `total`, at `rate / step`.
+async fn pusher(
+    http: SocketAddr,
+    paths: std::sync::Arc<dyn Fn(u64) -> String + Send + Sync>,
+    (first, step, total): (u64, u64, u64),
+    rate: u64,
+    sink: Sink,
+) -> anyhow::Result<u64> {
+    let mut client = Http::new(http);
+    let every = Duration::from_nanos(1_000_000_000 * step / rate.max(1));
+    // Pushers start spread over one interval, so together they pace evenly.
+    tokio::time::sleep(every * first as u32 / step as u32).await;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (mut last_report, mut last_count, mut sent) = (Instant::now(), 0, 0);
+    for i in (first..total).step_by(step as usize) {
+        tick.tick().await;
+        client
+            .push(&paths(i), crate::now_ns().to_string().as_bytes())
+            .await?;
+        sent += 1;
+        if first == 0 && last_report.elapsed() >= Duration::from_secs(1) {
+            let now = sink.received();
+            eprintln!(
+                "pushed={} delivered/s={:.0}",
+                i + 1,
+                (now - last_count) as f64 / last_report.elapsed().as_secs_f64()
+            );
+            last_count = now;
+            last_report = Instant::now();
+        }
+    }
+    Ok(sent)
+}
+
+/// Pushes as `pace` says and measures what arrives.
+pub async fn fanout_with(
+    c: &Conns,
+    http: Option<SocketAddr>,
+    target: Target,
+    pace: Pace,
+    pid: Option<u32>,
+) -> anyhow::Result<Value> {
+    let Pace {
+        rate,
+        seconds,
+        pushers,
+    } = pace;
     let (clients, took) = open(c).await?;
     let n = clients.len() as u64;
     let sink = Sink::new()?;
@@ -75,6 +140,7 @@ pub async fn fanout(
     sink.reset();
     let cpu = CpuMeter::start(pid);
     let start = Instant::now();
+    let mut push_secs = seconds as f64;
     let (pushes, expected) = match &target {
         Target::ServerDriven { rate } => {
             let mut last = 0;
@@ -89,42 +155,42 @@ pub async fn fanout(
         }
         _ => {
             let http = http.ok_or_else(|| anyhow::anyhow!("this target needs --http"))?;
-            let mut client = Http::new(http);
             let total = rate * seconds;
-            let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut last_report = Instant::now();
-            let mut last_count = 0;
-            for i in 0..total {
-                tick.tick().await;
-                let path = match &target {
+            let paths: std::sync::Arc<dyn Fn(u64) -> String + Send + Sync> = {
+                let (target, c_rooms) = (target.clone(), c.rooms.max(1));
+                let (room_type, key_prefix, count) =
+                    (c.room_type.clone(), c.key_prefix.clone(), c.count);
+                std::sync::Arc::new(move |i| match &target {
                     Target::Rooms => format!(
-                        "/goim/push/room?operation={OP}&type={}&room={}",
-                        c.room_type,
-                        i as usize % c.rooms.max(1)
+                        "/goim/push/room?operation={OP}&type={room_type}&room={}",
+                        i as usize % c_rooms
                     ),
-                    Target::All { speed } => format!("/goim/push/all?operation={OP}&speed={speed}"),
+                    Target::All { speed } => {
+                        format!("/goim/push/all?operation={OP}&speed={speed}")
+                    }
                     Target::Keys => format!(
-                        "/goim/push/keys?operation={OP}&keys={}{}",
-                        c.key_prefix,
-                        i as usize % c.count
+                        "/goim/push/keys?operation={OP}&keys={key_prefix}{}",
+                        i as usize % count
                     ),
                     Target::ServerDriven { .. } => unreachable!(),
-                };
-                client
-                    .push(&path, crate::now_ns().to_string().as_bytes())
-                    .await?;
-                if last_report.elapsed() >= Duration::from_secs(1) {
-                    let now = sink.received();
-                    eprintln!(
-                        "pushed={} delivered/s={:.0}",
-                        i + 1,
-                        (now - last_count) as f64 / last_report.elapsed().as_secs_f64()
-                    );
-                    last_count = now;
-                    last_report = Instant::now();
-                }
+                })
+            };
+            let step = pushers.max(1) as u64;
+            let tasks: Vec<_> = (0..step)
+                .map(|first| {
+                    tokio::spawn(pusher(
+                        http,
+                        paths.clone(),
+                        (first, step, total),
+                        rate,
+                        sink.clone(),
+                    ))
+                })
+                .collect();
+            for t in tasks {
+                t.await??;
             }
+            push_secs = start.elapsed().as_secs_f64();
             let per_push = match &target {
                 Target::Rooms => n / c.rooms.max(1) as u64,
                 Target::All { .. } => n,
@@ -158,6 +224,8 @@ pub async fn fanout(
         "rate": rate,
         "seconds": seconds,
         "pushes": pushes,
+        "pushers": pushers.max(1),
+        "pushes_per_second": pushes as f64 / push_secs.max(1e-9),
         "expected": expected,
         "delivered": delivered,
         "delivered_per_second": delivered as f64 / elapsed,

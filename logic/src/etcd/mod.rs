@@ -1,9 +1,10 @@
 //! Distributed mode's backends for logic, on etcd: online state (every key on the owning
-//! comet's lease, written in batched transactions), the comets offered to clients, and the
+//! comet's lease, written and read in batched transactions), the comets offered to clients, and the
 //! ring of jobs pushes are routed over.
 
 mod nodes;
 mod online;
+mod reader;
 mod ring;
 mod writer;
 

@@ -10,10 +10,11 @@ use goim_discovery::etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 use goim_discovery::keys::RoomCounts;
-use goim_discovery::{Client, Departures, Keys, LoadRecord, OnlineRecord, WatchCache, MAX_TXN_OPS};
+use goim_discovery::{Client, Departures, Keys, LoadRecord, OnlineRecord, WatchCache};
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
+use super::reader::Reader;
 use super::writer::{WriteError, Writer, Written};
 use crate::online::{sum_room_counts, Found, OnlineError, OnlineStore, Origin, UserKeysByServer};
 
@@ -44,6 +45,8 @@ pub struct EtcdOnline {
     /// Comets whose load report vanished a moment ago (lease lapsed, or the comet died).
     departed: std::sync::Arc<Departures>,
     writer: Writer,
+    /// Presence lookups, batched.
+    reader: Reader,
     /// Leases logic holds for comets that keep none themselves (goim's own comets speak
     /// `goim.logic.Logic` but know nothing of etcd): kept alive by their RenewOnline calls.
     adopted: tokio::sync::Mutex<HashMap<String, i64>>,
@@ -64,6 +67,7 @@ impl EtcdOnline {
             move || l.names(),
         );
         EtcdOnline {
+            reader: Reader::spawn(client.clone(), stop.clone()),
             writer: Writer::spawn(client.clone(), stop),
             client,
             keys,
@@ -208,22 +212,6 @@ fn loads_count(r: Option<TxnOpResponse>) -> Option<i64> {
     }
 }
 
-/// Runs read operations in transactions of at most 128, returning every response in order.
-async fn read_all(client: &Client, ops: Vec<TxnOp>) -> Result<Vec<TxnOpResponse>, OnlineError> {
-    let mut out = Vec::with_capacity(ops.len());
-    let mut ops = ops.into_iter().peekable();
-    while ops.peek().is_some() {
-        let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
-        let r = client
-            .clone()
-            .txn(Txn::new().and_then(chunk))
-            .await
-            .map_err(unavailable)?;
-        out.extend(r.op_responses());
-    }
-    Ok(out)
-}
-
 /// A comet's room counts as etcd values of at most [`ROOM_CHUNK_BYTES`], in room order; at
 /// most [`MAX_ROOMS_PER_COMET`] rooms (the fullest), and how many were left out.
 pub fn room_chunks(counts: &HashMap<String, i32>) -> (Vec<RoomCounts>, usize) {
@@ -365,7 +353,11 @@ impl OnlineStore for EtcdOnline {
             .map(|k| TxnOp::get(self.keys.online_key(k), None))
             .collect();
         ops.push(self.loads_count_op());
-        let mut responses = read_all(&self.client, ops).await?;
+        let mut responses = self
+            .reader
+            .read(ops)
+            .await
+            .map_err(OnlineError::Unavailable)?;
         let loads_at_read = loads_count(responses.pop());
         let mut out = UserKeysByServer::new();
         for (key, resp) in keys.iter().zip(responses) {
@@ -398,7 +390,11 @@ impl OnlineStore for EtcdOnline {
             })
             .collect();
         ops.push(self.loads_count_op());
-        let mut responses = read_all(&self.client, ops).await?;
+        let mut responses = self
+            .reader
+            .read(ops)
+            .await
+            .map_err(OnlineError::Unavailable)?;
         let loads_at_read = loads_count(responses.pop());
         let mut out = UserKeysByServer::new();
         for (mid, resp) in mids.iter().zip(responses) {
