@@ -356,7 +356,8 @@ impl JobService for Job {
 mod tests {
     use super::*;
     use goim_proto::comet::{
-        BroadcastReply, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, RoomsReply, RoomsReq,
+        BroadcastReply, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgsReply,
+        PushMsgsReq, RoomsReply, RoomsReq,
     };
     use goim_proto::packet::raw_packets;
     use tokio::sync::Notify;
@@ -368,14 +369,21 @@ mod tests {
         rooms: Mutex<Vec<BroadcastRoomReq>>,
         pushes: Mutex<Vec<PushMsgReq>>,
         broadcasts: Mutex<Vec<BroadcastReq>>,
+        /// Every call in the order it came: `push k`, `pushes k1,k2`, `broadcast`.
+        calls: Mutex<Vec<String>>,
         sent: Notify,
         stalled: bool,
+        /// When set, each call waits for a permit before answering.
+        gate: Option<tokio::sync::Semaphore>,
     }
 
     impl Recorder {
         async fn answer(&self) {
             if self.stalled {
                 std::future::pending::<()>().await;
+            }
+            if let Some(g) = &self.gate {
+                g.acquire().await.unwrap().forget();
             }
             self.sent.notify_waiters();
         }
@@ -384,11 +392,26 @@ mod tests {
     #[async_trait]
     impl CometService for Recorder {
         async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, Status> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("push {}", req.keys.join(",")));
             self.pushes.lock().unwrap().push(req);
             self.answer().await;
             Ok(PushMsgReply {})
         }
+        async fn push_msgs(&self, req: PushMsgsReq) -> Result<PushMsgsReply, Status> {
+            let keys: Vec<String> = req.pushes.iter().map(|p| p.keys.join("+")).collect();
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("pushes {}", keys.join(",")));
+            self.pushes.lock().unwrap().extend(req.pushes);
+            self.answer().await;
+            Ok(PushMsgsReply { refused: 0 })
+        }
         async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, Status> {
+            self.calls.lock().unwrap().push("broadcast".into());
             self.broadcasts.lock().unwrap().push(req);
             self.answer().await;
             Ok(BroadcastReply {})
@@ -537,6 +560,50 @@ mod tests {
         assert_eq!(proto.op, op::RAW);
         let inner: Vec<_> = raw_packets(proto.body).collect();
         assert_eq!(inner, vec![Packet::new(1, 1000, 0, &b"{\"test\":1}"[..])]);
+    }
+
+    /// Key pushes that queue up behind a call in flight go to their comet in one call, in
+    /// order; a delivery of another kind between them keeps its place.
+    #[tokio::test]
+    async fn queued_key_pushes_go_in_one_call_in_order() {
+        let gated = Recorder {
+            gate: Some(tokio::sync::Semaphore::new(0)),
+            ..Default::default()
+        };
+        let f = job_with(JobConfig::default(), vec![gated]);
+        let rec = &f.recs[0];
+        let key = |k: &str| {
+            let mut m = msg(PushType::Push);
+            m.server = "c0".into();
+            m.keys = vec![k.into()];
+            m.mids = vec![7];
+            m
+        };
+        f.job.push(key("k1")).await.unwrap();
+        // k1's call is in flight (held by the gate) before the rest is queued.
+        metric(|| rec.calls.lock().unwrap().len() == 1).await;
+        for k in ["k2", "k3"] {
+            f.job.push(key(k)).await.unwrap();
+        }
+        f.job.push(msg(PushType::Broadcast)).await.unwrap();
+        for k in ["k4", "k5", "k6"] {
+            f.job.push(key(k)).await.unwrap();
+        }
+        rec.gate.as_ref().unwrap().add_permits(100);
+        until(rec, || rec.pushes.lock().unwrap().len() == 6).await;
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            ["push k1", "pushes k2,k3", "broadcast", "pushes k4,k5,k6"]
+        );
+        let keys: Vec<String> = rec
+            .pushes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.keys.join(","))
+            .collect();
+        assert_eq!(keys, ["k1", "k2", "k3", "k4", "k5", "k6"]);
+        assert_eq!(f.metrics.undeliverable_count("comet_refused"), 0);
     }
 
     #[tokio::test(start_paused = true)]

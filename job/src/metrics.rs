@@ -26,7 +26,8 @@ pub struct JobMetrics {
     pub comet_call_seconds: Family<Reason, Histogram, fn() -> Histogram>,
     /// Messages that reached no comet, by reason: `unknown_comet` (the comet named by
     /// presence is not registered), `comet_unreachable` (the call failed or timed out),
-    /// `comet_queue_full` (that comet's queue in job was full), `no_comets`, `job_shutdown`
+    /// `comet_queue_full` (that comet's queue in job was full), `comet_refused` (a batched
+    /// push the comet found malformed), `no_comets`, `job_shutdown`
     /// (still queued when the drain deadline passed), `too_many_rooms`.
     pub undeliverable: Family<Reason, Counter>,
     /// Room batches sent, and the messages in them.

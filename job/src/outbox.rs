@@ -1,20 +1,25 @@
 //! One bounded delivery queue per comet, drained by its own task: a slow or dead comet delays
 //! and loses only what was meant for it, never another comet's deliveries or the next room
 //! batch. Per comet, deliveries keep the order they were queued in (one room's batches, one
-//! key's pushes).
+//! key's pushes). Key and user pushes queued back to back go to a comet in one call.
 
 use std::sync::Arc;
 
-use goim_proto::comet::{BroadcastReq, BroadcastRoomReq, PushMsgReq};
+use goim_proto::comet::{BroadcastReq, BroadcastRoomReq, PushMsgReq, PushMsgsReq};
 use goim_proto::service::CometService;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tonic::Status;
 
 use crate::{retire_if_idle, Inner};
 
+/// Most key and user pushes one call to a comet carries.
+const MAX_PUSHES_PER_CALL: usize = 256;
+
 /// What one comet is sent.
 pub(crate) enum Delivery {
     Keys(PushMsgReq),
+    /// Key and user pushes queued back to back, sent in one call (in order).
+    KeysBatch(Vec<PushMsgReq>),
     /// A room batch of `messages` messages.
     Room(BroadcastRoomReq, u64),
     All(BroadcastReq),
@@ -25,24 +30,56 @@ impl Delivery {
     fn messages(&self) -> u64 {
         match self {
             Delivery::Room(_, n) => *n,
+            Delivery::KeysBatch(v) => v.len() as u64,
             _ => 1,
         }
     }
 
     fn kind(&self) -> &'static str {
         match self {
-            Delivery::Keys(_) => "push",
+            Delivery::Keys(_) | Delivery::KeysBatch(_) => "push",
             Delivery::Room(..) => "room",
             Delivery::All(_) => "broadcast",
         }
     }
 
-    async fn send(self, comet: Arc<dyn CometService>) -> Result<(), Status> {
+    /// Sends it; how many of its messages the comet refused as malformed.
+    async fn send(self, comet: Arc<dyn CometService>) -> Result<u64, Status> {
         match self {
-            Delivery::Keys(r) => comet.push_msg(r).await.map(drop),
-            Delivery::Room(r, _) => comet.broadcast_room(r).await.map(drop),
-            Delivery::All(r) => comet.broadcast(r).await.map(drop),
+            Delivery::Keys(r) => comet.push_msg(r).await.map(|_| 0),
+            Delivery::KeysBatch(pushes) => comet
+                .push_msgs(PushMsgsReq { pushes })
+                .await
+                .map(|r| r.refused.into()),
+            Delivery::Room(r, _) => comet.broadcast_room(r).await.map(|_| 0),
+            Delivery::All(r) => comet.broadcast(r).await.map(|_| 0),
         }
+    }
+
+    /// This delivery and the key pushes queued right behind it, as one call; the first
+    /// delivery that is not a key push is handed back to go next.
+    fn coalesce(self, rx: &mut mpsc::Receiver<Delivery>) -> (Delivery, Option<Delivery>) {
+        let Delivery::Keys(first) = self else {
+            return (self, None);
+        };
+        let mut pushes = vec![first];
+        let mut next = None;
+        while pushes.len() < MAX_PUSHES_PER_CALL {
+            match rx.try_recv() {
+                Ok(Delivery::Keys(r)) => pushes.push(r),
+                Ok(other) => {
+                    next = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let d = if pushes.len() == 1 {
+            Delivery::Keys(pushes.pop().expect("one push"))
+        } else {
+            Delivery::KeysBatch(pushes)
+        };
+        (d, next)
     }
 }
 
@@ -110,7 +147,15 @@ async fn outbox(
     mut rx: mpsc::Receiver<Delivery>,
     me: mpsc::WeakSender<Delivery>,
 ) {
+    // A delivery taken off the queue while gathering key pushes, sent next.
+    let mut next: Option<Delivery> = None;
     loop {
+        if let Some(d) = next.take() {
+            let (d, after) = d.coalesce(&mut rx);
+            next = after;
+            deliver(&inner, &name, d).await;
+            continue;
+        }
         let d = match tokio::time::timeout(inner.cfg.room_idle, rx.recv()).await {
             Ok(Some(d)) => d,
             Ok(None) => return,
@@ -127,6 +172,8 @@ async fn outbox(
                 continue;
             }
         };
+        let (d, after) = d.coalesce(&mut rx);
+        next = after;
         deliver(&inner, &name, d).await;
     }
 }
@@ -146,7 +193,11 @@ async fn deliver(inner: &Inner, name: &str, d: Delivery) {
     let result = tokio::time::timeout(inner.cfg.comet_timeout, d.send(comet)).await;
     inner.metrics.call_took(kind, started.elapsed());
     match result {
-        Ok(Ok(())) => {}
+        Ok(Ok(0)) => {}
+        Ok(Ok(refused)) => {
+            inner.metrics.undeliverable("comet_refused", refused);
+            tracing::warn!(comet = name, refused, "comet refused pushes as malformed");
+        }
         Ok(Err(e)) => {
             inner.metrics.undeliverable("comet_unreachable", n);
             tracing::warn!(comet = name, error = %e, "call to comet failed");

@@ -48,6 +48,9 @@ impl Comet for CometGrpc {
     async fn rooms(&self, r: Request<RoomsReq>) -> Result<Response<RoomsReply>, Status> {
         self.0.rooms(r.into_inner()).await.map(Response::new)
     }
+    async fn push_msgs(&self, r: Request<PushMsgsReq>) -> Result<Response<PushMsgsReply>, Status> {
+        self.0.push_msgs(r.into_inner()).await.map(Response::new)
+    }
 }
 
 pub fn comet_server(s: Arc<dyn CometService>) -> CometServer<CometGrpc> {
@@ -123,33 +126,73 @@ pub fn job_server(s: Arc<dyn JobService>) -> JobServer<JobGrpc> {
     JobServer::new(JobGrpc(s)).max_decoding_message_size(MAX_MESSAGE)
 }
 
+const BATCHES_UNKNOWN: u8 = 0;
+const BATCHES_TAKEN: u8 = 1;
+const BATCHES_REFUSED: u8 = 2;
+
 /// A remote comet behind [`CometService`].
 #[derive(Clone)]
-pub struct RemoteComet(CometClient<Channel>);
+pub struct RemoteComet {
+    client: CometClient<Channel>,
+    /// Whether the comet takes `PushMsgs`: [`BATCHES_UNKNOWN`] until its first answer;
+    /// goim's own comet answers Unimplemented, and batches then go as one `PushMsg` each.
+    batches: Arc<std::sync::atomic::AtomicU8>,
+}
 
 impl RemoteComet {
     pub fn new(ch: Channel) -> Self {
-        RemoteComet(
-            CometClient::new(ch)
+        RemoteComet {
+            client: CometClient::new(ch)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
-        )
+            batches: Arc::new(std::sync::atomic::AtomicU8::new(BATCHES_UNKNOWN)),
+        }
     }
 }
 
 #[async_trait]
 impl CometService for RemoteComet {
     async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, Status> {
-        Ok(self.0.clone().push_msg(req).await?.into_inner())
+        Ok(self.client.clone().push_msg(req).await?.into_inner())
     }
     async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, Status> {
-        Ok(self.0.clone().broadcast(req).await?.into_inner())
+        Ok(self.client.clone().broadcast(req).await?.into_inner())
     }
     async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status> {
-        Ok(self.0.clone().broadcast_room(req).await?.into_inner())
+        Ok(self.client.clone().broadcast_room(req).await?.into_inner())
     }
     async fn rooms(&self, req: RoomsReq) -> Result<RoomsReply, Status> {
-        Ok(self.0.clone().rooms(req).await?.into_inner())
+        Ok(self.client.clone().rooms(req).await?.into_inner())
+    }
+    async fn push_msgs(&self, req: PushMsgsReq) -> Result<PushMsgsReply, Status> {
+        use std::sync::atomic::Ordering;
+        match self.batches.load(Ordering::Relaxed) {
+            BATCHES_TAKEN => return Ok(self.client.clone().push_msgs(req).await?.into_inner()),
+            BATCHES_UNKNOWN => {
+                // Kept until the comet has answered once: Unimplemented comes before anything
+                // is applied, and the pushes then go one by one.
+                match self.client.clone().push_msgs(req.clone()).await {
+                    Err(e) if e.code() == tonic::Code::Unimplemented => {
+                        self.batches.store(BATCHES_REFUSED, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                    Ok(r) => {
+                        self.batches.store(BATCHES_TAKEN, Ordering::Relaxed);
+                        return Ok(r.into_inner());
+                    }
+                }
+            }
+            _ => {}
+        }
+        let mut refused = 0;
+        for p in req.pushes {
+            match self.push_msg(p).await {
+                Ok(_) => {}
+                Err(e) if e.code() == tonic::Code::InvalidArgument => refused += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(PushMsgsReply { refused })
     }
 }
 
@@ -328,5 +371,78 @@ impl Dialer {
             (Some(_), [one]) => self.channel(one),
             (Some(_), many) => Err(DialError::TlsBalance(many.len())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A comet that answers `PushMsgs` as goim's comet does (it has no such method).
+    #[derive(Default)]
+    struct GoimLike {
+        pushed: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl CometService for GoimLike {
+        async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, Status> {
+            self.pushed.lock().unwrap().push(req.keys.join(","));
+            Ok(PushMsgReply {})
+        }
+        async fn broadcast(&self, _: BroadcastReq) -> Result<BroadcastReply, Status> {
+            Ok(BroadcastReply {})
+        }
+        async fn broadcast_room(&self, _: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status> {
+            Ok(BroadcastRoomReply {})
+        }
+        async fn rooms(&self, _: RoomsReq) -> Result<RoomsReply, Status> {
+            Ok(RoomsReply::default())
+        }
+        async fn push_msgs(&self, _: PushMsgsReq) -> Result<PushMsgsReply, Status> {
+            Err(Status::unimplemented("goim.comet.Comet/PushMsgs"))
+        }
+    }
+
+    fn batch(keys: &[&str]) -> PushMsgsReq {
+        PushMsgsReq {
+            pushes: keys
+                .iter()
+                .map(|k| PushMsgReq {
+                    keys: vec![k.to_string()],
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    /// A comet without `PushMsgs` still gets every push of a batch, in order, one call each,
+    /// and later batches go that way from the start.
+    #[tokio::test]
+    async fn batches_to_a_comet_without_them_go_one_by_one() {
+        let comet = Arc::new(GoimLike::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(comet_server(comet.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let served = tokio::spawn(server);
+        let ch = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let remote = RemoteComet::new(ch);
+        let r = remote.push_msgs(batch(&["a", "b", "c"])).await.unwrap();
+        assert_eq!(r.refused, 0);
+        let r = remote.push_msgs(batch(&["d", "e"])).await.unwrap();
+        assert_eq!(r.refused, 0);
+        assert_eq!(*comet.pushed.lock().unwrap(), ["a", "b", "c", "d", "e"]);
+        assert_eq!(
+            remote.batches.load(std::sync::atomic::Ordering::Relaxed),
+            BATCHES_REFUSED
+        );
+        served.abort();
     }
 }

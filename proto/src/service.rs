@@ -8,7 +8,7 @@ use tonic::Status;
 
 use crate::comet::{
     BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
-    RoomsReply, RoomsReq,
+    PushMsgsReply, PushMsgsReq, RoomsReply, RoomsReq,
 };
 use crate::job::PushReply;
 use crate::logic::{
@@ -50,6 +50,17 @@ pub trait CometService: Send + Sync + 'static {
     async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, Status>;
     async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status>;
     async fn rooms(&self, req: RoomsReq) -> Result<RoomsReply, Status>;
+    /// Several pushes, applied in order; one refused as malformed does not stop the others
+    /// (the reply counts them).
+    async fn push_msgs(&self, req: PushMsgsReq) -> Result<PushMsgsReply, Status> {
+        let mut refused = 0;
+        for p in req.pushes {
+            if self.push_msg(p).await.is_err() {
+                refused += 1;
+            }
+        }
+        Ok(PushMsgsReply { refused })
+    }
 }
 
 /// logic -> job (`goim.job.Job`, our replacement for goim's Kafka topic). A successful reply
