@@ -330,6 +330,13 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     lease.revoke(&mut client).await;
     let left = job.drain().await;
     tracing::info!(left, "job drained");
+    // Until logic has seen this job leave the ring (pushes stop arriving, each refused and
+    // retried elsewhere until then): closing earlier breaks calls in flight.
+    job.wait_quiet(
+        std::time::Duration::from_millis(300),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
     stop.cancel();
     Ok(())
 }

@@ -69,6 +69,9 @@ pub(crate) struct Inner {
     /// Held (shared) by every push while it is being taken; a drain takes it exclusively
     /// after setting `draining`, so no push slips in behind the drain.
     taking: tokio::sync::RwLock<()>,
+    /// Bumped by every push refused while draining: the job keeps answering (so logic
+    /// retries elsewhere) until these stop.
+    refused: watch::Sender<u64>,
 }
 
 #[derive(Clone)]
@@ -147,6 +150,7 @@ impl Job {
                 tasks: TaskTracker::new(),
                 draining: AtomicBool::new(false),
                 taking: tokio::sync::RwLock::new(()),
+                refused: watch::channel(0).0,
             }),
         };
         job.inner.targets();
@@ -294,6 +298,17 @@ impl Job {
         }
         left
     }
+
+    /// After [`Job::drain`]: returns once no push was refused for `quiet` (logic has seen
+    /// this job leave the ring), or at `limit`. Closing while logic still sends here would
+    /// break calls in flight, which logic cannot safely retry elsewhere; a refused one it can.
+    pub async fn wait_quiet(&self, quiet: Duration, limit: Duration) {
+        let mut refused = self.inner.refused.subscribe();
+        let _ = tokio::time::timeout(limit, async {
+            while let Ok(Ok(())) = tokio::time::timeout(quiet, refused.changed()).await {}
+        })
+        .await;
+    }
 }
 
 #[async_trait]
@@ -302,6 +317,7 @@ impl JobService for Job {
         let _taking = self.inner.taking.read().await;
         if self.inner.draining.load(Ordering::SeqCst) {
             // Nothing was taken: logic tries another job.
+            self.inner.refused.send_modify(|n| *n += 1);
             return Err(Status::unavailable("job is draining"));
         }
         match PushType::try_from(m.r#type) {
@@ -560,6 +576,48 @@ mod tests {
         assert_eq!(proto.op, op::RAW);
         let inner: Vec<_> = raw_packets(proto.body).collect();
         assert_eq!(inner, vec![Packet::new(1, 1000, 0, &b"{\"test\":1}"[..])]);
+    }
+
+    /// A draining job keeps answering while pushes still arrive (each refused, so logic
+    /// retries it on another job) and lets go only once they stop.
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_job_waits_until_pushes_stop_arriving() {
+        let f = job(1);
+        f.job.drain().await;
+        let pusher = {
+            let job = f.job.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let e = job.push(msg(PushType::Broadcast)).await.unwrap_err();
+                    assert_eq!(e.message(), "job is draining");
+                }
+            })
+        };
+        let started = tokio::time::Instant::now();
+        f.job
+            .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
+            .await;
+        assert!(pusher.is_finished(), "returned while pushes still arrived");
+        assert_eq!(*f.job.inner.refused.borrow(), 5);
+        // The last refusal came at 500 ms; quiet 300 ms after it.
+        assert_eq!(started.elapsed(), Duration::from_millis(800));
+        // Pushes that never stop: the limit ends the wait.
+        let endless = {
+            let job = f.job.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = job.push(msg(PushType::Broadcast)).await;
+                }
+            })
+        };
+        let started = tokio::time::Instant::now();
+        f.job
+            .wait_quiet(Duration::from_millis(300), Duration::from_secs(2))
+            .await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        endless.abort();
     }
 
     /// Key pushes that queue up behind a call in flight go to their comet in one call, in
