@@ -24,7 +24,7 @@ use cluster::*;
 use ext::Ext;
 use goim_client::Transport;
 use goim_operator::crd::PushCluster;
-use goim_testkit::{free_port, kubeconfig_text, ControlPlane, ADMIN_TOKEN};
+use goim_testkit::{kubeconfig_text, ControlPlane, ADMIN_TOKEN};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -61,12 +61,25 @@ struct Ports {
 }
 
 impl Ports {
+    /// Ports free on every comet's address, below the kernel's ephemeral range (32768 and
+    /// up by default): a port taken from that range could become some outgoing connection's
+    /// source port on a pod address before the comet binds it (CI saw "address in use").
     fn free() -> Ports {
+        let mut taken = Vec::new();
+        let mut pick = || loop {
+            let p = fastrand::u16(20_000..32_000);
+            let free_everywhere =
+                (0..COMETS).all(|i| std::net::TcpListener::bind((pod_ip(i).as_str(), p)).is_ok());
+            if !taken.contains(&p) && free_everywhere {
+                taken.push(p);
+                return p;
+            }
+        };
         Ports {
-            tcp: free_port(),
-            ws: free_port(),
-            grpc: free_port(),
-            metrics: free_port(),
+            tcp: pick(),
+            ws: pick(),
+            grpc: pick(),
+            metrics: pick(),
         }
     }
 }
