@@ -17,6 +17,8 @@ use tonic::Status;
 /// rooms of the moved ring segments move.
 pub struct JobRing {
     jobs: WatchCache<JobRecord>,
+    /// Rebuilt when the mirror's version moves.
+    ring: Mutex<std::sync::Arc<Ring>>,
     clients: Mutex<HashMap<String, (String, RemoteJob)>>,
     dialer: Dialer,
 }
@@ -37,18 +39,34 @@ pub fn ring_pick<'a>(ids: &'a [String], route: &str) -> Option<&'a String> {
 /// Every job in the order a push for `route` tries them: its owner first, then the owners
 /// the ring would pick if the ones before were gone.
 pub fn ring_order<'a>(ids: &'a [String], route: &str) -> Vec<&'a String> {
-    let mut points: BTreeMap<u64, &String> = BTreeMap::new();
-    for id in ids {
+    let points = ring_points(ids);
+    order_on(&points, ids.len(), route)
+        .into_iter()
+        .map(|i| &ids[i])
+        .collect()
+}
+
+/// The ring's points in hash order, each naming its job by index in `ids` (built once per
+/// change of the job set, not per push: 64 hashes per job).
+fn ring_points(ids: &[String]) -> Vec<(u64, usize)> {
+    let mut points: BTreeMap<u64, usize> = BTreeMap::new();
+    for (i, id) in ids.iter().enumerate() {
         for v in 0..VNODES {
-            points.insert(ring_hash(format!("{id}#{v}").as_bytes()), id);
+            points.insert(ring_hash(format!("{id}#{v}").as_bytes()), i);
         }
     }
+    points.into_iter().collect()
+}
+
+/// Job indexes in the order a push for `route` tries them, on a ring of `jobs` jobs.
+fn order_on(points: &[(u64, usize)], jobs: usize, route: &str) -> Vec<usize> {
     let h = ring_hash(route.as_bytes());
-    let mut order: Vec<&String> = Vec::with_capacity(ids.len());
-    for (_, id) in points.range(h..).chain(points.range(..h)) {
-        if !order.contains(id) {
-            order.push(id);
-            if order.len() == ids.len() {
+    let at = points.partition_point(|(p, _)| *p < h);
+    let mut order: Vec<usize> = Vec::with_capacity(jobs);
+    for (_, i) in points[at..].iter().chain(&points[..at]) {
+        if !order.contains(i) {
+            order.push(*i);
+            if order.len() == jobs {
                 break;
             }
         }
@@ -56,13 +74,48 @@ pub fn ring_order<'a>(ids: &'a [String], route: &str) -> Vec<&'a String> {
     order
 }
 
+/// The ring as of one version of the job mirror: ids, addresses, points.
+#[derive(Default)]
+struct Ring {
+    version: u64,
+    jobs: Vec<(String, String)>,
+    points: Vec<(u64, usize)>,
+}
+
 impl JobRing {
     pub fn new(jobs: WatchCache<JobRecord>, dialer: Dialer) -> Self {
         JobRing {
             jobs,
+            ring: Mutex::default(),
             clients: Mutex::new(HashMap::new()),
             dialer,
         }
+    }
+
+    /// The ring for the jobs mirrored now.
+    fn ring(&self) -> std::sync::Arc<Ring> {
+        let version = *self.jobs.subscribe().borrow();
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.version != version || version == 0 {
+            // Read after the version: a change racing this rebuild bumps it again.
+            let jobs: Vec<(String, String)> = self
+                .jobs
+                .snapshot()
+                .into_iter()
+                .map(|(id, e)| (id, e.value.grpc))
+                .collect();
+            let ids: Vec<String> = jobs.iter().map(|(id, _)| id.clone()).collect();
+            self.clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|k, _| ids.contains(k));
+            *ring = std::sync::Arc::new(Ring {
+                version,
+                points: ring_points(&ids),
+                jobs,
+            });
+        }
+        ring.clone()
     }
 
     pub fn synced(&self) -> bool {
@@ -71,22 +124,10 @@ impl JobRing {
 
     /// The jobs to try for `route`, in ring order, with their addresses.
     fn candidates(&self, route: &str) -> Vec<(String, String)> {
-        let jobs = self.jobs.snapshot();
-        let ids: Vec<String> = jobs.iter().map(|(id, _)| id.clone()).collect();
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|k, _| ids.contains(k));
-        ring_order(&ids, route)
+        let ring = self.ring();
+        order_on(&ring.points, ring.jobs.len(), route)
             .into_iter()
-            .map(|id| {
-                let addr = jobs
-                    .iter()
-                    .find(|(i, _)| i == id)
-                    .map(|(_, e)| e.value.grpc.clone())
-                    .unwrap_or_default();
-                (id.clone(), addr)
-            })
+            .map(|i| ring.jobs[i].clone())
             .collect()
     }
 
