@@ -13,7 +13,7 @@ use crate::comet::comet_server::{Comet, CometServer};
 use crate::comet::*;
 use crate::job::job_client::JobClient;
 use crate::job::job_server::{Job, JobServer};
-use crate::job::PushReply;
+use crate::job::{PushBatchReply, PushBatchReq, PushReply};
 use crate::logic::logic_client::LogicClient;
 use crate::logic::logic_server::{Logic, LogicServer};
 use crate::logic::*;
@@ -119,6 +119,12 @@ impl Job for JobGrpc {
     }
     async fn history(&self, r: Request<HistoryReq>) -> Result<Response<HistoryReply>, Status> {
         self.0.history(r.into_inner()).await.map(Response::new)
+    }
+    async fn push_batch(
+        &self,
+        r: Request<PushBatchReq>,
+    ) -> Result<Response<PushBatchReply>, Status> {
+        self.0.push_batch(r.into_inner()).await.map(Response::new)
     }
 }
 
@@ -276,21 +282,116 @@ impl LogicService for RemoteLogic {
 
 /// A remote job behind [`JobService`].
 #[derive(Clone)]
-pub struct RemoteJob(JobClient<Channel>);
+pub struct RemoteJob {
+    client: JobClient<Channel>,
+    /// Pushes on their way to the batching task.
+    pushes: tokio::sync::mpsc::Sender<Waiting>,
+}
+
+/// A push waiting for its call, and where its result goes.
+type Waiting = (
+    PushMsg,
+    tokio::sync::oneshot::Sender<Result<PushReply, Status>>,
+);
+
+/// Most pushes in one `PushBatch` call.
+const MAX_PUSH_BATCH: usize = 128;
+/// Calls one logic keeps in flight to one job at once; pushes that arrive while all are
+/// busy wait and go together in the next.
+const JOB_CALLS_IN_FLIGHT: usize = 8;
 
 impl RemoteJob {
+    /// Must be called within a Tokio runtime (it starts the batching task, which ends when
+    /// the last clone is dropped).
     pub fn new(ch: Channel) -> Self {
-        RemoteJob(JobClient::new(ch).max_encoding_message_size(MAX_MESSAGE))
+        let client = JobClient::new(ch).max_encoding_message_size(MAX_MESSAGE);
+        let (pushes, rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(batch_pushes(client.clone(), rx));
+        RemoteJob { client, pushes }
+    }
+}
+
+/// Sends the pushes that queued up together as one `PushBatch` call (a lone push as a plain
+/// `Push`, as before batches existed); a job without `PushBatch` gets one `Push` each.
+async fn batch_pushes(client: JobClient<Channel>, mut rx: tokio::sync::mpsc::Receiver<Waiting>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(JOB_CALLS_IN_FLIGHT));
+    let batches_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_PUSH_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let (client, refused) = (client.clone(), batches_refused.clone());
+        tokio::spawn(async move {
+            send_batch(client, batch, &refused).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn send_batch(
+    mut client: JobClient<Channel>,
+    batch: Vec<Waiting>,
+    refused: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    if batch.len() > 1 && !refused.load(Ordering::Relaxed) {
+        let msgs: Vec<PushMsg> = batch.iter().map(|(m, _)| m.clone()).collect();
+        match client.push_batch(PushBatchReq { msgs }).await {
+            Ok(reply) => {
+                let mut results = reply.into_inner().results.into_iter();
+                for (_, done) in batch {
+                    let r = match results.next() {
+                        Some(r) if r.code == 0 => Ok(PushReply {}),
+                        Some(r) => Err(Status::new(tonic::Code::from(r.code), r.message)),
+                        // A reply short of results: those pushes were not answered for.
+                        None => Err(Status::internal("job answered fewer pushes than sent")),
+                    };
+                    let _ = done.send(r);
+                }
+                return;
+            }
+            // Unimplemented comes before anything is taken: one by one from now on.
+            Err(e) if e.code() == tonic::Code::Unimplemented => {
+                refused.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                for (_, done) in batch {
+                    let _ = done.send(Err(e.clone()));
+                }
+                return;
+            }
+        }
+    }
+    for (m, done) in batch {
+        let r = client.push(m).await.map(|r| r.into_inner());
+        let _ = done.send(r);
     }
 }
 
 #[async_trait]
 impl JobService for RemoteJob {
     async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
-        Ok(self.0.clone().push(msg).await?.into_inner())
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.pushes
+            .send((msg, done))
+            .await
+            .map_err(|_| Status::unavailable("job client closed"))?;
+        result
+            .await
+            .map_err(|_| Status::unavailable("job client closed"))?
     }
     async fn history(&self, req: HistoryReq) -> Result<HistoryReply, Status> {
-        Ok(self.0.clone().history(req).await?.into_inner())
+        Ok(self.client.clone().history(req).await?.into_inner())
     }
 }
 
@@ -402,6 +503,114 @@ mod tests {
         }
         async fn push_msgs(&self, _: PushMsgsReq) -> Result<PushMsgsReply, Status> {
             Err(Status::unimplemented("goim.comet.Comet/PushMsgs"))
+        }
+    }
+
+    /// A job that records pushes, refuses those whose op is negative as a draining job
+    /// does, and (unless `batches`) lacks `PushBatch` as a job from before it.
+    struct Recorded {
+        pushed: Mutex<Vec<i32>>,
+        batches: bool,
+        batch_calls: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl JobService for Recorded {
+        async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
+            if msg.operation < 0 {
+                return Err(Status::unavailable("job is draining"));
+            }
+            self.pushed.lock().unwrap().push(msg.operation);
+            Ok(PushReply {})
+        }
+        async fn push_batch(&self, req: PushBatchReq) -> Result<PushBatchReply, Status> {
+            if !self.batches {
+                return Err(Status::unimplemented("goim.job.Job/PushBatch"));
+            }
+            self.batch_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut results = Vec::new();
+            for m in req.msgs {
+                results.push(match self.push(m).await {
+                    Ok(_) => crate::job::PushResult::default(),
+                    Err(e) => crate::job::PushResult {
+                        code: e.code() as i32,
+                        message: e.message().to_string(),
+                    },
+                });
+            }
+            Ok(PushBatchReply { results })
+        }
+    }
+
+    async fn serve_job(job: Arc<Recorded>) -> (RemoteJob, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(job_server(job))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let served = tokio::spawn(async move {
+            let _ = server.await;
+        });
+        let ch = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        (RemoteJob::new(ch), served)
+    }
+
+    /// Pushes sent at once reach the job (in batches when it takes them, one by one when it
+    /// does not), and each caller gets its own push's result.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_pushes_share_calls_and_keep_their_own_results() {
+        for batches in [true, false] {
+            let job = Arc::new(Recorded {
+                pushed: Mutex::default(),
+                batches,
+                batch_calls: Default::default(),
+            });
+            let (remote, served) = serve_job(job.clone()).await;
+            let calls: Vec<_> = (1..=300)
+                .map(|i| {
+                    let remote = remote.clone();
+                    // Every tenth as a draining job refuses it.
+                    let op = if i % 10 == 0 { -i } else { i };
+                    tokio::spawn(async move {
+                        let m = PushMsg {
+                            operation: op,
+                            ..Default::default()
+                        };
+                        (op, remote.push(m).await)
+                    })
+                })
+                .collect();
+            for c in calls {
+                let (op, r) = c.await.unwrap();
+                if op < 0 {
+                    let e = r.unwrap_err();
+                    assert_eq!(
+                        (e.code(), e.message()),
+                        (tonic::Code::Unavailable, "job is draining")
+                    );
+                } else {
+                    r.unwrap();
+                }
+            }
+            let mut pushed = job.pushed.lock().unwrap().clone();
+            pushed.sort();
+            let want: Vec<i32> = (1..=300).filter(|i| i % 10 != 0).collect();
+            assert_eq!(pushed, want, "batches: {batches}");
+            let batch_calls = job.batch_calls.load(std::sync::atomic::Ordering::SeqCst);
+            if batches {
+                assert!(
+                    batch_calls > 0 && batch_calls < 300,
+                    "{batch_calls} batch calls"
+                );
+            } else {
+                assert_eq!(batch_calls, 0);
+            }
+            served.abort();
         }
     }
 

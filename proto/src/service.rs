@@ -10,7 +10,7 @@ use crate::comet::{
     BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
     PushMsgsReply, PushMsgsReq, RoomsReply, RoomsReq,
 };
-use crate::job::PushReply;
+use crate::job::{PushBatchReply, PushBatchReq, PushReply, PushResult};
 use crate::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
     HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply,
@@ -68,6 +68,20 @@ pub trait CometService: Send + Sync + 'static {
 #[async_trait]
 pub trait JobService: Send + Sync + 'static {
     async fn push(&self, msg: PushMsg) -> Result<PushReply, Status>;
+    /// Several pushes, taken in order as if pushed one by one; one result each.
+    async fn push_batch(&self, req: PushBatchReq) -> Result<PushBatchReply, Status> {
+        let mut results = Vec::with_capacity(req.msgs.len());
+        for m in req.msgs {
+            results.push(match self.push(m).await {
+                Ok(_) => PushResult::default(),
+                Err(e) => PushResult {
+                    code: e.code() as i32,
+                    message: e.message().to_string(),
+                },
+            });
+        }
+        Ok(PushBatchReply { results })
+    }
     /// A room's messages after a position, from the history this job keeps.
     async fn history(&self, _req: HistoryReq) -> Result<HistoryReply, Status> {
         Err(Status::unimplemented("history"))
