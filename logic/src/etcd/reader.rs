@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Read transactions in flight at once: enough to keep etcd busy, few enough that lookups
 /// queue up and share a transaction under load.
-const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 2;
 
 struct Request {
     ops: Vec<TxnOp>,
