@@ -60,8 +60,10 @@ for i in $(seq 0 $((COMETS - 1))); do wait_ready $((BASE + 108 + i * 10)); done
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 declare -A before
 for i in "${!pids[@]}"; do before[$i]=$(ticks "${pids[$i]}"); done
+via_logic=(--http "127.0.0.1:$LOGIC_HTTP")
+[ "$SCENARIO" = idle ] && via_logic=() # connects only: no pushes through logic
 "$BIN/goim-bench" --out "$OUT" --server "goim-rs (distributed, $COMETS comets)" "$SCENARIO" \
-  --addr "127.0.0.1:$((BASE + 100))" --http "127.0.0.1:$LOGIC_HTTP" --pid "${pids[3]}" "$@"
+  --addr "127.0.0.1:$((BASE + 100))" "${via_logic[@]}" --pid "${pids[3]}" "$@"
 hz=$(getconf CLK_TCK)
 echo "CPU seconds during the scenario (user / system):" >&2
 for i in "${!pids[@]}"; do
