@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a distributed run: starts etcd (Debian's), one logic, one job and COMETS
 # comets as separate processes, runs one goim-bench scenario against comet 0 and logic, then
-# prints the CPU seconds each process used during the scenario (user and system).
+# prints the CPU seconds each process used during the scenario (user and system), and saves
+# each role's /metrics in OUT.
 # Usage: COMETS=1 bench/cluster.sh SCENARIO [goim-bench scenario flags...]
 #   e.g. bench/cluster.sh latency --conns 1000 --rooms 0 --rate 10000 --seconds 5 --pushers 32
 # Extra environment: CONFIG (a TOML file every role reads), OUT (results directory).
@@ -64,6 +65,13 @@ via_logic=(--http "127.0.0.1:$LOGIC_HTTP")
 [ "$SCENARIO" = idle ] && via_logic=() # connects only: no pushes through logic
 "$BIN/goim-bench" --out "$OUT" --server "goim-rs (distributed, $COMETS comets)" "$SCENARIO" \
   --addr "127.0.0.1:$((BASE + 100))" "${via_logic[@]}" --pid "${pids[3]}" "$@"
+# Each role's metrics after the run, next to the results (latency histograms per call).
+mkdir -p "$OUT"
+curl -sf "http://127.0.0.1:$LOGIC_HTTP/metrics" >"$OUT/metrics-logic.txt" || true
+curl -sf "http://127.0.0.1:$((BASE + 28))/metrics" >"$OUT/metrics-job.txt" || true
+for i in $(seq 0 $((COMETS - 1))); do
+  curl -sf "http://127.0.0.1:$((BASE + 108 + i * 10))/metrics" >"$OUT/metrics-comet-$i.txt" || true
+done
 hz=$(getconf CLK_TCK)
 echo "CPU seconds during the scenario (user / system):" >&2
 for i in "${!pids[@]}"; do

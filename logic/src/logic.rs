@@ -504,9 +504,8 @@ impl Logic {
                 }
             }
         }
-        for m in per_user.into_values() {
-            self.to_job(m).await?;
-        }
+        // All at once: calls for one job then share a PushBatch.
+        futures_util::future::try_join_all(per_user.into_values().map(|m| self.to_job(m))).await?;
         Ok(())
     }
 
@@ -519,6 +518,7 @@ impl Logic {
         servers: UserKeysByServer,
         msg: Bytes,
     ) -> Result<(), PushError> {
+        let mut calls = Vec::new();
         for (server, pairs) in servers {
             for (key, mid) in pairs {
                 let m = PushMsg {
@@ -531,9 +531,11 @@ impl Logic {
                     msg: msg.clone(),
                     ..Default::default()
                 };
-                self.to_job(m).await?;
+                calls.push(self.to_job(m));
             }
         }
+        // All at once: calls for one job then share a PushBatch.
+        futures_util::future::try_join_all(calls).await?;
         Ok(())
     }
 
