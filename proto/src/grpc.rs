@@ -132,6 +132,7 @@ pub fn job_server(s: Arc<dyn JobService>) -> JobServer<JobGrpc> {
     JobServer::new(JobGrpc(s)).max_decoding_message_size(MAX_MESSAGE)
 }
 
+/// Whether a peer takes a batch call (comet `PushMsgs`, job `PushBatch`).
 const BATCHES_UNKNOWN: u8 = 0;
 const BATCHES_TAKEN: u8 = 1;
 const BATCHES_REFUSED: u8 = 2;
@@ -315,7 +316,7 @@ impl RemoteJob {
 /// `Push`, as before batches existed); a job without `PushBatch` gets one `Push` each.
 async fn batch_pushes(client: JobClient<Channel>, mut rx: tokio::sync::mpsc::Receiver<Waiting>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(JOB_CALLS_IN_FLIGHT));
-    let batches_refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let batches = Arc::new(std::sync::atomic::AtomicU8::new(BATCHES_UNKNOWN));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -330,9 +331,9 @@ async fn batch_pushes(client: JobClient<Channel>, mut rx: tokio::sync::mpsc::Rec
                 Err(_) => break,
             }
         }
-        let (client, refused) = (client.clone(), batches_refused.clone());
+        let (client, batches) = (client.clone(), batches.clone());
         tokio::spawn(async move {
-            send_batch(client, batch, &refused).await;
+            send_batch(client, batch, &batches).await;
             drop(slot);
         });
     }
@@ -341,15 +342,20 @@ async fn batch_pushes(client: JobClient<Channel>, mut rx: tokio::sync::mpsc::Rec
 async fn send_batch(
     mut client: JobClient<Channel>,
     batch: Vec<Waiting>,
-    refused: &std::sync::atomic::AtomicBool,
+    batches: &std::sync::atomic::AtomicU8,
 ) {
     use std::sync::atomic::Ordering;
-    if batch.len() > 1 && !refused.load(Ordering::Relaxed) {
-        let msgs: Vec<PushMsg> = batch.iter().map(|(m, _)| m.clone()).collect();
+    let (mut msgs, dones): (Vec<PushMsg>, Vec<_>) = batch.into_iter().unzip();
+    let known = batches.load(Ordering::Relaxed);
+    if dones.len() > 1 && known != BATCHES_REFUSED {
+        // A copy only until the job has answered once: Unimplemented (a job from before
+        // PushBatch) comes before anything is taken, and the pushes then go one by one.
+        let spare = (known == BATCHES_UNKNOWN).then(|| msgs.clone());
         match client.push_batch(PushBatchReq { msgs }).await {
             Ok(reply) => {
+                batches.store(BATCHES_TAKEN, Ordering::Relaxed);
                 let mut results = reply.into_inner().results.into_iter();
-                for (_, done) in batch {
+                for done in dones {
                     let r = match results.next() {
                         Some(r) if r.code == 0 => Ok(PushReply {}),
                         Some(r) => Err(Status::new(tonic::Code::from(r.code), r.message)),
@@ -360,19 +366,28 @@ async fn send_batch(
                 }
                 return;
             }
-            // Unimplemented comes before anything is taken: one by one from now on.
             Err(e) if e.code() == tonic::Code::Unimplemented => {
-                refused.store(true, Ordering::Relaxed);
+                batches.store(BATCHES_REFUSED, Ordering::Relaxed);
+                match spare {
+                    Some(m) => msgs = m,
+                    // The job at this address was replaced by an older one mid-batch.
+                    None => {
+                        for done in dones {
+                            let _ = done.send(Err(e.clone()));
+                        }
+                        return;
+                    }
+                }
             }
             Err(e) => {
-                for (_, done) in batch {
+                for done in dones {
                     let _ = done.send(Err(e.clone()));
                 }
                 return;
             }
         }
     }
-    for (m, done) in batch {
+    for (m, done) in msgs.into_iter().zip(dones) {
         let r = client.push(m).await.map(|r| r.into_inner());
         let _ = done.send(r);
     }
