@@ -73,14 +73,22 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// User + system CPU seconds a process has used.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let (u, s) = cpu_times(pid)?;
+    Ok(u + s)
+}
+
+/// User and system CPU seconds a process has used, apart: loopback charges the receiver's
+/// kernel work to the sender, so the split says how much of a server's cost is its own code.
+pub fn cpu_times(pid: u32) -> anyhow::Result<(f64, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command; utime and stime are the 14th and 15th overall.
     let rest = s.rsplit_once(')').context("bad stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let (u, st): (f64, f64) = (f[11].parse()?, f[12].parse()?);
+    let field =
+        |i: usize| -> anyhow::Result<f64> { Ok(f.get(i).context("short stat")?.parse::<f64>()?) };
     // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((u + st) / tck.max(1.0))
+    let tck = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64).max(1.0);
+    Ok((field(11)? / tck, field(12)? / tck))
 }
 
 fn source(base: usize, i: usize) -> SocketAddr {
@@ -233,19 +241,24 @@ pub async fn drain(sink: &Sink, want: u64, patience: Duration) {
 /// CPU seconds of `pid` over a closure's run, if a pid is given.
 pub struct CpuMeter {
     pid: Option<u32>,
-    start: f64,
+    start: (f64, f64),
 }
 
 impl CpuMeter {
     pub fn start(pid: Option<u32>) -> Self {
         CpuMeter {
             pid,
-            start: pid.and_then(|p| cpu_seconds(p).ok()).unwrap_or(0.0),
+            start: pid.and_then(|p| cpu_times(p).ok()).unwrap_or_default(),
         }
     }
 
     pub fn used(&self) -> Option<f64> {
-        let p = self.pid?;
-        Some(cpu_seconds(p).ok()? - self.start)
+        self.split().map(|(u, s)| u + s)
+    }
+
+    /// User and system seconds since the start.
+    pub fn split(&self) -> Option<(f64, f64)> {
+        let (u, s) = cpu_times(self.pid?).ok()?;
+        Some((u - self.start.0, s - self.start.1))
     }
 }

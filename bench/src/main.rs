@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use goim_bench::scenario::{self, Target};
-use goim_bench::{report, Conns};
+use goim_bench::{raw, report, Conns};
 use goim_client::Transport;
 
 #[derive(Parser)]
@@ -26,6 +26,12 @@ struct Cli {
 enum Proto {
     Tcp,
     Ws,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Writer {
+    Epoll,
+    IoUring,
 }
 
 #[derive(clap::Args, Clone)]
@@ -187,6 +193,13 @@ enum Scenario {
         /// Writer tasks the sockets are sharded over.
         #[arg(long, default_value_t = 2)]
         shards: usize,
+        /// What the clients speak: goim's TCP packets or WebSocket frames.
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: Proto,
+        /// How pushes are written: one write per socket from epoll, or batched sends on an
+        /// io_uring (Linux; fails at start where a seccomp profile blocks it).
+        #[arg(long, value_enum, default_value = "epoll")]
+        writer: Writer,
     },
 }
 
@@ -299,6 +312,8 @@ async fn main() -> anyhow::Result<()> {
             listen,
             rate,
             shards,
+            proto,
+            writer,
         } => {
             let addr: SocketAddr = listen.parse()?;
             let sock = if addr.is_ipv4() {
@@ -311,7 +326,19 @@ async fn main() -> anyhow::Result<()> {
             // The same deep accept queue comet uses, so connect storms compare fairly.
             let l = sock.listen(8192)?;
             eprintln!("raw baseline on {}", l.local_addr()?);
-            goim_bench::raw::serve(l, rate, shards).await?;
+            let cfg = raw::RawConfig {
+                rate,
+                shards,
+                transport: match proto {
+                    Proto::Tcp => raw::RawTransport::Tcp,
+                    Proto::Ws => raw::RawTransport::Ws,
+                },
+                writer: match writer {
+                    Writer::Epoll => raw::RawWriter::Epoll,
+                    Writer::IoUring => raw::RawWriter::IoUring,
+                },
+            };
+            raw::serve(l, cfg).await?;
             return Ok(());
         }
     };

@@ -203,7 +203,8 @@ pub async fn fanout_with(
         drain(&sink, expected, Duration::from_secs(5)).await;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu_used = cpu.used();
+    let cpu_split = cpu.split();
+    let cpu_used = cpu_split.map(|(u, s)| u + s);
     let delivered = sink.received();
     for r in readers {
         r.abort();
@@ -231,6 +232,8 @@ pub async fn fanout_with(
         "delivered_per_second": delivered as f64 / elapsed,
         "bytes_per_second": sink.bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / elapsed,
         "server_cpu_seconds": cpu_used,
+        "server_user_seconds": cpu_split.map(|c| c.0),
+        "server_sys_seconds": cpu_split.map(|c| c.1),
         "delivered_per_cpu_second": cpu_used.filter(|&c| c > 0.0).map(|c| delivered as f64 / c),
         "latency_us": sink.latency(),
     }))

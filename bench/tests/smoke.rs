@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use goim::config::Config;
 use goim::standalone::Standalone;
 use goim_bench::scenario::{self, Target};
-use goim_bench::Conns;
+use goim_bench::{raw, Conns};
 use goim_client::Transport;
 
 fn conns(addr: SocketAddr, t: Transport, prefix: &str, rooms: usize) -> Conns {
@@ -78,13 +78,22 @@ async fn every_scenario_delivers() {
     s.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_baseline_delivers() {
+async fn raw_run(transport: raw::RawTransport, writer: raw::RawWriter) -> serde_json::Value {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(goim_bench::raw::serve(l, 20, 2));
+    let cfg = raw::RawConfig {
+        rate: 20,
+        shards: 2,
+        transport,
+        writer,
+    };
+    let server = tokio::spawn(raw::serve(l, cfg));
+    let t = match transport {
+        raw::RawTransport::Tcp => Transport::Tcp,
+        raw::RawTransport::Ws => Transport::WebSocket,
+    };
     let v = scenario::fanout(
-        &conns(addr, Transport::Tcp, "raw-", 0),
+        &conns(addr, t, "raw-", 0),
         None,
         Target::ServerDriven { rate: 20 },
         20,
@@ -93,7 +102,49 @@ async fn raw_baseline_delivers() {
     )
     .await
     .unwrap();
-    assert!(v["delivered"].as_u64().unwrap() > 0, "{v}");
+    server.abort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_baseline_delivers_on_every_transport() {
+    for t in [raw::RawTransport::Tcp, raw::RawTransport::Ws] {
+        let v = raw_run(t, raw::RawWriter::Epoll).await;
+        assert!(v["delivered"].as_u64().unwrap() > 0, "{t:?}: {v}");
+        assert!(
+            v["latency_us"]["samples"].as_u64().unwrap() > 0,
+            "{t:?}: {v}"
+        );
+    }
+}
+
+/// Where io_uring works (this project's CI machine) its writer delivers on both transports;
+/// where it does not, the server refuses to start with an error saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_baseline_io_uring_delivers_or_says_why_not() {
+    if let Err(e) = raw::io_uring_available() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = raw::RawConfig {
+            rate: 20,
+            shards: 1,
+            transport: raw::RawTransport::Tcp,
+            writer: raw::RawWriter::IoUring,
+        };
+        let err = raw::serve(l, cfg).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("io_uring is not available"),
+            "{err:#} ({e:#})"
+        );
+        return;
+    }
+    for t in [raw::RawTransport::Tcp, raw::RawTransport::Ws] {
+        let v = raw_run(t, raw::RawWriter::IoUring).await;
+        assert!(v["delivered"].as_u64().unwrap() > 0, "{t:?}: {v}");
+        assert!(
+            v["latency_us"]["samples"].as_u64().unwrap() > 0,
+            "{t:?}: {v}"
+        );
+    }
 }
 
 /// The conversations scenario against standalone on SQLite, with the sink it serves.
