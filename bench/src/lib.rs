@@ -9,6 +9,7 @@ pub mod http;
 pub mod raw;
 pub mod report;
 pub mod scenario;
+pub mod syscalls;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -18,6 +18,10 @@ struct Cli {
     /// Label for the server under test in the report (goim-rs, goim, raw).
     #[arg(long, global = true, default_value = "goim-rs")]
     server: String,
+    /// Also count the server's syscalls while it is measured (`--pid`), with Linux's
+    /// `perf stat`, and report them per delivered message.
+    #[arg(long, global = true)]
+    syscalls: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -206,6 +210,9 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.syscalls {
+        goim_bench::syscalls::enable();
+    }
     let mut v = match cli.scenario {
         Scenario::Idle { conn, hold } => {
             let (v, clients) = scenario::idle(&conn.conns()?, conn.pid).await?;

@@ -21,11 +21,11 @@ fn cell(v: &Value, path: &[&str]) -> String {
     }
 }
 
-const HEADER: &str = "| scenario | server | transport | connections | rate/s | delivered/s | delivered per server CPU-s | p50 µs | p99 µs | p999 µs | RSS B/conn | connects/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+const HEADER: &str = "| scenario | server | transport | connections | rate/s | delivered/s | delivered per server CPU-s | p50 µs | p99 µs | p999 µs | RSS B/conn | connects/s | server user / sys CPU-s | syscalls per delivery |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
 
 pub fn row(v: &Value) -> String {
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |\n",
         cell(v, &["scenario"]),
         cell(v, &["server"]),
         cell(v, &["transport"]),
@@ -38,6 +38,11 @@ pub fn row(v: &Value) -> String {
         cell(v, &["latency_us", "p999"]),
         cell(v, &["server_rss_bytes_per_connection"]),
         cell(v, &["connects_per_second"]),
+        cell(v, &["server_user_seconds"]),
+        cell(v, &["server_sys_seconds"]),
+        v["syscalls_per_delivery"]
+            .as_f64()
+            .map_or("-".into(), |f| format!("{f:.2}")),
     )
 }
 
@@ -73,5 +78,11 @@ mod tests {
             &serde_json::json!({"scenario": "idle", "connections": 10, "delivered_per_second": 1.25}),
         );
         assert!(r.starts_with("| idle | - | - | 10 | - | 1.2 |"), "{r}");
+        assert!(r.ends_with("| - / - | - |\n"), "{r}");
+        let r = row(
+            &serde_json::json!({"server_user_seconds": 1.5, "server_sys_seconds": 4,
+            "syscalls_per_delivery": 0.2861}),
+        );
+        assert!(r.ends_with("| 1.5 / 4 | 0.29 |\n"), "{r}");
     }
 }

@@ -139,6 +139,10 @@ pub async fn fanout_with(
     let readers = sink.attach(clients, sample);
     sink.reset();
     let cpu = CpuMeter::start(pid);
+    let syscalls = crate::syscalls::Counter::start(pid).unwrap_or_else(|e| {
+        eprintln!("no syscall count: {e:#}");
+        None
+    });
     let start = Instant::now();
     let mut push_secs = seconds as f64;
     let (pushes, expected) = match &target {
@@ -205,6 +209,11 @@ pub async fn fanout_with(
     let elapsed = start.elapsed().as_secs_f64();
     let cpu_split = cpu.split();
     let cpu_used = cpu_split.map(|(u, s)| u + s);
+    let syscalls = syscalls.and_then(|c| {
+        c.finish()
+            .map_err(|e| eprintln!("no syscall count: {e:#}"))
+            .ok()
+    });
     let delivered = sink.received();
     for r in readers {
         r.abort();
@@ -234,6 +243,8 @@ pub async fn fanout_with(
         "server_cpu_seconds": cpu_used,
         "server_user_seconds": cpu_split.map(|c| c.0),
         "server_sys_seconds": cpu_split.map(|c| c.1),
+        "server_syscalls": syscalls,
+        "syscalls_per_delivery": syscalls.filter(|_| delivered > 0).map(|s| s as f64 / delivered as f64),
         "delivered_per_cpu_second": cpu_used.filter(|&c| c > 0.0).map(|c| delivered as f64 / c),
         "latency_us": sink.latency(),
     }))
