@@ -4,12 +4,12 @@
 # the same connections, rate and duration. Each run is one row in OUT/results.md: deliveries
 # per server CPU-second, user / system CPU, syscalls per delivery (when Linux's perf is
 # installed and may read tracepoints), latency.
-# Usage: bench/fanout.sh            (CONNS=10000 RATE=20 SECONDS=10 OUT=bench/results)
+# Usage: bench/fanout.sh            (CONNS=10000 RATE=20 DURATION=10 OUT=bench/results)
 #   RUNS="comet-tcp raw-tcp-epoll" picks some of: comet-tcp comet-ws raw-tcp-epoll
 #   raw-ws-epoll raw-tcp-io-uring raw-ws-io-uring (all by default). CONFIG: a TOML file for comet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONNS=${CONNS:-10000} RATE=${RATE:-20} SECONDS_=${SECONDS:-10}
+CONNS=${CONNS:-10000} RATE=${RATE:-20} DURATION=${DURATION:-10}
 RUNS=${RUNS:-comet-tcp comet-ws raw-tcp-epoll raw-ws-epoll raw-tcp-io-uring raw-ws-io-uring}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/goim-rs/target}"
 cargo build --release --locked -p goim -p goim-bench >/dev/null
@@ -43,7 +43,7 @@ for run in $RUNS; do
     [ "$proto" = ws ] && port=$((BASE + 1))
     "$BIN/goim-bench" --out "$OUT" "${count[@]}" room --addr "127.0.0.1:$port" --proto "$proto" \
       --http "127.0.0.1:$((BASE + 11))" --conns "$CONNS" --rooms 1 --rate "$RATE" \
-      --seconds "$SECONDS_" --pid "$server" --source-base "$source_base" >/dev/null
+      --seconds "$DURATION" --pid "$server" --source-base "$source_base" >/dev/null
     ;;
   raw-*)
     rest=${run#raw-}
@@ -54,7 +54,7 @@ for run in $RUNS; do
     wait_port $((BASE + 20))
     "$BIN/goim-bench" --out "$OUT" "${count[@]}" --server "raw ($writer)" raw \
       --addr "127.0.0.1:$((BASE + 20))" --proto "$proto" --conns "$CONNS" --rate "$RATE" \
-      --seconds "$SECONDS_" --pid "$server" --source-base "$source_base" >/dev/null
+      --seconds "$DURATION" --pid "$server" --source-base "$source_base" >/dev/null
     ;;
   *)
     echo "unknown run $run" >&2
