@@ -176,32 +176,32 @@ impl EtcdOnline {
         }
     }
 
-    /// The user a key belonged to until now on `server`, when it was another one than `mid`.
-    /// A serializable read (no consensus round trip on every Connect): a stale answer can only
-    /// leave an entry behind, which the comet's user check and its sweep make harmless.
-    async fn previous_user(
-        &self,
-        key: &str,
-        server: &str,
-        mid: i64,
-    ) -> Result<Option<i64>, OnlineError> {
-        let got = self
-            .client
-            .clone()
-            .get(
-                self.keys.online_key(key),
-                Some(GetOptions::new().with_serializable()),
-            )
-            .await
-            .map_err(unavailable)?;
-        let Some(kv) = got.kvs().first() else {
-            return Ok(None);
-        };
-        Ok(serde_json::from_slice::<OnlineRecord>(kv.value())
-            .ok()
-            .filter(|old| old.mid > 0 && old.mid != mid && old.comet == server)
-            .map(|old| old.mid))
+    /// Removes a previous user's index entry for `key` (an account switch on this comet),
+    /// while it is still on `lease`. Failing only leaves an entry the comet's user check
+    /// makes harmless and its sweep removes, so a failure is logged, never the Connect's.
+    async fn forget_previous_user(&self, old: i64, key: &str, lease: i64) {
+        let k = self.keys.online_mid(old, key);
+        let ops = vec![TxnOp::txn(
+            Txn::new()
+                .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
+                .and_then([TxnOp::delete(k.as_str(), None)]),
+        )];
+        if let Err(e) = self.writer.submit(ops, vec![k]).await {
+            tracing::warn!(%key, old_mid = old, error = %e, "previous user's index entry left for the sweep");
+        }
     }
+}
+
+/// The user a key belonged to until a Connect's put (its previous value) on `server`, when it
+/// was another one than `mid`.
+fn previous_user(put: Option<&TxnOpResponse>, server: &str, mid: i64) -> Option<i64> {
+    let Some(TxnOpResponse::Put(p)) = put else {
+        return None;
+    };
+    serde_json::from_slice::<OnlineRecord>(p.prev_key()?.value())
+        .ok()
+        .filter(|old| old.mid > 0 && old.mid != mid && old.comet == server)
+        .map(|old| old.mid)
 }
 
 /// The count a lookup's load-report read returned.
@@ -259,33 +259,29 @@ impl OnlineStore for EtcdOnline {
             room: room.to_string(),
         };
         let value = serde_json::to_vec(&rec).map_err(unavailable)?;
-        // The key changes hands on this comet (account switch): the comet has kicked the old
-        // connection, so the previous user's index entry goes in the same transaction. (On
-        // another comet the old connection may live on; its own Disconnect removes it.)
-        let previous = self.previous_user(key, server, mid).await?;
+        let used = std::sync::atomic::AtomicI64::new(0);
         let written = self
             .write_on_lease(from, |lease| {
+                used.store(lease, std::sync::atomic::Ordering::Relaxed);
                 let opts = || Some(PutOptions::new().with_lease(lease));
                 let mut keys = vec![self.keys.online_key(key)];
-                let mut ops = vec![TxnOp::put(keys[0].as_str(), value.clone(), opts())];
+                // The previous value comes back with the write: no read per Connect.
+                let with_prev = PutOptions::new().with_lease(lease).with_prev_key();
+                let mut ops = vec![TxnOp::put(keys[0].as_str(), value.clone(), Some(with_prev))];
                 if mid > 0 {
                     keys.push(self.keys.online_mid(mid, key));
                     ops.push(TxnOp::put(keys[1].as_str(), server, opts()));
                 }
-                if let Some(old) = previous {
-                    // Only while it is still this comet's (the old user may have taken the key
-                    // to another comet since it was read).
-                    let k = self.keys.online_mid(old, key);
-                    ops.push(TxnOp::txn(
-                        Txn::new()
-                            .when([Compare::lease(k.as_str(), CompareOp::Equal, lease)])
-                            .and_then([TxnOp::delete(k.as_str(), None)]),
-                    ));
-                    keys.push(k);
-                }
                 (ops, keys)
             })
             .await?;
+        // The key changed hands on this comet (account switch): the comet has kicked the old
+        // connection, so the previous user's index entry goes. (On another comet the old
+        // connection may live on; its own Disconnect removes it.)
+        if let Some(old) = previous_user(written.responses.first(), server, mid) {
+            let lease = used.load(std::sync::atomic::Ordering::Relaxed);
+            self.forget_previous_user(old, key, lease).await;
+        }
         Ok(written.revision)
     }
 
