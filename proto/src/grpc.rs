@@ -209,7 +209,7 @@ impl CometService for RemoteComet {
 pub const LOGIC_IN_FLIGHT: usize = 128;
 
 /// A remote logic behind [`LogicService`]. `RenewOnline` goes gzip-compressed, as goim's
-/// comet sends it.
+/// comet sends it, and takes a compressed reply; the other calls go plain.
 #[derive(Clone)]
 pub struct RemoteLogic {
     client: LogicClient<Channel>,
@@ -219,10 +219,12 @@ pub struct RemoteLogic {
 impl RemoteLogic {
     pub fn new(ch: Channel) -> Self {
         RemoteLogic {
+            // No gzip by default: replies to Connect and the other per-connection calls are
+            // small, and compressing them cost logic and comet more CPU than the call itself
+            // (a fresh deflate state per message).
             client: LogicClient::new(ch)
                 .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE)
-                .accept_compressed(CompressionEncoding::Gzip),
+                .max_encoding_message_size(MAX_MESSAGE),
             in_flight: Arc::new(tokio::sync::Semaphore::new(LOGIC_IN_FLIGHT)),
         }
     }
@@ -237,6 +239,12 @@ impl RemoteLogic {
             .await
             .map_err(|_| Status::unavailable("logic client closed"))?;
         Ok((self.client.clone(), permit))
+    }
+
+    /// For `RenewOnline`: every room's count, worth compressing both ways.
+    fn compressed(c: LogicClient<Channel>) -> LogicClient<Channel> {
+        c.send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Gzip)
     }
 }
 
@@ -256,8 +264,7 @@ impl LogicService for RemoteLogic {
     }
     async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, Status> {
         let (c, _p) = self.slot().await?;
-        let mut c = c.send_compressed(CompressionEncoding::Gzip);
-        Ok(c.renew_online(req).await?.into_inner())
+        Ok(Self::compressed(c).renew_online(req).await?.into_inner())
     }
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status> {
         let (mut c, _p) = self.slot().await?;
@@ -667,6 +674,66 @@ mod tests {
             remote.batches.load(std::sync::atomic::Ordering::Relaxed),
             BATCHES_REFUSED
         );
+        served.abort();
+    }
+
+    /// A logic that answers Connect and RenewOnline with something to compress.
+    struct Answers;
+
+    #[async_trait]
+    impl LogicService for Answers {
+        async fn connect(&self, _: ConnectReq) -> Result<ConnectReply, Status> {
+            Ok(ConnectReply {
+                key: "k".repeat(64),
+                ..Default::default()
+            })
+        }
+        async fn disconnect(&self, _: DisconnectReq) -> Result<DisconnectReply, Status> {
+            Ok(DisconnectReply::default())
+        }
+        async fn heartbeat(&self, _: HeartbeatReq) -> Result<HeartbeatReply, Status> {
+            Ok(HeartbeatReply::default())
+        }
+        async fn renew_online(&self, _: OnlineReq) -> Result<OnlineReply, Status> {
+            let all_room_count = (0..100).map(|i| (format!("live://{i}"), i)).collect();
+            Ok(OnlineReply { all_room_count })
+        }
+        async fn receive(&self, _: ReceiveReq) -> Result<ReceiveReply, Status> {
+            Ok(ReceiveReply::default())
+        }
+    }
+
+    /// Connect replies (one per client connection) come back uncompressed: gzip there cost
+    /// logic and comet more CPU than the call itself. RenewOnline (every room's count, and
+    /// gzip in goim's comet) stays compressed both ways.
+    #[tokio::test]
+    async fn only_renew_online_is_compressed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(logic_server(Arc::new(Answers)))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let served = tokio::spawn(server);
+        let ch = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let remote = RemoteLogic::new(ch);
+        let encoding = |m: &tonic::metadata::MetadataMap| {
+            m.get("grpc-encoding")
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let (mut c, _p) = remote.slot().await.unwrap();
+        let r = c.connect(ConnectReq::default()).await.unwrap();
+        assert_eq!(encoding(r.metadata()), None);
+        assert_eq!(r.into_inner().key.len(), 64);
+        let mut c = RemoteLogic::compressed(remote.slot().await.unwrap().0);
+        let r = c.renew_online(OnlineReq::default()).await.unwrap();
+        assert_eq!(encoding(r.metadata()).as_deref(), Some("gzip"));
+        assert_eq!(r.into_inner().all_room_count.len(), 100);
+        // And through the service as comet calls it.
+        assert_eq!(remote.connect(ConnectReq::default()).await.unwrap().key.len(), 64);
         served.abort();
     }
 }
