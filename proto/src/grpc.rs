@@ -733,7 +733,15 @@ mod tests {
         assert_eq!(encoding(r.metadata()).as_deref(), Some("gzip"));
         assert_eq!(r.into_inner().all_room_count.len(), 100);
         // And through the service as comet calls it.
-        assert_eq!(remote.connect(ConnectReq::default()).await.unwrap().key.len(), 64);
+        assert_eq!(
+            remote
+                .connect(ConnectReq::default())
+                .await
+                .unwrap()
+                .key
+                .len(),
+            64
+        );
         served.abort();
     }
 }
