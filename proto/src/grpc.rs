@@ -565,12 +565,14 @@ mod tests {
         }
     }
 
-    async fn serve_job(job: Arc<Recorded>) -> (RemoteJob, tokio::task::JoinHandle<()>) {
+    /// Serves `router` on a free port; a channel to it, and the task serving it.
+    async fn serve(
+        router: tonic::transport::server::Router,
+    ) -> (Channel, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tonic::transport::Server::builder()
-            .add_service(job_server(job))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let server =
+            router.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
         let served = tokio::spawn(async move {
             let _ = server.await;
         });
@@ -579,6 +581,12 @@ mod tests {
             .connect()
             .await
             .unwrap();
+        (ch, served)
+    }
+
+    async fn serve_job(job: Arc<Recorded>) -> (RemoteJob, tokio::task::JoinHandle<()>) {
+        let (ch, served) =
+            serve(tonic::transport::Server::builder().add_service(job_server(job))).await;
         (RemoteJob::new(ch), served)
     }
 
@@ -653,17 +661,8 @@ mod tests {
     #[tokio::test]
     async fn batches_to_a_comet_without_them_go_one_by_one() {
         let comet = Arc::new(GoimLike::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tonic::transport::Server::builder()
-            .add_service(comet_server(comet.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
-        let served = tokio::spawn(server);
-        let ch = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let router = tonic::transport::Server::builder().add_service(comet_server(comet.clone()));
+        let (ch, served) = serve(router).await;
         let remote = RemoteComet::new(ch);
         let r = remote.push_msgs(batch(&["a", "b", "c"])).await.unwrap();
         assert_eq!(r.refused, 0);
@@ -708,17 +707,9 @@ mod tests {
     /// gzip in goim's comet) stays compressed both ways.
     #[tokio::test]
     async fn only_renew_online_is_compressed() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tonic::transport::Server::builder()
-            .add_service(logic_server(Arc::new(Answers)))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
-        let served = tokio::spawn(server);
-        let ch = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let router =
+            tonic::transport::Server::builder().add_service(logic_server(Arc::new(Answers)));
+        let (ch, served) = serve(router).await;
         let remote = RemoteLogic::new(ch);
         let encoding = |m: &tonic::metadata::MetadataMap| {
             m.get("grpc-encoding")
