@@ -293,9 +293,11 @@ mod uring {
                     // is at most its size and it is empty after each submission.
                     if unsafe { ring.submission().push(&send) }.is_err() {
                         alive[c * RING_ENTRIES as usize + i] = false;
+                        losses.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                let mut want = chunk.len();
+                // Completions come only for what was queued.
+                let mut want = ring.submission().len();
                 while want > 0 {
                     if let Err(e) = ring.submit_and_wait(want) {
                         if e.kind() == std::io::ErrorKind::Interrupted {
