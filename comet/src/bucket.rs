@@ -59,7 +59,7 @@ impl Ips {
 /// Comet-wide registries a bucket updates alongside its own maps.
 #[derive(Debug, Default)]
 pub struct Shared {
-    pub rooms: Rooms,
+    pub rooms: Arc<Rooms>,
     pub ips: Ips,
 }
 

@@ -506,6 +506,14 @@ impl Channel {
         self.state().room.clone()
     }
 
+    /// Rooms joined beside the goim room.
+    pub fn extra_rooms(&self) -> Vec<Arc<RoomInfo>> {
+        self.state()
+            .extra_rooms
+            .as_deref()
+            .map_or_else(Vec::new, |v| v.to_vec())
+    }
+
     /// The heartbeat reply body: the room's cluster-wide count when logic has one, else the
     /// local count; 0 without a room.
     pub fn online(&self) -> i32 {

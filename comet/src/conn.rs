@@ -81,6 +81,8 @@ pub(crate) async fn serve(
         }
     };
     comet.metrics.connections.inc();
+    // The auth reply goes once every job routes the connection's rooms here.
+    comet.rooms_announced(&ch).await;
     // The handler is made after the await: held across it, it would be stored twice in this
     // future (here and in `run`'s), on every connection.
     let exit = match conn.flush(VecDeque::new()).await {
@@ -426,6 +428,7 @@ async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: B
     // where this client starts, and it gets exactly what comes after.
     ch.begin_recovery(&room);
     comet.change_room(ch, &room);
+    comet.rooms_announced(ch).await;
     let from = req.recover.as_ref().map(|p| p.offset);
     let since = req.recover.unwrap_or(Position {
         epoch: String::new(),
@@ -604,6 +607,10 @@ impl Session for Arc<Comet> {
 
     fn change_room(&self, ch: &Arc<Channel>, room: &str) {
         Comet::change_room(self, ch, room);
+    }
+
+    fn announced(&self, ch: &Arc<Channel>) -> impl Future<Output = ()> + Send {
+        Comet::rooms_announced(self, ch)
     }
 
     fn add_room(&self, ch: &Arc<Channel>, room: &str) -> Result<bool, &'static str> {

@@ -21,6 +21,9 @@ use crate::channel::Channel;
 pub trait Session {
     /// Moves the connection to `room` ("" leaves every room).
     fn change_room(&self, ch: &Arc<Channel>, room: &str);
+    /// Waits until the connection's rooms are routed to this comet by every job, so a
+    /// message pushed to a room after the client was told it joined reaches it.
+    fn announced(&self, ch: &Arc<Channel>) -> impl Future<Output = ()> + Send;
     /// Joins `room` beside the connection's goim room: `Ok(false)` if in it already, or why
     /// not.
     fn add_room(&self, ch: &Arc<Channel>, room: &str) -> Result<bool, &'static str>;
@@ -269,7 +272,10 @@ impl Handler {
             op::CHANGE_ROOM => {
                 match std::str::from_utf8(&p.body) {
                     // Room ids become etcd records: same bound as logic puts on tokens.
-                    Ok(room) if room.len() <= goim_proto::MAX_ID => session.change_room(ch, room),
+                    Ok(room) if room.len() <= goim_proto::MAX_ID => {
+                        session.change_room(ch, room);
+                        session.announced(ch).await;
+                    }
                     _ => {
                         tracing::debug!(key = %ch.key, "change room: room id not utf-8 or too long")
                     }
@@ -310,7 +316,10 @@ impl Handler {
                     Err(_) => serde_json::json!({ "error": "body must be {\"room\":R}" }),
                     Ok(Room { room }) if p.op == op::ROOM_JOIN => {
                         match session.add_room(ch, &room) {
-                            Ok(joined) => serde_json::json!({ "room": room, "joined": joined }),
+                            Ok(joined) => {
+                                session.announced(ch).await;
+                                serde_json::json!({ "room": room, "joined": joined })
+                            }
                             Err(why) => serde_json::json!({ "room": room, "error": why }),
                         }
                     }
@@ -498,6 +507,7 @@ mod tests {
         fn change_room(&self, _: &Arc<Channel>, room: &str) {
             self.rooms.lock().unwrap().push(room.to_string());
         }
+        async fn announced(&self, _: &Arc<Channel>) {}
         fn add_room(&self, _: &Arc<Channel>, room: &str) -> Result<bool, &'static str> {
             if room == "bad" {
                 return Err("no");

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod per_ip;
 pub mod proxy;
 pub mod registry;
+pub mod room_watch;
 pub mod rooms;
 pub mod server;
 pub mod sweep;

@@ -33,6 +33,9 @@ pub struct CometMetrics {
     /// History reads for a `JOIN` or `RECOVER` that failed (`error`, `timeout`): the client
     /// was answered "not recovered".
     pub history_failures: Family<Reason, Counter>,
+    /// Jobs' room watches the comet dropped (`lagging`, `unacked`): new rooms then waited
+    /// out the job's lease.
+    pub room_watchers_dropped: crate::room_watch::DropCounter,
     last_drop_log: AtomicU64,
 }
 
@@ -75,6 +78,11 @@ impl CometMetrics {
             "history_failures",
             "History reads for JOIN or RECOVER that failed, by reason; answered not recovered",
             self.history_failures.clone(),
+        );
+        r.register(
+            "room_watchers_dropped",
+            "Jobs' room watches dropped for lagging or not acknowledging, by reason",
+            self.room_watchers_dropped.clone(),
         );
     }
 

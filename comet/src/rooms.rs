@@ -1,13 +1,21 @@
 //! Comet-wide room counts: the local member count per room and the cluster-wide count logic
-//! returns from `RenewOnline`. Heartbeat replies read them without touching any bucket.
+//! returns from `RenewOnline`. Heartbeat replies read them without touching any bucket. A
+//! room appearing or emptying is told to the jobs watching ([`Watchers`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::mpsc;
+
+use crate::room_watch::{Event, Watchers};
+
 #[derive(Debug)]
 pub struct RoomInfo {
     pub id: Arc<str>,
+    /// The number of the change that made it appear: its first member waits until every
+    /// watching job has it ([`Watchers::announced`]).
+    pub added: u64,
     local: AtomicI32,
     all: AtomicI32,
 }
@@ -29,9 +37,18 @@ impl RoomInfo {
 #[derive(Debug, Default)]
 pub struct Rooms {
     map: Mutex<HashMap<Arc<str>, Arc<RoomInfo>>>,
+    pub watchers: Watchers,
 }
 
 impl Rooms {
+    /// Rooms whose dropped watchers are counted in `dropped` (by reason).
+    pub fn counting_drops(dropped: crate::room_watch::DropCounter) -> Self {
+        Rooms {
+            map: Mutex::default(),
+            watchers: Watchers::counting(dropped),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<RoomInfo>>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -43,8 +60,10 @@ impl Rooms {
             Some(r) => r.clone(),
             None => {
                 let id: Arc<str> = id.into();
+                let added = self.watchers.room_changed(&id, true);
                 let r = Arc::new(RoomInfo {
                     id: id.clone(),
+                    added,
                     local: AtomicI32::new(0),
                     all: AtomicI32::new(0),
                 });
@@ -59,9 +78,18 @@ impl Rooms {
     /// Counts one member less; the room goes when empty.
     pub fn leave(&self, room: &RoomInfo) {
         let mut map = self.lock();
-        if room.local.fetch_sub(1, Ordering::Relaxed) <= 1 {
-            map.remove(&room.id);
+        if room.local.fetch_sub(1, Ordering::Relaxed) <= 1 && map.remove(&room.id).is_some() {
+            self.watchers.room_changed(&room.id, false);
         }
+    }
+
+    /// A new watcher of the rooms: its id, its snapshot (every room, numbered up to the
+    /// second value) and the changes after it.
+    pub fn watch(&self) -> (u64, Vec<String>, u64, mpsc::Receiver<Event>) {
+        let map = self.lock();
+        let (id, base, events) = self.watchers.watch();
+        let rooms = map.keys().map(|r| r.to_string()).collect();
+        (id, rooms, base, events)
     }
 
     /// Local counts of non-empty rooms, for `RenewOnline`.

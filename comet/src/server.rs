@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use goim_proto::comet::{
     BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
-    RoomsReply, RoomsReq,
+    RoomsAck, RoomsReply, RoomsReq, RoomsUpdate,
 };
 use goim_proto::logic::OnlineReq;
 use goim_proto::op;
@@ -182,7 +182,12 @@ impl Comet {
             )),
             cfg,
             buckets,
-            shared: Shared::default(),
+            shared: Shared {
+                rooms: Arc::new(crate::rooms::Rooms::counting_drops(
+                    metrics.room_watchers_dropped.clone(),
+                )),
+                ips: Default::default(),
+            },
             logic,
             metrics,
             shutdown: CancellationToken::new(),
@@ -242,6 +247,23 @@ impl Comet {
             if !room.is_empty() {
                 self.room_event(ch, room, true);
             }
+        }
+    }
+
+    /// Waits until every job watching this comet's rooms routes the connection's rooms here
+    /// (at once unless one of them just appeared): a client told it joined gets every
+    /// message pushed to the room after that.
+    pub(crate) async fn rooms_announced(&self, ch: &Channel) {
+        let newest = ch
+            .room()
+            .into_iter()
+            .chain(ch.extra_rooms())
+            .map(|r| r.added)
+            .max();
+        let watchers = &self.shared.rooms.watchers;
+        if let Some(seq) = newest.filter(|&s| !watchers.is_announced(s)) {
+            // Boxed: rare, and inline it would grow every connection's task.
+            Box::pin(watchers.announced(seq)).await;
         }
     }
 
@@ -672,6 +694,52 @@ impl CometService for Comet {
         self.to_buckets(|| BucketJob::Room(room.clone(), out.clone(), numbered.clone()))
             .await?;
         Ok(BroadcastRoomReply {})
+    }
+
+    async fn watch_rooms(
+        &self,
+        mut acks: mpsc::Receiver<RoomsAck>,
+    ) -> Result<mpsc::Receiver<RoomsUpdate>, Status> {
+        let rooms = self.shared.rooms.clone();
+        let (id, snapshot, base, mut events) = rooms.watch();
+        let (tx, updates) = mpsc::channel(4);
+        tokio::spawn(async move {
+            // The snapshot first, in pieces a gRPC message holds; the first one resets.
+            let mut pieces: Vec<&[String]> =
+                snapshot.chunks(crate::room_watch::UPDATE_ROOMS).collect();
+            if pieces.is_empty() {
+                pieces.push(&[]);
+            }
+            let mut sent = true;
+            for (i, piece) in pieces.into_iter().enumerate() {
+                let u = RoomsUpdate {
+                    seq: base,
+                    snapshot: i == 0,
+                    added: piece.to_vec(),
+                    ..Default::default()
+                };
+                if tx.send(u).await.is_err() {
+                    sent = false;
+                    break;
+                }
+            }
+            while sent {
+                tokio::select! {
+                    u = crate::room_watch::next_update(&mut events) => {
+                        let Some(u) = u else { break };
+                        if tx.send(u).await.is_err() {
+                            break;
+                        }
+                    }
+                    a = acks.recv() => match a {
+                        Some(a) => rooms.watchers.ack(id, &a),
+                        None => break,
+                    },
+                }
+            }
+            rooms.watchers.unwatch(id);
+        });
+        Ok(updates)
     }
 
     async fn rooms(&self, _req: RoomsReq) -> Result<RoomsReply, Status> {

@@ -9,6 +9,7 @@ mod history;
 mod metrics;
 mod outbox;
 mod rooms;
+pub mod routes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +61,10 @@ pub(crate) struct Inner {
     /// re-registering) still gets room batches and broadcasts, delivered once it is back or
     /// counted. Follows every directory change, so a departure is timed when it happens.
     recent: Arc<Departures>,
+    /// Which comets hold which rooms: a room batch goes only where it has members.
+    pub(crate) routes: Arc<routes::Routes>,
+    /// Follows the comets' rooms into `routes`; stopped with the job.
+    _follower: tokio_util::sync::DropGuard,
     /// Positions and recent messages of rooms whose type keeps history.
     pub(crate) history: History,
     /// Room batchers, then comet queues: a drain waits for each in turn.
@@ -137,8 +142,20 @@ impl Job {
             cfg.max_rooms,
             metrics.clone(),
         );
+        let routes = Arc::new(routes::Routes::default());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let follower = routes::follow_all(routes.clone(), comets.clone(), comets.changes());
+        let token = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = follower => {}
+                _ = token.cancelled() => {}
+            }
+        });
         let job = Job {
             inner: Arc::new(Inner {
+                routes,
+                _follower: stop.drop_guard(),
                 history,
                 cfg,
                 comets,

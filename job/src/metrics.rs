@@ -32,6 +32,8 @@ pub struct JobMetrics {
     pub undeliverable: Family<Reason, Counter>,
     /// Room batches sent, and the messages in them.
     pub room_batches: Counter,
+    /// Room batches not sent to a comet because it has no members in the room.
+    pub room_deliveries_skipped: Counter,
     pub room_messages: Counter,
     /// Messages and deliveries held in job's memory (room queues and per-comet queues).
     pub queued: Gauge,
@@ -53,6 +55,7 @@ impl Default for JobMetrics {
             comet_call_seconds: Family::new_with_constructor(latency),
             undeliverable: Family::default(),
             room_batches: Counter::default(),
+            room_deliveries_skipped: Counter::default(),
             room_messages: Counter::default(),
             queued: Gauge::default(),
             rooms: Gauge::default(),
@@ -82,6 +85,11 @@ impl JobMetrics {
             "room_batches",
             "Room batches flushed",
             self.room_batches.clone(),
+        );
+        r.register(
+            "room_deliveries_skipped",
+            "Room batches not sent to a comet because it has no members in the room",
+            self.room_deliveries_skipped.clone(),
         );
         r.register(
             "room_messages",

@@ -1,5 +1,6 @@
 //! Room batchers: one task per room with messages in flight packs them into one `OpRaw` batch
-//! per flush, in order, and hands the batch to every comet's queue. A flush happens as soon as
+//! per flush, in order, and hands the batch to the queue of every comet with members in it
+//! ([`crate::routes`]). A flush happens as soon as
 //! the room's queue is empty (goim waits up to 1 s), so batching adds no latency when idle and
 //! grows with load. A batcher retires after `room_idle` without messages, so a room that was
 //! pushed to once costs nothing soon after; at most `max_rooms` live at once.
@@ -146,6 +147,11 @@ fn flush(inner: &Arc<Inner>, room: &str, batch: Vec<RoomMsg>) {
         }
         let (epoch, offset) = position.map_or((String::new(), 0), |(e, o)| (e.to_string(), o));
         for name in comets {
+            // Only comets with members there, or whose rooms job does not know.
+            if !inner.routes.wants(&name, room) {
+                inner.metrics.room_deliveries_skipped.inc();
+                continue;
+            }
             let req = BroadcastRoomReq {
                 room_id: room.to_string(),
                 proto: Some(proto.clone()),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -51,7 +52,31 @@ impl Comet for CometGrpc {
     async fn push_msgs(&self, r: Request<PushMsgsReq>) -> Result<Response<PushMsgsReply>, Status> {
         self.0.push_msgs(r.into_inner()).await.map(Response::new)
     }
+    type WatchRoomsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<RoomsUpdate, Status>> + Send>>;
+    async fn watch_rooms(
+        &self,
+        r: Request<tonic::Streaming<RoomsAck>>,
+    ) -> Result<Response<Self::WatchRoomsStream>, Status> {
+        use tokio_stream::StreamExt;
+        let mut incoming = r.into_inner();
+        let (tx, acks) = mpsc::channel(WATCH_BUFFER);
+        // Ends (and with it the watch) when the watcher goes or sends something malformed.
+        tokio::spawn(async move {
+            while let Ok(Some(ack)) = incoming.message().await {
+                if tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let updates = self.0.watch_rooms(acks).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(updates).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
+
+/// Messages buffered each way on a `WatchRooms` stream, between the wire and the service.
+const WATCH_BUFFER: usize = 64;
 
 pub fn comet_server(s: Arc<dyn CometService>) -> CometServer<CometGrpc> {
     CometServer::new(CometGrpc(s))
@@ -200,6 +225,23 @@ impl CometService for RemoteComet {
             }
         }
         Ok(PushMsgsReply { refused })
+    }
+    async fn watch_rooms(
+        &self,
+        acks: mpsc::Receiver<RoomsAck>,
+    ) -> Result<mpsc::Receiver<RoomsUpdate>, Status> {
+        let acks = tokio_stream::wrappers::ReceiverStream::new(acks);
+        let mut incoming = self.client.clone().watch_rooms(acks).await?.into_inner();
+        let (tx, updates) = mpsc::channel(WATCH_BUFFER);
+        // Ends when the stream does, for any reason: the watcher then knows nothing more.
+        tokio::spawn(async move {
+            while let Ok(Some(u)) = incoming.message().await {
+                if tx.send(u).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(updates)
     }
 }
 

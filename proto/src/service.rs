@@ -4,11 +4,12 @@
 //! Errors are `tonic::Status`, the type the gRPC boundary carries anyway.
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::comet::{
     BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
-    PushMsgsReply, PushMsgsReq, RoomsReply, RoomsReq,
+    PushMsgsReply, PushMsgsReq, RoomsAck, RoomsReply, RoomsReq, RoomsUpdate,
 };
 use crate::job::{PushBatchReply, PushBatchReq, PushReply, PushResult};
 use crate::logic::{
@@ -60,6 +61,15 @@ pub trait CometService: Send + Sync + 'static {
             }
         }
         Ok(PushMsgsReply { refused })
+    }
+    /// The rooms this comet holds: a snapshot, then the changes, for as long as `acks` (the
+    /// watcher's acknowledgements and pings) stays open (goim-rs; goim's comet answers
+    /// Unimplemented, and job then sends it every room's batches).
+    async fn watch_rooms(
+        &self,
+        _acks: mpsc::Receiver<RoomsAck>,
+    ) -> Result<mpsc::Receiver<RoomsUpdate>, Status> {
+        Err(Status::unimplemented("goim.comet.Comet/WatchRooms"))
     }
 }
 

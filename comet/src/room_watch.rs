@@ -1,0 +1,404 @@
+//! Jobs watching which rooms this comet holds (`WatchRooms`), so that a room's batches come
+//! here only while it has members here.
+//!
+//! It must be exact: a push accepted after a client was told it joined a room must reach
+//! it. So a room's first member is let in only when every watching job has acknowledged
+//! the room (applied it to its routes), or can no longer route by what it knew. A job trusts
+//! its view of this comet for a lease after each ping this comet answered. A watcher that
+//! falls behind or stops acknowledging is dropped, and new rooms then wait until the lease
+//! of its last answered ping has run out: from then on that job sends this comet every
+//! room's batches, until it watches again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use goim_proto::comet::{RoomsAck, RoomsUpdate};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// How long a room's first member waits for a watcher's acknowledgement before the watcher
+/// is dropped (and fenced out by its lease).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Events queued per watcher; a watcher this far behind is dropped.
+pub const WATCH_QUEUE: usize = 16 * 1024;
+/// Added to a dropped watcher's lease before new rooms go ahead without it: clocks of two
+/// hosts run at slightly different rates.
+const LEASE_MARGIN: Duration = Duration::from_millis(100);
+/// The lease a job may claim (`RoomsAck.lease_ms`), bounded so a bad value cannot stall
+/// joins for long or make the fence meaningless.
+const LEASE_MIN: Duration = Duration::from_millis(100);
+const LEASE_MAX: Duration = Duration::from_secs(30);
+/// Room changes per update at most, so an update stays far below gRPC's message limit.
+pub const UPDATE_ROOMS: usize = 4096;
+
+/// What a watcher is sent: a room appeared (`true`) or emptied, with its number; or the
+/// answer to a ping.
+#[derive(Debug)]
+pub enum Event {
+    Room(u64, Arc<str>, bool),
+    Pong(u64),
+}
+
+/// Why a watcher was dropped (`goim_comet_room_watchers_dropped_total{reason}`).
+pub const DROP_LAGGING: &str = "lagging";
+pub const DROP_UNACKED: &str = "unacked";
+
+#[derive(Debug)]
+struct Watcher {
+    id: u64,
+    /// Changes numbered up to this are in its snapshot.
+    base: u64,
+    acked: u64,
+    tx: mpsc::Sender<Event>,
+    /// When its last ping was answered, and the lease it claimed.
+    pinged: Option<(Instant, Duration)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Number of the last room change.
+    seq: u64,
+    watchers: Vec<Watcher>,
+    /// New rooms wait until then: a dropped watcher's job may still route by its old view.
+    fence: Option<Instant>,
+    next_id: u64,
+}
+
+/// The watchers of one comet's rooms.
+#[derive(Debug)]
+pub struct Watchers {
+    state: Mutex<State>,
+    /// Bumped on every acknowledgement and drop: waiting joins look again.
+    changed: watch::Sender<u64>,
+    dropped: DropCounter,
+}
+
+/// Dropped watchers by reason (`goim_comet_room_watchers_dropped_total`).
+pub type DropCounter = prometheus_client::metrics::family::Family<
+    crate::metrics::Reason,
+    prometheus_client::metrics::counter::Counter,
+>;
+
+impl Default for Watchers {
+    fn default() -> Self {
+        Self::counting(DropCounter::default())
+    }
+}
+
+impl Watchers {
+    pub fn counting(dropped: DropCounter) -> Self {
+        Watchers {
+            state: Mutex::default(),
+            changed: watch::channel(0).0,
+            dropped,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A room appeared or emptied: numbered and queued for every watcher. The caller holds
+    /// the room map's lock, so changes are numbered in the order they happened.
+    pub(crate) fn room_changed(&self, room: &Arc<str>, present: bool) -> u64 {
+        let mut st = self.lock();
+        st.seq += 1;
+        let seq = st.seq;
+        if !st.watchers.is_empty() {
+            let mut lagging = Vec::new();
+            for w in &st.watchers {
+                if w.tx
+                    .try_send(Event::Room(seq, room.clone(), present))
+                    .is_err()
+                {
+                    lagging.push(w.id);
+                }
+            }
+            for id in lagging {
+                self.drop_watcher(&mut st, id, DROP_LAGGING);
+            }
+        }
+        seq
+    }
+
+    /// A new watcher; `rooms` (read under the room map's lock, as is this call) is its
+    /// snapshot. Returns its id, the number its snapshot is at, and its events.
+    pub(crate) fn watch(&self) -> (u64, u64, mpsc::Receiver<Event>) {
+        let mut st = self.lock();
+        st.next_id += 1;
+        let (id, base) = (st.next_id, st.seq);
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        st.watchers.push(Watcher {
+            id,
+            base,
+            acked: base,
+            tx,
+            pinged: None,
+        });
+        (id, base, rx)
+    }
+
+    /// A watcher's acknowledgement (and ping).
+    pub fn ack(&self, id: u64, ack: &RoomsAck) {
+        let mut st = self.lock();
+        let seq = st.seq;
+        let Some(w) = st.watchers.iter_mut().find(|w| w.id == id) else {
+            return;
+        };
+        // Never past what was sent: a bad value must not let a room in unacknowledged.
+        w.acked = w.acked.max(ack.seq.min(seq));
+        let mut lagging = false;
+        if ack.ping != 0 {
+            let lease = Duration::from_millis(ack.lease_ms.into()).clamp(LEASE_MIN, LEASE_MAX);
+            w.pinged = Some((Instant::now(), lease));
+            lagging = w.tx.try_send(Event::Pong(ack.ping)).is_err();
+        }
+        if lagging {
+            self.drop_watcher(&mut st, id, DROP_LAGGING);
+        }
+        drop(st);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// A watcher that went (its stream ended): its job knows it lost its view.
+    pub fn unwatch(&self, id: u64) {
+        let mut st = self.lock();
+        // Its job may not have noticed yet: fenced like any drop.
+        self.drop_watcher(&mut st, id, "");
+    }
+
+    fn drop_watcher(&self, st: &mut State, id: u64, reason: &'static str) {
+        let Some(i) = st.watchers.iter().position(|w| w.id == id) else {
+            return;
+        };
+        let w = st.watchers.swap_remove(i);
+        if let Some((at, lease)) = w.pinged {
+            let until = at + lease + LEASE_MARGIN;
+            st.fence = Some(st.fence.map_or(until, |f| f.max(until)));
+        }
+        if !reason.is_empty() {
+            self.dropped
+                .get_or_create(&crate::metrics::Reason { reason })
+                .inc();
+            tracing::warn!(watcher = id, reason, "room watcher dropped");
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Waits until every job routes a room change numbered `seq` (a room's appearance):
+    /// each watcher acknowledged it or had it in its snapshot, and every dropped watcher's
+    /// lease ran out. A watcher that does not acknowledge within [`ACK_TIMEOUT`] is dropped.
+    pub async fn announced(&self, seq: u64) {
+        let mut changes = self.changed.subscribe();
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        loop {
+            let fence = {
+                let st = self.lock();
+                let waiting = st.watchers.iter().any(|w| w.base < seq && w.acked < seq);
+                match st.fence.filter(|&f| f > Instant::now()) {
+                    Some(f) => Some(f),
+                    None if !waiting => return,
+                    None => None,
+                }
+            };
+            if let Some(f) = fence {
+                tokio::time::sleep_until(f).await;
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                let mut st = self.lock();
+                let late: Vec<u64> = st
+                    .watchers
+                    .iter()
+                    .filter(|w| w.base < seq && w.acked < seq)
+                    .map(|w| w.id)
+                    .collect();
+                for id in late {
+                    self.drop_watcher(&mut st, id, DROP_UNACKED);
+                }
+            }
+        }
+    }
+
+    /// Whether a room change numbered `seq` is routed by every job already (the check
+    /// [`Watchers::announced`] starts with, without waiting).
+    pub fn is_announced(&self, seq: u64) -> bool {
+        let st = self.lock();
+        st.fence.is_none_or(|f| f <= Instant::now())
+            && !st.watchers.iter().any(|w| w.base < seq && w.acked < seq)
+    }
+
+    /// Watchers now.
+    pub fn len(&self) -> usize {
+        self.lock().watchers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Takes what is queued for a watcher now (waiting for the first), as one update: the last
+/// change of each room wins, and the latest pong. `None` when the watcher was dropped.
+pub async fn next_update(events: &mut mpsc::Receiver<Event>) -> Option<RoomsUpdate> {
+    let mut e = events.recv().await?;
+    let mut rooms: HashMap<Arc<str>, bool> = HashMap::new();
+    let mut u = RoomsUpdate::default();
+    loop {
+        match e {
+            Event::Room(seq, room, present) => {
+                u.seq = seq;
+                rooms.insert(room, present);
+            }
+            Event::Pong(p) => u.pong = p,
+        }
+        if rooms.len() >= UPDATE_ROOMS {
+            break;
+        }
+        match events.try_recv() {
+            Ok(next) => e = next,
+            Err(_) => break,
+        }
+    }
+    for (room, present) in rooms {
+        if present {
+            u.added.push(room.to_string());
+        } else {
+            u.removed.push(room.to_string());
+        }
+    }
+    Some(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rooms::Rooms;
+
+    fn ack(seq: u64, ping: u64) -> RoomsAck {
+        RoomsAck {
+            seq,
+            ping,
+            lease_ms: 2000,
+        }
+    }
+
+    fn dropped(w: &Watchers, reason: &'static str) -> u64 {
+        w.dropped
+            .get_or_create(&crate::metrics::Reason { reason })
+            .get()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_room_waits_until_every_watcher_has_it() {
+        let rooms = Rooms::default();
+        let old = rooms.join("live://old");
+        let (id, snapshot, base, mut events) = rooms.watch();
+        assert_eq!(snapshot, ["live://old"]);
+        // In the snapshot: nothing to wait for.
+        assert!(rooms.watchers.is_announced(old.added));
+
+        let new = rooms.join("live://new");
+        assert!(new.added > base);
+        assert!(!rooms.watchers.is_announced(new.added));
+        let wait = rooms.watchers.announced(new.added);
+        tokio::pin!(wait);
+        assert!(
+            futures_poll(&mut wait).await.is_none(),
+            "not acknowledged yet"
+        );
+        let u = next_update(&mut events).await.unwrap();
+        assert_eq!(
+            (u.seq, u.added.as_slice()),
+            (new.added, &["live://new".to_string()][..])
+        );
+        rooms.watchers.ack(id, &ack(u.seq, 0));
+        wait.await;
+        assert!(rooms.watchers.is_announced(new.added));
+        // Joining a room that is there already waits for nothing.
+        let again = rooms.join("live://new");
+        assert!(rooms.watchers.is_announced(again.added));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_watcher_is_dropped_and_its_lease_waited_out() {
+        let rooms = Rooms::default();
+        let (id, _, _, _events) = rooms.watch();
+        let pinged = Instant::now();
+        rooms.watchers.ack(id, &ack(0, 1));
+        let room = rooms.join("live://1");
+        rooms.watchers.announced(room.added).await;
+        // Its job routed by its old view for 2 s after the ping: the room waited that out.
+        assert!(pinged.elapsed() >= Duration::from_secs(2) + LEASE_MARGIN);
+        assert!(pinged.elapsed() < Duration::from_secs(3));
+        assert!(rooms.watchers.is_empty());
+        assert_eq!(dropped(&rooms.watchers, DROP_UNACKED), 1);
+        // The fence is over: later rooms go at once.
+        let later = rooms.join("live://2");
+        assert!(rooms.watchers.is_announced(later.added));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_that_never_pinged_leaves_no_fence() {
+        let rooms = Rooms::default();
+        let (id, _, _, _events) = rooms.watch();
+        rooms.watchers.unwatch(id);
+        let room = rooms.join("live://1");
+        // Its job never routed by it (no ping answered): nothing to wait out.
+        assert!(rooms.watchers.is_announced(room.added));
+    }
+
+    #[tokio::test]
+    async fn changes_are_coalesced_in_order_with_the_last_pong() {
+        let rooms = Rooms::default();
+        let (id, _, _, mut events) = rooms.watch();
+        let a = rooms.join("a");
+        rooms.leave(&a);
+        let b = rooms.join("b");
+        let gone = rooms.join("gone");
+        rooms.leave(&gone);
+        let a2 = rooms.join("a");
+        rooms.watchers.ack(id, &ack(0, 7));
+        let mut u = next_update(&mut events).await.unwrap();
+        u.added.sort();
+        assert_eq!(u.added, ["a", "b"]);
+        assert_eq!(u.removed, ["gone"]);
+        assert_eq!((u.seq, u.pong, u.snapshot), (a2.added, 7, false));
+        assert!(b.added < a2.added);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_too_far_behind_is_dropped() {
+        let rooms = Rooms::default();
+        let (_, _, _, _events) = rooms.watch();
+        for i in 0..=WATCH_QUEUE {
+            rooms.join(&format!("r{i}"));
+        }
+        assert!(rooms.watchers.is_empty());
+        assert_eq!(dropped(&rooms.watchers, DROP_LAGGING), 1);
+    }
+
+    #[tokio::test]
+    async fn an_ack_beyond_what_was_sent_counts_for_nothing_more() {
+        let rooms = Rooms::default();
+        let (id, _, _, _events) = rooms.watch();
+        rooms.watchers.ack(id, &ack(u64::MAX, 0));
+        let room = rooms.join("live://1");
+        assert!(!rooms.watchers.is_announced(room.added));
+    }
+
+    /// Polls a future once.
+    async fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut *f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+}
