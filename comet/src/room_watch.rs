@@ -242,6 +242,40 @@ impl Watchers {
     }
 }
 
+/// Serves one watcher (a `WatchRooms` stream): its snapshot, then the changes, while taking
+/// its acknowledgements; until either side goes.
+pub async fn serve(
+    rooms: Arc<crate::rooms::Rooms>,
+    mut acks: mpsc::Receiver<RoomsAck>,
+    tx: mpsc::Sender<RoomsUpdate>,
+) {
+    let (id, snapshot, base, mut events) = rooms.watch();
+    let run = async {
+        // The snapshot first, in pieces a gRPC message holds; the first one resets.
+        let mut pieces: Vec<&[String]> = snapshot.chunks(UPDATE_ROOMS).collect();
+        if pieces.is_empty() {
+            pieces.push(&[]);
+        }
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let u = RoomsUpdate {
+                seq: base,
+                snapshot: i == 0,
+                added: piece.to_vec(),
+                ..Default::default()
+            };
+            tx.send(u).await.ok()?;
+        }
+        loop {
+            tokio::select! {
+                u = next_update(&mut events) => tx.send(u?).await.ok()?,
+                a = acks.recv() => rooms.watchers.ack(id, &a?),
+            }
+        }
+    };
+    let _: Option<()> = run.await;
+    rooms.watchers.unwatch(id);
+}
+
 /// Takes what is queued for a watcher now (waiting for the first), as one update: the last
 /// change of each room wins, and the latest pong. `None` when the watcher was dropped.
 pub async fn next_update(events: &mut mpsc::Receiver<Event>) -> Option<RoomsUpdate> {
@@ -389,6 +423,39 @@ mod tests {
         rooms.watchers.ack(id, &ack(u64::MAX, 0));
         let room = rooms.join("live://1");
         assert!(!rooms.watchers.is_announced(room.added));
+    }
+
+    #[tokio::test]
+    async fn a_watch_starts_with_its_snapshot_in_pieces_and_ends_with_its_watcher() {
+        let rooms = Arc::new(Rooms::default());
+        for i in 0..UPDATE_ROOMS + 1 {
+            rooms.join(&format!("r{i}"));
+        }
+        let (acks_tx, acks) = mpsc::channel(4);
+        let (tx, mut updates) = mpsc::channel(4);
+        let task = tokio::spawn(serve(rooms.clone(), acks, tx));
+        let first = updates.recv().await.unwrap();
+        let second = updates.recv().await.unwrap();
+        assert!(first.snapshot && !second.snapshot);
+        assert_eq!(first.added.len() + second.added.len(), UPDATE_ROOMS + 1);
+        assert_eq!(
+            (first.seq, second.seq),
+            (UPDATE_ROOMS as u64 + 1, first.seq)
+        );
+        let room = rooms.join("new");
+        let u = updates.recv().await.unwrap();
+        assert_eq!(
+            (u.seq, u.added.as_slice()),
+            (room.added, &["new".to_string()][..])
+        );
+        acks_tx.send(ack(u.seq, 3)).await.unwrap();
+        assert_eq!(updates.recv().await.unwrap().pong, 3);
+        assert!(rooms.watchers.is_announced(room.added));
+        // The job went: so does the watcher (fenced by the lease of its answered ping).
+        drop(acks_tx);
+        task.await.unwrap();
+        assert!(rooms.watchers.is_empty());
+        assert!(!rooms.watchers.is_announced(rooms.join("later").added));
     }
 
     /// Polls a future once.

@@ -698,47 +698,11 @@ impl CometService for Comet {
 
     async fn watch_rooms(
         &self,
-        mut acks: mpsc::Receiver<RoomsAck>,
+        acks: mpsc::Receiver<RoomsAck>,
     ) -> Result<mpsc::Receiver<RoomsUpdate>, Status> {
-        let rooms = self.shared.rooms.clone();
-        let (id, snapshot, base, mut events) = rooms.watch();
         let (tx, updates) = mpsc::channel(4);
-        tokio::spawn(async move {
-            // The snapshot first, in pieces a gRPC message holds; the first one resets.
-            let mut pieces: Vec<&[String]> =
-                snapshot.chunks(crate::room_watch::UPDATE_ROOMS).collect();
-            if pieces.is_empty() {
-                pieces.push(&[]);
-            }
-            let mut sent = true;
-            for (i, piece) in pieces.into_iter().enumerate() {
-                let u = RoomsUpdate {
-                    seq: base,
-                    snapshot: i == 0,
-                    added: piece.to_vec(),
-                    ..Default::default()
-                };
-                if tx.send(u).await.is_err() {
-                    sent = false;
-                    break;
-                }
-            }
-            while sent {
-                tokio::select! {
-                    u = crate::room_watch::next_update(&mut events) => {
-                        let Some(u) = u else { break };
-                        if tx.send(u).await.is_err() {
-                            break;
-                        }
-                    }
-                    a = acks.recv() => match a {
-                        Some(a) => rooms.watchers.ack(id, &a),
-                        None => break,
-                    },
-                }
-            }
-            rooms.watchers.unwatch(id);
-        });
+        let rooms = self.shared.rooms.clone();
+        tokio::spawn(crate::room_watch::serve(rooms, acks, tx));
         Ok(updates)
     }
 
