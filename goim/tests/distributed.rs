@@ -453,3 +453,114 @@ async fn roles_talk_over_mutual_tls() {
     let member = goim_proto::grpc::RemoteLogic::new(member.channel(&logic_grpc).unwrap());
     within(member.nodes(NodesReq::default())).await.unwrap();
 }
+
+/// A counter's value in a Prometheus text page (0 when absent).
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Moves a client to `room` and waits for the reply.
+async fn change_room(c: &mut Client, room: &str) {
+    use goim_proto::op;
+    c.send(op::CHANGE_ROOM, room.as_bytes()).await.unwrap();
+    within(async {
+        loop {
+            let p = c.recv().await.unwrap();
+            if p.op == op::CHANGE_ROOM_REPLY {
+                return;
+            }
+            assert_eq!(p.op, op::HEARTBEAT_REPLY, "unexpected {p:?}");
+        }
+    })
+    .await;
+}
+
+/// Job sends a room's batches only to comets with members there, and a client told it
+/// joined a room gets the very next message pushed to it, on a comet the room just reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_batches_go_only_to_comets_with_members() {
+    let c = tokio::task::spawn_blocking(|| Cluster::start(2, 1))
+        .await
+        .unwrap();
+    let http = c.http();
+    let job = c.jobs[0].addr("http");
+    let room1 = "/goim/push/room?operation=1000&type=live&room=1";
+    let mut a = connect(
+        c.comet(0, Transport::Tcp),
+        Transport::Tcp,
+        1,
+        "a",
+        "live://1",
+    )
+    .await;
+    let mut b = connect(
+        c.comet(1, Transport::Tcp),
+        Transport::Tcp,
+        2,
+        "b",
+        "live://2",
+    )
+    .await;
+    push_until_received(http, room1, &mut a).await;
+    // Once job knows comet 1's rooms, room 1's batches skip it.
+    let skipped = || async {
+        let m = raw_http(job, "GET", "/metrics", b"").await.unwrap().1;
+        counter(&m, "goim_job_room_deliveries_skipped_total")
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while skipped().await == 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job never skipped comet 1"
+        );
+        push(http, room1, b"probe").await;
+        assert_eq!(recv_body(&mut a).await, b"probe");
+    }
+    let metrics = || async { raw_http(job, "GET", "/metrics", b"").await.unwrap().1 };
+    let before = metrics().await;
+    for i in 0..10 {
+        push(http, room1, format!("r{i}").as_bytes()).await;
+        assert_eq!(recv_body(&mut a).await, format!("r{i}").into_bytes());
+    }
+    let after = metrics().await;
+    let delta = |name: &str| counter(&after, name) - counter(&before, name);
+    let batches = delta("goim_job_room_batches_total");
+    assert!(batches >= 1.0);
+    assert_eq!(
+        delta(r#"goim_job_comet_calls_total{reason="room"}"#),
+        batches,
+        "one call per batch, to comet 0 only"
+    );
+    assert_eq!(delta("goim_job_room_deliveries_skipped_total"), batches);
+
+    // b comes and goes: each time room 1 appears on comet 1 anew, and the first message
+    // pushed after the reply reaches it.
+    for i in 0..20 {
+        change_room(&mut b, "live://1").await;
+        let body = format!("join-{i}");
+        push(http, room1, body.as_bytes()).await;
+        assert_eq!(recv_body(&mut b).await, body.as_bytes());
+        assert_eq!(recv_body(&mut a).await, body.as_bytes());
+        change_room(&mut b, "live://2").await;
+    }
+    // A new connection into a room new to its comet: the push right after auth reaches it.
+    let mut n = connect(
+        c.comet(1, Transport::Tcp),
+        Transport::Tcp,
+        3,
+        "n",
+        "live://3",
+    )
+    .await;
+    push(
+        http,
+        "/goim/push/room?operation=1000&type=live&room=3",
+        b"first",
+    )
+    .await;
+    assert_eq!(recv_body(&mut n).await, b"first");
+    drop(c);
+}

@@ -333,3 +333,66 @@ async fn overlong_room_ids_are_refused() {
     assert_eq!(within(t.read_to_close()).await.unwrap(), 0);
     s.shutdown().await;
 }
+
+/// A room's first member on a comet is answered only once every job watching the comet's
+/// rooms has the room (goim-rs: job sends a room's batches only to comets with members), so
+/// the first message pushed after the reply reaches it. Here the test is such a watcher.
+#[tokio::test]
+async fn a_rooms_first_member_is_answered_once_every_watcher_has_the_room() {
+    use goim_proto::comet::RoomsAck;
+    use goim_proto::service::CometService;
+    let s = start().await;
+    let (acks, rx) = tokio::sync::mpsc::channel(8);
+    let mut updates = s.comet().watch_rooms(rx).await.unwrap();
+    assert!(within(updates.recv()).await.unwrap().snapshot);
+    let mut kept = Vec::new();
+    for (t, room) in [
+        (Transport::Tcp, "live://a"),
+        (Transport::WebSocket, "live://b"),
+    ] {
+        let addr = common::addr(&s, t);
+        let tok = token(1, room, room, &[1000]);
+        let mut auth = tokio::spawn(async move {
+            let mut c = Client::connect(t, addr, None).await.unwrap();
+            c.auth(&tok).await.unwrap();
+            c
+        });
+        let u = within(updates.recv()).await.unwrap();
+        assert_eq!(u.added, [room]);
+        // Not acknowledged: the reply is held (until the watcher is dropped after 1 s).
+        let held = tokio::time::timeout(std::time::Duration::from_millis(300), &mut auth).await;
+        assert!(held.is_err(), "answered before the watcher had the room");
+        acks.send(RoomsAck {
+            seq: u.seq,
+            ping: 0,
+            lease_ms: 3000,
+        })
+        .await
+        .unwrap();
+        let mut c = within(auth).await.unwrap();
+        let (kind, id) = room.split_once("://").unwrap();
+        let path = format!("/goim/push/room?operation=1000&type={kind}&room={id}");
+        push_ok(&s, &path, b"first").await;
+        assert_eq!(recv(&mut c).await.body, b"first");
+        kept.push(c);
+    }
+    // CHANGE_ROOM into a new room waits the same way (live://a is there: no wait to join).
+    let mut c = client(&s, Transport::Tcp, 2, "mover", "live://a", &[1000]).await;
+    c.send(OP_CHANGE_ROOM, b"live://c").await.unwrap();
+    let u = within(updates.recv()).await.unwrap();
+    assert_eq!(u.added, ["live://c"]);
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), c.recv()).await;
+    assert!(
+        early.is_err(),
+        "CHANGE_ROOM answered before the watcher had the room"
+    );
+    acks.send(RoomsAck {
+        seq: u.seq,
+        ping: 0,
+        lease_ms: 3000,
+    })
+    .await
+    .unwrap();
+    assert_eq!(recv(&mut c).await.body, b"live://c");
+    s.shutdown().await;
+}
