@@ -5,15 +5,19 @@
 # each role's /metrics in OUT.
 # Usage: COMETS=1 bench/cluster.sh SCENARIO [goim-bench scenario flags...]
 #   e.g. bench/cluster.sh latency --conns 1000 --rooms 0 --rate 10000 --seconds 5 --pushers 32
-# Extra environment: CONFIG (a TOML file every role reads), OUT (results directory).
+# Extra environment: CONFIG (a TOML file every role reads), OUT (results directory), SPREAD
+# (the load generator's connections go round-robin over the first SPREAD comets; default 1),
+# GOIM (a goim binary to run instead of this tree's release build, e.g. an older build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COMETS=${COMETS:-1}
+SPREAD=${SPREAD:-1}
 SCENARIO=${1:?usage: bench/cluster.sh SCENARIO [flags...]}
 shift
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/goim-rs/target}"
 cargo build --release --locked -p goim -p goim-bench >/dev/null
 BIN="$CARGO_TARGET_DIR/release"
+GOIM=${GOIM:-$BIN/goim}
 OUT=${OUT:-bench/results}
 WORK=$(mktemp -d)
 pids=()
@@ -37,17 +41,17 @@ wait_ready() { until curl -sf "http://127.0.0.1:$1/readyz" >/dev/null; do sleep 
 wait_port "$BASE"
 
 LOGIC_HTTP=$((BASE + 11)) LOGIC_GRPC=$((BASE + 19))
-RUST_LOG=warn "$BIN/goim" "${config[@]}" logic "${common[@]}" --http "127.0.0.1:$LOGIC_HTTP" \
+RUST_LOG=warn "$GOIM" "${config[@]}" logic "${common[@]}" --http "127.0.0.1:$LOGIC_HTTP" \
   --grpc "127.0.0.1:$LOGIC_GRPC" 2>"$WORK/logic.log" &
 pids+=($!)
 names+=(logic)
-RUST_LOG=warn "$BIN/goim" "${config[@]}" job "${common[@]}" --id job-0 \
+RUST_LOG=warn "$GOIM" "${config[@]}" job "${common[@]}" --id job-0 \
   --grpc "127.0.0.1:$((BASE + 29))" --http "127.0.0.1:$((BASE + 28))" 2>"$WORK/job.log" &
 pids+=($!)
 names+=(job)
 for i in $(seq 0 $((COMETS - 1))); do
   p=$((BASE + 100 + i * 10))
-  RUST_LOG=warn "$BIN/goim" "${config[@]}" comet "${common[@]}" --name "comet-$i" \
+  RUST_LOG=warn "$GOIM" "${config[@]}" comet "${common[@]}" --name "comet-$i" \
     --logic "127.0.0.1:$LOGIC_GRPC" --tcp "127.0.0.1:$p" --ws "127.0.0.1:$((p + 1))" \
     --grpc "127.0.0.1:$((p + 9))" --http "127.0.0.1:$((p + 8))" 2>"$WORK/comet-$i.log" &
   pids+=($!)
@@ -63,8 +67,10 @@ declare -A before
 for i in "${!pids[@]}"; do before[$i]=$(ticks "${pids[$i]}"); done
 via_logic=(--http "127.0.0.1:$LOGIC_HTTP")
 [ "$SCENARIO" = idle ] && via_logic=() # connects only: no pushes through logic
+also=()
+for i in $(seq 1 $((SPREAD - 1))); do also+=(--also-addr "127.0.0.1:$((BASE + 100 + i * 10))"); done
 "$BIN/goim-bench" --out "$OUT" --server "goim-rs (distributed, $COMETS comets)" "$SCENARIO" \
-  --addr "127.0.0.1:$((BASE + 100))" "${via_logic[@]}" --pid "${pids[3]}" "$@"
+  --addr "127.0.0.1:$((BASE + 100))" "${also[@]}" "${via_logic[@]}" --pid "${pids[3]}" "$@"
 # Each role's metrics after the run, next to the results (latency histograms per call).
 mkdir -p "$OUT"
 curl -sf "http://127.0.0.1:$LOGIC_HTTP/metrics" >"$OUT/metrics-logic.txt" || true

@@ -27,6 +27,8 @@ pub const OP: i32 = 1000;
 #[derive(Debug, Clone)]
 pub struct Conns {
     pub addr: SocketAddr,
+    /// More comets: connection i goes to the (i mod n)-th of `addr` and these.
+    pub also: Vec<SocketAddr>,
     pub transport: Transport,
     pub count: usize,
     /// Connections opened at once.
@@ -43,6 +45,14 @@ pub struct Conns {
 }
 
 impl Conns {
+    /// The comet connection `i` goes to.
+    pub fn addr_of(&self, i: usize) -> SocketAddr {
+        match i % (1 + self.also.len()) {
+            0 => self.addr,
+            n => self.also[n - 1],
+        }
+    }
+
     pub fn room_of(&self, i: usize) -> String {
         if self.rooms == 0 {
             String::new()
@@ -111,7 +121,7 @@ pub async fn open(c: &Conns) -> anyhow::Result<(Vec<Client>, Duration)> {
         let mut set = tokio::task::JoinSet::new();
         for j in i..end {
             let (addr, t, room, key) = (
-                c.addr,
+                c.addr_of(j),
                 c.transport,
                 c.room_of(j),
                 format!("{}{j}", c.key_prefix),

@@ -43,6 +43,9 @@ struct ConnArgs {
     /// Comet address (its TCP or WebSocket port, see --proto).
     #[arg(long, default_value = "127.0.0.1:3101")]
     addr: SocketAddr,
+    /// More comets (repeat the flag): connections go round-robin over --addr and these.
+    #[arg(long = "also-addr")]
+    also: Vec<SocketAddr>,
     #[arg(long, value_enum, default_value = "tcp")]
     proto: Proto,
     #[arg(long, default_value_t = 1000)]
@@ -83,6 +86,7 @@ impl ConnArgs {
         };
         Ok(Conns {
             addr: self.addr,
+            also: self.also.clone(),
             transport: match self.proto {
                 Proto::Tcp => Transport::Tcp,
                 Proto::Ws => Transport::WebSocket,

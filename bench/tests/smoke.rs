@@ -12,6 +12,7 @@ use goim_client::Transport;
 fn conns(addr: SocketAddr, t: Transport, prefix: &str, rooms: usize) -> Conns {
     Conns {
         addr,
+        also: Vec::new(),
         transport: t,
         count: 500,
         parallel: 100,
