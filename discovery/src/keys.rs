@@ -106,6 +106,10 @@ pub struct CometRecord {
     /// the operator change it without a restart.
     #[serde(skip_serializing_if = "is_zero")]
     pub drain_ms: u64,
+    /// The pod the operator wrote this record for. A StatefulSet recreates a pod under its
+    /// name; a record left by the earlier pod (draining, say) is not the new one's.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -145,6 +145,7 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
         zone: cfg.comet.zone.clone(),
         state: CometState::Active,
         drain_ms: 0,
+        pod_uid: String::new(),
     };
     let lease = LeaseHandle::spawn(client.clone(), cfg.cluster.lease_ttl, stop.clone());
     let registrar = Arc::new(Registrar {

@@ -566,14 +566,15 @@ type Registry = (BTreeMap<String, CometRecord>, HashMap<String, u64>);
 
 fn comet_pod(p: &Pod, registry: Option<&Registry>) -> CometPod {
     let name = p.name_any();
+    // A record the operator wrote for an earlier pod of this name (a StatefulSet recreates
+    // pods under their names) is not this pod's: the new pod must not inherit its drain.
+    let own =
+        |r: &&CometRecord| r.pod_uid.is_empty() || Some(&r.pod_uid) == p.metadata.uid.as_ref();
+    let record = registry.and_then(|(records, _)| records.get(&name).filter(own));
     CometPod {
         serving: registry.is_some_and(|(_, loads)| loads.contains_key(&name)),
-        recorded: registry.is_some_and(|(records, _)| records.contains_key(&name)),
-        registered: registry.is_some_and(|(records, _)| {
-            records
-                .get(&name)
-                .is_some_and(|r| r.state == goim_discovery::CometState::Active)
-        }),
+        recorded: record.is_some(),
+        registered: record.is_some_and(|r| r.state == goim_discovery::CometState::Active),
         uid: p.metadata.uid.clone(),
         ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
         ready: p
@@ -964,4 +965,52 @@ pub async fn run(client: Client, opts: Options) -> anyhow::Result<()> {
         anyhow::bail!("lost leadership");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use goim_discovery::CometState;
+
+    fn pod(uid: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "c-comet-2", "uid": uid},
+            "status": {"podIP": "10.0.0.3", "conditions": [{"type": "Ready", "status": "False"}]}
+        }))
+        .unwrap()
+    }
+
+    /// A StatefulSet recreates a pod under its name: the new pod must not inherit the
+    /// draining record its predecessor left, or it reads "draining", never turns ready, and
+    /// keeps the record draining (a rollout that never ends).
+    #[test]
+    fn a_record_left_by_an_earlier_pod_of_the_name_is_not_the_new_pods() {
+        let record = CometRecord {
+            name: "c-comet-2".into(),
+            state: CometState::Draining,
+            pod_uid: "old".into(),
+            ..Default::default()
+        };
+        let registry: Registry = (
+            BTreeMap::from([("c-comet-2".to_string(), record)]),
+            HashMap::from([("c-comet-2".to_string(), 0)]),
+        );
+        let new = comet_pod(&pod("new"), Some(&registry));
+        assert!(new.serving && !new.recorded && !new.registered);
+        // Not ready, not recorded: its stale record goes, and the comet finds no drain.
+        let pc: PushCluster = serde_json::from_value(json!({
+            "apiVersion": "goim.rs/v1beta1", "kind": "PushCluster",
+            "metadata": {"name": "c", "namespace": "ns"},
+            "spec": {"image": "i", "etcd": {"endpoints": ["e"]}, "auth": {"mode": "json"}}
+        }))
+        .unwrap();
+        assert!(plan::desired_records(&pc, std::slice::from_ref(&new), &[]).is_empty());
+        // The same pod's record is its own.
+        let same = comet_pod(&pod("old"), Some(&registry));
+        assert!(same.recorded && !same.registered);
+        // Records from before pods were named in them count as the pod's own.
+        let mut registry = registry;
+        registry.0.get_mut("c-comet-2").unwrap().pod_uid.clear();
+        assert!(comet_pod(&pod("new"), Some(&registry)).recorded);
+    }
 }

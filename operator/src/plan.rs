@@ -184,6 +184,7 @@ pub fn desired_records(
                         CometState::Active
                     },
                     drain_ms: u64::try_from(pc.spec.comet.drain_seconds.max(1)).unwrap_or(1) * 1000,
+                    pod_uid: pod.uid.clone().unwrap_or_default(),
                 },
             ))
         })
