@@ -426,9 +426,10 @@ async fn join(comet: &Arc<Comet>, ch: &Arc<Channel>, ver: i16, seq: i32, body: B
     let room = req.room;
     // The room's numbered batches are held from before the join: the reply's position is
     // where this client starts, and it gets exactly what comes after.
+    let hold = comet.announce_room(&room).await;
     ch.begin_recovery(&room);
     comet.change_room(ch, &room);
-    comet.rooms_announced(ch).await;
+    drop(hold);
     let from = req.recover.as_ref().map(|p| p.offset);
     let since = req.recover.unwrap_or(Position {
         epoch: String::new(),
@@ -609,8 +610,8 @@ impl Session for Arc<Comet> {
         Comet::change_room(self, ch, room);
     }
 
-    fn announced(&self, ch: &Arc<Channel>) -> impl Future<Output = ()> + Send {
-        Comet::rooms_announced(self, ch)
+    fn announce(&self, room: &str) -> impl Future<Output = crate::room_watch::RoomHold> + Send {
+        Comet::announce_room(self, room)
     }
 
     fn add_room(&self, ch: &Arc<Channel>, room: &str) -> Result<bool, &'static str> {

@@ -21,9 +21,9 @@ use crate::channel::Channel;
 pub trait Session {
     /// Moves the connection to `room` ("" leaves every room).
     fn change_room(&self, ch: &Arc<Channel>, room: &str);
-    /// Waits until the connection's rooms are routed to this comet by every job, so a
-    /// message pushed to a room after the client was told it joined reaches it.
-    fn announced(&self, ch: &Arc<Channel>) -> impl Future<Output = ()> + Send;
+    /// Holds `room` on this comet once every job routes it here; the connection joins it
+    /// while holding, so a message pushed to the room after the reply reaches it.
+    fn announce(&self, room: &str) -> impl Future<Output = crate::room_watch::RoomHold> + Send;
     /// Joins `room` beside the connection's goim room: `Ok(false)` if in it already, or why
     /// not.
     fn add_room(&self, ch: &Arc<Channel>, room: &str) -> Result<bool, &'static str>;
@@ -273,8 +273,8 @@ impl Handler {
                 match std::str::from_utf8(&p.body) {
                     // Room ids become etcd records: same bound as logic puts on tokens.
                     Ok(room) if room.len() <= goim_proto::MAX_ID => {
+                        let _hold = session.announce(room).await;
                         session.change_room(ch, room);
-                        session.announced(ch).await;
                     }
                     _ => {
                         tracing::debug!(key = %ch.key, "change room: room id not utf-8 or too long")
@@ -315,11 +315,9 @@ impl Handler {
                 let reply = match serde_json::from_slice::<Room>(&p.body) {
                     Err(_) => serde_json::json!({ "error": "body must be {\"room\":R}" }),
                     Ok(Room { room }) if p.op == op::ROOM_JOIN => {
+                        let _hold = session.announce(&room).await;
                         match session.add_room(ch, &room) {
-                            Ok(joined) => {
-                                session.announced(ch).await;
-                                serde_json::json!({ "room": room, "joined": joined })
-                            }
+                            Ok(joined) => serde_json::json!({ "room": room, "joined": joined }),
                             Err(why) => serde_json::json!({ "room": room, "error": why }),
                         }
                     }
@@ -507,7 +505,9 @@ mod tests {
         fn change_room(&self, _: &Arc<Channel>, room: &str) {
             self.rooms.lock().unwrap().push(room.to_string());
         }
-        async fn announced(&self, _: &Arc<Channel>) {}
+        async fn announce(&self, _: &str) -> crate::room_watch::RoomHold {
+            crate::room_watch::RoomHold::default()
+        }
         fn add_room(&self, _: &Arc<Channel>, room: &str) -> Result<bool, &'static str> {
             if room == "bad" {
                 return Err("no");

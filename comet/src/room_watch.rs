@@ -242,6 +242,36 @@ impl Watchers {
     }
 }
 
+/// A room kept on this comet (counted as a member) while a connection is about to join it:
+/// the room is made known to every watching job first, so the wait holds nothing back from
+/// the connection (a `JOIN` holds the room's batches while it recovers).
+#[derive(Debug, Default)]
+pub struct RoomHold(Option<(Arc<crate::rooms::Rooms>, Arc<crate::rooms::RoomInfo>)>);
+
+impl RoomHold {
+    /// Holds `room` ("" holds nothing) and waits until every watching job routes it here.
+    pub async fn announce(rooms: &Arc<crate::rooms::Rooms>, room: &str) -> RoomHold {
+        if room.is_empty() {
+            return RoomHold(None);
+        }
+        let info = rooms.join(room);
+        let hold = RoomHold(Some((rooms.clone(), info.clone())));
+        if !rooms.watchers.is_announced(info.added) {
+            // Boxed: rare, and inline it would grow every connection's task.
+            Box::pin(rooms.watchers.announced(info.added)).await;
+        }
+        hold
+    }
+}
+
+impl Drop for RoomHold {
+    fn drop(&mut self) {
+        if let Some((rooms, info)) = self.0.take() {
+            rooms.leave(&info);
+        }
+    }
+}
+
 /// Serves one watcher (a `WatchRooms` stream): its snapshot, then the changes, while taking
 /// its acknowledgements; until either side goes.
 pub async fn serve(

@@ -25,6 +25,7 @@ use crate::channel::{Channel, Numbered, Outgoing};
 use crate::conn;
 use crate::connection::Transport;
 use crate::metrics::CometMetrics;
+use crate::room_watch::RoomHold;
 use goim_config::CometConfig;
 
 /// Fan-out work handed to a bucket's worker, so one room's or broadcast's messages reach each
@@ -250,9 +251,18 @@ impl Comet {
         }
     }
 
-    /// Waits until every job watching this comet's rooms routes the connection's rooms here
-    /// (at once unless one of them just appeared): a client told it joined gets every
-    /// message pushed to the room after that.
+    /// Holds `room` on this comet until the hold is dropped, once every job watching this
+    /// comet's rooms routes it here: join it while holding, and a message pushed to the room
+    /// after the client is told it joined reaches it.
+    pub(crate) async fn announce_room(&self, room: &str) -> RoomHold {
+        RoomHold::announce(&self.shared.rooms, room).await
+    }
+
+    /// Waits until every job watching this comet's rooms routes the rooms of a connection
+    /// that joined them at auth (at once unless one of them just appeared). Unlike
+    /// [`Comet::announce_room`], it waits after joining: the connection is registered at
+    /// once, so pushes to its key find it, and room batches meanwhile queue behind the
+    /// auth reply.
     pub(crate) async fn rooms_announced(&self, ch: &Channel) {
         let newest = ch
             .room()
