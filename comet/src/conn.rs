@@ -611,7 +611,8 @@ impl Session for Arc<Comet> {
     }
 
     fn announce(&self, room: &str) -> impl Future<Output = crate::room_watch::RoomHold> + Send {
-        Comet::announce_room(self, room)
+        // Boxed: rare, and its state would otherwise size every connection's task.
+        Box::pin(Comet::announce_room(self, room))
     }
 
     fn add_room(&self, ch: &Arc<Channel>, room: &str) -> Result<bool, &'static str> {

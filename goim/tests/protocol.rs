@@ -345,6 +345,17 @@ async fn a_rooms_first_member_is_answered_once_every_watcher_has_the_room() {
     let (acks, rx) = tokio::sync::mpsc::channel(8);
     let mut updates = s.comet().watch_rooms(rx).await.unwrap();
     assert!(within(updates.recv()).await.unwrap().snapshot);
+    let ack = |seq| {
+        let acks = acks.clone();
+        async move {
+            let ack = RoomsAck {
+                seq,
+                ping: 0,
+                lease_ms: 3000,
+            };
+            acks.send(ack).await.unwrap();
+        }
+    };
     let mut kept = Vec::new();
     for (t, room) in [
         (Transport::Tcp, "live://a"),
@@ -362,13 +373,7 @@ async fn a_rooms_first_member_is_answered_once_every_watcher_has_the_room() {
         // Not acknowledged: the reply is held (until the watcher is dropped after 1 s).
         let held = tokio::time::timeout(std::time::Duration::from_millis(300), &mut auth).await;
         assert!(held.is_err(), "answered before the watcher had the room");
-        acks.send(RoomsAck {
-            seq: u.seq,
-            ping: 0,
-            lease_ms: 3000,
-        })
-        .await
-        .unwrap();
+        ack(u.seq).await;
         let mut c = within(auth).await.unwrap();
         let (kind, id) = room.split_once("://").unwrap();
         let path = format!("/goim/push/room?operation=1000&type={kind}&room={id}");
@@ -386,13 +391,7 @@ async fn a_rooms_first_member_is_answered_once_every_watcher_has_the_room() {
         early.is_err(),
         "CHANGE_ROOM answered before the watcher had the room"
     );
-    acks.send(RoomsAck {
-        seq: u.seq,
-        ping: 0,
-        lease_ms: 3000,
-    })
-    .await
-    .unwrap();
+    ack(u.seq).await;
     assert_eq!(recv(&mut c).await.body, b"live://c");
     s.shutdown().await;
 }
