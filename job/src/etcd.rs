@@ -92,4 +92,9 @@ impl CometDirectory for EtcdComets {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.changes.clone())
     }
+
+    /// The lease of its load report: a new process gets a new lease.
+    fn instance(&self, name: &str) -> Option<i64> {
+        self.loads.get(name).map(|e| e.lease)
+    }
 }

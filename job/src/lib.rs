@@ -48,6 +48,12 @@ pub trait CometDirectory: Send + Sync + 'static {
     fn changes(&self) -> Option<watch::Receiver<u64>> {
         None
     }
+    /// Which process serves `name` now (its etcd lease, say). A comet restarted under its
+    /// name is another instance: what job knew of its predecessor's rooms is forgotten at
+    /// once, not when the old watch's lease runs out. `None`: the directory cannot tell.
+    fn instance(&self, _name: &str) -> Option<i64> {
+        None
+    }
 }
 
 pub(crate) struct Inner {

@@ -28,6 +28,9 @@ const UNSUPPORTED_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct View {
+    /// The follower that owns it: a follower replaced (its comet restarted) may still be
+    /// running for a moment after it was stopped, and must not write over its successor.
+    owner: u64,
     rooms: HashSet<String>,
     /// Routed by until then; `None`: not yet (the snapshot is in, no ping answered since).
     valid_until: Option<Instant>,
@@ -37,6 +40,7 @@ struct View {
 #[derive(Debug, Default)]
 pub struct Routes {
     views: Mutex<HashMap<String, View>>,
+    owners: std::sync::atomic::AtomicU64,
 }
 
 impl Routes {
@@ -59,9 +63,34 @@ impl Routes {
             .is_some_and(|v| v.valid_until.is_some_and(|t| Instant::now() < t))
     }
 
-    fn apply(&self, comet: &str, u: &RoomsUpdate) {
+    /// A new follower of `comet`: the view starts empty (not routed by) and is its alone.
+    pub fn begin(&self, comet: &str) -> u64 {
+        let owner = self
+            .owners
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let view = View {
+            owner,
+            ..View::default()
+        };
+        self.lock().insert(comet.to_string(), view);
+        owner
+    }
+
+    /// `comet`'s view, if `owner` still owns it.
+    fn owned<'a>(
+        views: &'a mut HashMap<String, View>,
+        comet: &str,
+        owner: u64,
+    ) -> Option<&'a mut View> {
+        views.get_mut(comet).filter(|v| v.owner == owner)
+    }
+
+    fn apply(&self, comet: &str, owner: u64, u: &RoomsUpdate) {
         let mut views = self.lock();
-        let v = views.entry(comet.to_string()).or_default();
+        let Some(v) = Self::owned(&mut views, comet, owner) else {
+            return;
+        };
         if u.snapshot {
             v.rooms.clear();
         }
@@ -71,13 +100,21 @@ impl Routes {
         v.rooms.extend(u.added.iter().cloned());
     }
 
-    fn extend(&self, comet: &str, until: Instant) {
-        if let Some(v) = self.lock().get_mut(comet) {
+    fn extend(&self, comet: &str, owner: u64, until: Instant) {
+        if let Some(v) = Self::owned(&mut self.lock(), comet, owner) {
             v.valid_until = Some(v.valid_until.map_or(until, |t| t.max(until)));
         }
     }
 
-    /// Job no longer knows `comet`'s rooms: it gets every batch.
+    /// The follower's watch ended: nothing known until the next one's snapshot and ping.
+    fn reset(&self, comet: &str, owner: u64) {
+        if let Some(v) = Self::owned(&mut self.lock(), comet, owner) {
+            v.rooms.clear();
+            v.valid_until = None;
+        }
+    }
+
+    /// Job no longer follows `comet`: it gets every batch.
     pub fn forget(&self, comet: &str) {
         self.lock().remove(comet);
     }
@@ -90,25 +127,37 @@ pub async fn follow_all(
     dir: Arc<dyn crate::CometDirectory>,
     mut changes: Option<tokio::sync::watch::Receiver<u64>>,
 ) {
-    let mut tasks: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let mut tasks: HashMap<String, (Option<i64>, tokio::task::AbortHandle)> = HashMap::new();
     let mut set = tokio::task::JoinSet::new();
     loop {
-        let names: HashSet<String> = dir.names().into_iter().collect();
-        tasks.retain(|name, task| {
-            let keep = names.contains(name);
+        let names: HashMap<String, Option<i64>> = dir
+            .names()
+            .into_iter()
+            .map(|n| {
+                let i = dir.instance(&n);
+                (n, i)
+            })
+            .collect();
+        // A comet gone, or restarted under its name (a node lost, say, while the watch of
+        // the old process still looks alive): its view goes at once.
+        tasks.retain(|name, (instance, task)| {
+            let keep = names.get(name) == Some(instance);
             if !keep {
                 task.abort();
                 routes.forget(name);
             }
             keep
         });
-        for name in names {
+        for (name, instance) in names {
             if tasks.contains_key(&name) {
                 continue;
             }
             let (d, n) = (dir.clone(), name.clone());
-            let task = set.spawn(follow(routes.clone(), name.clone(), move || d.get(&n)));
-            tasks.insert(name, task);
+            let owner = routes.begin(&name);
+            let task = set.spawn(follow(routes.clone(), name.clone(), owner, move || {
+                d.get(&n)
+            }));
+            tasks.insert(name, (instance, task));
         }
         // Finished (aborted) tasks are reaped here, so the set does not grow.
         while set.try_join_next().is_some() {}
@@ -124,7 +173,7 @@ pub async fn follow_all(
 
 /// Follows one comet's rooms for as long as the task runs: watches, and watches again after
 /// any failure (the view is forgotten meanwhile). `comet` finds the comet's current client.
-pub async fn follow<F>(routes: Arc<Routes>, name: String, comet: F)
+pub async fn follow<F>(routes: Arc<Routes>, name: String, owner: u64, comet: F)
 where
     F: Fn() -> Option<Arc<dyn CometService>>,
 {
@@ -137,20 +186,20 @@ where
         let (acks, rx) = mpsc::channel(64);
         match c.watch_rooms(rx).await {
             Ok(updates) => {
-                let took = watch(&routes, &name, acks, updates).await;
-                routes.forget(&name);
+                let took = watch(&routes, &name, owner, acks, updates).await;
+                routes.reset(&name, owner);
                 if took {
                     backoff.reset();
                 }
                 tracing::debug!(comet = %name, "room watch ended");
             }
             Err(e) if e.code() == tonic::Code::Unimplemented => {
-                routes.forget(&name);
+                routes.reset(&name, owner);
                 tokio::time::sleep(UNSUPPORTED_RETRY).await;
                 continue;
             }
             Err(e) => {
-                routes.forget(&name);
+                routes.reset(&name, owner);
                 tracing::debug!(comet = %name, error = %e, "room watch refused");
             }
         }
@@ -163,6 +212,7 @@ where
 async fn watch(
     routes: &Routes,
     name: &str,
+    owner: u64,
     acks: mpsc::Sender<RoomsAck>,
     mut updates: mpsc::Receiver<RoomsUpdate>,
 ) -> bool {
@@ -182,7 +232,7 @@ async fn watch(
                     tracing::warn!(comet = %name, "room watch: a change before the snapshot");
                     return false;
                 }
-                routes.apply(name, &u);
+                routes.apply(name, owner, &u);
                 applied = applied.max(u.seq);
                 if u.pong != 0 {
                     // Older pings went unanswered: their answers will not come.
@@ -192,7 +242,7 @@ async fn watch(
                         }
                         pings.pop_front();
                         if id == u.pong {
-                            routes.extend(name, at + LEASE);
+                            routes.extend(name, owner, at + LEASE);
                         }
                     }
                 }
@@ -275,7 +325,8 @@ mod tests {
         let (watches, rx) = mpsc::unbounded_channel();
         let fake: Arc<dyn CometService> = Arc::new(Fake { watches, supported });
         let routes = Arc::new(Routes::default());
-        tokio::spawn(follow(routes.clone(), "c".into(), move || {
+        let owner = routes.begin("c");
+        tokio::spawn(follow(routes.clone(), "c".into(), owner, move || {
             Some(fake.clone())
         }));
         (routes, FakeEnds(rx))
@@ -379,5 +430,128 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(routes.wants("c", "anything"));
         assert!(!routes.knows("c"));
+    }
+}
+
+#[cfg(test)]
+mod follow_all_tests {
+    use super::*;
+    use crate::CometDirectory;
+    use async_trait::async_trait;
+    use goim_proto::comet::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use tonic::Status;
+
+    type Ends = (mpsc::Receiver<RoomsAck>, mpsc::Sender<RoomsUpdate>);
+
+    struct Fake(mpsc::UnboundedSender<Ends>);
+
+    #[async_trait]
+    impl CometService for Fake {
+        async fn push_msg(&self, _: PushMsgReq) -> Result<PushMsgReply, Status> {
+            Ok(PushMsgReply {})
+        }
+        async fn broadcast(&self, _: BroadcastReq) -> Result<BroadcastReply, Status> {
+            Ok(BroadcastReply {})
+        }
+        async fn broadcast_room(&self, _: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status> {
+            Ok(BroadcastRoomReply {})
+        }
+        async fn rooms(&self, _: RoomsReq) -> Result<RoomsReply, Status> {
+            Ok(RoomsReply::default())
+        }
+        async fn watch_rooms(
+            &self,
+            acks: mpsc::Receiver<RoomsAck>,
+        ) -> Result<mpsc::Receiver<RoomsUpdate>, Status> {
+            let (tx, rx) = mpsc::channel(8);
+            let _ = self.0.send((acks, tx));
+            Ok(rx)
+        }
+    }
+
+    /// One comet "c" whose process (instance) the test changes.
+    struct Dir {
+        comet: Arc<dyn CometService>,
+        instance: AtomicI64,
+        changes: tokio::sync::watch::Sender<u64>,
+    }
+
+    impl CometDirectory for Dir {
+        fn get(&self, _: &str) -> Option<Arc<dyn CometService>> {
+            Some(self.comet.clone())
+        }
+        fn names(&self) -> Vec<String> {
+            vec!["c".into()]
+        }
+        fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+            Some(self.changes.subscribe())
+        }
+        fn instance(&self, _: &str) -> Option<i64> {
+            Some(self.instance.load(Ordering::SeqCst))
+        }
+    }
+
+    /// Gives the view a snapshot (room "a") and answers a ping; returns the watch's ends,
+    /// kept open.
+    async fn synced(routes: &Routes, (mut acks, updates): Ends) -> Ends {
+        let snapshot = RoomsUpdate {
+            seq: 1,
+            snapshot: true,
+            added: vec!["a".into()],
+            ..Default::default()
+        };
+        updates.send(snapshot).await.unwrap();
+        let ping = acks.recv().await.unwrap().ping;
+        let pong = RoomsUpdate {
+            pong: ping,
+            ..Default::default()
+        };
+        updates.send(pong).await.unwrap();
+        while !routes.knows("c") {
+            tokio::task::yield_now().await;
+        }
+        (acks, updates)
+    }
+
+    /// A comet restarted under its name (a new lease): what job knew of the old process is
+    /// dropped at once, even while the old watch still looks alive, and the old watch can
+    /// no longer write.
+    #[tokio::test(start_paused = true)]
+    async fn a_comet_restarted_under_its_name_is_learnt_anew() {
+        let (watches, mut ends) = mpsc::unbounded_channel();
+        let dir = Arc::new(Dir {
+            comet: Arc::new(Fake(watches)),
+            instance: AtomicI64::new(1),
+            changes: tokio::sync::watch::channel(0).0,
+        });
+        let routes = Arc::new(Routes::default());
+        let d: Arc<dyn CometDirectory> = dir.clone();
+        tokio::spawn(follow_all(routes.clone(), d, dir.changes()));
+        let (_old_acks, old) = synced(&routes, ends.recv().await.unwrap()).await;
+        assert!(!routes.wants("c", "x"));
+
+        dir.instance.store(2, Ordering::SeqCst);
+        dir.changes.send_modify(|v| *v += 1);
+        // At once: not when the old watch's lease runs out.
+        let new = tokio::time::timeout(Duration::from_millis(100), ends.recv())
+            .await
+            .expect("a new watch at once")
+            .unwrap();
+        assert!(!routes.knows("c"));
+        assert!(routes.wants("c", "x"));
+        // Whatever the old watch still says is not taken.
+        let late = RoomsUpdate {
+            seq: 9,
+            snapshot: true,
+            pong: 1,
+            ..Default::default()
+        };
+        let _ = old.send(late).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!routes.knows("c"));
+        // The new process's snapshot and ping make the view again.
+        synced(&routes, new).await;
+        assert!(routes.wants("c", "a") && !routes.wants("c", "x"));
     }
 }
