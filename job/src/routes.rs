@@ -282,16 +282,17 @@ async fn watch(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use async_trait::async_trait;
     use goim_proto::comet::*;
     use tonic::Status;
 
     /// A comet whose room watch the test drives: it hands over each watch's two ends.
-    struct Fake {
-        watches: mpsc::UnboundedSender<(mpsc::Receiver<RoomsAck>, mpsc::Sender<RoomsUpdate>)>,
-        supported: bool,
+    pub(super) struct Fake {
+        pub(super) watches:
+            mpsc::UnboundedSender<(mpsc::Receiver<RoomsAck>, mpsc::Sender<RoomsUpdate>)>,
+        pub(super) supported: bool,
     }
 
     #[async_trait]
@@ -435,40 +436,12 @@ mod tests {
 
 #[cfg(test)]
 mod follow_all_tests {
+    use super::tests::Fake;
     use super::*;
     use crate::CometDirectory;
-    use async_trait::async_trait;
-    use goim_proto::comet::*;
     use std::sync::atomic::{AtomicI64, Ordering};
-    use tonic::Status;
 
     type Ends = (mpsc::Receiver<RoomsAck>, mpsc::Sender<RoomsUpdate>);
-
-    struct Fake(mpsc::UnboundedSender<Ends>);
-
-    #[async_trait]
-    impl CometService for Fake {
-        async fn push_msg(&self, _: PushMsgReq) -> Result<PushMsgReply, Status> {
-            Ok(PushMsgReply {})
-        }
-        async fn broadcast(&self, _: BroadcastReq) -> Result<BroadcastReply, Status> {
-            Ok(BroadcastReply {})
-        }
-        async fn broadcast_room(&self, _: BroadcastRoomReq) -> Result<BroadcastRoomReply, Status> {
-            Ok(BroadcastRoomReply {})
-        }
-        async fn rooms(&self, _: RoomsReq) -> Result<RoomsReply, Status> {
-            Ok(RoomsReply::default())
-        }
-        async fn watch_rooms(
-            &self,
-            acks: mpsc::Receiver<RoomsAck>,
-        ) -> Result<mpsc::Receiver<RoomsUpdate>, Status> {
-            let (tx, rx) = mpsc::channel(8);
-            let _ = self.0.send((acks, tx));
-            Ok(rx)
-        }
-    }
 
     /// One comet "c" whose process (instance) the test changes.
     struct Dir {
@@ -521,7 +494,10 @@ mod follow_all_tests {
     async fn a_comet_restarted_under_its_name_is_learnt_anew() {
         let (watches, mut ends) = mpsc::unbounded_channel();
         let dir = Arc::new(Dir {
-            comet: Arc::new(Fake(watches)),
+            comet: Arc::new(Fake {
+                watches,
+                supported: true,
+            }),
             instance: AtomicI64::new(1),
             changes: tokio::sync::watch::channel(0).0,
         });
