@@ -66,7 +66,8 @@ ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 declare -A before
 for i in "${!pids[@]}"; do before[$i]=$(ticks "${pids[$i]}"); done
 via_logic=(--http "127.0.0.1:$LOGIC_HTTP")
-[ "$SCENARIO" = idle ] && via_logic=() # connects only: no pushes through logic
+# idle: connects, then every client closes at once and logic's Disconnects are timed.
+[ "$SCENARIO" = idle ] && via_logic=(--logic-http "127.0.0.1:$LOGIC_HTTP")
 also=()
 for i in $(seq 1 $((SPREAD - 1))); do also+=(--also-addr "127.0.0.1:$((BASE + 100 + i * 10))"); done
 "$BIN/goim-bench" --out "$OUT" --server "goim-rs (distributed, $COMETS comets)" "$SCENARIO" \

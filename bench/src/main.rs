@@ -111,6 +111,10 @@ enum Scenario {
         /// Hold the connections this many seconds afterwards.
         #[arg(long, default_value_t = 0)]
         hold: u64,
+        /// Then close them all at once and time how fast this logic (its HTTP address) counts
+        /// their Disconnects (distributed mode).
+        #[arg(long)]
+        logic_http: Option<SocketAddr>,
     },
     /// Room fan-out through logic: delivered messages/s and per server CPU-second.
     Room {
@@ -218,11 +222,20 @@ async fn main() -> anyhow::Result<()> {
         goim_bench::syscalls::enable();
     }
     let mut v = match cli.scenario {
-        Scenario::Idle { conn, hold } => {
-            let (v, clients) = scenario::idle(&conn.conns()?, conn.pid).await?;
+        Scenario::Idle {
+            conn,
+            hold,
+            logic_http,
+        } => {
+            let (mut v, clients) = scenario::idle(&conn.conns()?, conn.pid).await?;
             println!("{v}");
             tokio::time::sleep(Duration::from_secs(hold)).await;
-            drop(clients);
+            match logic_http {
+                Some(logic) => {
+                    v["disconnect_storm"] = scenario::disconnect_storm(clients, logic).await?;
+                }
+                None => drop(clients),
+            }
             v
         }
         Scenario::Room {

@@ -45,6 +45,49 @@ pub async fn idle(
     Ok((v, clients))
 }
 
+/// Closes every client at once and times until `logic` has counted as many Disconnects
+/// (`goim_logic_disconnects_total`, read from its /metrics every 20 ms; gives up after 60 s
+/// without progress).
+pub async fn disconnect_storm(
+    clients: Vec<goim_client::Client>,
+    logic: SocketAddr,
+) -> anyhow::Result<Value> {
+    let mut http = Http::new(logic);
+    let n = clients.len() as f64;
+    let read = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let metrics = http.call("GET", "/metrics", b"").await?;
+    let (before, batches_before) = (
+        read(&metrics, "goim_logic_disconnects_total"),
+        read(&metrics, "goim_logic_disconnect_batches_total"),
+    );
+    let start = Instant::now();
+    drop(clients);
+    let (mut done, mut batches, mut progress) = (before, batches_before, Instant::now());
+    while done - before < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let metrics = http.call("GET", "/metrics", b"").await?;
+        let now = read(&metrics, "goim_logic_disconnects_total");
+        batches = read(&metrics, "goim_logic_disconnect_batches_total");
+        if now > done {
+            (done, progress) = (now, Instant::now());
+        } else if progress.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("logic counted {} of {n} disconnects", done - before);
+        }
+    }
+    let took = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "disconnects": done - before,
+        "seconds": took,
+        "disconnects_per_second": (done - before) / took.max(1e-9),
+        "disconnect_batch_calls": batches - batches_before,
+    }))
+}
+
 /// What is pushed in a fan-out run.
 #[derive(Debug, Clone)]
 pub enum Target {

@@ -564,3 +564,56 @@ async fn room_batches_go_only_to_comets_with_members() {
     assert_eq!(recv_body(&mut n).await, b"first");
     drop(c);
 }
+
+/// Clients leaving together (their Disconnects go to logic in shared calls) each leave no
+/// presence behind, and logic counts every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_together_each_leave_no_presence() {
+    let c = tokio::task::spawn_blocking(|| Cluster::start(1, 1))
+        .await
+        .unwrap();
+    let http = c.http();
+    const N: usize = 200;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let key = format!("gone{i}");
+        clients.push(
+            connect(
+                c.comet(0, Transport::Tcp),
+                Transport::Tcp,
+                i as i64 + 1,
+                &key,
+                "",
+            )
+            .await,
+        );
+    }
+    let keys: String = (0..N).map(|i| format!("&keys=gone{i}")).collect();
+    let path = format!("/goim/push/keys?operation=1000{keys}");
+    let v = api(http, "POST", &path, b"here").await;
+    assert_eq!(v["data"]["keys_found"], N, "{v}");
+    for cl in &mut clients {
+        assert_eq!(recv_body(cl).await, b"here");
+    }
+    drop(clients);
+    wait_until_async(|| async {
+        let v = api(http, "POST", &path, b"gone").await;
+        v["data"]["keys_found"] == 0
+    })
+    .await;
+    let v = api(http, "POST", &path, b"gone").await;
+    assert_eq!(
+        v["data"]["keys_offline"].as_array().map(Vec::len),
+        Some(N),
+        "{v}"
+    );
+    let metrics = tokio::task::spawn_blocking(move || blocking_get_text(http, "/metrics"))
+        .await
+        .unwrap();
+    let disconnects = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("goim_logic_disconnects_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert_eq!(disconnects, Some(N as f64), "{metrics}");
+    drop(c);
+}

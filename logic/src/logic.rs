@@ -7,9 +7,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use goim_proto::logic::push_msg::Type as PushType;
 use goim_proto::logic::{
-    Backoff, ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply,
-    HeartbeatReq, HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg,
-    ReceiveReply, ReceiveReq, RefreshReply, RefreshReq, RoomEventReply, RoomEventReq,
+    Backoff, ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, DisconnectResult,
+    DisconnectsReply, DisconnectsReq, HeartbeatReply, HeartbeatReq, HistoryReply, HistoryReq,
+    NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq, RefreshReply,
+    RefreshReq, RoomEventReply, RoomEventReq,
 };
 use goim_proto::service::{JobService, LogicService};
 use goim_proto::MAX_ID;
@@ -61,6 +62,8 @@ pub struct LogicMetrics {
     /// Tokens a connection replaced before its old one expired.
     pub refreshes: Counter,
     pub disconnects: Counter,
+    /// `Disconnects` calls: several connections' Disconnects in one.
+    pub disconnect_batches: Counter,
     /// Client messages forwarded to the business, by outcome.
     pub forwarded: Family<Outcome, Counter>,
     /// Lifecycle events, by outcome (sent, queue_full, failed).
@@ -105,6 +108,7 @@ impl Default for LogicMetrics {
             auth_failures: Counter::default(),
             refreshes: Counter::default(),
             disconnects: Counter::default(),
+            disconnect_batches: Counter::default(),
             forwarded: Family::default(),
             events: Family::default(),
             pushes: Family::default(),
@@ -141,7 +145,16 @@ impl LogicMetrics {
             "Connections that replaced their token",
             self.refreshes.clone(),
         );
-        r.register("disconnects", "Disconnect calls", self.disconnects.clone());
+        r.register(
+            "disconnects",
+            "Disconnects (alone or in a Disconnects call)",
+            self.disconnects.clone(),
+        );
+        r.register(
+            "disconnect_batches",
+            "Disconnects calls, each carrying several connections' Disconnects",
+            self.disconnect_batches.clone(),
+        );
         r.register(
             "forwarded",
             "Client messages forwarded to the business, by outcome",
@@ -785,6 +798,16 @@ impl LogicService for Logic {
             e
         });
         Ok(DisconnectReply { has })
+    }
+
+    /// All at once, so their presence deletes share the batched etcd writes.
+    async fn disconnects(&self, req: DisconnectsReq) -> Result<DisconnectsReply, Status> {
+        self.metrics.disconnect_batches.inc();
+        let each = req.disconnects.into_iter().map(|d| self.disconnect(d));
+        let results = futures_util::future::join_all(each).await;
+        Ok(DisconnectsReply {
+            results: results.into_iter().map(DisconnectResult::from).collect(),
+        })
     }
 
     /// A room's history for a client that reconnects, from the job numbering the room.

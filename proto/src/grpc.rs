@@ -9,6 +9,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::batcher::{Batcher, Calls, Shape, BATCHES_REFUSED, BATCHES_TAKEN, BATCHES_UNKNOWN};
 use crate::comet::comet_client::CometClient;
 use crate::comet::comet_server::{Comet, CometServer};
 use crate::comet::*;
@@ -98,6 +99,20 @@ impl Logic for LogicGrpc {
     ) -> Result<Response<DisconnectReply>, Status> {
         self.0.disconnect(r.into_inner()).await.map(Response::new)
     }
+    async fn disconnects(
+        &self,
+        r: Request<DisconnectsReq>,
+    ) -> Result<Response<DisconnectsReply>, Status> {
+        let req = r.into_inner();
+        let n = req.disconnects.len();
+        if n > crate::service::MAX_DISCONNECTS {
+            return Err(Status::invalid_argument(format!(
+                "{n} disconnects in one call; at most {}",
+                crate::service::MAX_DISCONNECTS
+            )));
+        }
+        self.0.disconnects(req).await.map(Response::new)
+    }
     async fn heartbeat(
         &self,
         r: Request<HeartbeatReq>,
@@ -156,11 +171,6 @@ impl Job for JobGrpc {
 pub fn job_server(s: Arc<dyn JobService>) -> JobServer<JobGrpc> {
     JobServer::new(JobGrpc(s)).max_decoding_message_size(MAX_MESSAGE)
 }
-
-/// Whether a peer takes a batch call (comet `PushMsgs`, job `PushBatch`).
-const BATCHES_UNKNOWN: u8 = 0;
-const BATCHES_TAKEN: u8 = 1;
-const BATCHES_REFUSED: u8 = 2;
 
 /// A remote comet behind [`CometService`].
 #[derive(Clone)]
@@ -254,33 +264,44 @@ pub const LOGIC_IN_FLIGHT: usize = 128;
 /// comet sends it, and takes a compressed reply; the other calls go plain.
 #[derive(Clone)]
 pub struct RemoteLogic {
-    client: LogicClient<Channel>,
-    in_flight: Arc<tokio::sync::Semaphore>,
+    calls: LogicCalls,
+    /// Disconnects that arrive together (clients leaving at once) go as one `Disconnects`.
+    disconnects: Batcher<DisconnectReq, DisconnectReply>,
 }
 
+/// How a comet's Disconnects are grouped: up to 512 in a call, 4 calls in flight (each also
+/// takes one of the [`LOGIC_IN_FLIGHT`] slots).
+const DISCONNECTS: Shape = Shape {
+    max: 512,
+    in_flight: 4,
+    queue: 4096,
+};
+
 impl RemoteLogic {
+    /// Must be called within a Tokio runtime (it starts the task batching Disconnects, which
+    /// ends when the last clone is dropped).
     pub fn new(ch: Channel) -> Self {
-        RemoteLogic {
-            // No gzip by default: replies to Connect and the other per-connection calls are
-            // small, and compressing them cost logic and comet more CPU than the call itself
-            // (a fresh deflate state per message).
-            client: LogicClient::new(ch)
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
+        // No gzip by default: replies to Connect and the other per-connection calls are
+        // small, and compressing them cost logic and comet more CPU than the call itself
+        // (a fresh deflate state per message).
+        let client = LogicClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let calls = LogicCalls {
+            client,
             in_flight: Arc::new(tokio::sync::Semaphore::new(LOGIC_IN_FLIGHT)),
+        };
+        RemoteLogic {
+            disconnects: Batcher::start(calls.clone(), DISCONNECTS),
+            calls,
         }
     }
 
     async fn slot(
         &self,
     ) -> Result<(LogicClient<Channel>, tokio::sync::OwnedSemaphorePermit), Status> {
-        let permit = self
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("logic client closed"))?;
-        Ok((self.client.clone(), permit))
+        let permit = self.calls.slot().await?;
+        Ok((self.calls.client.clone(), permit))
     }
 
     /// For `RenewOnline`: every room's count, worth compressing both ways.
@@ -297,8 +318,7 @@ impl LogicService for RemoteLogic {
         Ok(c.connect(req).await?.into_inner())
     }
     async fn disconnect(&self, req: DisconnectReq) -> Result<DisconnectReply, Status> {
-        let (mut c, _p) = self.slot().await?;
-        Ok(c.disconnect(req).await?.into_inner())
+        self.disconnects.call(req).await
     }
     async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status> {
         let (mut c, _p) = self.slot().await?;
@@ -330,129 +350,99 @@ impl LogicService for RemoteLogic {
     }
 }
 
+/// A comet's client to logic and its slots (see [`LOGIC_IN_FLIGHT`]); as [`Calls`]:
+/// `Disconnects` for connections that closed together, `Disconnect` for a lone one.
+#[derive(Clone)]
+struct LogicCalls {
+    client: LogicClient<Channel>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl LogicCalls {
+    async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("logic client closed"))
+    }
+}
+
+impl Calls<DisconnectReq, DisconnectReply> for LogicCalls {
+    async fn many(
+        &self,
+        disconnects: Vec<DisconnectReq>,
+    ) -> Result<Vec<Result<DisconnectReply, Status>>, Status> {
+        let _slot = self.slot().await?;
+        let reply = self
+            .client
+            .clone()
+            .disconnects(DisconnectsReq { disconnects })
+            .await?;
+        Ok(reply
+            .into_inner()
+            .results
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+    async fn one(&self, req: DisconnectReq) -> Result<DisconnectReply, Status> {
+        let _slot = self.slot().await?;
+        Ok(self.client.clone().disconnect(req).await?.into_inner())
+    }
+}
+
 /// A remote job behind [`JobService`].
 #[derive(Clone)]
 pub struct RemoteJob {
     client: JobClient<Channel>,
-    /// Pushes on their way to the batching task.
-    pushes: tokio::sync::mpsc::Sender<Waiting>,
+    /// Pushes that arrive together go as one `PushBatch`.
+    pushes: Batcher<PushMsg, PushReply>,
 }
 
-/// A push waiting for its call, and where its result goes.
-type Waiting = (
-    PushMsg,
-    tokio::sync::oneshot::Sender<Result<PushReply, Status>>,
-);
-
-/// Most pushes in one `PushBatch` call.
-const MAX_PUSH_BATCH: usize = 128;
-/// Calls one logic keeps in flight to one job at once; pushes that arrive while all are
-/// busy wait and go together in the next.
-const JOB_CALLS_IN_FLIGHT: usize = 8;
+/// How a logic's pushes to one job are grouped: up to 128 in a `PushBatch`, 8 calls in flight.
+const JOB_PUSHES: Shape = Shape {
+    max: 128,
+    in_flight: 8,
+    queue: 4096,
+};
 
 impl RemoteJob {
     /// Must be called within a Tokio runtime (it starts the batching task, which ends when
     /// the last clone is dropped).
     pub fn new(ch: Channel) -> Self {
         let client = JobClient::new(ch).max_encoding_message_size(MAX_MESSAGE);
-        let (pushes, rx) = tokio::sync::mpsc::channel(4096);
-        tokio::spawn(batch_pushes(client.clone(), rx));
+        let pushes = Batcher::start(JobCalls(client.clone()), JOB_PUSHES);
         RemoteJob { client, pushes }
     }
 }
 
-/// Sends the pushes that queued up together as one `PushBatch` call (a lone push as a plain
-/// `Push`, as before batches existed); a job without `PushBatch` gets one `Push` each.
-async fn batch_pushes(client: JobClient<Channel>, mut rx: tokio::sync::mpsc::Receiver<Waiting>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(JOB_CALLS_IN_FLIGHT));
-    let batches = Arc::new(std::sync::atomic::AtomicU8::new(BATCHES_UNKNOWN));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_PUSH_BATCH {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
-        let (client, batches) = (client.clone(), batches.clone());
-        tokio::spawn(async move {
-            send_batch(client, batch, &batches).await;
-            drop(slot);
-        });
-    }
-}
+/// `PushBatch` for pushes that queued together, `Push` for a lone one.
+#[derive(Clone)]
+struct JobCalls(JobClient<Channel>);
 
-async fn send_batch(
-    mut client: JobClient<Channel>,
-    batch: Vec<Waiting>,
-    batches: &std::sync::atomic::AtomicU8,
-) {
-    use std::sync::atomic::Ordering;
-    let (mut msgs, dones): (Vec<PushMsg>, Vec<_>) = batch.into_iter().unzip();
-    let known = batches.load(Ordering::Relaxed);
-    if dones.len() > 1 && known != BATCHES_REFUSED {
-        // A copy only until the job has answered once: Unimplemented (a job from before
-        // PushBatch) comes before anything is taken, and the pushes then go one by one.
-        let spare = (known == BATCHES_UNKNOWN).then(|| msgs.clone());
-        match client.push_batch(PushBatchReq { msgs }).await {
-            Ok(reply) => {
-                batches.store(BATCHES_TAKEN, Ordering::Relaxed);
-                let mut results = reply.into_inner().results.into_iter();
-                for done in dones {
-                    let r = match results.next() {
-                        Some(r) if r.code == 0 => Ok(PushReply {}),
-                        Some(r) => Err(Status::new(tonic::Code::from(r.code), r.message)),
-                        // A reply short of results: those pushes were not answered for.
-                        None => Err(Status::internal("job answered fewer pushes than sent")),
-                    };
-                    let _ = done.send(r);
-                }
-                return;
-            }
-            Err(e) if e.code() == tonic::Code::Unimplemented => {
-                batches.store(BATCHES_REFUSED, Ordering::Relaxed);
-                match spare {
-                    Some(m) => msgs = m,
-                    // The job at this address was replaced by an older one mid-batch.
-                    None => {
-                        for done in dones {
-                            let _ = done.send(Err(e.clone()));
-                        }
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                for done in dones {
-                    let _ = done.send(Err(e.clone()));
-                }
-                return;
-            }
-        }
+impl Calls<PushMsg, PushReply> for JobCalls {
+    async fn many(&self, msgs: Vec<PushMsg>) -> Result<Vec<Result<PushReply, Status>>, Status> {
+        let reply = self.0.clone().push_batch(PushBatchReq { msgs }).await?;
+        Ok(reply
+            .into_inner()
+            .results
+            .into_iter()
+            .map(|r| match r.code {
+                0 => Ok(PushReply {}),
+                code => Err(Status::new(tonic::Code::from(code), r.message)),
+            })
+            .collect())
     }
-    for (m, done) in msgs.into_iter().zip(dones) {
-        let r = client.push(m).await.map(|r| r.into_inner());
-        let _ = done.send(r);
+    async fn one(&self, msg: PushMsg) -> Result<PushReply, Status> {
+        Ok(self.0.clone().push(msg).await?.into_inner())
     }
 }
 
 #[async_trait]
 impl JobService for RemoteJob {
     async fn push(&self, msg: PushMsg) -> Result<PushReply, Status> {
-        let (done, result) = tokio::sync::oneshot::channel();
-        self.pushes
-            .send((msg, done))
-            .await
-            .map_err(|_| Status::unavailable("job client closed"))?;
-        result
-            .await
-            .map_err(|_| Status::unavailable("job client closed"))?
+        self.pushes.call(msg).await
     }
     async fn history(&self, req: HistoryReq) -> Result<HistoryReply, Status> {
         Ok(self.client.clone().history(req).await?.into_inner())
@@ -774,6 +764,152 @@ mod tests {
                 .key
                 .len(),
             64
+        );
+        served.abort();
+    }
+
+    /// A logic that records Disconnects: each answers `has` for keys ending in an even digit,
+    /// keys starting with "fail" fail, and (unless `batches`) it lacks `Disconnects` as a
+    /// logic from before it.
+    struct Leaves {
+        batches: bool,
+        left: Mutex<Vec<String>>,
+        batch_calls: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl LogicService for Leaves {
+        async fn connect(&self, _: ConnectReq) -> Result<ConnectReply, Status> {
+            Ok(ConnectReply::default())
+        }
+        async fn disconnect(&self, req: DisconnectReq) -> Result<DisconnectReply, Status> {
+            if req.key.starts_with("fail") {
+                return Err(Status::unavailable(format!("etcd down for {}", req.key)));
+            }
+            self.left.lock().unwrap().push(req.key.clone());
+            let even = req.key.ends_with(['0', '2', '4', '6', '8']);
+            Ok(DisconnectReply { has: even })
+        }
+        async fn disconnects(&self, req: DisconnectsReq) -> Result<DisconnectsReply, Status> {
+            if !self.batches {
+                return Err(Status::unimplemented("goim.logic.Logic/Disconnects"));
+            }
+            self.batch_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut results = Vec::new();
+            for d in req.disconnects {
+                results.push(self.disconnect(d).await.into());
+            }
+            Ok(DisconnectsReply { results })
+        }
+        async fn heartbeat(&self, _: HeartbeatReq) -> Result<HeartbeatReply, Status> {
+            Ok(HeartbeatReply::default())
+        }
+        async fn renew_online(&self, _: OnlineReq) -> Result<OnlineReply, Status> {
+            Ok(OnlineReply::default())
+        }
+        async fn receive(&self, _: ReceiveReq) -> Result<ReceiveReply, Status> {
+            Ok(ReceiveReply::default())
+        }
+    }
+
+    /// Connections closing at once reach logic in few `Disconnects` calls (one `Disconnect`
+    /// each when logic lacks it), and each gets its own answer, failures included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disconnects_at_once_share_calls_and_keep_their_own_answers() {
+        for batches in [true, false] {
+            let logic = Arc::new(Leaves {
+                batches,
+                left: Mutex::default(),
+                batch_calls: Default::default(),
+            });
+            let router =
+                tonic::transport::Server::builder().add_service(logic_server(logic.clone()));
+            let (ch, served) = serve(router).await;
+            let remote = RemoteLogic::new(ch);
+            let keys: Vec<String> = (0..600)
+                .map(|i| match i % 50 {
+                    0 => format!("fail{i}"),
+                    _ => format!("k{i}"),
+                })
+                .collect();
+            let calls: Vec<_> = keys
+                .iter()
+                .map(|k| {
+                    let (remote, key) = (remote.clone(), k.clone());
+                    tokio::spawn(async move {
+                        let req = DisconnectReq {
+                            key,
+                            ..Default::default()
+                        };
+                        remote.disconnect(req).await
+                    })
+                })
+                .collect();
+            for (k, c) in keys.iter().zip(calls) {
+                match c.await.unwrap() {
+                    Ok(r) => {
+                        assert!(!k.starts_with("fail"), "{k} answered {r:?}");
+                        assert_eq!(r.has, k.ends_with(['0', '2', '4', '6', '8']), "{k}");
+                    }
+                    Err(e) => assert_eq!(
+                        (e.code(), e.message()),
+                        (
+                            tonic::Code::Unavailable,
+                            format!("etcd down for {k}").as_str()
+                        )
+                    ),
+                }
+            }
+            let mut left = logic.left.lock().unwrap().clone();
+            left.sort();
+            let mut want: Vec<String> = keys
+                .iter()
+                .filter(|k| !k.starts_with("fail"))
+                .cloned()
+                .collect();
+            want.sort();
+            assert_eq!(left, want, "batches: {batches}");
+            let batch_calls = logic.batch_calls.load(std::sync::atomic::Ordering::SeqCst);
+            if batches {
+                assert!(
+                    batch_calls > 0 && batch_calls < 600,
+                    "{batch_calls} batch calls"
+                );
+            } else {
+                assert_eq!(batch_calls, 0);
+            }
+            served.abort();
+        }
+    }
+
+    /// A `Disconnects` call past the limit is refused whole, before anything is applied.
+    #[tokio::test]
+    async fn too_many_disconnects_in_one_call_are_refused() {
+        let logic = Arc::new(Leaves {
+            batches: true,
+            left: Mutex::default(),
+            batch_calls: Default::default(),
+        });
+        let router = tonic::transport::Server::builder().add_service(logic_server(logic.clone()));
+        let (ch, served) = serve(router).await;
+        let mut client = LogicClient::new(ch);
+        let req = |n: usize| DisconnectsReq {
+            disconnects: vec![DisconnectReq::default(); n],
+        };
+        let r = client
+            .disconnects(req(crate::service::MAX_DISCONNECTS + 1))
+            .await;
+        let e = r.map(|r| r.into_inner().results.len()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(logic.left.lock().unwrap().is_empty());
+        let r = client
+            .disconnects(req(crate::service::MAX_DISCONNECTS))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.into_inner().results.len(),
+            crate::service::MAX_DISCONNECTS
         );
         served.abort();
     }

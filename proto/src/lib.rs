@@ -1,5 +1,6 @@
 //! goim's client wire codec and the gRPC types shared by every role.
 
+mod batcher;
 pub mod grpc;
 pub mod op;
 pub mod packet;

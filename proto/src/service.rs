@@ -13,9 +13,10 @@ use crate::comet::{
 };
 use crate::job::{PushBatchReply, PushBatchReq, PushReply, PushResult};
 use crate::logic::{
-    ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
-    HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, PushMsg, ReceiveReply,
-    ReceiveReq, RefreshReply, RefreshReq, RoomEventReply, RoomEventReq,
+    ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, DisconnectResult, DisconnectsReply,
+    DisconnectsReq, HeartbeatReply, HeartbeatReq, HistoryReply, HistoryReq, NodesReply, NodesReq,
+    OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq, RefreshReply, RefreshReq,
+    RoomEventReply, RoomEventReq,
 };
 
 /// comet -> logic (`goim.logic.Logic`).
@@ -23,6 +24,15 @@ use crate::logic::{
 pub trait LogicService: Send + Sync + 'static {
     async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, Status>;
     async fn disconnect(&self, req: DisconnectReq) -> Result<DisconnectReply, Status>;
+    /// Many Disconnects in one call (goim-rs): each applied as [`LogicService::disconnect`],
+    /// answered in order (the gRPC glue refuses more than [`MAX_DISCONNECTS`]).
+    async fn disconnects(&self, req: DisconnectsReq) -> Result<DisconnectsReply, Status> {
+        let mut results = Vec::with_capacity(req.disconnects.len());
+        for d in req.disconnects {
+            results.push(DisconnectResult::from(self.disconnect(d).await));
+        }
+        Ok(DisconnectsReply { results })
+    }
     async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, Status>;
     async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, Status>;
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, Status>;
@@ -41,6 +51,34 @@ pub trait LogicService: Send + Sync + 'static {
     /// A connection joined or left a room (goim-rs; for lifecycle events).
     async fn room_event(&self, _req: RoomEventReq) -> Result<RoomEventReply, Status> {
         Ok(RoomEventReply {})
+    }
+}
+
+/// Most Disconnects one `Disconnects` call may carry.
+pub const MAX_DISCONNECTS: usize = 1024;
+
+impl From<Result<DisconnectReply, Status>> for DisconnectResult {
+    fn from(r: Result<DisconnectReply, Status>) -> Self {
+        match r {
+            Ok(r) => DisconnectResult {
+                has: r.has,
+                ..Default::default()
+            },
+            Err(e) => DisconnectResult {
+                has: false,
+                code: e.code() as i32,
+                message: e.message().to_string(),
+            },
+        }
+    }
+}
+
+impl From<DisconnectResult> for Result<DisconnectReply, Status> {
+    fn from(r: DisconnectResult) -> Self {
+        match r.code {
+            0 => Ok(DisconnectReply { has: r.has }),
+            code => Err(Status::new(tonic::Code::from(code), r.message)),
+        }
     }
 }
 
