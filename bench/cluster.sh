@@ -20,70 +20,37 @@ BIN="$CARGO_TARGET_DIR/release"
 GOIM=${GOIM:-$BIN/goim}
 OUT=${OUT:-bench/results}
 WORK=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { stop_cluster; rm -rf "$WORK"; }
 trap cleanup EXIT
 echo "open-file limit per process: $(ulimit -n)" >&2
 
-BASE=25000
-ETCD=127.0.0.1:$BASE
-etcd --name bench --data-dir "$WORK/etcd" --listen-client-urls "http://$ETCD" \
-  --advertise-client-urls "http://$ETCD" --listen-peer-urls "http://127.0.0.1:$((BASE + 1))" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$((BASE + 1))" \
-  --initial-cluster "bench=http://127.0.0.1:$((BASE + 1))" >"$WORK/etcd.log" 2>&1 &
-pids+=($!)
-names=(etcd)
-config=()
-[ -n "${CONFIG:-}" ] && config=(--config "$CONFIG")
-common=(--etcd "$ETCD" --cluster bench)
-wait_port() { until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do sleep 0.1; done; }
-wait_ready() { until curl -sf "http://127.0.0.1:$1/readyz" >/dev/null; do sleep 0.1; done; }
-wait_port "$BASE"
-
-LOGIC_HTTP=$((BASE + 11)) LOGIC_GRPC=$((BASE + 19))
-RUST_LOG=warn "$GOIM" "${config[@]}" logic "${common[@]}" --http "127.0.0.1:$LOGIC_HTTP" \
-  --grpc "127.0.0.1:$LOGIC_GRPC" 2>"$WORK/logic.log" &
-pids+=($!)
-names+=(logic)
-RUST_LOG=warn "$GOIM" "${config[@]}" job "${common[@]}" --id job-0 \
-  --grpc "127.0.0.1:$((BASE + 29))" --http "127.0.0.1:$((BASE + 28))" 2>"$WORK/job.log" &
-pids+=($!)
-names+=(job)
-for i in $(seq 0 $((COMETS - 1))); do
-  p=$((BASE + 100 + i * 10))
-  RUST_LOG=warn "$GOIM" "${config[@]}" comet "${common[@]}" --name "comet-$i" \
-    --logic "127.0.0.1:$LOGIC_GRPC" --tcp "127.0.0.1:$p" --ws "127.0.0.1:$((p + 1))" \
-    --grpc "127.0.0.1:$((p + 9))" --http "127.0.0.1:$((p + 8))" 2>"$WORK/comet-$i.log" &
-  pids+=($!)
-  names+=("comet-$i")
-done
-wait_ready "$LOGIC_HTTP"
-wait_ready $((BASE + 28))
-for i in $(seq 0 $((COMETS - 1))); do wait_ready $((BASE + 108 + i * 10)); done
+# shellcheck source=bench/lib/cluster.sh
+. bench/lib/cluster.sh
+start_cluster "$COMETS"
 
 # utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 declare -A before
-for i in "${!pids[@]}"; do before[$i]=$(ticks "${pids[$i]}"); done
+for i in "${!PIDS[@]}"; do before[$i]=$(ticks "${PIDS[$i]}"); done
 via_logic=(--http "127.0.0.1:$LOGIC_HTTP")
 # idle: connects, then every client closes at once and logic's Disconnects are timed.
 [ "$SCENARIO" = idle ] && via_logic=(--logic-http "127.0.0.1:$LOGIC_HTTP")
 also=()
-for i in $(seq 1 $((SPREAD - 1))); do also+=(--also-addr "127.0.0.1:$((BASE + 100 + i * 10))"); done
+for i in $(seq 1 $((SPREAD - 1))); do also+=(--also-addr "127.0.0.1:$(comet_tcp "$i")"); done
 "$BIN/goim-bench" --out "$OUT" --server "goim-rs (distributed, $COMETS comets)" "$SCENARIO" \
-  --addr "127.0.0.1:$((BASE + 100))" "${also[@]}" "${via_logic[@]}" --pid "${pids[3]}" "$@"
+  --addr "127.0.0.1:$(comet_tcp 0)" "${also[@]}" "${via_logic[@]}" --pid "${PIDS[3]}" "$@"
 # Each role's metrics after the run, next to the results (latency histograms per call).
 mkdir -p "$OUT"
 curl -sf "http://127.0.0.1:$LOGIC_HTTP/metrics" >"$OUT/metrics-logic.txt" || true
-curl -sf "http://127.0.0.1:$((BASE + 28))/metrics" >"$OUT/metrics-job.txt" || true
+curl -sf "http://127.0.0.1:$JOB_HTTP/metrics" >"$OUT/metrics-job.txt" || true
 for i in $(seq 0 $((COMETS - 1))); do
-  curl -sf "http://127.0.0.1:$((BASE + 108 + i * 10))/metrics" >"$OUT/metrics-comet-$i.txt" || true
+  curl -sf "http://127.0.0.1:$(comet_http "$i")/metrics" >"$OUT/metrics-comet-$i.txt" || true
 done
 hz=$(getconf CLK_TCK)
 echo "CPU seconds during the scenario (user / system):" >&2
-for i in "${!pids[@]}"; do
+for i in "${!PIDS[@]}"; do
   read -r u0 s0 <<<"${before[$i]}"
-  read -r u1 s1 <<<"$(ticks "${pids[$i]}")"
-  awk -v n="${names[$i]}" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$hz" \
+  read -r u1 s1 <<<"$(ticks "${PIDS[$i]}")"
+  awk -v n="${NAMES[$i]}" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$hz" \
     'BEGIN { printf "  %-8s %6.2f / %6.2f\n", n, u / hz, s / hz }' >&2
 done

@@ -9,7 +9,9 @@ pub mod http;
 pub mod raw;
 pub mod report;
 pub mod scenario;
+pub mod soak;
 pub mod syscalls;
+pub mod timeline;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -195,6 +195,22 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// The soak: connections over several comets for a long time, with churn, key and room
+    /// pushes, checked for misdeliveries; a timeline (CSV, PNG) of the servers' RSS and CPU.
+    Soak {
+        #[command(flatten)]
+        plan: goim_bench::soak::Plan,
+    },
+    /// One soak loader process (the soak starts these).
+    #[command(hide = true)]
+    SoakLoad {
+        #[command(flatten)]
+        load: goim_bench::soak::Load,
+        #[arg(long)]
+        loader: usize,
+        #[arg(long)]
+        source_base: usize,
+    },
     /// Run the raw fan-out baseline server.
     RawServer {
         #[arg(long, default_value = "127.0.0.1:3201")]
@@ -253,6 +269,21 @@ async fn main() -> anyhow::Result<()> {
                 conn.pid,
             )
             .await?
+        }
+        Scenario::Soak { plan } => {
+            let dir = cli
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("bench/results"));
+            goim_bench::soak::coordinate(plan, &dir).await?
+        }
+        Scenario::SoakLoad {
+            load,
+            loader,
+            source_base,
+        } => {
+            goim_bench::soak::run_loader(load, loader, source_base).await?;
+            return Ok(());
         }
         Scenario::Latency {
             conn,
