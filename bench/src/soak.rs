@@ -27,8 +27,7 @@ use crate::OP;
 /// What one loader does; the coordinator hands each its share.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Load {
-    /// Comet TCP addresses; slot i starts at the (i mod n)-th and moves on to the next one
-    /// when a connect fails (a restarting comet), as a client behind a balancer would.
+    /// Comet TCP addresses; slot i first connects to the (i mod n)-th, later to a random one.
     #[arg(long = "addr", required = true)]
     pub addrs: Vec<SocketAddr>,
     /// logic's HTTP address, for pushes.
@@ -254,10 +253,14 @@ async fn slot(l: Arc<Loader>, load: Load, i: usize, source_base: usize) {
     // Four source addresses per loader: live ports plus the TIME_WAIT that churn leaves stay
     // well inside each address's ephemeral range.
     let local = SocketAddr::from(([127, 0, 0, (2 + source_base + i % 4) as u8], 0));
-    let mut attempt = i;
+    // The first connection goes to comet i mod n; every later one (after churn, a server
+    // close or a failed connect) to a random comet, as a balancer would spread reconnects.
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (((l.index as u64) << 32) | (i as u64 + 1)));
+    let mut next = i % load.addrs.len();
     let mut backoff = Duration::from_millis(100);
     while !l.stop.is_cancelled() {
-        let addr = load.addrs[attempt % load.addrs.len()];
+        let addr = load.addrs[next];
+        next = rng.below(load.addrs.len());
         let connected = async {
             let mut c = Client::connect(Transport::Tcp, addr, Some(local)).await?;
             c.auth(&tok).await?;
@@ -267,7 +270,6 @@ async fn slot(l: Arc<Loader>, load: Load, i: usize, source_base: usize) {
             Ok(Ok(c)) => c,
             _ => {
                 l.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                attempt += 1;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = l.stop.cancelled() => return,
@@ -311,10 +313,6 @@ async fn slot(l: Arc<Loader>, load: Load, i: usize, source_base: usize) {
             if ends.len() > 64 {
                 ends.pop_front();
             }
-        }
-        // A server close: the comet may be restarting; start with the next one.
-        if end == End::Server {
-            attempt += 1;
         }
     }
 }
@@ -647,6 +645,7 @@ pub async fn coordinate(plan: Plan, out: &std::path::Path) -> anyhow::Result<Val
         }
     }
     summary.insert("processes".into(), Value::Object(rss));
+    summary.insert("scenario".into(), json!("soak"));
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("soak.csv"), table.csv())?;
     let cols = |suffix: &str| -> Vec<String> {

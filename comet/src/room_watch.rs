@@ -31,6 +31,11 @@ const LEASE_MIN: Duration = Duration::from_millis(100);
 const LEASE_MAX: Duration = Duration::from_secs(30);
 /// Room changes per update at most, so an update stays far below gRPC's message limit.
 pub const UPDATE_ROOMS: usize = 4096;
+/// Most job watches one comet serves at once. Every new room waits for every watcher's
+/// acknowledgement, so a peer on the internal port that opened watches without end would slow
+/// every join; past this a watch is refused (`RESOURCE_EXHAUSTED`), and that job sends this
+/// comet every room batch, as goim does.
+pub const MAX_WATCHERS: usize = 1024;
 
 /// What a watcher is sent: a room appeared (`true`) or emptied, with its number; or the
 /// answer to a ping.
@@ -240,6 +245,12 @@ impl Watchers {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether another watch may start: checked before it does, so watches that arrive
+    /// together may pass it together (the gRPC server's concurrent-stream limit bounds them).
+    pub fn admit_another(&self) -> bool {
+        self.len() < MAX_WATCHERS
+    }
 }
 
 /// A room kept on this comet (counted as a member) while a connection is about to join it:
@@ -355,6 +366,15 @@ mod tests {
         w.dropped
             .get_or_create(&crate::metrics::Reason { reason })
             .get()
+    }
+
+    #[test]
+    fn watches_past_the_cap_are_refused_until_one_ends() {
+        let rooms = Rooms::default();
+        let held: Vec<_> = (0..MAX_WATCHERS).map(|_| rooms.watch()).collect();
+        assert!(!rooms.watchers.admit_another());
+        rooms.watchers.unwatch(held[0].0);
+        assert!(rooms.watchers.admit_another());
     }
 
     #[tokio::test(start_paused = true)]

@@ -710,8 +710,14 @@ impl CometService for Comet {
         &self,
         acks: mpsc::Receiver<RoomsAck>,
     ) -> Result<mpsc::Receiver<RoomsUpdate>, Status> {
-        let (tx, updates) = mpsc::channel(4);
         let rooms = self.shared.rooms.clone();
+        if !rooms.watchers.admit_another() {
+            return Err(Status::resource_exhausted(format!(
+                "this comet serves {} room watches already",
+                crate::room_watch::MAX_WATCHERS
+            )));
+        }
+        let (tx, updates) = mpsc::channel(4);
         tokio::spawn(crate::room_watch::serve(rooms, acks, tx));
         Ok(updates)
     }

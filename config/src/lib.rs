@@ -67,6 +67,13 @@ pub struct ClusterConfig {
     pub name: String,
     /// Seconds a dead role's keys outlive it.
     pub lease_ttl: i64,
+    /// How often logic compacts etcd's history: each time to the revision it saw one period
+    /// earlier, so watchers keep at least that much. Every connect and disconnect is a
+    /// revision, and etcd (Debian's, and many installs) keeps them all unless compacted, until
+    /// its backend quota stops every write. 0: never (when etcd compacts by itself,
+    /// `--auto-compaction-retention`).
+    #[serde(with = "humantime_serde")]
+    pub etcd_compact_every: std::time::Duration,
     /// Host other roles dial this one at (default: POD_IP, else the listen IP, else the host
     /// name).
     pub advertise: String,
@@ -92,6 +99,7 @@ impl Default for ClusterConfig {
             grpc_tls_server_name: String::new(),
             name: "default".into(),
             lease_ttl: 10,
+            etcd_compact_every: std::time::Duration::from_secs(300),
             advertise: String::new(),
             comet_grpc: "0.0.0.0:3109".into(),
             comet_http: "0.0.0.0:3108".into(),

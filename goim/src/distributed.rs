@@ -207,6 +207,12 @@ pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
     let comets = WatchCache::<CometRecord>::spawn(client.clone(), keys.comets(), stop.clone());
     let loads = WatchCache::spawn(client.clone(), keys.loads(), stop.clone());
     let jobs = WatchCache::<JobRecord>::spawn(client.clone(), keys.jobs(), stop.clone());
+    tokio::spawn(goim_logic::etcd::compact_loop(
+        client.clone(),
+        keys.comets(),
+        cfg.cluster.etcd_compact_every,
+        stop.clone(),
+    ));
     let online = Arc::new(EtcdOnline::new(client.clone(), keys, stop.clone()));
     let ring = Arc::new(JobRing::new(jobs, crate::tls::dialer(&cfg.cluster)?));
     let grpc_tls = crate::tls::grpc_server(&cfg.cluster)?;
