@@ -52,5 +52,5 @@ echo "== distributed: key pushes"
 COMETS=1 bench/cluster.sh latency --conns 1000 --rooms 0 --rate 10000 --seconds 5 --pushers 32
 echo "== distributed: job CPU per room message, members on 2 of N comets"
 for n in 1 5 20; do
-  COMETS=$n SPREAD=2 bench/cluster.sh room --conns 200 --rooms 1 --rate 200 --seconds 12
+  COMETS=$n SPREAD=$((n < 2 ? n : 2)) bench/cluster.sh room --conns 200 --rooms 1 --rate 200 --seconds 12
 done
