@@ -77,4 +77,9 @@ start_cluster() {
   wait_ready "$LOGIC_HTTP"
   wait_ready "$JOB_HTTP"
   for i in $(seq 0 $(($1 - 1))); do wait_ready "$(comet_http "$i")"; done
+  # Ready is not routable: logic takes pushes once its watch has seen the job (a push to a
+  # room without members is answered code 0 then, and reaches no one).
+  until curl -sf -X POST -d probe \
+    "http://127.0.0.1:$LOGIC_HTTP/goim/push/room?operation=1000&type=probe&room=probe" |
+    grep -q '"code":0'; do sleep 0.1; done
 }
