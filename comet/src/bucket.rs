@@ -66,7 +66,10 @@ pub struct Shared {
 /// Totals of one fan-out over a bucket.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
+    /// Taken for the connection: queued, or written at once.
     pub queued: u64,
+    /// Of those, written at once by the caller (no queue, no wake).
+    pub written: u64,
     pub dropped: u64,
 }
 
@@ -74,6 +77,10 @@ impl Delivery {
     pub fn add(&mut self, o: Offer) {
         match o {
             Offer::Queued => self.queued += 1,
+            Offer::Written => {
+                self.queued += 1;
+                self.written += 1;
+            }
             Offer::Full => self.dropped += 1,
             Offer::Filtered | Offer::Closed => {}
         }
@@ -81,6 +88,7 @@ impl Delivery {
 
     pub fn merge(&mut self, o: Delivery) {
         self.queued += o.queued;
+        self.written += o.written;
         self.dropped += o.dropped;
     }
 }
@@ -218,28 +226,30 @@ impl Bucket {
         self.read().chans.get(key).cloned()
     }
 
-    /// Pushes to every member of `room`, ignoring watched ops (goim's `BroadcastRoom`).
+    /// Pushes to every member of `room`, ignoring watched ops (goim's `BroadcastRoom`);
+    /// `direct`: written at once where nothing is queued (see [`Channel::offer`]).
     pub fn push_room(
         &self,
         room: &str,
         out: &Outgoing,
         numbered: Option<&Numbered>,
         cap: usize,
+        direct: bool,
     ) -> Delivery {
         let mut d = Delivery::default();
         if let Some(members) = self.read().rooms.get(room) {
             for ch in members {
-                d.add(ch.offer_room(out, numbered, cap));
+                d.add(ch.offer_room(out, numbered, cap, direct));
             }
         }
         d
     }
 
     /// Pushes to every channel that watches `op`.
-    pub fn push_all(&self, op: i32, out: &Outgoing, cap: usize) -> Delivery {
+    pub fn push_all(&self, op: i32, out: &Outgoing, cap: usize, direct: bool) -> Delivery {
         let mut d = Delivery::default();
         for ch in self.read().chans.values() {
-            d.add(ch.offer(Some(op), out.clone(), cap));
+            d.add(ch.offer(Some(op), out.clone(), cap, direct));
         }
         d
     }
@@ -357,7 +367,7 @@ mod tests {
         assert_eq!(b.room_members("s"), 1);
         assert_eq!(rooms.get("r").unwrap().local(), 3);
         let out = Outgoing::Raw(Bytes::from_static(b"x"));
-        assert_eq!(b.push_room("r", &out, None, 8).queued, 3);
+        assert_eq!(b.push_room("r", &out, None, 8, false).queued, 3);
         for c in &chans[2..] {
             b.change_room(c, "", rooms);
         }
@@ -394,8 +404,8 @@ mod tests {
         );
         assert_eq!(b.room_members("r"), 6);
         let out = Outgoing::Raw(Bytes::from_static(b"x"));
-        assert_eq!(b.push_room("r", &out, None, 64).queued, 6);
-        assert_eq!(b.push_room("news", &out, None, 64).queued, 6);
+        assert_eq!(b.push_room("r", &out, None, 64, false).queued, 6);
+        assert_eq!(b.push_room("news", &out, None, 64, false).queued, 6);
         // Remove members in an order that moves goim-room members and extra members around.
         assert!(b.remove_room(&chans[1], "r", rooms));
         assert!(!b.remove_room(&chans[1], "r", rooms), "not in it any more");
@@ -404,7 +414,7 @@ mod tests {
         b.del(&chans[2], &shared);
         assert_eq!(b.room_members("r"), 2);
         assert_eq!(rooms.get("r").unwrap().local(), 2);
-        assert_eq!(b.push_room("r", &out, None, 64).queued, 2);
+        assert_eq!(b.push_room("r", &out, None, 64, false).queued, 2);
         // An extra room made the goim room is held once.
         b.change_room(&chans[5], "news", rooms);
         assert_eq!(b.room_members("news"), 5);

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use goim_proto::packet::HEADER_LEN;
 use tokio::sync::Notify;
 
+use crate::connection::Socket;
 use crate::rooms::RoomInfo;
 
 /// Most distinct ops a connection may watch; a sub beyond it is ignored, so a client cannot
@@ -27,6 +28,9 @@ pub enum Outgoing {
         header: [u8; HEADER_LEN],
         body: Bytes,
     },
+    /// What a direct write from the fan-out left over (the socket took only part): framed
+    /// already, written as is, with the messages it completes.
+    Rest { bytes: Bytes, messages: u32 },
 }
 
 /// A batch's place in its stream's numbering (a room's, or a user's, when the jobs keep its
@@ -51,8 +55,9 @@ impl Numbered {
 
 /// Messages in a queued item: the packets of a raw batch, one for a packet, none for a
 /// `POSITION` (it only numbers the next ones).
-fn messages(o: &Outgoing) -> u64 {
+pub(crate) fn messages(o: &Outgoing) -> u64 {
     match o {
+        Outgoing::Rest { messages, .. } => u64::from(*messages),
         Outgoing::Raw(b) => goim_proto::packet::raw_packets(b.clone()).count() as u64,
         Outgoing::Packet { header, .. } => {
             u64::from(goim_proto::packet::Header::parse(header).op != goim_proto::op::POSITION)
@@ -64,6 +69,8 @@ fn messages(o: &Outgoing) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Queued,
+    /// Written to the socket at once, from the caller's thread.
+    Written,
     /// The connection does not watch this op.
     Filtered,
     /// The queue was full: the push is dropped for this connection.
@@ -88,6 +95,11 @@ pub(crate) struct State {
     /// room (bytes per idle connection are a measured goal).
     #[allow(clippy::box_collection)]
     pub extra_rooms: Option<Box<Vec<Arc<RoomInfo>>>>,
+    /// The plain socket, for writes from the push paths while `queue` is empty and the
+    /// task is not `writing` (`None` on TLS, before the auth reply and after the end).
+    pub socket: Option<Socket>,
+    /// The connection's task is writing: a direct write now could split its bytes.
+    pub writing: bool,
     /// Whether the bucket still counts this channel (its map entry and IP count).
     pub registered: bool,
     pub closed: bool,
@@ -150,6 +162,29 @@ pub(crate) struct Recovery {
     covered: Option<(Arc<str>, u64)>,
 }
 
+/// Queues `items` (a push, after its position when numbered), or with `direct` writes them to
+/// the socket at once when nothing is queued before them and the task is not writing: no wake
+/// and no poll of the connection's task for the common delivery. What the socket does not
+/// take is queued for the task, which then waits for the socket within the write timeout.
+/// The second value: the task must be woken.
+fn deliver<const N: usize>(st: &mut State, items: [Outgoing; N], direct: bool) -> (Offer, bool) {
+    let idle = st.queue.is_empty();
+    if let Some(socket) = st.socket.as_ref().filter(|_| direct && idle && !st.writing) {
+        match socket.try_write(&items) {
+            Ok((written, total)) if written == total => return (Offer::Written, false),
+            Ok((written, _)) if written > 0 => {
+                let rest = socket.rest(&items, written);
+                st.queue.push_back(rest);
+                return (Offer::Queued, true);
+            }
+            // A full socket, or a broken one: the task's own write waits, or finds out.
+            Ok(_) | Err(_) => {}
+        }
+    }
+    st.queue.extend(items);
+    (Offer::Queued, idle)
+}
+
 #[derive(Debug)]
 pub struct Channel {
     pub key: Arc<str>,
@@ -208,8 +243,9 @@ impl Channel {
         self.state().accepts.binary_search(&op).is_ok()
     }
 
-    /// Queues a push if the connection watches `op` (`None`: no filter, as for rooms).
-    pub fn offer(&self, op: Option<i32>, out: Outgoing, cap: usize) -> Offer {
+    /// Queues a push if the connection watches `op` (`None`: no filter, as for rooms), or
+    /// with `direct`, writes it at once when nothing is queued or being written.
+    pub fn offer(&self, op: Option<i32>, out: Outgoing, cap: usize, direct: bool) -> Offer {
         let mut st = self.state();
         if st.closed {
             return Offer::Closed;
@@ -222,14 +258,41 @@ impl Channel {
         if st.queue.len() >= cap {
             return Offer::Full;
         }
-        let wake = st.queue.is_empty();
-        st.queue.push_back(out);
+        let (offer, wake) = deliver(&mut st, [out], direct);
         drop(st);
         // The task drains everything queued at once, so one wake per empty->non-empty edge.
         if wake {
             self.notify.notify_one();
         }
-        Offer::Queued
+        offer
+    }
+
+    /// Lets the push paths write to `socket` directly (after the auth reply went out).
+    pub(crate) fn attach(&self, socket: Socket) {
+        self.state().socket = Some(socket);
+    }
+
+    /// No more direct writes: the connection is ending and its socket may close.
+    pub(crate) fn detach(&self) {
+        let socket = self.state().socket.take();
+        drop(socket);
+    }
+
+    /// The task starts writing (replies): no direct write may come between its bytes.
+    pub(crate) fn begin_write(&self) {
+        self.state().writing = true;
+    }
+
+    /// Takes everything queued for one batched write by the task, which is writing from now
+    /// until [`Channel::end_write`].
+    pub(crate) fn take_for_write(&self) -> VecDeque<Outgoing> {
+        let mut st = self.state();
+        st.writing = true;
+        std::mem::take(&mut st.queue)
+    }
+
+    pub(crate) fn end_write(&self) {
+        self.state().writing = false;
     }
 
     /// Takes everything queued, for one batched write.
@@ -281,8 +344,14 @@ impl Channel {
     }
 
     /// Offers a room batch (see [`Channel::offer_numbered`]); rooms are not filtered by op.
-    pub fn offer_room(&self, out: &Outgoing, numbered: Option<&Numbered>, cap: usize) -> Offer {
-        self.offer_numbered(out, numbered, None, cap)
+    pub fn offer_room(
+        &self,
+        out: &Outgoing,
+        numbered: Option<&Numbered>,
+        cap: usize,
+        direct: bool,
+    ) -> Offer {
+        self.offer_numbered(out, numbered, None, cap, direct)
     }
 
     /// Offers a push that may be numbered: with its position first to a connection that
@@ -296,6 +365,7 @@ impl Channel {
         numbered: Option<&Numbered>,
         op: Option<i32>,
         cap: usize,
+        direct: bool,
     ) -> Offer {
         let mut st = self.state();
         if st.closed {
@@ -332,9 +402,7 @@ impl Channel {
         if st.queue.len() >= cap {
             return Offer::Full;
         }
-        let wake = st.queue.is_empty();
         if let Some(n) = numbered {
-            st.queue.push_back(n.position.clone());
             let acked = matches!(&*n.stream, "user" | "key");
             if let Some(acks) = st.acks.as_mut().filter(|_| acked) {
                 // Bounded: past the window the oldest is given up (counted at the next pass).
@@ -353,12 +421,15 @@ impl Channel {
                 });
             }
         }
-        st.queue.push_back(out.clone());
+        let (offer, wake) = match numbered {
+            Some(n) => deliver(&mut st, [n.position.clone(), out.clone()], direct),
+            None => deliver(&mut st, [out.clone()], direct),
+        };
         drop(st);
         if wake {
             self.notify.notify_one();
         }
-        Offer::Queued
+        offer
     }
 
     /// The client acks numbered pushes to its user from now on; at most `window` wait.
@@ -548,9 +619,9 @@ mod tests {
         c.take_queue()
             .into_iter()
             .map(|o| match o {
-                Outgoing::Raw(b) | Outgoing::Packet { body: b, .. } => {
-                    String::from_utf8(b.to_vec()).unwrap()
-                }
+                Outgoing::Raw(b)
+                | Outgoing::Packet { body: b, .. }
+                | Outgoing::Rest { bytes: b, .. } => String::from_utf8(b.to_vec()).unwrap(),
             })
             .collect()
     }
@@ -565,11 +636,11 @@ mod tests {
         let batch = |s: &'static str| Outgoing::Raw(Bytes::from_static(s.as_bytes()));
         c.begin_recovery("chat://1");
         assert_eq!(
-            c.offer_room(&batch("3-4"), Some(&numbered("e", 3, 2)), 8),
+            c.offer_room(&batch("3-4"), Some(&numbered("e", 3, 2)), 8, false),
             Offer::Queued
         );
         assert_eq!(
-            c.offer_room(&batch("5"), Some(&numbered("e", 5, 1)), 8),
+            c.offer_room(&batch("5"), Some(&numbered("e", 5, 1)), 8, false),
             Offer::Queued
         );
         assert!(queued(&c).is_empty(), "held during the recovery");
@@ -587,18 +658,18 @@ mod tests {
         c.begin_recovery("chat://1");
         c.end_recovery("chat://1", ("e".into(), 9), |_| vec![batch("reply")]);
         assert_eq!(
-            c.offer_room(&batch("8-9"), Some(&numbered("e", 8, 2)), 8),
+            c.offer_room(&batch("8-9"), Some(&numbered("e", 8, 2)), 8, false),
             Offer::Filtered
         );
         assert_eq!(
-            c.offer_room(&batch("10"), Some(&numbered("e", 10, 1)), 8),
+            c.offer_room(&batch("10"), Some(&numbered("e", 10, 1)), 8, false),
             Offer::Queued
         );
         assert_eq!(queued(&c), ["reply", "pos 10", "10"]);
         // Held batches beyond the queue's bound make the recovery incomplete.
         c.begin_recovery("chat://1");
         for i in 0..3 {
-            c.offer_room(&batch("x"), Some(&numbered("e", 11 + i, 1)), 2);
+            c.offer_room(&batch("x"), Some(&numbered("e", 11 + i, 1)), 2, false);
         }
         c.end_recovery("chat://1", ("e".into(), 10), |overflow| {
             assert!(overflow);
@@ -619,7 +690,7 @@ mod tests {
         };
         let msg = |s: &'static str| Outgoing::Raw(Bytes::from_static(s.as_bytes()));
         for (i, body) in ["1", "2"].into_iter().enumerate() {
-            c.offer_numbered(&msg(body), Some(&user(i as u64 + 1)), Some(1000), 8);
+            c.offer_numbered(&msg(body), Some(&user(i as u64 + 1)), Some(1000), 8, false);
         }
         assert_eq!(queued(&c), ["pos 1", "1", "pos 2", "2"]);
         let timeout = Duration::from_secs(5);
@@ -654,20 +725,20 @@ mod tests {
         // The window: a fourth push waiting gives up the oldest.
         queued(&c);
         for o in 3..=6 {
-            c.offer_numbered(&msg("x"), Some(&user(o)), Some(1000), 64);
+            c.offer_numbered(&msg("x"), Some(&user(o)), Some(1000), 64, false);
         }
         assert_eq!(c.resend(timeout, 2).given_up, 1);
         // Room batches are not acked.
         c.ack("user", 6, None);
-        c.offer_room(&msg("r"), Some(&numbered("e", 1, 1)), 64);
+        c.offer_room(&msg("r"), Some(&numbered("e", 1, 1)), 64, false);
         assert!(c.resend_due(timeout).is_none());
         // Pushes to the key are, on their own offsets.
         let key = |offset| Numbered {
             stream: "key".into(),
             ..numbered("k", offset, 1)
         };
-        c.offer_numbered(&msg("k1"), Some(&key(1)), Some(1000), 64);
-        c.offer_numbered(&msg("u7"), Some(&user(7)), Some(1000), 64);
+        c.offer_numbered(&msg("k1"), Some(&key(1)), Some(1000), 64, false);
+        c.offer_numbered(&msg("u7"), Some(&user(7)), Some(1000), 64, false);
         c.ack("user", 7, Some("e"));
         assert!(
             c.resend_due(timeout).is_some(),
@@ -681,25 +752,25 @@ mod tests {
     fn filter_queue_bound_and_close() {
         let c = ch();
         let out = Outgoing::Raw(Bytes::from_static(b"x"));
-        assert_eq!(c.offer(Some(5), out.clone(), 2), Offer::Filtered);
-        assert_eq!(c.offer(Some(1000), out.clone(), 2), Offer::Queued);
-        assert_eq!(c.offer(None, out.clone(), 2), Offer::Queued);
-        assert_eq!(c.offer(None, out.clone(), 2), Offer::Full);
+        assert_eq!(c.offer(Some(5), out.clone(), 2, false), Offer::Filtered);
+        assert_eq!(c.offer(Some(1000), out.clone(), 2, false), Offer::Queued);
+        assert_eq!(c.offer(None, out.clone(), 2, false), Offer::Queued);
+        assert_eq!(c.offer(None, out.clone(), 2, false), Offer::Full);
         assert_eq!(c.take_queue().len(), 2);
         c.unwatch(&[1000]);
-        assert_eq!(c.offer(Some(1000), out.clone(), 2), Offer::Filtered);
+        assert_eq!(c.offer(Some(1000), out.clone(), 2, false), Offer::Filtered);
         assert!(c.accepts(1001));
         // Closing counts what will never be written: a batch of two messages, one packet.
         let two = [1, 2].map(|i| goim_proto::packet::Packet::new(1, 1000, i, &b"m"[..]).encode());
         let batch = Outgoing::Raw(Bytes::from([two[0].as_ref(), two[1].as_ref()].concat()));
-        c.offer(None, batch, 2);
+        c.offer(None, batch, 2, false);
         let one = Outgoing::Packet {
             header: goim_proto::packet::Header::new(1, 1, 1000, 0).encode(),
             body: Bytes::from_static(b"m"),
         };
-        c.offer(None, one, 2);
+        c.offer(None, one, 2, false);
         assert_eq!(c.close(true), 3);
-        assert_eq!(c.offer(None, out, 2), Offer::Closed);
+        assert_eq!(c.offer(None, out, 2, false), Offer::Closed);
         assert!(c.was_kicked());
     }
 
@@ -709,5 +780,116 @@ mod tests {
         let many: Vec<i32> = (0..5000).collect();
         c.watch(&many);
         assert_eq!(c.state().accepts.len(), MAX_ACCEPTS);
+    }
+
+    mod direct {
+        use super::*;
+        use crate::connection::{Connection, Limits, Transport};
+        use tokio::io::AsyncReadExt;
+        use tokio::net::{TcpListener, TcpStream};
+
+        const LIMITS: Limits = Limits {
+            max_frame: 64 * 1024,
+            max_fragments: 16,
+            write_timeout: Duration::from_secs(10),
+        };
+
+        /// The comet's end as a [`Connection`] whose socket `c` may write to, and the client's.
+        async fn attached(c: &Channel) -> (Connection, TcpStream) {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (server, _) = l.accept().await.unwrap();
+            let conn = Connection::new(server, Transport::Tcp, LIMITS);
+            c.attach(conn.socket().unwrap());
+            (conn, client)
+        }
+
+        fn raw(s: &str) -> Outgoing {
+            Outgoing::Raw(Bytes::from(s.to_string()))
+        }
+
+        /// A push to a connection with nothing queued or being written goes to its socket at
+        /// once, without waking its task. While the task writes, or while anything is queued
+        /// before it, or after the connection detached, a push is queued instead, so the
+        /// client reads every push once and in order.
+        #[tokio::test]
+        async fn an_idle_connection_is_written_at_once_and_a_busy_one_queued() {
+            let c = ch();
+            let (mut conn, mut client) = attached(&c).await;
+            assert_eq!(c.offer(None, raw("a"), 8, true), Offer::Written);
+            assert!(c.state().queue.is_empty());
+            let woken = c.notify.notified();
+            tokio::pin!(woken);
+            assert!(
+                futures_ready(woken.as_mut()).is_none(),
+                "a direct write wakes no one"
+            );
+            // Not asked to write directly (the fan-out is behind): queued.
+            assert_eq!(c.offer(None, raw("b"), 8, false), Offer::Queued);
+            // Queued before it: queued too, or it would overtake "b".
+            assert_eq!(c.offer(None, raw("c"), 8, true), Offer::Queued);
+            let items = c.take_for_write();
+            // The task is writing: a direct write now could split its bytes.
+            assert_eq!(c.offer(None, raw("d"), 8, true), Offer::Queued);
+            conn.flush(items).await.unwrap();
+            c.end_write();
+            conn.flush(c.take_for_write()).await.unwrap();
+            c.end_write();
+            assert_eq!(c.offer(None, raw("e"), 8, true), Offer::Written);
+            c.detach();
+            assert_eq!(c.offer(None, raw("f"), 8, true), Offer::Queued);
+            let mut got = [0u8; 5];
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"abcde");
+            assert_eq!(queued(&c), ["f"]);
+        }
+
+        /// A socket that takes only part of a push: the rest is queued, whole, for the task,
+        /// and pushes after it queue behind it; the client reads every byte in order.
+        #[tokio::test]
+        async fn a_full_socket_leaves_the_rest_queued_in_order() {
+            let c = ch();
+            let (mut conn, mut client) = attached(&c).await;
+            let header = goim_proto::packet::Header::new(49_999, 1, 1000, 0).encode();
+            let push = |i: usize| Outgoing::Packet {
+                header,
+                body: Bytes::from(vec![i as u8; 49_999]),
+            };
+            let mut expected = Vec::new();
+            let mut offers = Vec::new();
+            // The client does not read: the socket fills and stops taking writes.
+            for i in 0..200 {
+                let o = c.offer(None, push(i), 1000, true);
+                expected.extend_from_slice(&header);
+                expected.extend_from_slice(&vec![i as u8; 49_999]);
+                offers.push(o);
+            }
+            let first_queued = offers.iter().position(|o| *o == Offer::Queued).unwrap();
+            assert!(first_queued > 0, "an empty socket takes the first push");
+            assert!(offers[first_queued..].iter().all(|o| *o == Offer::Queued));
+            let reader = tokio::spawn(async move {
+                let mut got = vec![0u8; expected.len()];
+                client.read_exact(&mut got).await.unwrap();
+                got == expected
+            });
+            let items = c.take_for_write();
+            assert!(
+                matches!(items.front(), Some(Outgoing::Rest { messages: 1, .. })),
+                "the push the socket took part of comes first, as its rest"
+            );
+            conn.flush(items).await.unwrap();
+            c.end_write();
+            assert!(reader.await.unwrap(), "every byte once, in order");
+        }
+
+        /// Polls a future once.
+        fn futures_ready<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            match f.poll(&mut cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            }
+        }
     }
 }

@@ -93,7 +93,15 @@ pub(crate) async fn serve(
                 presence_renew: cfg.presence_renew,
             };
             let handler = Handler::new(ch.clone(), heartbeat, limits, pending, expires);
-            run(comet, &mut conn, handler).await
+            // From here the push paths may write to the socket themselves (the auth reply
+            // is out, so nothing can overtake it).
+            if let Some(socket) = conn.socket() {
+                ch.attach(socket);
+            }
+            let exit = run(comet, &mut conn, handler).await;
+            // Before anything else is written (a close frame) and before the socket closes.
+            ch.detach();
+            exit
         }
         Err(e) => Exit::Error(e),
     };
@@ -276,7 +284,10 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
         }
         // Replies, and pongs the WebSocket reader queued.
         if conn.has_replies() {
-            if let Err(e) = conn.flush(VecDeque::new()).await {
+            ch.begin_write();
+            let r = conn.flush(VecDeque::new()).await;
+            ch.end_write();
+            if let Err(e) = r {
                 return Exit::Error(e);
             }
         }
@@ -324,13 +335,14 @@ async fn run(comet: &Arc<Comet>, conn: &mut Connection, mut handler: Handler) ->
                         Exit::Shutdown
                     };
                 }
-                let items = ch.take_queue();
+                let items = ch.take_for_write();
                 if !items.is_empty() {
                     if let Err(e) = conn.flush(items).await {
                         return Exit::Error(e);
                     }
                     comet.metrics.writes.inc();
                 }
+                ch.end_write();
             }
             Event::Readable(r) => {
                 if let Err(e) = r

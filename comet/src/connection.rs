@@ -79,7 +79,9 @@ pub struct Limits {
 }
 
 pub struct Connection {
-    stream: TcpStream,
+    /// Shared with the connection's [`crate::channel::Channel`] (see [`Socket`]) once it is
+    /// registered, so pushes can be written from the fan-out without waking this task.
+    stream: Arc<TcpStream>,
     /// The TLS session on a WSS or TCP-over-TLS listener.
     tls: Option<Box<rustls::ServerConnection>>,
     transport: Transport,
@@ -95,7 +97,7 @@ pub struct Connection {
 impl Connection {
     pub fn new(stream: TcpStream, transport: Transport, limits: Limits) -> Self {
         Connection {
-            stream,
+            stream: Arc::new(stream),
             tls: None,
             transport,
             upgraded: false,
@@ -176,6 +178,15 @@ impl Connection {
 
     pub fn stream(&self) -> &TcpStream {
         &self.stream
+    }
+
+    /// The socket for writes from outside this connection's task, on a plain socket (a TLS
+    /// session's state is this task's alone, so TLS connections have none).
+    pub fn socket(&self) -> Option<Socket> {
+        self.tls.is_none().then(|| Socket {
+            stream: self.stream.clone(),
+            transport: self.transport,
+        })
     }
 
     /// Bytes of buffer this connection holds now (0 when idle): what a burst must give back.
@@ -404,35 +415,7 @@ impl Connection {
     /// One `writev` of the replies and `batch` (at most [`WRITE_BATCH`] items); returns the
     /// bytes the kernel took (0 if the socket is full) and the bytes there were.
     fn write_now(&self, batch: &[Outgoing]) -> io::Result<(usize, usize)> {
-        let mut prefixes = [([0u8; 26], 0usize); WRITE_BATCH];
-        for (p, item) in prefixes.iter_mut().zip(batch) {
-            *p = prefix(self.transport, item);
-        }
-        let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH + 1];
-        let mut n = 0;
-        if !self.out.is_empty() {
-            slices[n] = IoSlice::new(&self.out);
-            n += 1;
-        }
-        for ((p, len), item) in prefixes.iter().zip(batch) {
-            if *len > 0 {
-                slices[n] = IoSlice::new(&p[..*len]);
-                n += 1;
-            }
-            if !body(item).is_empty() {
-                slices[n] = IoSlice::new(body(item));
-                n += 1;
-            }
-        }
-        let total = slices[..n].iter().map(|s| s.len()).sum();
-        if total == 0 {
-            return Ok((0, 0));
-        }
-        match self.stream.try_write_vectored(&slices[..n]) {
-            Ok(w) => Ok((w, total)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((0, total)),
-            Err(e) => Err(e),
-        }
+        try_writev(&self.stream, self.transport, &self.out, batch)
     }
 
     /// The slow path for a client that is not keeping up: the rest of the batch, waiting for
@@ -455,6 +438,93 @@ impl Connection {
         let mut bufs = &mut slices[..];
         IoSlice::advance_slices(&mut bufs, skip);
         write_all(&self.stream, bufs, self.limits.write_timeout).await
+    }
+}
+
+/// One non-blocking `writev` of `head` and `batch` (at most [`WRITE_BATCH`] items) from stack
+/// buffers: the bytes the kernel took (0 if the socket is full) and the bytes there were.
+fn try_writev(
+    stream: &TcpStream,
+    transport: Transport,
+    head: &[u8],
+    batch: &[Outgoing],
+) -> io::Result<(usize, usize)> {
+    let mut prefixes = [([0u8; 26], 0usize); WRITE_BATCH];
+    for (p, item) in prefixes.iter_mut().zip(batch) {
+        *p = prefix(transport, item);
+    }
+    let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH + 1];
+    let mut n = 0;
+    if !head.is_empty() {
+        slices[n] = IoSlice::new(head);
+        n += 1;
+    }
+    for ((p, len), item) in prefixes.iter().zip(batch) {
+        if *len > 0 {
+            slices[n] = IoSlice::new(&p[..*len]);
+            n += 1;
+        }
+        if !body(item).is_empty() {
+            slices[n] = IoSlice::new(body(item));
+            n += 1;
+        }
+    }
+    let total = slices[..n].iter().map(|s| s.len()).sum();
+    if total == 0 {
+        return Ok((0, 0));
+    }
+    match stream.try_write_vectored(&slices[..n]) {
+        Ok(w) => Ok((w, total)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((0, total)),
+        Err(e) => Err(e),
+    }
+}
+
+/// A connection's plain socket as the push paths see it: they may write a push straight to
+/// it when nothing else is queued or being written (the channel's lock decides that), which
+/// saves waking the connection's task for each delivery.
+#[derive(Debug)]
+pub struct Socket {
+    stream: Arc<TcpStream>,
+    transport: Transport,
+}
+
+impl Socket {
+    /// One non-blocking write of `items` (a few): how many bytes went and how many there
+    /// were. Never waits: a full socket takes 0 bytes.
+    pub fn try_write(&self, items: &[Outgoing]) -> io::Result<(usize, usize)> {
+        try_writev(&self.stream, self.transport, &[], items)
+    }
+
+    /// What is left of `items` after the first `written` bytes went out (see [`rest`]).
+    pub fn rest(&self, items: &[Outgoing], written: usize) -> Outgoing {
+        rest(self.transport, items, written)
+    }
+}
+
+/// What is left of `items` after the first `written` bytes of their framing on `transport`
+/// went out: the remaining bytes, framed already, and the messages they hold (those not
+/// wholly written).
+fn rest(transport: Transport, items: &[Outgoing], mut written: usize) -> Outgoing {
+    let mut rest = BytesMut::new();
+    let mut messages = 0;
+    for item in items {
+        let (p, n) = prefix(transport, item);
+        let len = n + body(item).len();
+        if written >= len {
+            written -= len;
+            continue;
+        }
+        messages += crate::channel::messages(item);
+        for part in [&p[..n], &body(item)[..]] {
+            let skip = written.min(part.len());
+            rest.put_slice(&part[skip..]);
+            written -= skip;
+        }
+    }
+    Outgoing::Rest {
+        bytes: rest.freeze(),
+        messages: u32::try_from(messages).unwrap_or(u32::MAX),
     }
 }
 
@@ -481,7 +551,7 @@ impl Write for SocketIo<'_> {
 
 fn body(item: &Outgoing) -> &Bytes {
     match item {
-        Outgoing::Raw(b) | Outgoing::Packet { body: b, .. } => b,
+        Outgoing::Raw(b) | Outgoing::Packet { body: b, .. } | Outgoing::Rest { bytes: b, .. } => b,
     }
 }
 
@@ -497,6 +567,8 @@ fn prefix(transport: Transport, item: &Outgoing) -> ([u8; 26], usize) {
             b.len(),
         ),
         Outgoing::Packet { header, body } => (Some(*header), body.len()),
+        // Framed already.
+        Outgoing::Rest { .. } => return (p, 0),
     };
     let mut n = 0;
     if transport == Transport::WebSocket {
@@ -678,5 +750,40 @@ mod tests {
         };
         assert_eq!(prefix(Transport::Tcp, &pkt).1, 16);
         assert_eq!(prefix(Transport::WebSocket, &pkt).1, 18);
+    }
+
+    /// What a partial direct write leaves: the framing's unwritten tail, byte for byte, and
+    /// the messages of every push not wholly written, for each cut and both transports.
+    #[test]
+    fn the_rest_is_the_unwritten_tail_of_the_framing() {
+        let one = Outgoing::Packet {
+            header: Header::new(3, SERVER_VER, 1000, 0).encode(),
+            body: Bytes::from_static(b"abc"),
+        };
+        let packet = |b: &[u8]| {
+            let mut v = Header::new(b.len(), SERVER_VER, 1000, 0).encode().to_vec();
+            v.extend_from_slice(b);
+            v
+        };
+        let two = Outgoing::Raw(Bytes::from([packet(b"x"), packet(b"yz")].concat()));
+        let items = [one, two];
+        for transport in [Transport::Tcp, Transport::WebSocket] {
+            let mut framed = Vec::new();
+            let mut ends = Vec::new();
+            for item in &items {
+                let (p, n) = prefix(transport, item);
+                framed.extend_from_slice(&p[..n]);
+                framed.extend_from_slice(body(item));
+                ends.push(framed.len());
+            }
+            for written in 0..framed.len() {
+                let Outgoing::Rest { bytes, messages } = rest(transport, &items, written) else {
+                    panic!("not a rest");
+                };
+                assert_eq!(&bytes[..], &framed[written..], "{transport:?} at {written}");
+                let expected = if written < ends[0] { 3 } else { 2 };
+                assert_eq!(messages, expected, "{transport:?} at {written}");
+            }
+        }
     }
 }

@@ -874,7 +874,7 @@ mod tests {
         let ch = h.channel().clone();
         let out = crate::channel::Outgoing::Raw(bytes::Bytes::from_static(b"x"));
         let to_key = crate::server::numbered("key", "k", 1, 1);
-        ch.offer_numbered(&out, Some(&to_key), Some(1000), 8);
+        ch.offer_numbered(&out, Some(&to_key), Some(1000), 8, false);
         let timeout = Duration::from_secs(5);
         assert!(ch.resend_due(timeout).is_some());
         h.pending_mut()

@@ -158,13 +158,19 @@ impl Comet {
         for i in 0..cfg.buckets {
             let (tx, mut rx) = mpsc::channel::<BucketJob>(cfg.bucket_queue);
             let (buckets, metrics, cap) = (buckets.clone(), metrics.clone(), cfg.push_queue);
+            let direct_writes = cfg.direct_writes;
             tokio::spawn(async move {
                 while let Some(job) = rx.recv().await {
+                    // Direct writes while this worker keeps up. With fan-out work waiting, the
+                    // comet is loaded: queue, and each connection's task, running later,
+                    // writes its whole backlog in one writev (fewer syscalls per delivery).
+                    // Measured: writing directly even then costs 15 % more CPU per delivery.
+                    let direct = direct_writes && rx.is_empty();
                     let d = match &job {
                         BucketJob::Room(room, out, numbered) => {
-                            buckets[i].push_room(room, out, numbered.as_deref(), cap)
+                            buckets[i].push_room(room, out, numbered.as_deref(), cap, direct)
                         }
-                        BucketJob::All(op, out) => buckets[i].push_all(*op, out, cap),
+                        BucketJob::All(op, out) => buckets[i].push_all(*op, out, cap, direct),
                     };
                     record(&metrics, d);
                 }
@@ -549,7 +555,7 @@ impl Comet {
                 });
                 let out = extension_packet(op::RECONNECT, 0, SERVER_VER, &body);
                 // Past the queue bound, like any push: advice is worth a slot.
-                ch.offer(None, out, self.cfg.push_queue + 1);
+                ch.offer(None, out, self.cfg.push_queue + 1, false);
             }
         }
         for (i, ch) in chans.iter().enumerate() {
@@ -577,6 +583,7 @@ impl Comet {
 
 fn record(metrics: &CometMetrics, d: Delivery) {
     metrics.pushes_queued.inc_by(d.queued);
+    metrics.writes.inc_by(d.written);
     metrics.dropped("queue_full", d.dropped);
 }
 
@@ -643,7 +650,9 @@ impl CometService for Comet {
                 // been reused by another user since logic looked it up.
                 Some(ch) if req.mids.get(i).is_some_and(|&mid| mid != ch.mid) => wrong_user += 1,
                 Some(ch) => {
-                    d.add(ch.offer_numbered(&out, numbered.as_ref(), Some(req.proto_op), cap))
+                    let op = Some(req.proto_op);
+                    let direct = self.cfg.direct_writes;
+                    d.add(ch.offer_numbered(&out, numbered.as_ref(), op, cap, direct))
                 }
                 None => absent += 1,
             }
@@ -672,10 +681,10 @@ impl CometService for Comet {
             self.metrics.clone(),
             self.cfg.push_queue,
         );
-        let shutdown = self.shutdown.clone();
+        let (shutdown, direct) = (self.shutdown.clone(), self.cfg.direct_writes);
         tokio::spawn(async move {
             for b in buckets.iter() {
-                let d = b.push_all(op, &out, cap);
+                let d = b.push_all(op, &out, cap, direct);
                 record(&metrics, d);
                 let pause = Duration::from_secs_f64(b.channel_count() as f64 / speed);
                 tokio::select! {

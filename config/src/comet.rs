@@ -39,6 +39,10 @@ pub struct CometConfig {
     pub push_queue: usize,
     /// Room and broadcast jobs queued per bucket before job calls wait.
     pub bucket_queue: usize,
+    /// Pushes are written to a plain socket by the fan-out itself when nothing is queued for
+    /// it and the fan-out keeps up, instead of waking the connection's task (less CPU per
+    /// delivery); off, every push goes through the connection's queue, as in goim.
+    pub direct_writes: bool,
     /// How often room counts go to logic (goim 10s).
     #[serde(with = "humantime_serde")]
     pub renew_interval: Duration,
@@ -120,6 +124,7 @@ impl Default for CometConfig {
             buckets: 32,
             push_queue: 64,
             bucket_queue: 1024,
+            direct_writes: true,
             renew_interval: Duration::from_secs(10),
             presence_renew: Duration::from_secs(600),
             presence_sweep: Duration::from_secs(60),
