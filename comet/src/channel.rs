@@ -402,9 +402,13 @@ impl Channel {
         if st.queue.len() >= cap {
             return Offer::Full;
         }
+        // A push that waits for an ack wakes the task even when written directly: the task
+        // arms its resend timer when it runs.
+        let mut awaits_ack = false;
         if let Some(n) = numbered {
             let acked = matches!(&*n.stream, "user" | "key");
             if let Some(acks) = st.acks.as_mut().filter(|_| acked) {
+                awaits_ack = true;
                 // Bounded: past the window the oldest is given up (counted at the next pass).
                 if acks.pending.len() >= acks.window {
                     acks.pending.pop_front();
@@ -426,7 +430,7 @@ impl Channel {
             None => deliver(&mut st, [out.clone()], direct),
         };
         drop(st);
-        if wake {
+        if wake || awaits_ack {
             self.notify.notify_one();
         }
         offer
@@ -842,6 +846,31 @@ mod tests {
             client.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"abcde");
             assert_eq!(queued(&c), ["f"]);
+        }
+
+        /// A push that waits for the client's ack is written directly but still wakes the
+        /// task, which arms the resend timer (found by the recovery test of acks).
+        #[tokio::test]
+        async fn a_push_awaiting_an_ack_wakes_the_task_when_written_directly() {
+            let c = ch();
+            let (_conn, _client) = attached(&c).await;
+            c.set_extended();
+            c.enable_acks(8);
+            let user = Numbered {
+                stream: "user".into(),
+                epoch: "e".into(),
+                offset: 1,
+                count: 1,
+                position: raw("pos"),
+            };
+            let woken = c.notify.notified();
+            tokio::pin!(woken);
+            assert_eq!(
+                c.offer_numbered(&raw("m"), Some(&user), Some(1000), 8, true),
+                Offer::Written
+            );
+            assert!(futures_ready(woken.as_mut()).is_some(), "the task is woken");
+            assert!(c.resend_due(Duration::from_secs(1)).is_some());
         }
 
         /// A socket that takes only part of a push: the rest is queued, whole, for the task,
