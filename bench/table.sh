@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's Performance table from one run: every row's measurement, one after another on
 # this machine, into OUT (each run's JSON and a row of OUT/results.md; cluster runs also save
-# each role's /metrics and print each process's CPU). About six minutes on 2 cores.
+# each role's /metrics and print each process's CPU). About seven minutes on 2 cores.
 # Not measured here (each its own long run): conversations (bench/chat.sh), 200k+
 # connections (bench/scale.sh), TLS, and the soak (bench/soak.sh).
 # Usage: bench/table.sh   (OUT=bench/results/table)
@@ -46,6 +46,8 @@ standalone room --addr "127.0.0.1:$BASE" --http "127.0.0.1:$((BASE + 11))" --con
   --rooms 1 --rate 20 --seconds 10 --source-base 23
 echo "== room fan-out against the machine's limit"
 bench/fanout.sh
+echo "== room fan-out, unsaturated (5,000 connections): comet against raw epoll and io_uring"
+CONNS=5000 RUNS="comet-tcp raw-tcp-epoll raw-tcp-io-uring" bench/fanout.sh
 echo "== distributed: connects and a disconnect storm through logic into etcd"
 COMETS=1 bench/cluster.sh idle --conns 15000 --rooms 10
 echo "== distributed: key pushes"

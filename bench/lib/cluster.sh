@@ -82,4 +82,9 @@ start_cluster() {
   until curl -sf -X POST -d probe \
     "http://127.0.0.1:$LOGIC_HTTP/goim/push/room?operation=1000&type=probe&room=probe" |
     grep -q '"code":0'; do sleep 0.1; done
+  # And the job must know every comet: until its watch has seen one, that comet's members
+  # miss room pushes (counted as the job's undeliverable, see issue 12's note).
+  until [ "$(curl -sf "http://127.0.0.1:$JOB_HTTP/comets" | grep -o '"comet-[0-9]*"' | wc -l)" -ge "$1" ]; do
+    sleep 0.1
+  done
 }
