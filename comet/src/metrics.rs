@@ -36,6 +36,9 @@ pub struct CometMetrics {
     /// Jobs' room watches the comet dropped (`lagging`, `unacked`): new rooms then waited
     /// out the job's lease.
     pub room_watchers_dropped: crate::room_watch::DropCounter,
+    /// New rooms let in after waiting [`crate::room_watch::ACK_TIMEOUT`] for a job in etcd
+    /// that never watched this comet: that job's batches may miss members here.
+    pub rooms_unwatched: Counter,
     last_drop_log: AtomicU64,
 }
 
@@ -83,6 +86,11 @@ impl CometMetrics {
             "room_watchers_dropped",
             "Jobs' room watches dropped for lagging or not acknowledging, by reason",
             self.room_watchers_dropped.clone(),
+        );
+        r.register(
+            "rooms_unwatched",
+            "New rooms let in without a watch from every job in etcd, after waiting for it",
+            self.rooms_unwatched.clone(),
         );
     }
 

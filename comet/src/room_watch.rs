@@ -8,6 +8,11 @@
 //! falls behind or stops acknowledging is dropped, and new rooms then wait until the lease
 //! of its last answered ping has run out: from then on that job sends this comet every
 //! room's batches, until it watches again.
+//!
+//! A job that does not know this comet yet (its etcd watch has not seen it) sends it nothing
+//! and has no watcher here. So in a cluster the comet also knows the jobs registered in etcd,
+//! and a room's first member waits until each of them watches (or [`ACK_TIMEOUT`] passes,
+//! counted in `goim_comet_rooms_unwatched_total`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,6 +57,9 @@ pub const DROP_UNACKED: &str = "unacked";
 #[derive(Debug)]
 struct Watcher {
     id: u64,
+    /// The job's id, from its acknowledgements (empty: not said yet, or a job that predates
+    /// it).
+    job: String,
     /// Changes numbered up to this are in its snapshot.
     base: u64,
     acked: u64,
@@ -60,10 +68,27 @@ struct Watcher {
     pinged: Option<(Instant, Duration)>,
 }
 
+/// The jobs a room must wait for beside the watchers.
+#[derive(Debug, Default)]
+enum Jobs {
+    /// Standalone: the job is in-process and knows this comet.
+    #[default]
+    Unchecked,
+    /// In a cluster, before the comet's view of jobs/ in etcd is complete: like a job that
+    /// does not watch yet.
+    Unknown,
+    /// The ids registered in etcd.
+    Known(Vec<String>),
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Number of the last room change.
     seq: u64,
+    jobs: Jobs,
+    /// Jobs that named themselves in a watch here, so know this comet, or were waited for
+    /// once in vain (counted): neither holds rooms back again. Pruned to the jobs in etcd.
+    seen: Vec<String>,
     watchers: Vec<Watcher>,
     /// New rooms wait until then: a dropped watcher's job may still route by its old view.
     fence: Option<Instant>,
@@ -77,6 +102,8 @@ pub struct Watchers {
     /// Bumped on every acknowledgement and drop: waiting joins look again.
     changed: watch::Sender<u64>,
     dropped: DropCounter,
+    /// Rooms let in before every job in etcd watched (`goim_comet_rooms_unwatched_total`).
+    unwatched: prometheus_client::metrics::counter::Counter,
 }
 
 /// Dropped watchers by reason (`goim_comet_room_watchers_dropped_total`).
@@ -87,17 +114,58 @@ pub type DropCounter = prometheus_client::metrics::family::Family<
 
 impl Default for Watchers {
     fn default() -> Self {
-        Self::counting(DropCounter::default())
+        Self::counting(DropCounter::default(), Default::default())
+    }
+}
+
+impl State {
+    /// A job registered in etcd has no watcher here: it may not know this comet. Watchers
+    /// that have not named their job stand in for missing ones (jobs from before `job`).
+    fn jobs_missing(&self) -> bool {
+        match &self.jobs {
+            Jobs::Unchecked => false,
+            Jobs::Unknown => true,
+            Jobs::Known(_) => {
+                let anonymous = self.watchers.iter().filter(|w| w.job.is_empty()).count();
+                self.missing().count() > anonymous
+            }
+        }
+    }
+
+    /// Jobs in etcd that never watched here.
+    fn missing(&self) -> impl Iterator<Item = &String> {
+        let ids = match &self.jobs {
+            Jobs::Known(ids) => ids.as_slice(),
+            _ => &[],
+        };
+        ids.iter().filter(|id| !self.seen.contains(id))
     }
 }
 
 impl Watchers {
-    pub fn counting(dropped: DropCounter) -> Self {
+    pub fn counting(
+        dropped: DropCounter,
+        unwatched: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Watchers {
             state: Mutex::default(),
             changed: watch::channel(0).0,
             dropped,
+            unwatched,
         }
+    }
+
+    /// In a cluster: the jobs registered in etcd (`None` until that view is complete). New
+    /// rooms wait until each of them watches this comet.
+    pub fn set_jobs(&self, jobs: Option<Vec<String>>) {
+        let mut st = self.lock();
+        if let Some(ids) = &jobs {
+            // Only jobs still registered: job ids come and go with their pods.
+            st.seen.retain(|s| ids.contains(s));
+        }
+        st.jobs = jobs.map_or(Jobs::Unknown, Jobs::Known);
+        drop(st);
+        self.changed.send_modify(|v| *v += 1);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -136,23 +204,34 @@ impl Watchers {
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         st.watchers.push(Watcher {
             id,
+            job: String::new(),
             base,
             acked: base,
             tx,
             pinged: None,
         });
+        drop(st);
+        // It may be the watch a waiting room needs from a job.
+        self.changed.send_modify(|v| *v += 1);
         (id, base, rx)
     }
 
     /// A watcher's acknowledgement (and ping).
     pub fn ack(&self, id: u64, ack: &RoomsAck) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let seq = st.seq;
         let Some(w) = st.watchers.iter_mut().find(|w| w.id == id) else {
             return;
         };
         // Never past what was sent: a bad value must not let a room in unacknowledged.
         w.acked = w.acked.max(ack.seq.min(seq));
+        if w.job != ack.job {
+            w.job.clone_from(&ack.job);
+            if !ack.job.is_empty() && !st.seen.contains(&ack.job) {
+                st.seen.push(ack.job.clone());
+            }
+        }
         let mut lagging = false;
         if ack.ping != 0 {
             let lease = Duration::from_millis(ack.lease_ms.into()).clamp(LEASE_MIN, LEASE_MAX);
@@ -160,9 +239,9 @@ impl Watchers {
             lagging = w.tx.try_send(Event::Pong(ack.ping)).is_err();
         }
         if lagging {
-            self.drop_watcher(&mut st, id, DROP_LAGGING);
+            self.drop_watcher(st, id, DROP_LAGGING);
         }
-        drop(st);
+        drop(guard);
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -192,15 +271,19 @@ impl Watchers {
     }
 
     /// Waits until every job routes a room change numbered `seq` (a room's appearance):
-    /// each watcher acknowledged it or had it in its snapshot, and every dropped watcher's
-    /// lease ran out. A watcher that does not acknowledge within [`ACK_TIMEOUT`] is dropped.
+    /// each watcher acknowledged it or had it in its snapshot, every dropped watcher's
+    /// lease ran out, and every job registered in etcd watches. A watcher that does not
+    /// acknowledge within [`ACK_TIMEOUT`] is dropped; a job that does not watch by then is
+    /// given up on (counted).
     pub async fn announced(&self, seq: u64) {
         let mut changes = self.changed.subscribe();
         let deadline = Instant::now() + ACK_TIMEOUT;
+        let mut jobs_given_up = false;
         loop {
             let fence = {
                 let st = self.lock();
-                let waiting = st.watchers.iter().any(|w| w.base < seq && w.acked < seq);
+                let waiting = st.watchers.iter().any(|w| w.base < seq && w.acked < seq)
+                    || (!jobs_given_up && st.jobs_missing());
                 match st.fence.filter(|&f| f > Instant::now()) {
                     Some(f) => Some(f),
                     None if !waiting => return,
@@ -225,6 +308,16 @@ impl Watchers {
                 for id in late {
                     self.drop_watcher(&mut st, id, DROP_UNACKED);
                 }
+                if !jobs_given_up && st.jobs_missing() {
+                    jobs_given_up = true;
+                    self.unwatched.inc();
+                    let missing: Vec<String> = st.missing().cloned().collect();
+                    st.seen.extend(missing);
+                    tracing::warn!(
+                        "a new room went ahead without a watch from every job in etcd: its \
+                         batches may miss members here until they watch"
+                    );
+                }
             }
         }
     }
@@ -235,6 +328,7 @@ impl Watchers {
         let st = self.lock();
         st.fence.is_none_or(|f| f <= Instant::now())
             && !st.watchers.iter().any(|w| w.base < seq && w.acked < seq)
+            && !st.jobs_missing()
     }
 
     /// Watchers now.
@@ -359,7 +453,79 @@ mod tests {
             seq,
             ping,
             lease_ms: 2000,
+            job: String::new(),
         }
+    }
+
+    fn ack_from(job: &str, seq: u64) -> RoomsAck {
+        RoomsAck {
+            job: job.into(),
+            ..ack(seq, 0)
+        }
+    }
+
+    /// In a cluster a new room also waits for every job registered in etcd to watch this
+    /// comet: a job that has not seen the comet yet would skip it (found by a bench run that
+    /// lost a room's first pushes as `no_comets`). A watcher that has not named its job
+    /// stands in for one (jobs from before the name).
+    #[tokio::test(start_paused = true)]
+    async fn a_new_room_waits_until_every_job_in_etcd_watches() {
+        let rooms = Rooms::default();
+        // Standalone: nothing to wait for.
+        assert!(rooms.watchers.is_announced(rooms.join("live://0").added));
+        // Before the comet has listed the jobs: wait.
+        rooms.watchers.set_jobs(None);
+        assert!(!rooms.watchers.is_announced(rooms.join("live://1").added));
+        rooms.watchers.set_jobs(Some(Vec::new()));
+        assert!(rooms.watchers.is_announced(rooms.join("live://2").added));
+
+        rooms
+            .watchers
+            .set_jobs(Some(vec!["j1".into(), "j2".into()]));
+        let room = rooms.join("live://3");
+        let wait = rooms.watchers.announced(room.added);
+        tokio::pin!(wait);
+        assert!(futures_poll(&mut wait).await.is_none(), "no job watches");
+        let (id1, _, _, _e1) = rooms.watch();
+        rooms.watchers.ack(id1, &ack_from("j1", room.added));
+        assert!(futures_poll(&mut wait).await.is_none(), "j2 does not watch");
+        let (id2, _, _, _e2) = rooms.watch();
+        // Unnamed yet: stands in for j2.
+        assert!(futures_poll(&mut wait).await.is_some());
+        let next = rooms.join("live://4");
+        rooms.watchers.ack(id1, &ack_from("j1", next.added));
+        rooms.watchers.ack(id2, &ack_from("j2", next.added));
+        assert!(rooms.watchers.is_announced(next.added));
+        // A third job registers: new rooms wait for it too.
+        rooms
+            .watchers
+            .set_jobs(Some(vec!["j1".into(), "j2".into(), "j3".into()]));
+        assert!(!rooms.watchers.is_announced(next.added));
+        assert_eq!(rooms.watchers.unwatched.get(), 0);
+    }
+
+    /// A job in etcd that never watches holds a new room for [`ACK_TIMEOUT`] at most; the
+    /// room then goes ahead, counted.
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_never_watches_is_waited_for_once_and_counted() {
+        let rooms = Rooms::default();
+        rooms.watchers.set_jobs(Some(vec!["gone".into()]));
+        let start = Instant::now();
+        rooms.watchers.announced(rooms.join("live://1").added).await;
+        assert!(start.elapsed() >= ACK_TIMEOUT);
+        assert_eq!(rooms.watchers.unwatched.get(), 1);
+        // Once: later rooms do not wait for it again.
+        assert!(rooms.watchers.is_announced(rooms.join("live://2").added));
+        // A job that watched once knows this comet: its watch ending holds nothing back
+        // beyond its lease (none here: it never pinged).
+        rooms
+            .watchers
+            .set_jobs(Some(vec!["gone".into(), "j".into()]));
+        let (id, _, _, _events) = rooms.watch();
+        rooms.watchers.ack(id, &ack_from("j", 0));
+        rooms.watchers.unwatch(id);
+        assert!(rooms.watchers.is_announced(rooms.join("live://3").added));
+        assert_eq!(rooms.watchers.unwatched.get(), 1);
     }
 
     fn dropped(w: &Watchers, reason: &'static str) -> u64 {

@@ -42,10 +42,13 @@ pub struct Rooms {
 
 impl Rooms {
     /// Rooms whose dropped watchers are counted in `dropped` (by reason).
-    pub fn counting_drops(dropped: crate::room_watch::DropCounter) -> Self {
+    pub fn counting_drops(
+        dropped: crate::room_watch::DropCounter,
+        unwatched: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Rooms {
             map: Mutex::default(),
-            watchers: Watchers::counting(dropped),
+            watchers: Watchers::counting(dropped, unwatched),
         }
     }
 

@@ -192,6 +192,7 @@ impl Comet {
             shared: Shared {
                 rooms: Arc::new(crate::rooms::Rooms::counting_drops(
                     metrics.room_watchers_dropped.clone(),
+                    metrics.rooms_unwatched.clone(),
                 )),
                 ips: Default::default(),
             },
@@ -565,6 +566,12 @@ impl Comet {
             }
             self.metrics.dropped("drain", ch.close(false));
         }
+    }
+
+    /// In a cluster: the jobs registered in etcd (`None` until listed). A room's first member
+    /// waits until each of them watches this comet's rooms.
+    pub fn set_jobs(&self, jobs: Option<Vec<String>>) {
+        self.shared.rooms.watchers.set_jobs(jobs);
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -133,6 +133,13 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
 
     let comet = Comet::new(cfg.comet.clone(), logic, metrics);
     comet.require_lease();
+    // Before any client: a new room waits until every job in etcd watches this comet.
+    comet.set_jobs(None);
+    tokio::spawn(follow_jobs(
+        comet.clone(),
+        WatchCache::spawn(client.clone(), keys.jobs(), stop.clone()),
+        stop.clone(),
+    ));
     let host = advertise(&cfg, grpc_a);
     let record = CometRecord {
         name: comet.name().to_string(),
@@ -198,6 +205,22 @@ pub async fn run_comet(cfg: Config) -> anyhow::Result<()> {
     lease.revoke(&mut client).await;
     stop.cancel();
     Ok(())
+}
+
+/// Keeps the comet's list of the jobs registered in etcd: a job that has not seen this comet
+/// yet would skip it, so a new room waits until each of them watches it. Once listed, the
+/// last list stands while the watch recovers.
+async fn follow_jobs(comet: Arc<Comet>, jobs: WatchCache<JobRecord>, stop: CancellationToken) {
+    let mut changes = jobs.subscribe();
+    let mut listed = false;
+    loop {
+        listed |= jobs.synced();
+        comet.set_jobs(listed.then(|| jobs.names()));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+        }
+    }
 }
 
 pub async fn run_logic(cfg: Config) -> anyhow::Result<()> {
@@ -298,6 +321,7 @@ pub async fn run_job(cfg: Config) -> anyhow::Result<()> {
     } else {
         cfg.cluster.job_id.clone()
     };
+    job.set_id(&id);
     let record = JobRecord {
         id: id.clone(),
         grpc: format!("{}:{}", advertise(&cfg, grpc_a), grpc_a.port()),

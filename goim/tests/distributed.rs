@@ -565,6 +565,74 @@ async fn room_batches_go_only_to_comets_with_members() {
     drop(c);
 }
 
+/// A comet no job knows yet (here the operator has not written its record, so no job sends
+/// it a room batch) holds a new room's first member until every job in etcd watches it, at
+/// most `ACK_TIMEOUT`; a room let in without that is counted. Before, the member was let in
+/// at once and the room's pushes skipped the comet without a trace. Once the job knows the
+/// comet, joins wait no more and pushes reach its members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comet_no_job_knows_holds_new_rooms_and_counts_them() {
+    use goim_discovery::{CometRecord, CometState};
+    let c = tokio::task::spawn_blocking(|| Cluster::start(1, 1))
+        .await
+        .unwrap();
+    let (http, logic) = (c.http(), c.logic.addr("grpc").to_string());
+    let managed = "[cluster]\noperator_managed = true";
+    let comet = tokio::task::block_in_place(|| {
+        start_comet_with(&c.etcd, c.dir.path(), "late", &logic, managed)
+    });
+    let probe = comet.addr("http");
+    tokio::task::block_in_place(|| {
+        wait_until("comet ready", || http_status(probe, "/readyz") == 200)
+    });
+    let unwatched = || async {
+        let m = raw_http(probe, "GET", "/metrics", b"").await.unwrap().1;
+        counter(&m, "goim_comet_rooms_unwatched_total")
+    };
+    let mut a = connect(comet.addr("tcp"), Transport::Tcp, 100, "a", "live://early").await;
+    assert_eq!(unwatched().await, 1.0, "let in without the job's watch");
+
+    // The operator writes the record: the job learns the comet.
+    let record = CometRecord {
+        name: "late".into(),
+        grpc: comet.addr("grpc").to_string(),
+        tcp: comet.addr("tcp").to_string(),
+        ws: comet.addr("ws").to_string(),
+        weight: 10,
+        state: CometState::Active,
+        ..Default::default()
+    };
+    let mut etcd = goim_discovery::connect(&[c.etcd.endpoint()]).await.unwrap();
+    let value = serde_json::to_vec(&record).unwrap();
+    etcd.put("/goim/test/comets/late", value, None)
+        .await
+        .unwrap();
+    let job = c.jobs[0].addr("http");
+    tokio::task::block_in_place(|| {
+        wait_until("the job knows the comet", || {
+            blocking_get_json(job, "/comets")
+                .as_array()
+                .is_some_and(|a| a.len() == 2)
+        })
+    });
+    let mut b = connect(comet.addr("tcp"), Transport::Tcp, 101, "b", "live://later").await;
+    push(
+        http,
+        "/goim/push/room?operation=1000&type=live&room=later",
+        b"b",
+    )
+    .await;
+    assert_eq!(recv_body(&mut b).await, b"b");
+    push(
+        http,
+        "/goim/push/room?operation=1000&type=live&room=early",
+        b"a",
+    )
+    .await;
+    assert_eq!(recv_body(&mut a).await, b"a");
+    assert_eq!(unwatched().await, 1.0, "waited for once");
+}
+
 /// Clients leaving together (their Disconnects go to logic in shared calls) each leave no
 /// presence behind, and logic counts every one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -349,6 +349,7 @@ async fn a_rooms_first_member_is_answered_once_every_watcher_has_the_room() {
         let acks = acks.clone();
         async move {
             let ack = RoomsAck {
+                job: String::new(),
                 seq,
                 ping: 0,
                 lease_ms: 3000,

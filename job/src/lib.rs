@@ -134,6 +134,12 @@ impl Inner {
 }
 
 impl Job {
+    /// This job's id under jobs/ in etcd: comets it watches wait for it before a new room's
+    /// first member is let in (see `RoomsAck.job`).
+    pub fn set_id(&self, id: &str) {
+        self.inner.routes.set_job_id(id);
+    }
+
     /// Call within a tokio runtime: a task follows the directory's changes.
     pub fn new(cfg: JobConfig, comets: Arc<dyn CometDirectory>, metrics: Arc<JobMetrics>) -> Self {
         let recent = Arc::new(Departures::new(cfg.unknown_comet_wait));

@@ -41,9 +41,20 @@ struct View {
 pub struct Routes {
     views: Mutex<HashMap<String, View>>,
     owners: std::sync::atomic::AtomicU64,
+    /// This job's id under jobs/ in etcd, told to each comet it watches (empty: none).
+    job: std::sync::OnceLock<String>,
 }
 
 impl Routes {
+    /// Names this job in its acknowledgements from now on (once; later calls are ignored).
+    pub fn set_job_id(&self, id: &str) {
+        let _ = self.job.set(id.to_string());
+    }
+
+    fn job_id(&self) -> String {
+        self.job.get().cloned().unwrap_or_default()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, View>> {
         self.views.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -248,7 +259,7 @@ async fn watch(
                 }
             }
             _ = tick.tick() => {
-                let ack = RoomsAck { seq: applied, ping: next_ping, lease_ms };
+                let ack = RoomsAck { seq: applied, ping: next_ping, lease_ms, job: routes.job_id() };
                 // Never waits: a comet blocked sending updates must not block job's reading.
                 // A ping not sent is one lease extension fewer.
                 match acks.try_send(ack) {
@@ -271,6 +282,7 @@ async fn watch(
                 seq: applied,
                 ping: 0,
                 lease_ms,
+                job: routes.job_id(),
             }) {
                 Ok(()) => sent = applied,
                 Err(mpsc::error::TrySendError::Closed(_)) => return synced,
