@@ -187,8 +187,9 @@ impl Store {
         let version = (uuid::Uuid::new_v4().as_u128() as i64 & (i64::MAX >> 2)).max(1);
         let mut tx = self.pool.begin().await?;
         let created = sqlx::query(
-            "INSERT INTO conversations (id, kind, last_time, created, members_version) \
-             VALUES ($1, $2, $3, $3, $4)",
+            "INSERT INTO conversations (id, kind, last_time, created, members_version, activity) \
+             VALUES ($1, $2, $3, $3, $4, \
+                     (SELECT COALESCE(MAX(activity), 0) + 1 FROM conversations))",
         )
         .bind(&id)
         .bind(kind.as_str())
@@ -457,7 +458,9 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "UPDATE conversations SET last_seq = last_seq + 1, last_sender = $2, \
-             last_preview = $3, last_time = $4 WHERE id = $1 RETURNING last_seq, members_version",
+             last_preview = $3, last_time = $4, \
+             activity = (SELECT COALESCE(MAX(activity), 0) + 1 FROM conversations) \
+             WHERE id = $1 RETURNING last_seq, members_version",
         )
         .bind(id)
         .bind(sender)
@@ -642,7 +645,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT c.id, c.kind, c.last_seq, c.last_sender, c.last_preview, c.last_time, \
              m.read_seq, m.muted, m.dnd FROM members m JOIN conversations c ON c.id = m.conversation \
-             WHERE m.mid = $1 ORDER BY c.last_time DESC, c.id LIMIT $2",
+             WHERE m.mid = $1 ORDER BY c.activity DESC, c.last_time DESC, c.id LIMIT $2",
         )
         .bind(mid)
         .bind(limit)

@@ -69,6 +69,26 @@ async fn sends_count_unread_per_member_and_previews_the_last_message() {
     }
 }
 
+/// A user's list is newest first even when sends fall in one millisecond (the message time's
+/// unit): it follows the order of activity, not the clock (it tied, and then went by id).
+#[tokio::test]
+async fn the_list_is_newest_first_within_one_millisecond() {
+    for (s, _dir) in stores().await {
+        s.create(Some("a"), Kind::Group, &[1, 2]).await.unwrap();
+        s.create(Some("b"), Kind::Group, &[1, 2]).await.unwrap();
+        for i in 0..20 {
+            for id in ["b", "a"] {
+                s.send(id, 1, 5, &format!("{i}"), None).await.unwrap();
+                let inbox = s.inbox(2, 10).await.unwrap();
+                assert_eq!(
+                    inbox.conversations[0].conversation, id,
+                    "after a send to {id}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn muted_conversations_keep_unread_but_leave_the_total() {
     for (s, _dir) in stores().await {
