@@ -50,6 +50,10 @@ pub enum Event {
     Pong(u64),
 }
 
+/// Longest job id kept from a watcher's acknowledgement (a host name); a longer one is
+/// ignored, as if unnamed.
+const MAX_JOB_ID: usize = 256;
+
 /// Why a watcher was dropped (`goim_comet_room_watchers_dropped_total{reason}`).
 pub const DROP_LAGGING: &str = "lagging";
 pub const DROP_UNACKED: &str = "unacked";
@@ -138,7 +142,17 @@ impl State {
             Jobs::Known(ids) => ids.as_slice(),
             _ => &[],
         };
-        ids.iter().filter(|id| !self.seen.contains(id))
+        ids.iter()
+            .filter(|id| !self.seen.contains(id) && !self.watchers.iter().any(|w| w.job == **id))
+    }
+
+    /// Marks `job` as having watched, if it is one of the jobs in etcd (so `seen` holds
+    /// only those, whatever names watchers send).
+    fn saw(&mut self, job: &str) {
+        let known = matches!(&self.jobs, Jobs::Known(ids) if ids.iter().any(|id| id == job));
+        if known && !self.seen.iter().any(|s| s == job) {
+            self.seen.push(job.to_string());
+        }
     }
 }
 
@@ -164,6 +178,11 @@ impl Watchers {
             st.seen.retain(|s| ids.contains(s));
         }
         st.jobs = jobs.map_or(Jobs::Unknown, Jobs::Known);
+        // Jobs that named themselves before they were listed here.
+        let named: Vec<String> = st.watchers.iter().map(|w| w.job.clone()).collect();
+        for job in named.iter().filter(|j| !j.is_empty()) {
+            st.saw(job);
+        }
         drop(st);
         self.changed.send_modify(|v| *v += 1);
     }
@@ -226,17 +245,18 @@ impl Watchers {
         };
         // Never past what was sent: a bad value must not let a room in unacknowledged.
         w.acked = w.acked.max(ack.seq.min(seq));
-        if w.job != ack.job {
+        let named = w.job != ack.job && ack.job.len() <= MAX_JOB_ID;
+        if named {
             w.job.clone_from(&ack.job);
-            if !ack.job.is_empty() && !st.seen.contains(&ack.job) {
-                st.seen.push(ack.job.clone());
-            }
         }
         let mut lagging = false;
         if ack.ping != 0 {
             let lease = Duration::from_millis(ack.lease_ms.into()).clamp(LEASE_MIN, LEASE_MAX);
             w.pinged = Some((Instant::now(), lease));
             lagging = w.tx.try_send(Event::Pong(ack.ping)).is_err();
+        }
+        if named {
+            st.saw(&ack.job);
         }
         if lagging {
             self.drop_watcher(st, id, DROP_LAGGING);
@@ -514,6 +534,19 @@ mod tests {
         rooms.watchers.announced(rooms.join("live://1").added).await;
         assert!(start.elapsed() >= ACK_TIMEOUT);
         assert_eq!(rooms.watchers.unwatched.get(), 1);
+        // Names a watcher sends that are not jobs in etcd are not kept.
+        let (id, _, _, _e) = rooms.watch();
+        for i in 0..100 {
+            rooms
+                .watchers
+                .ack(id, &ack_from(&format!("stranger-{i}"), 0));
+        }
+        rooms
+            .watchers
+            .ack(id, &ack_from(&"x".repeat(MAX_JOB_ID + 1), 0));
+        assert_eq!(rooms.watchers.lock().seen, ["gone"]);
+        assert_eq!(rooms.watchers.lock().watchers[0].job, "stranger-99");
+        rooms.watchers.unwatch(id);
         // Once: later rooms do not wait for it again.
         assert!(rooms.watchers.is_announced(rooms.join("live://2").added));
         // A job that watched once knows this comet: its watch ending holds nothing back
