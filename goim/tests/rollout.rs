@@ -84,6 +84,35 @@ impl Ports {
     }
 }
 
+/// Prints the non-zero loss, failure and drop counters of logic and of each comet (those
+/// that answer), to explain a failed run.
+async fn print_losses(logic: SocketAddr, ports: Ports) {
+    let mut targets = vec![("logic".to_string(), logic)];
+    for i in 0..COMETS {
+        if let Ok(addr) = format!("{}:{}", pod_ip(i), ports.metrics).parse() {
+            targets.push((format!("comet {i}"), addr));
+        }
+    }
+    for (name, addr) in targets {
+        let Ok((_, metrics)) = raw_http(addr, "GET", "/metrics", b"").await else {
+            println!("  {name}: no metrics");
+            continue;
+        };
+        let counts = [
+            "dropped",
+            "failure",
+            "unwatched",
+            "undeliver",
+            "not_recovered",
+        ];
+        for line in metrics.lines().filter(|l| {
+            !l.starts_with('#') && !l.ends_with(" 0") && counts.iter().any(|c| l.contains(c))
+        }) {
+            println!("  {name}: {line}");
+        }
+    }
+}
+
 fn pod_ip(i: usize) -> String {
     format!("127.0.0.{}", i + 2)
 }
@@ -685,6 +714,12 @@ async fn around_a_roll(
         .chain(seen.not_recovered_replies.lock().unwrap().iter())
     {
         println!("  {line}");
+    }
+    let clean = (duplicated, missing, unexpected, gaps) == (0, 0, 0, 0)
+        && seen.not_recovered.load(Ordering::SeqCst) == 0;
+    if !clean {
+        // For the next reader of a failure: what logic and the comets counted.
+        print_losses(http, ports).await;
     }
     assert_eq!(
         (duplicated, missing, unexpected, gaps),
