@@ -415,7 +415,12 @@ impl Connection {
     /// One `writev` of the replies and `batch` (at most [`WRITE_BATCH`] items); returns the
     /// bytes the kernel took (0 if the socket is full) and the bytes there were.
     fn write_now(&self, batch: &[Outgoing]) -> io::Result<(usize, usize)> {
-        try_writev(&self.stream, self.transport, &self.out, batch)
+        try_writev::<WRITE_BATCH, { 2 * WRITE_BATCH + 1 }>(
+            &self.stream,
+            self.transport,
+            &self.out,
+            batch,
+        )
     }
 
     /// The slow path for a client that is not keeping up: the rest of the batch, waiting for
@@ -441,19 +446,25 @@ impl Connection {
     }
 }
 
-/// One non-blocking `writev` of `head` and `batch` (at most [`WRITE_BATCH`] items) from stack
-/// buffers: the bytes the kernel took (0 if the socket is full) and the bytes there were.
-fn try_writev(
+/// Most items of a direct write (a push, after its position when numbered): its stack buffers
+/// are sized for them, not for a whole [`WRITE_BATCH`], since it runs once per delivery.
+const DIRECT_ITEMS: usize = 2;
+
+/// One non-blocking `writev` of `head` and `batch` (at most `B` items, with `S` = 2B + 1
+/// slices) from stack buffers: the bytes the kernel took (0 if the socket is full) and the
+/// bytes there were.
+fn try_writev<const B: usize, const S: usize>(
     stream: &TcpStream,
     transport: Transport,
     head: &[u8],
     batch: &[Outgoing],
 ) -> io::Result<(usize, usize)> {
-    let mut prefixes = [([0u8; 26], 0usize); WRITE_BATCH];
+    debug_assert!(batch.len() <= B && S > 2 * B);
+    let mut prefixes = [([0u8; 26], 0usize); B];
     for (p, item) in prefixes.iter_mut().zip(batch) {
         *p = prefix(transport, item);
     }
-    let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH + 1];
+    let mut slices = [IoSlice::new(&[]); S];
     let mut n = 0;
     if !head.is_empty() {
         slices[n] = IoSlice::new(head);
@@ -493,7 +504,21 @@ impl Socket {
     /// One non-blocking write of `items` (a few): how many bytes went and how many there
     /// were. Never waits: a full socket takes 0 bytes.
     pub fn try_write(&self, items: &[Outgoing]) -> io::Result<(usize, usize)> {
-        try_writev(&self.stream, self.transport, &[], items)
+        if items.len() <= DIRECT_ITEMS {
+            try_writev::<DIRECT_ITEMS, { 2 * DIRECT_ITEMS + 1 }>(
+                &self.stream,
+                self.transport,
+                &[],
+                items,
+            )
+        } else {
+            try_writev::<WRITE_BATCH, { 2 * WRITE_BATCH + 1 }>(
+                &self.stream,
+                self.transport,
+                &[],
+                items,
+            )
+        }
     }
 
     /// What is left of `items` after the first `written` bytes went out (see [`rest`]).
