@@ -18,7 +18,7 @@ pub struct Reason {
 pub struct CometMetrics {
     pub connections: Gauge,
     pub accepted: Counter,
-    /// Pushes queued to a connection (one per recipient).
+    /// Pushes taken for a connection, queued or written at once (one per recipient).
     pub pushes_queued: Counter,
     /// Pushes not delivered, by reason (`queue_full`, ...).
     pub pushes_dropped: Family<Reason, Counter>,
@@ -53,7 +53,7 @@ impl CometMetrics {
         r.register("accepted", "Accepted sockets", self.accepted.clone());
         r.register(
             "pushes_queued",
-            "Pushes queued to connections",
+            "Pushes taken for connections: queued, or written at once (direct_writes)",
             self.pushes_queued.clone(),
         );
         r.register(
